@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random HF model folders made on the spot, 8 CPU devices, compile cache.
+
+XLA_FLAGS must be set before JAX is imported anywhere, hence at the top of conftest.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("TINKER_JAX_TEST_CACHE", str(Path.home() / ".cache" / "tinker_jax_tests_xla")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from tests.hf_models import TINY_CONFIGS, save_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """A function: config name -> folder of a tiny random transformers model (made once)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = save_hf_model(tmp_path_factory.mktemp(name), TINY_CONFIGS[name])
+        return made[name]
+
+    return get

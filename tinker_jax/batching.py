@@ -1,0 +1,152 @@
+"""From validated requests to one padded host batch.
+
+The engine's input is a list of `Datum`s, each tagged with the adapter slot it trains and its
+loss config; this module checks them (errors name the datum and field) and pads them into
+bucketed arrays so that one jitted call serves sequences of many runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tinker_jax.buckets import batch_bucket, seq_bucket
+from tinker_jax.errors import ValidationError
+from tinker_jax.losses import LOSS_FNS, resolve_config, validate_datum_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Datum:
+    """One training example: model_input tokens [N] and per-token loss inputs ([N] or [N, K])."""
+
+    tokens: np.ndarray
+    loss_fn_inputs: Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunBatch:
+    """The data one run submits in a single forward(_backward) call."""
+
+    slot: int
+    datums: Sequence[Datum]
+    loss_fn_config: Mapping[str, float] | None = None
+
+
+@dataclasses.dataclass
+class HostBatch:
+    """Padded arrays for one jitted call (B rows, S positions, K target columns).
+
+    tokens, positions, targets: [B, S] int32 (targets [B, S, K] for 2-D cross_entropy);
+    mask: [B, S] float32; slot_ids: [B] int32; scale: [B] float32 (0 on padding rows);
+    inputs: per-token float32 loss inputs [B, S] (weights may be [B, S, K]);
+    config: per-row loss config scalars [B, 1]; lengths: true length of each datum.
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    slot_ids: np.ndarray
+    scale: np.ndarray
+    inputs: dict[str, np.ndarray]
+    config: dict[str, np.ndarray]
+    lengths: list[int]
+
+    def arrays(self) -> dict:
+        """The device-bound part (everything but `lengths`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "lengths"}
+
+
+def _tokens(datum_index: int, tokens: object, vocab_size: int, max_length: int) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
+        raise ValidationError("model_input", "must be a 1-D sequence of integer token ids",
+                              datum=datum_index)
+    if arr.size == 0:
+        raise ValidationError("model_input", "is empty", datum=datum_index)
+    if arr.size > max_length:
+        raise ValidationError("model_input", f"has length {arr.size}, the maximum is "
+                              f"{max_length}", datum=datum_index)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        raise ValidationError("model_input", f"token {int(arr[bad[0]])} at position {bad[0]} "
+                              f"is outside the vocabulary [0, {vocab_size})", datum=datum_index)
+    return arr.astype(np.int32)
+
+
+def build_batch(
+    runs: Sequence[RunBatch],
+    loss_fn: str,
+    *,
+    slot_scale: Mapping[int, float],
+    vocab_size: int,
+    max_length: int,
+    batch_multiple: int = 1,
+) -> HostBatch:
+    """Validates every datum of every run and pads them into one bucketed batch.
+
+    `slot_scale` maps each slot in use to its LoRA scale (alpha / rank); a slot outside it is
+    an error. Rows are datums in order: run 0's datums first.
+    """
+    if loss_fn not in LOSS_FNS:
+        resolve_config(loss_fn, None)  # raises the precise unknown-loss error
+    spec = LOSS_FNS[loss_fn]
+    rows: list[tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float]]] = []
+    for run in runs:
+        if run.slot not in slot_scale:
+            raise ValidationError("slot", f"slot {run.slot} holds no adapter")
+        config = resolve_config(loss_fn, run.loss_fn_config)
+        for datum in run.datums:
+            i = len(rows)
+            tokens = _tokens(i, datum.tokens, vocab_size, max_length)
+            inputs = {k: np.asarray(v) for k, v in datum.loss_fn_inputs.items()}
+            validate_datum_inputs(loss_fn, i, tokens.size, inputs, vocab_size=vocab_size)
+            rows.append((run.slot, tokens, inputs, config))
+    if not rows:
+        raise ValidationError("data", "no datums to process")
+
+    lengths = [r[1].size for r in rows]
+    b = batch_bucket(len(rows), batch_multiple)
+    s = seq_bucket(max(lengths))
+    k = max((r[2]["target_tokens"].shape[1] for r in rows
+             if r[2]["target_tokens"].ndim == 2), default=0)
+    target_shape = (b, s, k) if k else (b, s)
+    tokens = np.zeros((b, s), np.int32)
+    targets = np.zeros(target_shape, np.int32)
+    mask = np.zeros((b, s), np.float32)
+    slot_ids = np.zeros((b,), np.int32)
+    scale = np.zeros((b,), np.float32)
+    per_token = [key for key in (*spec.required_inputs, *spec.optional_inputs)
+                 if any(key in r[2] for r in rows)]
+    inputs = {key: np.zeros(target_shape if key == "weights" else (b, s), np.float32)
+              for key in per_token}
+    config_keys = spec.config_keys
+    config = {key: np.zeros((b, 1), np.float32) for key in config_keys}
+    for i, (slot, toks, datum_inputs, cfg) in enumerate(rows):
+        n = toks.size
+        tokens[i, :n] = toks
+        mask[i, :n] = 1.0
+        slot_ids[i] = slot
+        scale[i] = slot_scale[slot]
+        tgt = datum_inputs["target_tokens"]
+        if k:
+            tgt = tgt if tgt.ndim == 2 else tgt[:, None]
+            targets[i, :n, : tgt.shape[1]] = tgt
+        else:
+            targets[i, :n] = tgt
+        for key in per_token:
+            value = datum_inputs.get(key)
+            if value is None:  # per-token override absent for this run: its config scalar
+                inputs[key][i, :n] = cfg[key]
+            elif inputs[key].ndim == 3:
+                value = value if value.ndim == 2 else value[:, None]
+                inputs[key][i, :n, : value.shape[1]] = value
+            else:
+                inputs[key][i, :n] = value
+        for key in config_keys:
+            config[key][i, 0] = cfg[key]
+    positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+    return HostBatch(tokens, positions, targets, mask, slot_ids, scale, inputs, config, lengths)

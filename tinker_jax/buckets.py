@@ -1,0 +1,35 @@
+"""Padded shape buckets: the one place that decides which shapes get compiled.
+
+Sequence lengths round up to two significant bits (16, 24, 32, 48, 64, 96, 128, 192, ...),
+so padding wastes at most a third and the number of compiled shapes grows with log(length).
+Batch sizes round up to a power of two that the mesh's batch axes divide.
+"""
+
+from __future__ import annotations
+
+MIN_SEQ_BUCKET = 16
+
+
+def seq_bucket(length: int) -> int:
+    """Smallest bucket >= length: 16, 24, 32, 48, 64, 96, ... (k * 2**n, k in {2, 3})."""
+    if length <= MIN_SEQ_BUCKET:
+        return MIN_SEQ_BUCKET
+    power = 1 << (length - 1).bit_length()  # smallest power of two >= length
+    three_quarters = power // 4 * 3
+    return three_quarters if length <= three_quarters else power
+
+
+def batch_bucket(size: int, multiple: int = 1) -> int:
+    """Smallest power of two >= size that is also a multiple of `multiple` (the batch shards)."""
+    bucket = 1 << max(size - 1, 0).bit_length()
+    while bucket % multiple:
+        bucket *= 2
+    return max(bucket, multiple)
+
+
+def chunk_size(length: int, target: int) -> int:
+    """Largest power of two <= target that divides a bucketed length (for chunked lm-head)."""
+    chunk = 1
+    while chunk * 2 <= target and length % (chunk * 2) == 0:
+        chunk *= 2
+    return chunk

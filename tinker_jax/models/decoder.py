@@ -1,0 +1,225 @@
+"""The dense decoder-only transformer shared by the Qwen3 and Llama 3 families.
+
+Layers are stored stacked (leading `layers` axis) and applied with `jax.lax.scan`, so
+compile time does not grow with depth. Every linear layer is a `LoRALinear` carrying the
+adapter slots of all runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tinker_jax.lora import AdapterBatch, LoRALinear, LoRASpec, lora_delta
+from tinker_jax.models.config import ModelConfig, RopeConfig
+from tinker_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in fp32 and cast back, as transformers does."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], with HF's `linear` or `llama3` scaling applied."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                                / head_dim))
+    inv = inv.astype(np.float32)
+    if rope.type == "linear":
+        return (inv / rope.factor).astype(np.float32)
+    if rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x: [batch, seq, heads, head_dim] by positions: [batch, seq] (half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with optional per-head QK RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+        e, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = LoRALinear(e, cfg.q_size, axes=("embed", "heads"), lora=lora,
+                                 use_bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = LoRALinear(e, cfg.kv_size, axes=("embed", "kv_heads"), lora=lora,
+                                 use_bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = LoRALinear(e, cfg.kv_size, axes=("embed", "kv_heads"), lora=lora,
+                                 use_bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = LoRALinear(cfg.q_size, e, axes=("heads", "embed"), lora=lora,
+                                 use_bias=bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.rope = cfg.rope
+
+    def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
+        """x: [batch, seq, embed], positions: [batch, seq] -> [batch, seq, embed]."""
+        b, s, _ = x.shape
+        q = self.q_proj(x, adapter).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x, adapter).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, adapter).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.rope, self.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        out = causal_attention(q, k, v)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim), adapter)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] -> like q.
+
+    Softmax in fp32. Right padding needs no mask: causality keeps real tokens from seeing it.
+    """
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, s, kvh, h // kvh, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) * (d ** -0.5)
+    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+        e, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = LoRALinear(e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias,
+                                    dtype=dtype, rngs=rngs)
+        self.up_proj = LoRALinear(e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias,
+                                  dtype=dtype, rngs=rngs)
+        self.down_proj = LoRALinear(m, e, axes=("mlp", "embed"), lora=lora, use_bias=bias,
+                                    dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
+        """x: [batch, seq, embed] -> [batch, seq, embed]."""
+        h = jax.nn.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter)
+        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        return self.down_proj(h, adapter)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, lora, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, lora, dtype, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, adapter)
+        x = x + self.mlp(self.post_attention_layernorm(x), adapter)
+        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+
+class Unembed(nnx.Module):
+    """The lm head: its own kernel [embed, vocab], or the transposed embedding when tied."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.tied = cfg.tie_word_embeddings
+        self.head = LoRALinear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                               lora=lora, dtype=dtype, rngs=rngs)
+        if self.tied:
+            self.head.kernel = None
+
+    def __call__(self, x: jax.Array, embedding: jax.Array, adapter: AdapterBatch | None):
+        """x: [batch, seq, embed], embedding: [vocab, embed] -> logits [batch, seq, vocab]."""
+        if not self.tied:
+            return self.head(x, adapter)
+        y = x @ embedding.T
+        if adapter is not None and self.head.lora_a is not None:
+            y = y + lora_delta(x, self.head.lora_a[...], self.head.lora_b[...], adapter)
+        return y
+
+
+class Transformer(nnx.Module):
+    """Token embedding, a scanned stack of decoder layers, final norm and lm head."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoRASpec | None = None,
+                 dtype: jnp.dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: {remat!r} not in {sorted(REMAT_POLICIES)}")
+        self.config = cfg
+        self.remat = remat
+        self.embed_tokens = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype) * 0.02,
+            logical_axes=("vocab", "embed"),
+        )
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(key):
+            return DecoderLayer(cfg, lora, dtype, nnx.Rngs(params=key))
+
+        self.layers = make_layers(jax.random.split(rngs.params(), cfg.num_layers))
+        for _, var in nnx.iter_graph(self.layers):
+            if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
+                var.set_metadata(logical_axes=("layers", *var.get_metadata("logical_axes")))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = Unembed(cfg, lora, dtype, rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array,
+                 adapter: AdapterBatch | None = None) -> jax.Array:
+        """tokens, positions: [batch, seq] int32 -> final hidden states [batch, seq, embed]."""
+        x = self.embed_tokens[...][tokens]
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, positions, adapter), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array, adapter: AdapterBatch | None = None) -> jax.Array:
+        """hidden: [batch, seq, embed] -> logits [batch, seq, vocab]."""
+        return self.lm_head(hidden, self.embed_tokens[...], adapter)

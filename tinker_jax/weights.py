@@ -1,0 +1,150 @@
+"""Loading a base model from a local HF folder (or the HF cache) into its target sharding.
+
+The model is first built abstractly (`nnx.eval_shape`: no memory); then every parameter is
+created with `jax.make_array_from_callback`, which reads from safetensors only the slice each
+device holds. Neither one device nor host RAM ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors reads it)
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.lora import LoRAParam, LoRASpec
+from tinker_jax.models import FAMILIES
+from tinker_jax.models.config import ModelConfig, load_config
+from tinker_jax.models.decoder import Transformer
+from tinker_jax.sharding import make_mesh, named_sharding
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local folder, or a hub-style name already in the HF cache (never downloads)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name_or_path.startswith("."):
+        raise ValidationError("base_model", f"folder {name_or_path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception as e:  # the hub raises several types for "not cached"/"bad name"
+        raise ValidationError(
+            "base_model",
+            f"{name_or_path!r} is neither a local folder nor a model in the HF cache ({e})",
+        ) from None
+
+
+class SafetensorsIndex:
+    """Maps tensor names to the safetensors file that holds them (single or sharded)."""
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: model_dir / f for k, f in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="numpy") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise ValidationError(
+                "base_model", f"no model.safetensors or model.safetensors.index.json in {model_dir}"
+            )
+        for f in set(self.files.values()):
+            if not f.is_file():
+                raise ValidationError("base_model", f"missing weight file {f}")
+
+    def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
+        """The slice `index` of tensor `key` in our layout (transposed from HF's when asked)."""
+        if key not in self.files:
+            raise ValidationError("base_model", f"tensor {key} not found in the checkpoint")
+        hf_index = tuple(reversed(index)) if transpose else index
+        with safe_open(self.files[key], framework="numpy") as f:
+            arr = f.get_slice(key)[hf_index]
+        return arr.T if transpose else arr
+
+    def shape(self, key: str, transpose: bool) -> tuple[int, ...]:
+        if key not in self.files:
+            raise ValidationError("base_model", f"tensor {key} not found in the checkpoint")
+        with safe_open(self.files[key], framework="numpy") as f:
+            shape = tuple(f.get_slice(key).get_shape())
+        return tuple(reversed(shape)) if transpose else shape
+
+
+def _param_reader(
+    ckpt: SafetensorsIndex, path: str, hf_key: str, transpose: bool, shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A `make_array_from_callback` callback for one parameter (stacked over layers or not)."""
+    stacked = "{layer}" in hf_key
+    expected = shape[1:] if stacked else shape
+    first = hf_key.format(layer=0)
+    found = ckpt.shape(first, transpose)
+    if found != expected:
+        raise ValidationError(
+            "base_model", f"tensor {first} has shape {found} (after layout), expected {expected} "
+            f"for {path}: the checkpoint does not match config.json"
+        )
+    cache: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in cache:
+            if stacked:
+                layers = range(*index[0].indices(shape[0]))
+                parts = [ckpt.read(hf_key.format(layer=i), index[1:], transpose) for i in layers]
+                cache[key] = np.stack(parts).astype(dtype)
+            else:
+                cache[key] = ckpt.read(hf_key, index, transpose).astype(dtype)
+        return cache[key]
+
+    return read
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    lora: LoRASpec | None,
+    mesh: Mesh | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    remat: str = "none",
+) -> tuple[Transformer, ModelConfig]:
+    """Builds the model for a HF folder/cache name with weights placed in their shardings."""
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = load_config(model_dir)
+    mesh = mesh if mesh is not None else make_mesh()
+    ckpt = SafetensorsIndex(model_dir)
+    hf_keys = FAMILIES[cfg.family].hf_keys
+    abstract = nnx.eval_shape(
+        lambda: Transformer(cfg, lora=lora, dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(abstract)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def materialise(path: tuple, var: nnx.Variable) -> nnx.Variable:
+        name = ".".join(str(p) for p in path)
+        shape = var.shape
+        sharding = named_sharding(mesh, var.get_metadata("logical_axes"), shape)
+        if isinstance(var, LoRAParam):
+            value = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        else:
+            if name not in hf_keys:
+                raise ValidationError("base_model", f"no checkpoint key known for {name}")
+            hf_key, transpose = hf_keys[name]
+            reader = _param_reader(ckpt, name, hf_key, transpose, shape, np_dtype)
+            value = jax.make_array_from_callback(shape, sharding, reader)
+        return var.replace(value)
+
+    state = nnx.map_state(materialise, state)
+    return nnx.merge(graphdef, state), cfg
