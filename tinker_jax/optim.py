@@ -66,7 +66,7 @@ def adamw_step(
     """
     lr, b1, b2, eps, wd, clip = (hparams[i] for i in range(6))
     grads = jax.tree.map(jnp.multiply, grads, mask)
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     factor = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
     grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
     tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)

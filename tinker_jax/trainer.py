@@ -104,6 +104,10 @@ class Trainer:
         if not flat_with_paths:
             raise ValueError("the model was built without LoRA slots")
         self._leaves = [_leaf_info(path) for path, _ in flat_with_paths]
+        self.leaf_names = [
+            ".".join(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+            for path, _ in flat_with_paths
+        ]
         first = flat_with_paths[0][1]
         self.num_slots = first.shape[self._leaves[0].slot_axis]
         self.max_rank = first.shape[self._leaves[0].rank_axis]
@@ -141,6 +145,17 @@ class Trainer:
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
         del self.slots[slot]
+
+    def slot_arrays(self, slot: int, which: str = "lora") -> dict[str, np.ndarray]:
+        """One slot's arrays by parameter name (e.g. `layers.self_attn.q_proj.lora_a`:
+        [layers, in, max_rank]); `which` is "lora" (the adapter), "grads", "mu" or "nu"."""
+        self._check_slot(slot)
+        tree = {"lora": self.lora, "grads": self.grads, "mu": self.mu, "nu": self.nu}[which]
+        leaves = self._treedef.flatten_up_to(tree)
+        return {
+            name: np.take(np.asarray(x), slot, axis=leaf.slot_axis)
+            for name, leaf, x in zip(self.leaf_names, self._leaves, leaves)
+        }
 
     def _check_slot(self, slot: int) -> SlotInfo:
         if slot not in self.slots:
