@@ -16,14 +16,16 @@ def _demo(args: argparse.Namespace) -> int:
     from tinker_jax.batching import Datum, RunBatch
     from tinker_jax.lora import LoRASpec
     from tinker_jax.optim import AdamParams
+    from tinker_jax.sharding import make_mesh
     from tinker_jax.tiny_model import write_tiny_model
     from tinker_jax.trainer import LoraConfig, Trainer
     from tinker_jax.weights import load_model
 
     folder = write_tiny_model(tempfile.mkdtemp(prefix="tinker-jax-tiny-"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model, _ = load_model(str(folder), lora=LoRASpec(slots=2, max_rank=8))
-    trainer = Trainer(model, _default_mesh())
+    mesh = make_mesh()
+    model, _ = load_model(str(folder), lora=LoRASpec(slots=2, max_rank=8), mesh=mesh)
+    trainer = Trainer(model, mesh)
     slot = trainer.create_slot(LoraConfig(rank=8, seed=0))
     texts = ["The quick brown fox jumps over the lazy dog.",
              "tinker-jax trains LoRA adapters with JAX."]
@@ -45,14 +47,6 @@ def _demo(args: argparse.Namespace) -> int:
               end="", flush=True)
     print(f"\nloss/token fell from {first:.4f} to {last:.4f}")
     return 0 if last < first else 1
-
-
-def _default_mesh():
-    import jax
-
-    from tinker_jax.sharding import make_mesh
-
-    return make_mesh(devices=jax.devices()[:1])
 
 
 def main(argv: list[str] | None = None) -> int:
