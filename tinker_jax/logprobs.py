@@ -42,3 +42,26 @@ def target_logprobs(
     out = jax.lax.map(lambda xs: one_chunk(*xs), (h_chunks, t_chunks))
     out = out.swapaxes(0, 1).reshape(b, s, t.shape[-1])
     return out if two_d else out[..., 0]
+
+
+def topk_logprobs(
+    model: Transformer,
+    hidden: jax.Array,
+    adapter: AdapterBatch | None,
+    k: int,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The k most likely next tokens at every position, a chunk at a time.
+
+    hidden: [batch, seq, embed] -> (token ids [batch, seq, k] int32, logprobs [batch, seq, k]).
+    """
+    b, s, e = hidden.shape
+    h_chunks = hidden.reshape(b, s // chunk, chunk, e).swapaxes(0, 1)
+
+    def one_chunk(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logp = jax.nn.log_softmax(model.logits(h, adapter).astype(jnp.float32), axis=-1)
+        values, ids = jax.lax.top_k(logp, k)
+        return ids.astype(jnp.int32), values
+
+    ids, values = jax.lax.map(one_chunk, h_chunks)
+    return (ids.swapaxes(0, 1).reshape(b, s, k), values.swapaxes(0, 1).reshape(b, s, k))

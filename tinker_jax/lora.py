@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Which module names each Tinker `train_*` flag covers.
@@ -108,3 +109,74 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, adapter: AdapterBatch) 
     h = jnp.einsum("bsi,bir->bsr", x, a_rows)
     delta = jnp.einsum("bsr,bro->bso", h, b_rows)
     return delta * adapter.scale.astype(delta.dtype)[:, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRALeaf:
+    """Static facts about one adapter array of a LoRA state pytree."""
+
+    name: str  # e.g. "layers.self_attn.q_proj.lora_a"
+    slot_axis: int  # 1 for arrays stacked over layers, else 0
+    rank_axis: int
+    group: int  # index into TARGET_GROUPS
+    is_a: bool
+
+
+class SlotLayout:
+    """Where the slot and rank axes sit in every array of a LoRA state (the `LoRAParam`
+    part of a model), so one slot can be read, written or re-initialised as a unit."""
+
+    def __init__(self, lora_state):
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(lora_state)
+        if not flat:
+            raise ValueError("the model was built without LoRA slots")
+        groups = list(TARGET_GROUPS)
+        module_group = {m: groups.index(g) for g, mods in TARGET_GROUPS.items() for m in mods}
+        self.leaves: list[LoRALeaf] = []
+        for path, _ in flat:
+            names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+            slot_axis = 1 if names[0] == "layers" else 0
+            is_a = names[-1] == "lora_a"
+            module = "lm_head" if names[0] == "lm_head" else names[-2]
+            self.leaves.append(
+                LoRALeaf(
+                    ".".join(names),
+                    slot_axis,
+                    slot_axis + (2 if is_a else 1),
+                    module_group[module],
+                    is_a,
+                )
+            )
+        first, leaf = flat[0][1], self.leaves[0]
+        self.num_slots = first.shape[leaf.slot_axis]
+        self.max_rank = first.shape[leaf.rank_axis]
+
+    def take(self, tree, slot: jax.Array | int) -> list[jax.Array]:
+        """One slot's array of every leaf, in leaf order (works under jit)."""
+        return [
+            jax.lax.dynamic_index_in_dim(x, slot, leaf.slot_axis, keepdims=False)
+            for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
+        ]
+
+    def put(self, tree, slot: jax.Array | int, values: list[jax.Array]):
+        """The tree with one slot replaced by `values` (leaf order); other slots are copied."""
+        return self.treedef.unflatten(
+            [
+                jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), slot, leaf.slot_axis)
+                for leaf, x, v in zip(self.leaves, self.treedef.flatten_up_to(tree), values)
+            ]
+        )
+
+    def slot_shapes(self, tree) -> list[tuple[int, ...]]:
+        """Shape of one slot's array of every leaf."""
+        return [
+            tuple(d for i, d in enumerate(x.shape) if i != leaf.slot_axis)
+            for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
+        ]
+
+    def to_host(self, tree, slot: int) -> dict[str, np.ndarray]:
+        """One slot's arrays by name, on the host."""
+        return {
+            leaf.name: np.take(np.asarray(x), slot, axis=leaf.slot_axis)
+            for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
+        }

@@ -7,6 +7,7 @@ adapter slots of all runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -91,8 +92,9 @@ class Attention(nnx.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.rope = cfg.rope
 
-    def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
-        """x: [batch, seq, embed], positions: [batch, seq] -> [batch, seq, embed]."""
+    def project(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
+        """x: [batch, seq, embed] -> q: [batch, seq, heads, head_dim], k, v: [batch, seq,
+        kv_heads, head_dim], normed (Qwen3) and rotated."""
         b, s, _ = x.shape
         q = self.q_proj(x, adapter).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x, adapter).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -100,25 +102,64 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
-        out = causal_attention(q, k, v)
+        q = constrain(apply_rope(q, positions, inv_freq),
+                      ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+        k = constrain(apply_rope(k, positions, inv_freq),
+                      ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        return q, k, v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
+        """Self-attention over the sequence itself (training, prefill).
+
+        x: [batch, seq, embed], positions: [batch, seq] -> (out [batch, seq, embed], (k, v)).
+        """
+        q, k, v = self.project(x, positions, adapter)
+        out = attention(q, k, v, positions, positions)
+        return self._out(out, adapter), (k, v)
+
+    def decode(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
+               cache: KVCache, layer: jax.Array) -> tuple[jax.Array, KVCache]:
+        """One new token per row against the cache, written at its position first.
+
+        x: [rows, 1, embed]; positions: [rows, 1]; cache arrays [layers, rows, max_len, ...].
+        """
+        q, k, v = self.project(x, positions, adapter)
+        rows = jnp.arange(x.shape[0])
+        cache = KVCache(cache.k.at[layer, rows, positions[:, 0]].set(k[:, 0].astype(cache.k.dtype)),
+                        cache.v.at[layer, rows, positions[:, 0]].set(v[:, 0].astype(cache.v.dtype)))
+        keys, values = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
+        key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+        out = attention(q, keys, values, positions, key_positions)
+        return self._out(out, adapter), cache
+
+    def _out(self, out: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
+        b, s = out.shape[:2]
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim), adapter)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """q: [batch, seq, heads, head_dim], k/v: [batch, seq, kv_heads, head_dim] -> like q.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every decode row: k, v: [layers, rows, max_len, kv_heads, head_dim]."""
 
-    Softmax in fp32. Right padding needs no mask: causality keeps real tokens from seeing it.
+    k: jax.Array
+    v: jax.Array
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+              k_positions: jax.Array) -> jax.Array:
+    """Grouped-query attention where a query sees keys at positions <= its own.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    q_positions: [batch, q_len]; k_positions: [batch, kv_len] -> [batch, q_len, heads, head_dim].
+    Softmax in fp32. Right padding needs no extra mask: no real token sees a later position.
     """
     b, s, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, s, kvh, h // kvh, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) * (d ** -0.5)
-    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    visible = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, s, h, d)
@@ -153,7 +194,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, lora, dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, adapter)
+        """x: [batch, seq, embed] -> (x, (k, v) of this layer)."""
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, adapter)
+        return self._mlp(x + attn, adapter), kv
+
+    def decode(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
+               cache: KVCache, layer: jax.Array) -> tuple[jax.Array, KVCache]:
+        attn, cache = self.self_attn.decode(self.input_layernorm(x), positions, adapter, cache,
+                                            layer)
+        return self._mlp(x + attn, adapter), cache
+
+    def _mlp(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
         x = x + self.mlp(self.post_attention_layernorm(x), adapter)
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
@@ -204,21 +255,41 @@ class Transformer(nnx.Module):
         self.lm_head = Unembed(cfg, lora, dtype, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
-                 adapter: AdapterBatch | None = None) -> jax.Array:
-        """tokens, positions: [batch, seq] int32 -> final hidden states [batch, seq, embed]."""
-        x = self.embed_tokens[...][tokens]
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+                 adapter: AdapterBatch | None = None, *, return_kv: bool = False):
+        """tokens, positions: [batch, seq] int32 -> final hidden states [batch, seq, embed];
+        with `return_kv` also every layer's (k, v): [layers, batch, seq, kv_heads, head_dim]."""
+        x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, positions, adapter), None
+            h, kv = nnx.merge(graphdef, layer_state)(h, positions, adapter)
+            return h, (kv if return_kv else None)
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
-        return self.norm(x)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, kv = jax.lax.scan(body, x, state)
+        return (self.norm(x), kv) if return_kv else self.norm(x)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
+        the cache with this token's keys and values written at its position)."""
+        x = self._embed(tokens)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, cache = carry
+            layer_state, index = xs
+            h, cache = nnx.merge(graphdef, layer_state).decode(h, positions, adapter, cache,
+                                                               index)
+            return (h, cache), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache),
+                                     (state, jnp.arange(self.config.num_layers)))
+        return self.norm(x), cache
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return constrain(self.embed_tokens[...][tokens], ("act_batch", "act_seq", "act_embed"))
 
     def logits(self, hidden: jax.Array, adapter: AdapterBatch | None = None) -> jax.Array:
         """hidden: [batch, seq, embed] -> logits [batch, seq, vocab]."""
