@@ -12,8 +12,9 @@ from tinker_jax.trainer import Trainer
 from tinker_jax.weights import load_model
 
 
-def make_trainer(folder, *, slots: int = 4, max_rank: int = 8, devices=None, mesh_shape=None,
-                 **kwargs) -> Trainer:
+def make_trainer(
+    folder, *, slots: int = 4, max_rank: int = 8, devices=None, mesh_shape=None, **kwargs
+) -> Trainer:
     mesh = make_mesh(mesh_shape, devices=devices if devices is not None else jax.devices()[:1])
     model, _ = load_model(str(folder), lora=LoRASpec(slots, max_rank), mesh=mesh)
     return Trainer(model, mesh, **kwargs)

@@ -13,27 +13,60 @@ VOCAB = 160
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3": dict(
-        model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-        max_position_embeddings=512, tie_word_embeddings=False, rope_theta=10000.0,
+        model_type="qwen3",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
     ),
     "qwen3_tied": dict(
-        model_type="qwen3", vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-        max_position_embeddings=512, tie_word_embeddings=True,
+        model_type="qwen3",
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     ),
     "llama": dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=64),
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
         rope_theta=500000.0,
     ),
     "llama_untied": dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-        max_position_embeddings=512, tie_word_embeddings=False,
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -45,8 +78,11 @@ def make_tokenizer(vocab_size: int):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100],
+    )
     text = ["the quick brown fox jumps over the lazy dog " * 4, "hello world, tinker jax " * 4]
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -29,8 +29,13 @@ def _run(trainer):
 
 def test_2x2x2_mesh_matches_single_device(hf_model_dir):
     folder = hf_model_dir("qwen3")
-    sharded = make_trainer(folder, slots=2, max_rank=4, devices=jax.devices()[:8],
-                           mesh_shape={"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = make_trainer(
+        folder,
+        slots=2,
+        max_rank=4,
+        devices=jax.devices()[:8],
+        mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
+    )
     q = sharded.base["layers"]["self_attn"]["q_proj"]["kernel"][...]
     assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     single = make_trainer(folder, slots=2, max_rank=4)
@@ -47,7 +52,8 @@ def test_rules_map_logical_names_and_skip_uneven_dims():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
     assert logical_to_spec(("embed", "heads"), (64, 96), mesh) == PartitionSpec("fsdp", "tensor")
     assert logical_to_spec(("embed", "heads"), (64, 3), mesh) == PartitionSpec("fsdp", None)
-    assert logical_to_spec(("act_batch", None), (4, 7), mesh) == PartitionSpec(("data", "fsdp"),
-                                                                              None)
+    assert logical_to_spec(("act_batch", None), (4, 7), mesh) == PartitionSpec(
+        ("data", "fsdp"), None
+    )
     with pytest.raises(ValueError, match="at most one axis"):
         make_mesh({"data": -1, "fsdp": -1})

@@ -48,8 +48,9 @@ def test_llama3_rope_scaling_is_exercised(hf_model_dir):
     cfg = load_config(hf_model_dir("llama"))
     assert cfg.rope.type == "llama3"
     unscaled = dataclasses.replace(cfg.rope, type="default")
-    assert not np.allclose(rope_inv_freq(cfg.rope, cfg.head_dim),
-                           rope_inv_freq(unscaled, cfg.head_dim))
+    assert not np.allclose(
+        rope_inv_freq(cfg.rope, cfg.head_dim), rope_inv_freq(unscaled, cfg.head_dim)
+    )
 
 
 def test_bf16_parameters_load(hf_model_dir):

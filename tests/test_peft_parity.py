@@ -35,7 +35,8 @@ def _copy_adapter_into_peft(peft_model, arrays: dict[str, np.ndarray]) -> None:
             for layer, v in per_layer:
                 v = v[:, :RANK] if attr == "lora_A" else v[:RANK]
                 getattr(_peft_module(peft_model, name, layer), attr)["default"].weight.copy_(
-                    torch.from_numpy(np.ascontiguousarray(v.T)))
+                    torch.from_numpy(np.ascontiguousarray(v.T))
+                )
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama_untied"])
@@ -47,12 +48,18 @@ def test_five_adamw_steps_match_peft(hf_model_dir, name):
     datums = [sft_datum(rng, 24, 160), sft_datum(rng, 17, 160)]
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    peft_model = get_peft_model(model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                      target_modules=TARGETS))
+    peft_model = get_peft_model(
+        model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    )
     _copy_adapter_into_peft(peft_model, trainer.slot_arrays(slot))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2),
-                            eps=ADAM.eps, weight_decay=ADAM.weight_decay)
+    opt = torch.optim.AdamW(
+        params,
+        lr=ADAM.learning_rate,
+        betas=(ADAM.beta1, ADAM.beta2),
+        eps=ADAM.eps,
+        weight_decay=ADAM.weight_decay,
+    )
 
     def torch_loss():
         total = 0.0
@@ -79,6 +86,7 @@ def test_five_adamw_steps_match_peft(hf_model_dir, name):
         for layer, v in per_layer:
             v = v[:, :RANK] if attr == "lora_A" else v[:RANK]
             ref = getattr(_peft_module(peft_model, key, layer), attr)["default"].weight
-            np.testing.assert_allclose(v.T, ref.detach().numpy(), atol=1e-4,
-                                       err_msg=f"{key} layer {layer}")
+            np.testing.assert_allclose(
+                v.T, ref.detach().numpy(), atol=1e-4, err_msg=f"{key} layer {layer}"
+            )
     assert np.abs(trainer.slot_arrays(slot)["lm_head.head.lora_b"]).max() > 1e-4

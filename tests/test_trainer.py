@@ -36,8 +36,10 @@ def _logits(trainer, tokens, slot, scale):
 
     @jax.jit
     def run(tokens):
-        adapter = AdapterBatch(jnp.full((tokens.shape[0],), slot, jnp.int32),
-                               jnp.full((tokens.shape[0],), scale, jnp.float32))
+        adapter = AdapterBatch(
+            jnp.full((tokens.shape[0],), slot, jnp.int32),
+            jnp.full((tokens.shape[0],), scale, jnp.float32),
+        )
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return model.logits(model(tokens, positions, adapter), adapter)
 
@@ -137,8 +139,10 @@ def test_step_on_one_slot_leaves_others_bitwise_unchanged(fresh):
     s1 = fresh.create_slot(LoraConfig(rank=8, seed=1))
     _train(fresh, s1, [sft_datum(rng, 16, VOCAB)], steps=2, weight_decay=0.5)
     # Both slots have pending gradients; only s0 steps, with weight decay and a large lr.
-    fresh.forward_backward([RunBatch(s0, [sft_datum(rng, 16, VOCAB)]),
-                            RunBatch(s1, [sft_datum(rng, 16, VOCAB)])], "cross_entropy")
+    fresh.forward_backward(
+        [RunBatch(s0, [sft_datum(rng, 16, VOCAB)]), RunBatch(s1, [sft_datum(rng, 16, VOCAB)])],
+        "cross_entropy",
+    )
     snapshot = {w: fresh.slot_arrays(s1, w) for w in ("lora", "grads", "mu", "nu")}
     count = int(fresh.counts[s1])
     for _ in range(2):
@@ -164,13 +168,20 @@ def test_other_losses_run_and_report_metrics(fresh):
     rng = np.random.default_rng(6)
     s = fresh.create_slot(LoraConfig(rank=4, seed=0))
     tokens = rng.integers(0, VOCAB, 21)
-    datum = Datum(tokens[:-1], {
-        "target_tokens": tokens[1:],
-        "logprobs": -np.abs(rng.standard_normal(20)).astype(np.float32),
-        "advantages": rng.standard_normal(20).astype(np.float32),
-    })
-    for loss_fn, config in [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9}),
-                            ("cispo", None), ("dro", {"beta": 0.1})]:
+    datum = Datum(
+        tokens[:-1],
+        {
+            "target_tokens": tokens[1:],
+            "logprobs": -np.abs(rng.standard_normal(20)).astype(np.float32),
+            "advantages": rng.standard_normal(20).astype(np.float32),
+        },
+    )
+    for loss_fn, config in [
+        ("importance_sampling", None),
+        ("ppo", {"clip_low_threshold": 0.9}),
+        ("cispo", None),
+        ("dro", {"beta": 0.1}),
+    ]:
         out = fresh.forward_backward([RunBatch(s, [datum], config)], loss_fn)[0]
         assert np.isfinite(out.metrics["loss:sum"]), loss_fn
         assert out.logprobs[0].shape == (20,)
@@ -187,8 +198,9 @@ def test_two_dimensional_targets(fresh):
     two_d = Datum(tokens, {"target_tokens": targets, "weights": weights})
     out = fresh.forward([RunBatch(s, [two_d])], "cross_entropy")[0]
     assert out.logprobs[0].shape == (12, 3)
-    one_d = [Datum(tokens, {"target_tokens": targets[:, k], "weights": weights[:, k]})
-             for k in range(3)]
+    one_d = [
+        Datum(tokens, {"target_tokens": targets[:, k], "weights": weights[:, k]}) for k in range(3)
+    ]
     cols = fresh.forward([RunBatch(s, one_d)], "cross_entropy")[0]
     for k in range(3):
         np.testing.assert_allclose(out.logprobs[0][:, k], cols.logprobs[k], atol=1e-5)
@@ -201,15 +213,18 @@ def test_lengths_in_one_bucket_compile_once(fresh):
     before = dict(fresh.trace_counts)
     for length in (25, 28, 32):  # all pad to the 32 bucket, batch bucket 1
         fresh.forward([RunBatch(s, [sft_datum(rng, length, VOCAB)])], "cross_entropy")
-    new = {k: v - before.get(k, 0) for k, v in fresh.trace_counts.items() if
-           v != before.get(k, 0)}
+    new = {k: v - before.get(k, 0) for k, v in fresh.trace_counts.items() if v != before.get(k, 0)}
     assert sum(new.values()) <= 1, new
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(rank=0), "rank"), (dict(rank=9), "rank"),
-    (dict(rank=2, train_attn=False, train_mlp=False, train_unembed=False), "train_attn"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=9), "rank"),
+        (dict(rank=2, train_attn=False, train_mlp=False, train_unembed=False), "train_attn"),
+    ],
+)
 def test_invalid_lora_config(fresh, bad, field):
     with pytest.raises(ValidationError) as e:
         fresh.create_slot(LoraConfig(**bad))
@@ -231,15 +246,40 @@ def test_invalid_requests_name_the_field(fresh):
     s = fresh.create_slot(LoraConfig(rank=2))
     good = sft_datum(rng, 10, VOCAB)
     cases = [
-        (Datum(np.array([1, 2, VOCAB]), {"target_tokens": np.array([1, 2, 3]),
-                                           "weights": np.ones(3)}), "model_input"),
-        (Datum(np.array([], np.int64), {"target_tokens": np.array([], np.int64),
-                                        "weights": np.ones(0)}), "model_input"),
-        (Datum(good.tokens, {"target_tokens": good.loss_fn_inputs["target_tokens"][:-1],
-                             "weights": good.loss_fn_inputs["weights"]}),
-         "loss_fn_inputs.target_tokens"),
-        (Datum(good.tokens, {"target_tokens": good.loss_fn_inputs["target_tokens"],
-                             "weights": np.full(10, np.nan)}), "loss_fn_inputs.weights"),
+        (
+            Datum(
+                np.array([1, 2, VOCAB]),
+                {"target_tokens": np.array([1, 2, 3]), "weights": np.ones(3)},
+            ),
+            "model_input",
+        ),
+        (
+            Datum(
+                np.array([], np.int64),
+                {"target_tokens": np.array([], np.int64), "weights": np.ones(0)},
+            ),
+            "model_input",
+        ),
+        (
+            Datum(
+                good.tokens,
+                {
+                    "target_tokens": good.loss_fn_inputs["target_tokens"][:-1],
+                    "weights": good.loss_fn_inputs["weights"],
+                },
+            ),
+            "loss_fn_inputs.target_tokens",
+        ),
+        (
+            Datum(
+                good.tokens,
+                {
+                    "target_tokens": good.loss_fn_inputs["target_tokens"],
+                    "weights": np.full(10, np.nan),
+                },
+            ),
+            "loss_fn_inputs.weights",
+        ),
     ]
     for datum, field in cases:
         with pytest.raises(ValidationError) as e:

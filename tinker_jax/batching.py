@@ -56,24 +56,31 @@ class HostBatch:
 
     def arrays(self) -> dict:
         """The device-bound part (everything but `lengths`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "lengths"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lengths"
+        }
 
 
 def _tokens(datum_index: int, tokens: object, vocab_size: int, max_length: int) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
-        raise ValidationError("model_input", "must be a 1-D sequence of integer token ids",
-                              datum=datum_index)
+        raise ValidationError(
+            "model_input", "must be a 1-D sequence of integer token ids", datum=datum_index
+        )
     if arr.size == 0:
         raise ValidationError("model_input", "is empty", datum=datum_index)
     if arr.size > max_length:
-        raise ValidationError("model_input", f"has length {arr.size}, the maximum is "
-                              f"{max_length}", datum=datum_index)
+        raise ValidationError(
+            "model_input", f"has length {arr.size}, the maximum is {max_length}", datum=datum_index
+        )
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
-        raise ValidationError("model_input", f"token {int(arr[bad[0]])} at position {bad[0]} "
-                              f"is outside the vocabulary [0, {vocab_size})", datum=datum_index)
+        raise ValidationError(
+            "model_input",
+            f"token {int(arr[bad[0]])} at position {bad[0]} "
+            f"is outside the vocabulary [0, {vocab_size})",
+            datum=datum_index,
+        )
     return arr.astype(np.int32)
 
 
@@ -111,18 +118,23 @@ def build_batch(
     lengths = [r[1].size for r in rows]
     b = batch_bucket(len(rows), batch_multiple)
     s = seq_bucket(max(lengths))
-    k = max((r[2]["target_tokens"].shape[1] for r in rows
-             if r[2]["target_tokens"].ndim == 2), default=0)
+    k = max(
+        (r[2]["target_tokens"].shape[1] for r in rows if r[2]["target_tokens"].ndim == 2), default=0
+    )
     target_shape = (b, s, k) if k else (b, s)
     tokens = np.zeros((b, s), np.int32)
     targets = np.zeros(target_shape, np.int32)
     mask = np.zeros((b, s), np.float32)
     slot_ids = np.zeros((b,), np.int32)
     scale = np.zeros((b,), np.float32)
-    per_token = [key for key in (*spec.required_inputs, *spec.optional_inputs)
-                 if any(key in r[2] for r in rows)]
-    inputs = {key: np.zeros(target_shape if key == "weights" else (b, s), np.float32)
-              for key in per_token}
+    per_token = [
+        key
+        for key in (*spec.required_inputs, *spec.optional_inputs)
+        if any(key in r[2] for r in rows)
+    ]
+    inputs = {
+        key: np.zeros(target_shape if key == "weights" else (b, s), np.float32) for key in per_token
+    }
     config_keys = spec.config_keys
     config = {key: np.zeros((b, 1), np.float32) for key in config_keys}
     for i, (slot, toks, datum_inputs, cfg) in enumerate(rows):

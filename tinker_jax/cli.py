@@ -27,13 +27,18 @@ def _demo(args: argparse.Namespace) -> int:
     model, _ = load_model(str(folder), lora=LoRASpec(slots=2, max_rank=8), mesh=mesh)
     trainer = Trainer(model, mesh)
     slot = trainer.create_slot(LoraConfig(rank=8, seed=0))
-    texts = ["The quick brown fox jumps over the lazy dog.",
-             "tinker-jax trains LoRA adapters with JAX."]
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "tinker-jax trains LoRA adapters with JAX.",
+    ]
     datums = []
     for text in texts:
         ids = np.asarray(tokenizer.encode(text) + [tokenizer.eos_token_id])
-        datums.append(Datum(ids[:-1], {"target_tokens": ids[1:],
-                                       "weights": np.ones(len(ids) - 1, np.float32)}))
+        datums.append(
+            Datum(
+                ids[:-1], {"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1, np.float32)}
+            )
+        )
     tokens = sum(d.tokens.size for d in datums)
     first = last = None
     for step in range(args.steps):
@@ -43,8 +48,11 @@ def _demo(args: argparse.Namespace) -> int:
         first = nll if first is None else first
         last = nll
         bar = "#" * int(30 * (step + 1) / args.steps)
-        print(f"\rstep {step + 1:3d}/{args.steps} [{bar:<30}] loss/token {nll:.4f}",
-              end="", flush=True)
+        print(
+            f"\rstep {step + 1:3d}/{args.steps} [{bar:<30}] loss/token {nll:.4f}",
+            end="",
+            flush=True,
+        )
     print(f"\nloss/token fell from {first:.4f} to {last:.4f}")
     return 0 if last < first else 1
 

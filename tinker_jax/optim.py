@@ -54,7 +54,12 @@ class AdamParams:
 
 
 def adamw_step(
-    params: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, hparams: jax.Array,
+    params: dict,
+    grads: dict,
+    mu: dict,
+    nu: dict,
+    count: jax.Array,
+    hparams: jax.Array,
     mask: dict,
 ) -> tuple[dict, dict, dict, jax.Array, jax.Array]:
     """One AdamW update of one slot's adapter.

@@ -55,8 +55,10 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = No
             raise ValueError(f"mesh: {len(devices)} devices do not divide by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} "
-                         f"devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh: sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} "
+            f"devices, have {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

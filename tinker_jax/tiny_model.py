@@ -53,17 +53,24 @@ def write_byte_tokenizer(folder: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": SPECIAL_TOKENS[0],
-        "model_max_length": TINY_QWEN3["max_position_embeddings"],
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": SPECIAL_TOKENS[0],
+                "model_max_length": TINY_QWEN3["max_position_embeddings"],
+            }
+        )
+    )
 
 
 def _byte_of(char: str) -> int:
     """Inverse of GPT-2's byte-to-unicode table used by ByteLevel."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     code = ord(char)
     if code in printable:
         return code

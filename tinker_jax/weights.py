@@ -83,7 +83,11 @@ class SafetensorsIndex:
 
 
 def _param_reader(
-    ckpt: SafetensorsIndex, path: str, hf_key: str, transpose: bool, shape: tuple[int, ...],
+    ckpt: SafetensorsIndex,
+    path: str,
+    hf_key: str,
+    transpose: bool,
+    shape: tuple[int, ...],
     dtype: np.dtype,
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
     """A `make_array_from_callback` callback for one parameter (stacked over layers or not)."""
@@ -93,8 +97,9 @@ def _param_reader(
     found = ckpt.shape(first, transpose)
     if found != expected:
         raise ValidationError(
-            "base_model", f"tensor {first} has shape {found} (after layout), expected {expected} "
-            f"for {path}: the checkpoint does not match config.json"
+            "base_model",
+            f"tensor {first} has shape {found} (after layout), expected {expected} "
+            f"for {path}: the checkpoint does not match config.json",
         )
     cache: dict[tuple, np.ndarray] = {}
 

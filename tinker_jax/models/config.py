@@ -79,9 +79,7 @@ def _rope_from_hf(cfg: Mapping[str, Any]) -> RopeConfig:
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            merged.get("original_max_position_embeddings", 8192)
-        ),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
     )
 
 

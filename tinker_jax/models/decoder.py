@@ -41,8 +41,9 @@ class RMSNorm(nnx.Module):
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Inverse frequencies [head_dim // 2], with HF's `linear` or `llama3` scaling applied."""
-    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                                / head_dim))
+    inv = 1.0 / (
+        rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+    )
     inv = inv.astype(np.float32)
     if rope.type == "linear":
         return (inv / rope.factor).astype(np.float32)
@@ -75,21 +76,40 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = LoRALinear(e, cfg.q_size, axes=("embed", "heads"), lora=lora,
-                                 use_bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = LoRALinear(e, cfg.kv_size, axes=("embed", "kv_heads"), lora=lora,
-                                 use_bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = LoRALinear(e, cfg.kv_size, axes=("embed", "kv_heads"), lora=lora,
-                                 use_bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = LoRALinear(cfg.q_size, e, axes=("heads", "embed"), lora=lora,
-                                 use_bias=bias, dtype=dtype, rngs=rngs)
+        self.q_proj = LoRALinear(
+            e, cfg.q_size, axes=("embed", "heads"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.k_proj = LoRALinear(
+            e,
+            cfg.kv_size,
+            axes=("embed", "kv_heads"),
+            lora=lora,
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.v_proj = LoRALinear(
+            e,
+            cfg.kv_size,
+            axes=("embed", "kv_heads"),
+            lora=lora,
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.o_proj = LoRALinear(
+            cfg.q_size, e, axes=("heads", "embed"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.rope = cfg.rope
 
     def project(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
@@ -102,10 +122,14 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)
-        q = constrain(apply_rope(q, positions, inv_freq),
-                      ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-        k = constrain(apply_rope(k, positions, inv_freq),
-                      ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
+        q = constrain(
+            apply_rope(q, positions, inv_freq),
+            ("act_batch", "act_seq", "act_heads", "act_head_dim"),
+        )
+        k = constrain(
+            apply_rope(k, positions, inv_freq),
+            ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"),
+        )
         return q, k, v
 
     def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
@@ -117,16 +141,24 @@ class Attention(nnx.Module):
         out = attention(q, k, v, positions, positions)
         return self._out(out, adapter), (k, v)
 
-    def decode(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
-               cache: KVCache, layer: jax.Array) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        cache: KVCache,
+        layer: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
         """One new token per row against the cache, written at its position first.
 
         x: [rows, 1, embed]; positions: [rows, 1]; cache arrays [layers, rows, max_len, ...].
         """
         q, k, v = self.project(x, positions, adapter)
         rows = jnp.arange(x.shape[0])
-        cache = KVCache(cache.k.at[layer, rows, positions[:, 0]].set(k[:, 0].astype(cache.k.dtype)),
-                        cache.v.at[layer, rows, positions[:, 0]].set(v[:, 0].astype(cache.v.dtype)))
+        cache = KVCache(
+            cache.k.at[layer, rows, positions[:, 0]].set(k[:, 0].astype(cache.k.dtype)),
+            cache.v.at[layer, rows, positions[:, 0]].set(v[:, 0].astype(cache.v.dtype)),
+        )
         keys, values = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
         key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
         out = attention(q, keys, values, positions, key_positions)
@@ -146,8 +178,9 @@ class KVCache:
     v: jax.Array
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-              k_positions: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array
+) -> jax.Array:
     """Grouped-query attention where a query sees keys at positions <= its own.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
@@ -157,7 +190,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
     b, s, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, s, kvh, h // kvh, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k).astype(jnp.float32) * (d**-0.5)
     visible = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -170,12 +203,15 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = LoRALinear(e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias,
-                                    dtype=dtype, rngs=rngs)
-        self.up_proj = LoRALinear(e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias,
-                                  dtype=dtype, rngs=rngs)
-        self.down_proj = LoRALinear(m, e, axes=("mlp", "embed"), lora=lora, use_bias=bias,
-                                    dtype=dtype, rngs=rngs)
+        self.gate_proj = LoRALinear(
+            e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.up_proj = LoRALinear(
+            e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.down_proj = LoRALinear(
+            m, e, axes=("mlp", "embed"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
         """x: [batch, seq, embed] -> [batch, seq, embed]."""
@@ -198,10 +234,17 @@ class DecoderLayer(nnx.Module):
         attn, kv = self.self_attn(self.input_layernorm(x), positions, adapter)
         return self._mlp(x + attn, adapter), kv
 
-    def decode(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
-               cache: KVCache, layer: jax.Array) -> tuple[jax.Array, KVCache]:
-        attn, cache = self.self_attn.decode(self.input_layernorm(x), positions, adapter, cache,
-                                            layer)
+    def decode(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        cache: KVCache,
+        layer: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        attn, cache = self.self_attn.decode(
+            self.input_layernorm(x), positions, adapter, cache, layer
+        )
         return self._mlp(x + attn, adapter), cache
 
     def _mlp(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
@@ -214,8 +257,14 @@ class Unembed(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.tied = cfg.tie_word_embeddings
-        self.head = LoRALinear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
-                               lora=lora, dtype=dtype, rngs=rngs)
+        self.head = LoRALinear(
+            cfg.hidden_size,
+            cfg.vocab_size,
+            axes=("embed", "vocab"),
+            lora=lora,
+            dtype=dtype,
+            rngs=rngs,
+        )
         if self.tied:
             self.head.kernel = None
 
@@ -232,8 +281,15 @@ class Unembed(nnx.Module):
 class Transformer(nnx.Module):
     """Token embedding, a scanned stack of decoder layers, final norm and lm head."""
 
-    def __init__(self, cfg: ModelConfig, *, lora: LoRASpec | None = None,
-                 dtype: jnp.dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        lora: LoRASpec | None = None,
+        dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat: {remat!r} not in {sorted(REMAT_POLICIES)}")
         self.config = cfg
@@ -254,8 +310,14 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = Unembed(cfg, lora, dtype, rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array,
-                 adapter: AdapterBatch | None = None, *, return_kv: bool = False):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None = None,
+        *,
+        return_kv: bool = False,
+    ):
         """tokens, positions: [batch, seq] int32 -> final hidden states [batch, seq, embed];
         with `return_kv` also every layer's (k, v): [layers, batch, seq, kv_heads, head_dim]."""
         x = self._embed(tokens)
@@ -270,8 +332,9 @@ class Transformer(nnx.Module):
         x, kv = jax.lax.scan(body, x, state)
         return (self.norm(x), kv) if return_kv else self.norm(x)
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, adapter: AdapterBatch | None,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, adapter: AdapterBatch | None, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
         the cache with this token's keys and values written at its position)."""
         x = self._embed(tokens)
@@ -280,12 +343,10 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             h, cache = carry
             layer_state, index = xs
-            h, cache = nnx.merge(graphdef, layer_state).decode(h, positions, adapter, cache,
-                                                               index)
+            h, cache = nnx.merge(graphdef, layer_state).decode(h, positions, adapter, cache, index)
             return (h, cache), None
 
-        (x, cache), _ = jax.lax.scan(body, (x, cache),
-                                     (state, jnp.arange(self.config.num_layers)))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.config.num_layers)))
         return self.norm(x), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:

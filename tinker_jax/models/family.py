@@ -12,7 +12,9 @@ DENSE_HF_KEYS: dict[str, tuple[str, bool]] = {
     "lm_head.head.kernel": ("lm_head.weight", True),
     "layers.input_layernorm.weight": ("model.layers.{layer}.input_layernorm.weight", False),
     "layers.post_attention_layernorm.weight": (
-        "model.layers.{layer}.post_attention_layernorm.weight", False),
+        "model.layers.{layer}.post_attention_layernorm.weight",
+        False,
+    ),
     **{
         f"layers.self_attn.{p}_proj.{kind}": (
             f"model.layers.{{layer}}.self_attn.{p}_proj.{'weight' if kind == 'kernel' else 'bias'}",

@@ -1,0 +1,621 @@
+"""The sampling engine: prefill + decode over a KV cache with continuous batching.
+
+The cache has a fixed number of rows (decode slots), each `max_len` positions long. A request
+waits in a queue until rows are free; its prompt is prefilled once and its keys and values are
+copied into one row per sample (`num_samples > 1` shares the prefill). Every call to `step`
+admits what fits, then runs up to `steps_per_call` decode steps for all rows in one jitted
+`while_loop` that exits early when every row has stopped. Rows of different requests may use
+different sampler adapters (or none): each row carries its adapter slot.
+
+Sampler weights live in the sampler's own stacked LoRA arrays, loaded from a snapshot of a
+training slot (or a checkpoint). They are immutable: nothing here writes a training slot, and
+training never writes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
+from tinker_jax.errors import ValidationError
+from tinker_jax.logprobs import target_logprobs, topk_logprobs
+from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout
+from tinker_jax.models.config import ModelConfig
+from tinker_jax.models.decoder import KVCache, Transformer
+from tinker_jax.sampling import (
+    SamplingParams,
+    resolve_seed,
+    sample_tokens,
+    seed_words,
+    sequence_keys,
+    step_keys,
+    token_logprobs,
+)
+from tinker_jax.sharding import logical_to_spec
+
+MAX_STOP_TOKENS = 16
+MAX_TOPK_PROMPT_LOGPROBS = 64
+CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """One `sample` call: `num_samples` continuations of `prompt` under sampler slot `slot`
+    (None = the base model)."""
+
+    prompt: Sequence[int] | np.ndarray
+    num_samples: int = 1
+    params: SamplingParams = SamplingParams()
+    slot: int | None = None
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class SampledSequence:
+    """Generated tokens with the model's logprob of each; stop_reason "stop" or "length"."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """All samples of a request; prompt logprobs start with None (nothing predicts token 0)."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A submitted request: its validated form and the samples still to admit or finish."""
+
+    request: SampleRequest
+    prompt: np.ndarray
+    max_tokens: int
+    stop_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+    seed: int
+    to_admit: collections.deque
+    done: dict[int, SampledSequence] = dataclasses.field(default_factory=dict)
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list | None = None
+
+
+class _Rows:
+    """Host-side state of every cache row (numpy; sent to the device with each call)."""
+
+    def __init__(self, n: int):
+        self.request = np.full(n, -1, np.int64)  # -1 = free
+        self.sample = np.zeros(n, np.int32)
+        self.token = np.zeros(n, np.int32)  # last sampled token, not yet in the cache
+        self.position = np.zeros(n, np.int32)  # where `token` sits in the sequence
+        self.generated = np.zeros(n, np.int32)  # tokens generated so far
+        self.remaining = np.zeros(n, np.int32)
+        self.active = np.zeros(n, bool)
+        self.slot = np.zeros(n, np.int32)
+        self.scale = np.zeros(n, np.float32)
+        self.temperature = np.zeros(n, np.float32)
+        self.top_k = np.full(n, -1, np.int32)
+        self.top_p = np.ones(n, np.float32)
+        self.seed = np.zeros((n, 2), np.uint32)
+        self.stop = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+
+    def device_args(self) -> dict[str, np.ndarray]:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "token",
+                "position",
+                "generated",
+                "remaining",
+                "active",
+                "slot",
+                "scale",
+                "temperature",
+                "top_k",
+                "top_p",
+                "seed",
+                "sample",
+                "stop",
+            )
+        }
+
+
+class Sampler:
+    """Continuous-batching sampler over one base model and a set of sampler adapter slots."""
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        base: nnx.State,
+        lora: nnx.State,
+        config: ModelConfig,
+        mesh: Mesh,
+        *,
+        rows: int = 16,
+        max_len: int | None = None,
+        steps_per_call: int = 16,
+        decode_text: Callable[[list[int]], str] | None = None,
+        logprob_chunk: int = 256,
+    ):
+        """`lora` holds the sampler's adapter slots (their count is its slot axis); `rows`
+        and `max_len` size the KV cache (rows x max_len positions; `kv_cache_bytes` tells
+        its memory). `decode_text` (token ids -> text) enables stop strings."""
+        self.graphdef, self.base, self.config, self.mesh = graphdef, base, config, mesh
+        self.lora = lora
+        self.layout = SlotLayout(lora)
+        self.rows = rows
+        self.max_len = min(
+            max_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        self.steps_per_call = steps_per_call
+        self.decode_text = decode_text
+        self.logprob_chunk = logprob_chunk
+        self.slot_scale: dict[int, float] = {}
+        dtype = jax.tree.leaves(base)[0].dtype
+        shape = (config.num_layers, rows, self.max_len, config.num_kv_heads, config.head_dim)
+        sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        self.cache = KVCache(zeros(), zeros())
+        self.kv_cache_bytes = 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+        self._rows = _Rows(rows)
+        self._pending: dict[int, _Pending] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._ids = itertools.count()
+        self.batch_multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self.trace_counts: dict[str, int] = {}
+        self._compiled: dict = {}
+
+    @classmethod
+    def sharing_base(cls, model: Transformer, mesh: Mesh, *, slots: int, **kwargs) -> Sampler:
+        """A sampler on `model`'s base weights (shared, not copied) with `slots` adapter
+        slots of its own, shaped like the model's LoRA arrays."""
+        graphdef, lora, base = nnx.split(model, LoRAParam, ...)
+        layout = SlotLayout(lora)
+
+        def resized(leaf, x):
+            shape = list(x.shape)
+            shape[leaf.slot_axis] = slots
+            return jax.jit(lambda: jnp.zeros(shape, x.dtype), out_shardings=x.sharding)()
+
+        leaves = layout.treedef.flatten_up_to(lora)
+        own = layout.treedef.unflatten([resized(lf, x) for lf, x in zip(layout.leaves, leaves)])
+        return cls(graphdef, base, own, model.config, mesh, **kwargs)
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, arrays: Mapping[str, np.ndarray], scale: float) -> int:
+        """Copies an adapter snapshot (by parameter name, e.g. `Trainer.slot_arrays`) into a
+        free sampler slot; a smaller rank is zero-padded. Returns the slot."""
+        free = [s for s in range(self.layout.num_slots) if s not in self.slot_scale]
+        if not free:
+            raise ValidationError(
+                "sampler_slots", f"all {self.layout.num_slots} sampler adapter slots are in use"
+            )
+        values = []
+        for leaf, shape in zip(self.layout.leaves, self.layout.slot_shapes(self.lora)):
+            if leaf.name not in arrays:
+                raise ValidationError("weights", f"adapter array {leaf.name} is missing")
+            value = np.asarray(arrays[leaf.name])
+            axis = leaf.rank_axis - 1
+            if value.shape[axis] > shape[axis] or value.ndim != len(shape):
+                raise ValidationError(
+                    "weights",
+                    f"{leaf.name} has shape {value.shape}, "
+                    f"expected {shape} (rank at most {shape[axis]})",
+                )
+            pad = [(0, 0)] * value.ndim
+            pad[axis] = (0, shape[axis] - value.shape[axis])
+            value = np.pad(value, pad)
+            if value.shape != shape:
+                raise ValidationError(
+                    "weights", f"{leaf.name} has shape {value.shape}, expected {shape}"
+                )
+            values.append(value)
+        slot = free[0]
+        fn = self._jit(
+            "load_adapter",
+            lambda lora, slot, values: self.layout.put(lora, slot, values),
+            donate_argnums=(0,),
+        )
+        self.lora = fn(self.lora, jnp.int32(slot), values)
+        self.slot_scale[slot] = float(scale)
+        return slot
+
+    def free_adapter(self, slot: int) -> None:
+        if slot not in self.slot_scale:
+            raise ValidationError("slot", f"sampler slot {slot} holds no adapter")
+        if any(p.request.slot == slot for p in self._pending.values()):
+            raise ValidationError("slot", f"sampler slot {slot} has requests in flight")
+        del self.slot_scale[slot]
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(self, request: SampleRequest) -> int:
+        """Validates and queues a request; returns its id for `step`'s results."""
+        prompt = np.asarray(request.prompt)
+        vocab = self.config.vocab_size
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValidationError("prompt", "must be a non-empty 1-D sequence of token ids")
+        if not np.issubdtype(prompt.dtype, np.integer):
+            raise ValidationError("prompt", f"token ids must be integers, got {prompt.dtype}")
+        bad = np.flatnonzero((prompt < 0) | (prompt >= vocab))
+        if bad.size:
+            raise ValidationError(
+                "prompt",
+                f"token {int(prompt[bad[0]])} at position "
+                f"{bad[0]} is outside the vocabulary [0, {vocab})",
+            )
+        n = request.num_samples
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValidationError("num_samples", f"{n!r} must be an integer >= 1")
+        params = request.params.validate(vocab)
+        k = request.topk_prompt_logprobs
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, int)
+            or not 0 <= k <= min(MAX_TOPK_PROMPT_LOGPROBS, vocab)
+        ):
+            raise ValidationError(
+                "topk_prompt_logprobs",
+                f"{k!r} is outside [0, {min(MAX_TOPK_PROMPT_LOGPROBS, vocab)}]",
+            )
+        if request.slot is not None and request.slot not in self.slot_scale:
+            raise ValidationError("slot", f"sampler slot {request.slot} holds no adapter")
+        room = self.max_len - prompt.size
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room < 1:
+            raise ValidationError(
+                "sampling_params.max_tokens",
+                f"prompt ({prompt.size} tokens) + max_tokens "
+                f"({max_tokens}) exceeds the context length {self.max_len}",
+            )
+        stop_ids = params.stop_token_ids(self.config.eos_token_ids)
+        if len(stop_ids) > MAX_STOP_TOKENS:
+            raise ValidationError(
+                "sampling_params.stop", f"{len(stop_ids)} stop tokens, at most {MAX_STOP_TOKENS}"
+            )
+        if params.stop_strings() and self.decode_text is None:
+            raise ValidationError(
+                "sampling_params.stop",
+                "stop strings need a tokenizer, and this sampler has none; pass stop token ids",
+            )
+        rid = next(self._ids)
+        self._pending[rid] = _Pending(
+            request,
+            prompt.astype(np.int32),
+            max_tokens,
+            stop_ids,
+            params.stop_strings(),
+            resolve_seed(params.seed),
+            collections.deque(range(n)),
+        )
+        self._queue.append(rid)
+        return rid
+
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def step(self) -> dict[int, SampleResult]:
+        """Admits waiting requests into free rows, decodes up to `steps_per_call` tokens for
+        every active row, and returns the requests that finished."""
+        with jax.set_mesh(self.mesh):
+            self._admit()
+            if self._rows.active.any():
+                self._decode()
+        return self._collect()
+
+    def sample(self, requests: Sequence[SampleRequest]) -> list[SampleResult]:
+        """Runs requests to completion (a convenience over `submit` + `step`)."""
+        ids = [self.submit(r) for r in requests]
+        results: dict[int, SampleResult] = {}
+        while not all(i in results for i in ids):
+            results.update(self.step())
+        return [results[i] for i in ids]
+
+    def compute_logprobs(
+        self, prompt: Sequence[int], slot: int | None = None
+    ) -> list[float | None]:
+        """Logprob of every prompt token given the ones before it (the first is None)."""
+        request = SampleRequest(
+            prompt, 1, SamplingParams(max_tokens=1), slot, include_prompt_logprobs=True
+        )
+        return self.sample([request])[0].prompt_logprobs
+
+    # ---------------------------------------------------------------- internals
+
+    def _jit(self, name: str, fn, **kwargs):
+        if name not in self._compiled:
+
+            def counted(*args):
+                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+                return fn(*args)
+
+            self._compiled[name] = jax.jit(counted, **kwargs)
+        return self._compiled[name]
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        names = ("act_batch",) + (None,) * (x.ndim - 1)
+        return jax.device_put(
+            x, NamedSharding(self.mesh, logical_to_spec(names, x.shape, self.mesh))
+        )
+
+    def _admit(self) -> None:
+        """Prefills as many queued samples as there are free rows (whole prompts once)."""
+        rows = self._rows
+        free = list(np.flatnonzero(rows.request < 0))
+        groups: list[tuple[int, list[int], list[int]]] = []  # (request, samples, rows)
+        while free and self._queue:
+            rid = self._queue[0]
+            pending = self._pending[rid]
+            take = min(len(free), len(pending.to_admit))
+            samples = [pending.to_admit.popleft() for _ in range(take)]
+            groups.append((rid, samples, [free.pop(0) for _ in range(take)]))
+            if not pending.to_admit:
+                self._queue.popleft()
+        if not groups:
+            return
+        prompts = [self._pending[rid].prompt for rid, _, _ in groups]
+        n_groups = batch_bucket(len(groups), self.batch_multiple)
+        seq = seq_bucket(max(p.size for p in prompts))
+        tokens = np.zeros((n_groups, seq), np.int32)
+        lengths = np.ones(n_groups, np.int32)
+        slot = np.zeros(n_groups, np.int32)
+        scale = np.zeros(n_groups, np.float32)
+        for g, ((rid, _, _), prompt) in enumerate(zip(groups, prompts)):
+            tokens[g, : prompt.size] = prompt
+            lengths[g] = prompt.size
+            req_slot = self._pending[rid].request.slot
+            slot[g] = req_slot or 0
+            scale[g] = self.slot_scale[req_slot] if req_slot is not None else 0.0
+        n_rows = batch_bucket(sum(len(r) for _, _, r in groups), self.batch_multiple)
+        dst = np.full(n_rows, self.rows, np.int32)  # out of range: the write is dropped
+        src = np.zeros(n_rows, np.int32)
+        sample_idx = np.zeros(n_rows, np.int32)
+        seeds = np.zeros((n_rows, 2), np.uint32)
+        temperature = np.zeros(n_rows, np.float32)
+        top_k = np.full(n_rows, -1, np.int32)
+        top_p = np.ones(n_rows, np.float32)
+        i = 0
+        for g, (rid, samples, row_ids) in enumerate(groups):
+            params = self._pending[rid].request.params
+            for s, r in zip(samples, row_ids):
+                dst[i], src[i], sample_idx[i] = r, g, s
+                seeds[i] = seed_words(self._pending[rid].seed)
+                temperature[i], top_k[i], top_p[i] = params.temperature, params.top_k, params.top_p
+                i += 1
+        want_lp = any(self._pending[rid].request.include_prompt_logprobs for rid, _, _ in groups)
+        want_topk = max(self._pending[rid].request.topk_prompt_logprobs for rid, _, _ in groups)
+        topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
+        chunk = chunk_size(seq, self.logprob_chunk)
+        fn = self._jit(
+            f"prefill:{want_lp}:{topk}:{chunk}",
+            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk),
+            donate_argnums=(2,),
+        )
+        args = [
+            tokens,
+            lengths,
+            slot,
+            scale,
+            dst,
+            src,
+            sample_idx,
+            seeds,
+            temperature,
+            top_k,
+            top_p,
+        ]
+        self.cache, first, first_lp, prompt_lp, topk_out = fn(
+            self.lora, self.base, self.cache, *(self._put(a) for a in args)
+        )
+        first, first_lp, prompt_lp, topk_out = jax.device_get(
+            (first, first_lp, prompt_lp, topk_out)
+        )
+        i = 0
+        for g, (rid, samples, row_ids) in enumerate(groups):
+            pending = self._pending[rid]
+            n = pending.prompt.size
+            if pending.request.include_prompt_logprobs and pending.prompt_logprobs is None:
+                pending.prompt_logprobs = [None] + [float(x) for x in prompt_lp[g, : n - 1]]
+            k = pending.request.topk_prompt_logprobs
+            if k and pending.topk_prompt_logprobs is None:
+                ids, lps = topk_out
+                pending.topk_prompt_logprobs = [None] + [
+                    [(int(t), float(lp)) for t, lp in zip(ids[g, p, :k], lps[g, p, :k])]
+                    for p in range(n - 1)
+                ]
+            for s, r in zip(samples, row_ids):
+                self._start_row(r, rid, s, int(first[i]), float(first_lp[i]))
+                i += 1
+
+    def _start_row(self, r: int, rid: int, sample: int, token: int, logprob: float) -> None:
+        rows, pending = self._rows, self._pending[rid]
+        params = pending.request.params
+        rows.request[r], rows.sample[r] = rid, sample
+        rows.token[r], rows.position[r] = token, pending.prompt.size
+        rows.generated[r], rows.remaining[r] = 1, pending.max_tokens - 1
+        rows.slot[r] = pending.request.slot or 0
+        rows.scale[r] = self.slot_scale.get(pending.request.slot, 0.0)
+        rows.temperature[r], rows.top_k[r], rows.top_p[r] = (
+            params.temperature,
+            params.top_k,
+            params.top_p,
+        )
+        rows.seed[r] = seed_words(pending.seed)
+        rows.stop[r] = -1
+        rows.stop[r, : len(pending.stop_ids)] = pending.stop_ids
+        rows.tokens[r], rows.logprobs[r] = [token], [logprob]
+        stopped = token in pending.stop_ids
+        rows.active[r] = not stopped and rows.remaining[r] > 0
+        self._check_stop_strings(r)
+
+    def _prefill_fn(self, want_lp: bool, topk: int, chunk: int):
+        def prefill(
+            lora,
+            base,
+            cache,
+            tokens,
+            lengths,
+            slot,
+            scale,
+            dst,
+            src,
+            sample_idx,
+            seeds,
+            temperature,
+            top_k,
+            top_p,
+        ):
+            model = nnx.merge(self.graphdef, lora, base)
+            adapter = AdapterBatch(slot, scale)
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
+            width = min(tokens.shape[1], cache.k.shape[2])
+            cache = KVCache(
+                cache.k.at[:, dst, :width].set(
+                    k[:, src, :width].astype(cache.k.dtype), mode="drop"
+                ),
+                cache.v.at[:, dst, :width].set(
+                    v[:, src, :width].astype(cache.v.dtype), mode="drop"
+                ),
+            )
+            last = hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None]
+            logits = model.logits(last, adapter)[:, 0].astype(jnp.float32)[src]
+            keys = step_keys(sequence_keys(seeds, sample_idx), jnp.zeros_like(sample_idx))
+            first = sample_tokens(logits, keys, temperature, top_k, top_p)
+            first_lp = token_logprobs(logits, first)
+            prompt_lp = topk_out = None
+            if want_lp:
+                targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1] * 0], axis=1)
+                prompt_lp = target_logprobs(model, hidden, targets, adapter, chunk)
+            if topk:
+                topk_out = topk_logprobs(model, hidden, adapter, topk, chunk)
+            return cache, first, first_lp, prompt_lp, topk_out
+
+        return prefill
+
+    def _decode(self) -> None:
+        fn = self._jit("decode", self._decode_fn, donate_argnums=(2,))
+        args = {k: self._put(v) for k, v in self._rows.device_args().items()}
+        self.cache, out_tokens, out_lp = fn(self.lora, self.base, self.cache, args)
+        out_tokens, out_lp = jax.device_get((out_tokens, out_lp))
+        rows = self._rows
+        for r in np.flatnonzero(rows.active):
+            pending = self._pending[rows.request[r]]
+            for t, lp in zip(out_tokens[r], out_lp[r]):
+                if t < 0:
+                    break
+                rows.tokens[r].append(int(t))
+                rows.logprobs[r].append(float(lp))
+                rows.generated[r] += 1
+                rows.remaining[r] -= 1
+                rows.position[r] += 1
+                rows.token[r] = t
+                if t in pending.stop_ids or rows.remaining[r] == 0:
+                    rows.active[r] = False
+                    break
+            self._check_stop_strings(r)
+
+    def _decode_fn(self, lora, base, cache, rows):
+        steps = self.steps_per_call
+        max_len = cache.k.shape[2]
+        model = nnx.merge(self.graphdef, lora, base)
+        adapter = AdapterBatch(rows["slot"], rows["scale"])
+        base_keys = sequence_keys(rows["seed"], rows["sample"])
+        n = rows["token"].shape[0]
+
+        def body(carry):
+            i, cache, token, position, generated, remaining, active, out_t, out_lp = carry
+            hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache)
+            logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
+            keys = step_keys(base_keys, generated)
+            new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
+            lp = token_logprobs(logits, new)
+            out_t = out_t.at[:, i].set(jnp.where(active, new, -1))
+            out_lp = out_lp.at[:, i].set(lp)
+            stopped = (new[:, None] == rows["stop"]).any(axis=1)
+            remaining = remaining - active
+            done = stopped | (remaining <= 0) | (position + 2 > max_len)
+            step = active.astype(jnp.int32)
+            return (
+                i + 1,
+                cache,
+                jnp.where(active, new, token),
+                position + step,
+                generated + step,
+                remaining,
+                active & ~done,
+                out_t,
+                out_lp,
+            )
+
+        def cond(carry):
+            return (carry[0] < steps) & carry[6].any()
+
+        init = (
+            jnp.int32(0),
+            cache,
+            rows["token"],
+            rows["position"],
+            rows["generated"],
+            rows["remaining"],
+            rows["active"],
+            jnp.full((n, steps), -1, jnp.int32),
+            jnp.zeros((n, steps), jnp.float32),
+        )
+        out = jax.lax.while_loop(cond, body, init)
+        return out[1], out[7], out[8]
+
+    def _check_stop_strings(self, r: int) -> None:
+        """Ends a row whose decoded text contains a stop string, keeping the tokens up to the
+        one that completed it."""
+        rows = self._rows
+        pending = self._pending[rows.request[r]]
+        if not pending.stop_strings:
+            return
+        tokens = rows.tokens[r]
+        if not any(s in self.decode_text(tokens) for s in pending.stop_strings):
+            return
+        for end in range(1, len(tokens) + 1):
+            if any(s in self.decode_text(tokens[:end]) for s in pending.stop_strings):
+                del tokens[end:], rows.logprobs[r][end:]
+                break
+        rows.active[r] = False
+        rows.remaining[r] = max(rows.remaining[r], 1)  # marks "stop", not "length"
+
+    def _collect(self) -> dict[int, SampleResult]:
+        rows = self._rows
+        for r in np.flatnonzero((rows.request >= 0) & ~rows.active):
+            pending = self._pending[rows.request[r]]
+            last = rows.tokens[r][-1]
+            stopped = last in pending.stop_ids or rows.remaining[r] > 0
+            pending.done[int(rows.sample[r])] = SampledSequence(
+                list(rows.tokens[r]), list(rows.logprobs[r]), "stop" if stopped else "length"
+            )
+            rows.request[r] = -1
+        finished = {}
+        for rid, pending in list(self._pending.items()):
+            if len(pending.done) == pending.request.num_samples:
+                finished[rid] = SampleResult(
+                    [pending.done[i] for i in range(pending.request.num_samples)],
+                    pending.prompt_logprobs,
+                    pending.topk_prompt_logprobs,
+                )
+                del self._pending[rid]
+        return finished
