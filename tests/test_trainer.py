@@ -295,3 +295,22 @@ def test_invalid_requests_name_the_field(fresh):
     assert e.value.field == "adam_params.beta2"
     # Nothing of the failed requests reached the slot's gradients.
     assert not any(x.any() for x in fresh.slot_arrays(s, "grads").values())
+
+
+def test_export_import_resumes_exactly(fresh):
+    rng = np.random.default_rng(10)
+    data = [sft_datum(rng, 20, VOCAB)]
+    a = fresh.create_slot(LoraConfig(rank=4, seed=3))
+    _train(fresh, a, data, steps=2)
+    state = fresh.export_slot(a)
+    b = fresh.import_slot(state, with_optimizer=True)
+    assert int(fresh.counts[b]) == 2
+    la, lb = _train(fresh, a, data, steps=2), _train(fresh, b, data, steps=2)
+    assert la == lb
+    pa, pb = fresh.slot_arrays(a), fresh.slot_arrays(b)
+    assert all(np.array_equal(pa[n], pb[n]) for n in pa)
+    c = fresh.import_slot(fresh.export_slot(a, with_optimizer=False), with_optimizer=False)
+    assert int(fresh.counts[c]) == 0
+    assert not any(x.any() for x in fresh.slot_arrays(c, "mu").values())
+    with pytest.raises(ValidationError, match="no optimizer state"):
+        fresh.import_slot(fresh.export_slot(a, with_optimizer=False), with_optimizer=True)

@@ -11,11 +11,14 @@ the base output bitwise.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from tinker_jax.errors import ValidationError
 
 # Which module names each Tinker `train_*` flag covers.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -173,6 +176,31 @@ class SlotLayout:
             tuple(d for i, d in enumerate(x.shape) if i != leaf.slot_axis)
             for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
         ]
+
+    def fit(self, tree, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Named host arrays of one slot (e.g. from `to_host` or a checkpoint) in leaf order,
+        the rank axis zero-padded (or trimmed, if the extra rank is all zeros) to this
+        layout's max rank. Raises ValidationError naming the array that does not fit."""
+        values = []
+        for leaf, shape in zip(self.leaves, self.slot_shapes(tree)):
+            if leaf.name not in arrays:
+                raise ValidationError("weights", f"adapter array {leaf.name} is missing")
+            value = np.asarray(arrays[leaf.name])
+            axis = leaf.rank_axis - 1
+            if value.ndim == len(shape) and value.shape[axis] > shape[axis]:
+                if np.take(value, range(shape[axis], value.shape[axis]), axis=axis).any():
+                    raise ValidationError("weights", f"{leaf.name} has rank "
+                                          f"{value.shape[axis]}, above the maximum {shape[axis]}")
+                value = np.take(value, range(shape[axis]), axis=axis)
+            if value.ndim == len(shape):
+                pad = [(0, 0)] * value.ndim
+                pad[axis] = (0, shape[axis] - value.shape[axis])
+                value = np.pad(value, pad)
+            if value.shape != tuple(shape):
+                raise ValidationError("weights", f"{leaf.name} has shape {value.shape}, "
+                                      f"expected {tuple(shape)}")
+            values.append(value)
+        return values
 
     def to_host(self, tree, slot: int) -> dict[str, np.ndarray]:
         """One slot's arrays by name, on the host."""

@@ -201,32 +201,13 @@ class Sampler:
 
     def load_adapter(self, arrays: Mapping[str, np.ndarray], scale: float) -> int:
         """Copies an adapter snapshot (by parameter name, e.g. `Trainer.slot_arrays`) into a
-        free sampler slot; a smaller rank is zero-padded. Returns the slot."""
+        free sampler slot (`SlotLayout.fit` pads the rank). Returns the slot."""
         free = [s for s in range(self.layout.num_slots) if s not in self.slot_scale]
         if not free:
             raise ValidationError(
                 "sampler_slots", f"all {self.layout.num_slots} sampler adapter slots are in use"
             )
-        values = []
-        for leaf, shape in zip(self.layout.leaves, self.layout.slot_shapes(self.lora)):
-            if leaf.name not in arrays:
-                raise ValidationError("weights", f"adapter array {leaf.name} is missing")
-            value = np.asarray(arrays[leaf.name])
-            axis = leaf.rank_axis - 1
-            if value.shape[axis] > shape[axis] or value.ndim != len(shape):
-                raise ValidationError(
-                    "weights",
-                    f"{leaf.name} has shape {value.shape}, "
-                    f"expected {shape} (rank at most {shape[axis]})",
-                )
-            pad = [(0, 0)] * value.ndim
-            pad[axis] = (0, shape[axis] - value.shape[axis])
-            value = np.pad(value, pad)
-            if value.shape != shape:
-                raise ValidationError(
-                    "weights", f"{leaf.name} has shape {value.shape}, expected {shape}"
-                )
-            values.append(value)
+        values = self.layout.fit(self.lora, arrays)
         slot = free[0]
         fn = self._jit(
             "load_adapter",

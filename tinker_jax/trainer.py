@@ -52,6 +52,18 @@ class SlotInfo:
 
 
 @dataclasses.dataclass
+class SlotState:
+    """A run's state on the host, by parameter name: the adapter and, when saved with it,
+    the AdamW moments and step count (what a `weights/` checkpoint holds)."""
+
+    lora: LoraConfig
+    adapter: dict[str, np.ndarray]
+    mu: dict[str, np.ndarray] | None = None
+    nu: dict[str, np.ndarray] | None = None
+    step: int = 0
+
+
+@dataclasses.dataclass
 class ForwardBackwardOutput:
     """Result for one run: per-datum logprobs ([N] or [N, K]) and `name:reduction` metrics."""
 
@@ -107,6 +119,37 @@ class Trainer:
         self._reset_slot(slot, seed, lora.rank, lora.flags())
         self.slots[slot] = SlotInfo(lora, seed, self.lora_alpha / lora.rank)
         return slot
+
+    def export_slot(self, slot: int, with_optimizer: bool = True) -> SlotState:
+        """The slot's adapter (and optimizer state) copied to the host."""
+        info = self._check_slot(slot)
+        if not with_optimizer:
+            return SlotState(info.lora, self.slot_arrays(slot))
+        return SlotState(info.lora, self.slot_arrays(slot), self.slot_arrays(slot, "mu"),
+                         self.slot_arrays(slot, "nu"), int(self.counts[slot]))
+
+    def import_slot(self, state: SlotState, with_optimizer: bool) -> int:
+        """A new slot holding a saved state; without the optimizer, the moments start at
+        zero (a fresh AdamW on the saved weights)."""
+        if with_optimizer and (state.mu is None or state.nu is None):
+            raise ValidationError("path", "the checkpoint holds no optimizer state")
+        adapter = self.layout.fit(self.lora, state.adapter)
+        zeros = [np.zeros_like(x) for x in adapter]
+        mu = self.layout.fit(self.lora, state.mu) if with_optimizer else zeros
+        nu = self.layout.fit(self.lora, state.nu) if with_optimizer else zeros
+        count = state.step if with_optimizer else 0
+        slot = self.create_slot(state.lora)
+        fn = self._jit("import_slot", self._import_slot_fn, donate_argnums=(0, 1, 2, 3))
+        self.lora, self.mu, self.nu, self.counts = fn(
+            self.lora, self.mu, self.nu, self.counts, jnp.int32(slot), adapter, mu, nu,
+            jnp.int32(count))
+        self.slots[slot].step = count
+        return slot
+
+    def _import_slot_fn(self, lora, mu, nu, counts, slot, adapter, mu_values, nu_values, count):
+        layout = self.layout
+        return (layout.put(lora, slot, adapter), layout.put(mu, slot, mu_values),
+                layout.put(nu, slot, nu_values), counts.at[slot].set(count))
 
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
