@@ -11,8 +11,10 @@ def test_importing_the_package_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_demo_trains_the_builtin_tiny_model(capsys):
-    from tinker_jax.cli import main
+def test_demo_serves_trains_saves_and_samples(capsys):
+    from tinker_jax.service.cli import main
 
     assert main(["demo", "--steps", "6"]) == 0
-    assert "loss/token fell from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loss/token fell from" in out
+    assert "sampler_weights/demo" in out and "sample:" in out

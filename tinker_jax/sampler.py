@@ -229,6 +229,17 @@ class Sampler:
 
     def submit(self, request: SampleRequest) -> int:
         """Validates and queues a request; returns its id for `step`'s results."""
+        if request.slot is not None and request.slot not in self.slot_scale:
+            raise ValidationError("slot", f"sampler slot {request.slot} holds no adapter")
+        pending = self.validate(request)
+        rid = next(self._ids)
+        self._pending[rid] = pending
+        self._queue.append(rid)
+        return rid
+
+    def validate(self, request: SampleRequest) -> _Pending:
+        """Checks a request against the model and this sampler's context length (not its
+        slot, which may not be loaded yet); safe to call from any thread."""
         prompt = np.asarray(request.prompt)
         vocab = self.config.vocab_size
         if prompt.ndim != 1 or prompt.size == 0:
@@ -256,8 +267,6 @@ class Sampler:
                 "topk_prompt_logprobs",
                 f"{k!r} is outside [0, {min(MAX_TOPK_PROMPT_LOGPROBS, vocab)}]",
             )
-        if request.slot is not None and request.slot not in self.slot_scale:
-            raise ValidationError("slot", f"sampler slot {request.slot} holds no adapter")
         room = self.max_len - prompt.size
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room < 1:
@@ -276,8 +285,7 @@ class Sampler:
                 "sampling_params.stop",
                 "stop strings need a tokenizer, and this sampler has none; pass stop token ids",
             )
-        rid = next(self._ids)
-        self._pending[rid] = _Pending(
+        return _Pending(
             request,
             prompt.astype(np.int32),
             max_tokens,
@@ -286,11 +294,16 @@ class Sampler:
             resolve_seed(params.seed),
             collections.deque(range(n)),
         )
-        self._queue.append(rid)
-        return rid
 
     def has_work(self) -> bool:
         return bool(self._pending)
+
+    def reset(self) -> None:
+        """Drops every queued and running request (after a failed step); the cache rows are
+        rewritten by the next prefill, so they need no clearing."""
+        self._pending.clear()
+        self._queue.clear()
+        self._rows = _Rows(self.rows)
 
     def step(self) -> dict[int, SampleResult]:
         """Admits waiting requests into free rows, decodes up to `steps_per_call` tokens for

@@ -40,7 +40,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """A mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    """A mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices.
+    Fully explicit sizes may cover fewer devices than there are: the first ones are used."""
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
     unknown = set(shape) - set(MESH_AXES)
@@ -54,6 +55,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = No
         if len(devices) % known:
             raise ValueError(f"mesh: {len(devices)} devices do not divide by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in shape.values() and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]  # explicit sizes may use a subset
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh: sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} "

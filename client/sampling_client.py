@@ -1,0 +1,182 @@
+"""SamplingClient: sampling and prompt logprobs from one sampler (base model or weights).
+
+`sample` / `compute_logprobs` return APIFutures at once; the deprecated-in-Tinker `_async`
+twins are coroutines resolving to the result itself (not to a future).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+
+from tinker_jax.client import convert, types
+from tinker_jax.client.futures import APIFuture, expect
+from tinker_jax.client.holder import ClientHolder
+from tinker_jax.client.tokenizer import load_tokenizer
+from tinker_jax.client.transport import DEFAULT_CALL_TIMEOUT, RETRYABLE_CODES, RetryConfig
+from tinker_jax.v1 import tinker_pb2 as pb
+
+# Opening a sampler waits for its weights to load on the server (up to 10 minutes there).
+SAMPLING_SESSION_TIMEOUT = 900.0
+# Not retried on DEADLINE_EXCEEDED: the server may have opened the sampler meanwhile, and a
+# second request with the same sampling_session_seq_id would be refused.
+_OPEN_SAMPLER_RETRY_CODES = RETRYABLE_CODES - {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class SamplingClient:
+    """Samples from one sampling session (`sampling_session_id`)."""
+
+    def __init__(
+        self,
+        holder: ClientHolder,
+        sampling_session_id: str,
+        *,
+        base_model: str | None = None,
+        model_path: str | None = None,
+        retry_config: RetryConfig | None = None,
+    ):
+        self.holder = holder
+        self.sampling_session_id = sampling_session_id
+        self.model_path = model_path
+        self._base_model = base_model
+        self._retry_config = retry_config
+        self._seq = itertools.count()
+
+    def sample(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[types.SampleResponse]:
+        """Submits a sampling request; `num_samples` completions of `prompt`.
+
+        `include_prompt_logprobs` adds the logprob of every prompt token given the ones
+        before it (None at position 0); `topk_prompt_logprobs=k` adds the k most likely
+        tokens at each prompt position. A request that fails retryably (e.g. the server
+        restarted) is submitted once more.
+        """
+        prompt_msg = convert.model_input_to_proto(prompt)
+        params_msg = convert.sampling_params_to_proto(sampling_params)
+
+        def build(request_id: str) -> pb.SampleRequest:
+            return pb.SampleRequest(
+                request_id=request_id,
+                sampling_session_id=self.sampling_session_id,
+                seq_id=next(self._seq),
+                prompt=prompt_msg,
+                num_samples=num_samples,
+                sampling_params=params_msg,
+                include_prompt_logprobs=include_prompt_logprobs,
+                topk_prompt_logprobs=topk_prompt_logprobs,
+            )
+
+        def result(response: pb.RetrieveFutureResponse, submit: pb.SubmitResponse):
+            return convert.sample_response(
+                expect(response, "sample"), list(submit.sample_sequence_ids)
+            )
+
+        retry = self._retry_config or self.holder.transport.retry_config
+        return self.holder.submit(
+            "Sample",
+            build,
+            result,
+            resubmits=1 if retry.enable_retry_logic else 0,
+            retry_config=self._retry_config,
+        )
+
+    async def sample_async(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> types.SampleResponse:
+        future = await asyncio.to_thread(
+            self.sample,
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+        )
+        return await future
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
+        """The logprob of each prompt token given the ones before it (None at position 0)."""
+        future = self.sample(
+            prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True
+        )
+        return future.map(lambda response: response.prompt_logprobs)
+
+    async def compute_logprobs_async(self, prompt: types.ModelInput) -> list[float | None]:
+        future = await asyncio.to_thread(self.compute_logprobs, prompt)
+        return await future
+
+    def get_base_model(self) -> str:
+        if self._base_model is None:
+            response = self.holder.transport.call(
+                "GetSampler", pb.GetSamplerRequest(sampler_id=self.sampling_session_id)
+            )
+            self._base_model = response.base_model
+        return self._base_model
+
+    async def get_base_model_async(self) -> str:
+        return await asyncio.to_thread(self.get_base_model)
+
+    def get_tokenizer(self):
+        """The base model's Hugging Face tokenizer (needs `transformers`)."""
+        return load_tokenizer(self.get_base_model())
+
+    # Factories in recent Tinker SDKs return futures of clients; a client is also its own
+    # completed future, so `client.result()` and `await client` work on it.
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        return self
+
+    def __await__(self):
+        return _ready(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"SamplingClient({self.sampling_session_id!r})"
+
+
+def open_sampling_client(
+    holder: ClientHolder,
+    *,
+    model_path: str | None = None,
+    base_model: str | None = None,
+    retry_config: RetryConfig | None = None,
+) -> SamplingClient:
+    """Opens a sampling session on saved weights or on a base model (exactly one)."""
+    if (model_path is None) == (base_model is None):
+        raise ValueError("give exactly one of model_path and base_model")
+    if model_path is not None and not model_path.startswith("tinker://"):
+        raise ValueError(f"model_path must be a tinker:// path, got {model_path!r}")
+    request = pb.CreateSamplingSessionRequest(
+        session_id=holder.session_id,
+        sampling_session_seq_id=holder.next_sampling_session_seq_id(),
+        base_model=base_model or "",
+        model_path=model_path or "",
+    )
+    response = holder.transport.call(
+        "CreateSamplingSession",
+        request,
+        timeout=max(SAMPLING_SESSION_TIMEOUT, DEFAULT_CALL_TIMEOUT),
+        retry_config=retry_config,
+        retry_codes=_OPEN_SAMPLER_RETRY_CODES,
+    )
+    return SamplingClient(
+        holder,
+        response.sampling_session_id,
+        base_model=base_model,
+        model_path=model_path,
+        retry_config=retry_config,
+    )
+
+
+async def _ready(value):
+    return value

@@ -1,0 +1,1 @@
+"""The tinker-jax server: front ends, service core, store."""

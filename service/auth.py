@@ -1,0 +1,33 @@
+"""API keys: how they are made, stored and checked.
+
+Keys are `tml-` (the prefix the official SDK insists on) followed by 256 random bits. The
+store keeps only their hashes, so a leaked database file reveals no usable key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+KEY_PREFIX = "tml-"
+
+
+def new_api_key() -> str:
+    """A fresh random API key: `tml-` + 32 random bytes, URL-safe base64."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 of the key, as hex: the form in which keys are stored and looked up.
+
+    A fast, unsalted hash is appropriate here (unlike for passwords): the keys carry 256 bits
+    of randomness, so guessing one from its hash is hopeless however fast the hash is, and an
+    unsalted hash lets the store find a key's user by an index lookup.
+    """
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def keys_match(key: str, stored_hash: str) -> bool:
+    """Whether `key` hashes to `stored_hash`, compared in constant time."""
+    return hmac.compare_digest(hash_key(key), stored_hash)

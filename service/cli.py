@@ -1,0 +1,131 @@
+"""The `tinker-jax` command: serve, manage API keys, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from tinker_jax.errors import ValidationError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tinker_jax.service.config import ServerConfig, parse_mesh
+    from tinker_jax.service.server import Server
+
+    values = ServerConfig.from_toml(args.config) if args.config else {}
+    flags = {
+        "base_models": args.base_model,
+        "storage": args.storage,
+        "host": args.host,
+        "port": args.port,
+        "max_lora_rank": args.max_lora_rank,
+        "max_adapters": args.max_adapters,
+        "dtype": args.dtype,
+        "mesh": parse_mesh(args.mesh) if args.mesh else None,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if "storage" not in values:
+        raise ValidationError("storage", "give --storage DIR (or storage in the config file)")
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
+    server = Server(ServerConfig.from_dict(values))
+    print(
+        f"tinker-jax listening on {server.config.host}:{server.port}", file=sys.stderr, flush=True
+    )
+    signal.signal(signal.SIGTERM, lambda *_: server._stopped.set())
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from tinker_jax.service.store import Store
+
+    store = Store(Path(args.storage).expanduser().resolve())
+    _, key = store.create_user(args.name)
+    store.close()
+    print(key)
+    return 0
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    """Writes a checkpoint's adapter as a PEFT folder (loads in PEFT and vLLM)."""
+    from tinker_jax import checkpoints
+    from tinker_jax.service.paths import TinkerPath
+    from tinker_jax.service.store import Store
+
+    store = Store(Path(args.storage).expanduser().resolve())
+    record = store.get_checkpoint(str(TinkerPath.parse(args.path)))
+    store.close()
+    if record is None:
+        raise ValidationError("path", f"checkpoint {args.path} not found in {args.storage}")
+    state, info = checkpoints.load_state(Path(record.location), with_optimizer=False)
+    checkpoints.export_peft(args.out, state, base_model=info.base_model,
+                            lora_alpha=info.lora_alpha)
+    print(args.out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tinker_jax.service.demo import run_demo
+
+    return run_demo(steps=args.steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinker-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--base-model", action="append", help="HF name or folder (repeatable)")
+    serve.add_argument("--storage", type=Path, help="folder for the database and checkpoints")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1,tensor=1")
+    serve.add_argument("--max-lora-rank", type=int, default=None)
+    serve.add_argument("--max-adapters", type=int, default=None)
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    serve.add_argument("--config", type=Path, help="TOML file with the same settings")
+    serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")
+    serve.set_defaults(func=_serve)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a user and print its new API key")
+    create.add_argument("name")
+    create.add_argument("--storage", required=True)
+    create.set_defaults(func=_keys_create)
+
+    export = sub.add_parser("export-peft", help="write a checkpoint as a PEFT adapter folder")
+    export.add_argument("path", help="tinker://<run>/weights/<name> or .../sampler_weights/...")
+    export.add_argument("--storage", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=_export_peft)
+
+    demo = sub.add_parser("demo", help="serve the built-in tiny model and train on it")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Server configuration: command-line flags or a TOML file, validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tinker_jax.errors import ValidationError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything `tinker-jax serve` needs. Clients address a base model by exactly the
+    string given in `base_models` (a hub-style name or a local folder path)."""
+
+    base_models: tuple[str, ...]
+    storage: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    mesh: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}
+    )
+    max_lora_rank: int = 32
+    max_adapters: int = 32
+    sampler_slots: int = 32
+    sampler_rows: int = 32
+    max_seq_len: int | None = 4096
+    dtype: str = "float32"
+    lora_alpha: float = 32.0
+    max_queue: int = 1024
+    max_batch_size: int = 1024
+    result_ttl_seconds: float = 3600.0
+    session_ttl_seconds: float = 600.0
+
+    def __post_init__(self):
+        if not self.base_models:
+            raise ValidationError("base_model", "give at least one --base-model")
+        if len(set(self.base_models)) != len(self.base_models):
+            raise ValidationError("base_model", "the same base model is listed twice")
+        positive = (
+            "max_lora_rank",
+            "max_adapters",
+            "sampler_slots",
+            "sampler_rows",
+            "max_queue",
+            "max_batch_size",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValidationError(name, f"{getattr(self, name)} must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ValidationError("port", f"{self.port} is outside [0, 65535]")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValidationError("dtype", f"{self.dtype!r} is not float32 or bfloat16")
+        if set(self.mesh) - set(MESH_AXES):
+            raise ValidationError(
+                "mesh",
+                f"axes {sorted(set(self.mesh) - set(MESH_AXES))} are "
+                f"unknown; allowed {', '.join(MESH_AXES)}",
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServerConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValidationError("config", f"unknown keys {sorted(unknown)}")
+        values = dict(values)
+        values["base_models"] = tuple(values.get("base_models", ()))
+        values["storage"] = Path(values["storage"]).expanduser().resolve()
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> dict[str, Any]:
+        """The values of a TOML file (same keys as the dataclass; `base_models` a list)."""
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=1,fsdp=-1,tensor=1` -> {"data": 1, "fsdp": -1, "tensor": 1}."""
+    mesh = {}
+    for part in filter(None, text.split(",")):
+        name, _, size = part.partition("=")
+        if name.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise ValidationError(
+                "mesh", f"{part!r} is not axis=size with axis in {', '.join(MESH_AXES)}"
+            )
+        mesh[name.strip()] = int(size)
+    return mesh

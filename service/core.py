@@ -1,0 +1,843 @@
+"""The service core: sessions, futures, ordering, access rules and checkpoints, over the
+engine workers. Front ends (gRPC now, Tinker's HTTP protocol next) authenticate a caller and
+translate requests into calls here; no logic lives in them twice.
+
+Every mutating call is checked at once (a bad request fails synchronously with a message
+naming the field), then becomes a future: its result is persisted in the store when the
+engine finishes and delivered by `retrieve` (long-poll), surviving client disconnects.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tinker_jax import checkpoints
+from tinker_jax.errors import ValidationError
+from tinker_jax.sampler import SampleRequest
+from tinker_jax.service import wire
+from tinker_jax.service.config import ServerConfig
+from tinker_jax.service.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath, validate_name
+from tinker_jax.service.store import (
+    CheckpointRecord,
+    RunRecord,
+    SamplerRecord,
+    SessionRecord,
+    Store,
+)
+from tinker_jax.service.worker import (
+    CreateRun,
+    EngineWorker,
+    ForwardBackward,
+    LoadRun,
+    OpenSampler,
+    OptimStep,
+    Sample,
+    SaveState,
+    SnapshotForSampler,
+)
+from tinker_jax.trainer import LoraConfig
+from tinker_jax.v1 import tinker_pb2 as pb
+
+log = logging.getLogger("tinker_jax.core")
+
+MAX_LONG_POLL_SECONDS = 30.0
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+MAX_ID_LENGTH = 128
+
+
+class ServiceCore:
+    """Transport-independent implementation of every API call."""
+
+    def __init__(self, config: ServerConfig, store: Store, workers: dict[str, EngineWorker]):
+        self.config = config
+        self.store = store
+        self.workers = workers
+        self.checkpoint_root = config.storage / "checkpoints"
+        self._completed = threading.Condition()
+        lost = store.fail_pending(
+            "the server restarted while this request was in flight; submit it again"
+        )
+        if lost:
+            log.warning("%d requests were in flight when the server stopped: failed them", lost)
+
+    # ---------------------------------------------------------------- identity and access
+
+    def authenticate(self, api_key: str | None) -> str:
+        user = self.store.authenticate(api_key)
+        if user is None:
+            raise Unauthenticated("missing or invalid API key (send it as x-api-key)")
+        return user
+
+    def _session(self, user: str, session_id: str) -> SessionRecord:
+        record = self.store.get_session(_id(session_id, "session_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"session {session_id} not found")
+        if record.finished:
+            raise FailedPrecondition(f"session {session_id} is finished")
+        return record
+
+    def _run(self, user: str, run_id: str) -> RunRecord:
+        record = self.store.get_run(_id(run_id, "model_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"training run {run_id} not found")
+        return record
+
+    def _worker(self, base_model: str, field: str = "base_model") -> EngineWorker:
+        worker = self.workers.get(base_model)
+        if worker is None:
+            raise ValidationError(
+                field, f"{base_model!r} is not served here; available: {', '.join(self.workers)}"
+            )
+        return worker
+
+    def _loaded_run(self, user: str, run_id: str) -> tuple[RunRecord, EngineWorker]:
+        run = self._run(user, run_id)
+        worker = self._worker(run.base_model)
+        if not worker.has_run(run_id):
+            raise FailedPrecondition(
+                f"training run {run_id} is not loaded (its session ended or the server "
+                "restarted); create a training client from its last saved state"
+            )
+        self.store.touch_run(run_id)
+        return run, worker
+
+    def _readable_checkpoint(
+        self, user: str, path: str, field: str = "path"
+    ) -> tuple[TinkerPath, CheckpointRecord]:
+        parsed = TinkerPath.parse(path, field)
+        record = self.store.get_checkpoint(str(parsed))
+        if record is None or (record.owner != user and not record.public):
+            raise NotFound(f"checkpoint {path} not found")
+        return parsed, record
+
+    def _owned_checkpoint(self, user: str, path: str) -> CheckpointRecord:
+        parsed = TinkerPath.parse(path, "tinker_path")
+        record = self.store.get_checkpoint(str(parsed))
+        if record is None or (record.owner != user and not record.public):
+            raise NotFound(f"checkpoint {path} not found")
+        if record.owner != user:
+            raise PermissionDenied(f"checkpoint {path} belongs to another user")
+        return record
+
+    # ---------------------------------------------------------------- sessions
+
+    def capabilities(self) -> pb.GetServerCapabilitiesResponse:
+        return pb.GetServerCapabilitiesResponse(
+            supported_models=[
+                pb.SupportedModel(
+                    model_name=name,
+                    max_context_length=w.max_context,
+                    trainable=True,
+                    sampleable=True,
+                )
+                for name, w in self.workers.items()
+            ],
+            max_batch_size=self.config.max_batch_size,
+            max_lora_rank=self.config.max_lora_rank,
+        )
+
+    def create_session(
+        self,
+        user: str,
+        user_metadata: dict[str, str],
+        project_id: str,
+        display_name: str,
+        tags: Sequence[str],
+    ) -> str:
+        if len(tags) > 64 or any(len(t) > 256 for t in tags):
+            raise ValidationError("tags", "at most 64 tags of at most 256 characters")
+        return self.store.create_session(
+            user,
+            user_metadata=wire.metadata(user_metadata),
+            project_id=project_id or None,
+            display_name=display_name[:256] or None,
+            tags=list(tags),
+        )
+
+    def heartbeat(self, user: str, session_id: str) -> None:
+        self._session(user, session_id)
+        self.store.heartbeat(session_id)
+
+    def finish_session(self, user: str, session_id: str, reason: str) -> None:
+        self._session(user, session_id)
+        self.store.finish_session(session_id, reason or "success")
+        self._release(session_id)
+
+    def _release(self, session_id: str) -> None:
+        """Frees the engine slots of a session's runs and samplers (checkpoints remain)."""
+        runs = self.store.runs_of_session(session_id)
+        samplers = self.store.samplers_of_session(session_id)
+        for worker in self.workers.values():
+            worker.release(runs, samplers)
+
+    # ---------------------------------------------------------------- futures
+
+    def _submit(
+        self,
+        user: str,
+        request_id: str,
+        kind: str,
+        run_id: str | None,
+        worker: EngineWorker,
+        start: Callable[[Callable, Callable], None],
+    ) -> str:
+        """Creates the future and starts the work, once per request id (a resubmission with
+        the same id returns the existing future and runs nothing)."""
+        request_id = _id(request_id, "request_id") if request_id else str(uuid.uuid4())
+        worker.reserve()
+        if not self.store.create_future(request_id, user, kind, run_id):
+            worker.unreserve()
+            existing = self.store.get_future(request_id)
+            if existing is None or existing.user_id != user:
+                raise PermissionDenied(f"request id {request_id} is in use")
+            return request_id
+
+        def fail(error: Exception) -> None:
+            user_error = isinstance(error, ValidationError)
+            self.store.fail_future(
+                request_id,
+                str(error) if user_error else f"internal error: {type(error).__name__}: {error}",
+                category="user" if user_error else "server",
+                retryable=not user_error,
+            )
+            self._notify()
+
+        try:
+            start(lambda response: self._complete(request_id, response), fail)
+        except Exception as e:  # noqa: BLE001 - a failed start fails the future, not the call
+            worker.unreserve()
+            fail(e)
+        return request_id
+
+    def _replayed(self, user: str, request_id: str) -> str | None:
+        """The run id of an already-submitted request (a client's resubmission after a lost
+        answer), checked before anything else so that a replay never fails on its own seq_id;
+        None for a new request."""
+        if not request_id:
+            return None
+        existing = self.store.get_future(_id(request_id, "request_id"))
+        if existing is None:
+            return None
+        if existing.user_id != user:
+            raise PermissionDenied(f"request id {request_id} is in use")
+        return existing.run_id or ""
+
+    def _complete(self, request_id: str, response: pb.RetrieveFutureResponse) -> None:
+        response.request_id = request_id
+        self.store.complete_future(request_id, response.SerializeToString())
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._completed:
+            self._completed.notify_all()
+
+    def retrieve(self, user: str, request_id: str, timeout: float) -> pb.RetrieveFutureResponse:
+        """The result of a submitted call, waiting up to `timeout` (long-poll) for it."""
+        record = self.store.get_future(_id(request_id, "request_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(
+                f"request {request_id} not found (results are kept "
+                f"{self.config.result_ttl_seconds:.0f} s after delivery)"
+            )
+        deadline = time.monotonic() + min(max(timeout, 0.0), MAX_LONG_POLL_SECONDS)
+        with self._completed:
+            while record.state == "pending" and time.monotonic() < deadline:
+                self._completed.wait(timeout=min(1.0, deadline - time.monotonic()))
+                record = self.store.get_future(request_id)
+        if record.state == "pending":
+            return pb.RetrieveFutureResponse(
+                request_id=request_id, try_again=pb.TryAgain(queue_state="active")
+            )
+        self.store.mark_delivered(request_id)
+        if record.state == "failed":
+            return pb.RetrieveFutureResponse(
+                request_id=request_id,
+                error=pb.RequestError(
+                    message=record.error or "",
+                    category=record.category or "server",
+                    retryable=record.retryable,
+                ),
+            )
+        return pb.RetrieveFutureResponse.FromString(record.result)
+
+    # ---------------------------------------------------------------- training runs
+
+    def create_model(
+        self,
+        user: str,
+        request_id: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora: LoraConfig,
+        user_metadata: dict[str, str],
+    ) -> tuple[str, str]:
+        if (run_id := self._replayed(user, request_id)) is not None:
+            return request_id, run_id
+        session = self._session(user, session_id)
+        worker = self._worker(base_model)
+        _check_lora(lora, self.config.max_lora_rank)
+        run_id = self._new_run_id(session.session_id, model_seq_id)
+        metadata = wire.metadata(user_metadata)
+
+        def start(complete, fail):
+            def done(_slot):
+                self.store.create_run(_run_record(run_id, session, base_model, lora, metadata))
+                complete(
+                    pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
+                )
+
+            worker.submit(CreateRun(done=done, fail=fail, run_id=run_id, lora=lora))
+
+        return self._submit(user, request_id, "create_model", run_id, worker, start), run_id
+
+    def _new_run_id(self, session_id: str, model_seq_id: int) -> str:
+        if not 0 <= model_seq_id < 1 << 30:
+            raise ValidationError("model_seq_id", f"{model_seq_id} is outside [0, 2^30)")
+        run_id = f"{session_id}:train:{model_seq_id}"
+        if self.store.get_run(run_id) is not None:
+            raise ValidationError(
+                "model_seq_id", f"{model_seq_id} was already used in this session"
+            )
+        return run_id
+
+    def load_weights(
+        self,
+        user: str,
+        request_id: str,
+        session_id: str,
+        model_seq_id: int,
+        path: str,
+        optimizer: bool,
+        user_metadata: dict[str, str],
+    ) -> tuple[str, str]:
+        """A new run from a saved checkpoint (with or without its optimizer state)."""
+        if (run_id := self._replayed(user, request_id)) is not None:
+            return request_id, run_id
+        session = self._session(user, session_id)
+        parsed, ckpt = self._readable_checkpoint(user, path)
+        if optimizer and parsed.kind != "weights":
+            raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
+        info = checkpoints.read_info(Path(ckpt.location))
+        worker = self._worker(info.base_model, "path")
+        run_id = self._new_run_id(session.session_id, model_seq_id)
+        metadata = wire.metadata(user_metadata)
+
+        def start(complete, fail):
+            def done(state):
+                self.store.create_run(
+                    _run_record(
+                        run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
+                    )
+                )
+                complete(
+                    pb.RetrieveFutureResponse(
+                        load_weights=pb.LoadWeightsResult(model_id=run_id, path=str(parsed))
+                    )
+                )
+
+            worker.submit(
+                LoadRun(
+                    done=done,
+                    fail=fail,
+                    run_id=run_id,
+                    with_optimizer=optimizer,
+                    load=lambda: checkpoints.load_state(
+                        Path(ckpt.location), with_optimizer=optimizer
+                    )[0],
+                )
+            )
+
+        return self._submit(user, request_id, "load_weights", run_id, worker, start), run_id
+
+    def get_info(self, user: str, model_id: str) -> pb.GetInfoResponse:
+        run = self._run(user, model_id)
+        arch = self.workers[run.base_model].config.family if run.base_model in self.workers else ""
+        return pb.GetInfoResponse(
+            model_id=run.run_id,
+            base_model=run.base_model,
+            arch=arch,
+            tokenizer_id=run.base_model,
+            is_lora=True,
+            lora_rank=run.lora_rank,
+        )
+
+    def forward_backward(
+        self,
+        user: str,
+        request_id: str,
+        model_id: str,
+        seq_id: int,
+        data: Sequence[pb.Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float],
+        forward_only: bool,
+    ) -> str:
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        run, worker = self._loaded_run(user, model_id)
+        if len(data) > self.config.max_batch_size:
+            raise ValidationError(
+                "data", f"{len(data)} datums, at most {self.config.max_batch_size} per request"
+            )
+        datums = wire.datums(data)
+        config = dict(loss_fn_config) or None
+        worker.check_forward_backward(datums, loss_fn, config)
+        worker.check_seq(model_id, seq_id)
+
+        def start(complete, fail):
+            worker.submit_run_op(
+                model_id,
+                seq_id,
+                ForwardBackward(
+                    done=lambda out: complete(
+                        pb.RetrieveFutureResponse(
+                            forward_backward=wire.forward_backward_result(out)
+                        )
+                    ),
+                    fail=fail,
+                    data=datums,
+                    loss_fn=loss_fn,
+                    loss_fn_config=config,
+                    forward_only=forward_only,
+                ),
+            )
+
+        return self._submit(
+            user,
+            request_id,
+            "forward" if forward_only else "forward_backward",
+            model_id,
+            worker,
+            start,
+        )
+
+    def optim_step(
+        self, user: str, request_id: str, model_id: str, seq_id: int, params: pb.AdamParams
+    ) -> str:
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        _, worker = self._loaded_run(user, model_id)
+        adam = wire.adam_params(params).validate()
+        worker.check_seq(model_id, seq_id)
+
+        def start(complete, fail):
+            worker.submit_run_op(
+                model_id,
+                seq_id,
+                OptimStep(
+                    done=lambda metrics: complete(
+                        pb.RetrieveFutureResponse(optim_step=pb.OptimStepResult(metrics=metrics))
+                    ),
+                    fail=fail,
+                    params=adam,
+                ),
+            )
+
+        return self._submit(user, request_id, "optim_step", model_id, worker, start)
+
+    def save_weights(
+        self,
+        user: str,
+        request_id: str,
+        model_id: str,
+        seq_id: int,
+        name: str,
+        ttl_seconds: int | None,
+        overwrite: bool,
+        user_metadata: dict[str, str],
+        kind: str = "weights",
+    ) -> str:
+        """save_state (kind "weights": adapter + optimizer) or save_weights_for_sampler
+        (kind "sampler_weights": adapter only) to a persistent tinker:// path."""
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        run, worker = self._loaded_run(user, model_id)
+        path = TinkerPath(model_id, kind, validate_name(name))
+        expires = _expiry(ttl_seconds)
+        if not overwrite and self.store.get_checkpoint(str(path)) is not None:
+            raise ValidationError("name", f"checkpoint {path} exists; pass overwrite=True")
+        metadata = wire.metadata(user_metadata)
+        worker.check_seq(model_id, seq_id)
+        location = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
+        with_optimizer = kind == "weights"
+
+        def write(state) -> str:
+            size = checkpoints.save_state(
+                location,
+                state,
+                base_model=run.base_model,
+                lora_alpha=worker.settings.lora_alpha,
+                with_optimizer=with_optimizer,
+            )
+            old = self.store.get_checkpoint(str(path))
+            self.store.put_checkpoint(
+                CheckpointRecord(
+                    tinker_path=str(path),
+                    run_id=model_id,
+                    kind=kind,
+                    name=name,
+                    owner=user,
+                    location=str(location),
+                    created=time.time(),
+                    expires_at=expires,
+                    size_bytes=size,
+                    public=False,
+                    user_metadata=metadata,
+                ),
+                overwrite=overwrite,
+            )
+            if old is not None:
+                shutil.rmtree(old.location, ignore_errors=True)
+            return str(path)
+
+        def start(complete, fail):
+            worker.submit_run_op(
+                model_id,
+                seq_id,
+                SaveState(
+                    done=lambda p: complete(
+                        pb.RetrieveFutureResponse(save_weights=pb.SaveWeightsResult(path=p))
+                    ),
+                    fail=fail,
+                    with_optimizer=with_optimizer,
+                    write=write,
+                ),
+            )
+
+        return self._submit(user, request_id, "save_weights", model_id, worker, start)
+
+    def snapshot_for_sampler(
+        self, user: str, request_id: str, model_id: str, seq_id: int, sampling_session_seq_id: int
+    ) -> str:
+        """save_weights_and_get_sampling_client: an ephemeral, immutable sampler snapshot."""
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        run, worker = self._loaded_run(user, model_id)
+        session = self._session(user, run.session_id)
+        sampler_id = self._new_sampler_id(session.session_id, sampling_session_seq_id)
+        worker.check_seq(model_id, seq_id)
+
+        def start(complete, fail):
+            def done(_slot):
+                self.store.create_sampler(
+                    SamplerRecord(
+                        sampler_id, session.session_id, user, run.base_model, None, time.time()
+                    )
+                )
+                complete(
+                    pb.RetrieveFutureResponse(
+                        save_weights=pb.SaveWeightsResult(sampling_session_id=sampler_id)
+                    )
+                )
+
+            worker.submit_run_op(
+                model_id, seq_id, SnapshotForSampler(done=done, fail=fail, sampler_id=sampler_id)
+            )
+
+        return self._submit(user, request_id, "save_weights_for_sampler", model_id, worker, start)
+
+    # ---------------------------------------------------------------- sampling
+
+    def _new_sampler_id(self, session_id: str, seq: int) -> str:
+        if not 0 <= seq < 1 << 30:
+            raise ValidationError("sampling_session_seq_id", f"{seq} is outside [0, 2^30)")
+        sampler_id = f"{session_id}:sample:{seq}"
+        if self.store.get_sampler(sampler_id) is not None:
+            raise ValidationError(
+                "sampling_session_seq_id", f"{seq} was already used in this session"
+            )
+        return sampler_id
+
+    def create_sampling_session(
+        self, user: str, session_id: str, seq: int, base_model: str, model_path: str
+    ) -> str:
+        """A sampler on a base model or on saved weights; blocks until its adapter is loaded."""
+        session = self._session(user, session_id)
+        if bool(base_model) == bool(model_path):
+            raise ValidationError("model_path", "give exactly one of base_model and model_path")
+        load = None
+        if model_path:
+            _, ckpt = self._readable_checkpoint(user, model_path, "model_path")
+            info = checkpoints.read_info(Path(ckpt.location))
+            base_model = info.base_model
+            location = Path(ckpt.location)
+
+            def load():
+                return checkpoints.load_state(location, with_optimizer=False)[0]
+
+        worker = self._worker(base_model)
+        sampler_id = self._new_sampler_id(session.session_id, seq)
+        opened: concurrent.futures.Future = concurrent.futures.Future()
+        worker.reserve()
+        worker.submit(
+            OpenSampler(
+                done=opened.set_result, fail=opened.set_exception, sampler_id=sampler_id, load=load
+            )
+        )
+        opened.result(timeout=600)
+        self.store.create_sampler(
+            SamplerRecord(
+                sampler_id, session.session_id, user, base_model, model_path or None, time.time()
+            )
+        )
+        return sampler_id
+
+    def sample(
+        self,
+        user: str,
+        request_id: str,
+        sampler_id: str,
+        prompt: pb.ModelInput,
+        num_samples: int,
+        params: pb.SamplingParams,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> tuple[str, list[str]]:
+        record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"sampling session {sampler_id} not found")
+        worker = self._worker(record.base_model)
+        request = SampleRequest(
+            wire.model_input_tokens(prompt, "prompt"),
+            num_samples,
+            wire.sampling_params(params),
+            None,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+        )
+        worker.check_sample(request)
+        request_id = request_id or str(uuid.uuid4())
+        sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
+
+        def start(complete, fail):
+            worker.submit(
+                Sample(
+                    done=lambda result: complete(
+                        pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids))
+                    ),
+                    fail=fail,
+                    sampler_id=sampler_id,
+                    request=request,
+                )
+            )
+
+        return self._submit(user, request_id, "sample", None, worker, start), sequence_ids
+
+    def get_sampler(self, user: str, sampler_id: str) -> pb.GetSamplerResponse:
+        record = self.store.get_sampler(_id(sampler_id, "sampler_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"sampler {sampler_id} not found")
+        return pb.GetSamplerResponse(
+            sampler_id=record.sampler_id,
+            base_model=record.base_model,
+            model_path=record.model_path or "",
+        )
+
+    # ---------------------------------------------------------------- runs and checkpoints
+
+    def _run_message(self, run: RunRecord) -> pb.TrainingRun:
+        msg = pb.TrainingRun(
+            training_run_id=run.run_id,
+            base_model=run.base_model,
+            model_owner=self.store.user_name(run.user_id) or run.user_id,
+            is_lora=True,
+            lora_rank=run.lora_rank,
+            last_request_time=run.last_request_time,
+            user_metadata=run.user_metadata,
+        )
+        ckpts, _ = self.store.list_checkpoints(run_id=run.run_id, limit=1000)
+        for kind, field in (
+            ("weights", "last_checkpoint"),
+            ("sampler_weights", "last_sampler_checkpoint"),
+        ):
+            mine = [c for c in ckpts if c.kind == kind]
+            if mine:
+                getattr(msg, field).CopyFrom(_checkpoint_message(mine[0]))
+        return msg
+
+    def list_training_runs(
+        self, user: str, limit: int, offset: int, access_scope: str
+    ) -> pb.ListTrainingRunsResponse:
+        limit, offset = _page(limit, offset, 20)
+        runs, total = self.store.list_runs(user, limit, offset, _scope(access_scope))
+        return pb.ListTrainingRunsResponse(
+            training_runs=[self._run_message(r) for r in runs],
+            cursor=pb.Cursor(offset=offset, limit=limit, total_count=total),
+        )
+
+    def get_training_run(
+        self, user: str, run_id: str, tinker_path: str, access_scope: str
+    ) -> pb.TrainingRun:
+        if tinker_path:
+            run_id = TinkerPath.parse(tinker_path, "tinker_path").run_id
+        record = self.store.get_run(_id(run_id, "training_run_id"))
+        if record is None:
+            raise NotFound(f"training run {run_id} not found")
+        if record.user_id != user:
+            public = [
+                c for c in self.store.list_checkpoints(run_id=run_id, limit=1000)[0] if c.public
+            ]
+            if _scope(access_scope) != "accessible" or not public:
+                raise NotFound(f"training run {run_id} not found")
+        return self._run_message(record)
+
+    def list_checkpoints(
+        self, user: str, run_id: str, limit: int, offset: int
+    ) -> pb.ListCheckpointsResponse:
+        limit, offset = _page(limit, offset, 100)
+        if run_id:
+            self._run(user, run_id)
+            ckpts, total = self.store.list_checkpoints(run_id=run_id, limit=limit, offset=offset)
+        else:
+            ckpts, total = self.store.list_checkpoints(owner=user, limit=limit, offset=offset)
+        return pb.ListCheckpointsResponse(
+            checkpoints=[_checkpoint_message(c) for c in ckpts],
+            cursor=pb.Cursor(offset=offset, limit=limit, total_count=total),
+        )
+
+    def delete_checkpoint(self, user: str, tinker_path: str) -> None:
+        record = self._owned_checkpoint(user, tinker_path)
+        self.store.delete_checkpoint(record.tinker_path)
+        shutil.rmtree(record.location, ignore_errors=True)
+
+    def set_public(self, user: str, tinker_path: str, public: bool) -> None:
+        self.store.set_public(self._owned_checkpoint(user, tinker_path).tinker_path, public)
+
+    def set_ttl(self, user: str, tinker_path: str, ttl_seconds: int | None) -> None:
+        record = self._owned_checkpoint(user, tinker_path)
+        self.store.set_expiry(record.tinker_path, _expiry(ttl_seconds))
+
+    def weights_info(self, user: str, tinker_path: str) -> pb.WeightsInfoResponse:
+        _, record = self._readable_checkpoint(user, tinker_path, "tinker_path")
+        info = checkpoints.read_info(Path(record.location))
+        return pb.WeightsInfoResponse(
+            base_model=info.base_model,
+            is_lora=True,
+            lora_rank=info.lora.rank,
+            train_unembed=info.lora.train_unembed,
+            train_mlp=info.lora.train_mlp,
+            train_attn=info.lora.train_attn,
+        )
+
+    def get_session(self, user: str, session_id: str) -> pb.GetSessionResponse:
+        record = self.store.get_session(_id(session_id, "session_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"session {session_id} not found")
+        return pb.GetSessionResponse(
+            training_run_ids=self.store.runs_of_session(session_id),
+            sampler_ids=self.store.samplers_of_session(session_id),
+            user_metadata=record.user_metadata,
+            display_name=record.display_name or "",
+        )
+
+    def list_sessions(self, user: str, limit: int, offset: int) -> list[str]:
+        limit, offset = _page(limit, offset, 20)
+        return self.store.list_sessions(user, limit, offset)
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def sweep(self, now: float | None = None) -> None:
+        """Deletes expired checkpoints and delivered results past their TTL, and releases the
+        slots of sessions that stopped heartbeating."""
+        now = time.time() if now is None else now
+        for record in self.store.expired_checkpoints(now):
+            self.store.delete_checkpoint(record.tinker_path)
+            shutil.rmtree(record.location, ignore_errors=True)
+        self.store.purge_delivered(now - self.config.result_ttl_seconds)
+        for session_id in self.store.stale_sessions(now - self.config.session_ttl_seconds):
+            self.store.finish_session(session_id, "expired", now=now)
+            self._release(session_id)
+
+
+def _id(value: str, field: str) -> str:
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise ValidationError(field, f"must be 1..{MAX_ID_LENGTH} printable characters")
+    return value
+
+
+def _check_lora(lora: LoraConfig, max_rank: int) -> None:
+    if not 1 <= lora.rank <= max_rank:
+        raise ValidationError("lora_config.rank", f"{lora.rank} is outside [1, {max_rank}]")
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise ValidationError(
+            "lora_config", "at least one of train_attn, train_mlp, train_unembed must be true"
+        )
+
+
+def _expiry(ttl_seconds: int | None) -> float | None:
+    if ttl_seconds is None:
+        return None
+    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValidationError("ttl_seconds", f"{ttl_seconds} is outside [1, {MAX_TTL_SECONDS}]")
+    return time.time() + ttl_seconds
+
+
+def _page(limit: int, offset: int, default: int) -> tuple[int, int]:
+    limit = default if limit == 0 else limit
+    if not 1 <= limit <= 1000:
+        raise ValidationError("limit", f"{limit} is outside [1, 1000]")
+    if offset < 0:
+        raise ValidationError("offset", f"{offset} must be >= 0")
+    return limit, offset
+
+
+def _scope(access_scope: str) -> str:
+    scope = access_scope or "owned"
+    if scope not in ("owned", "accessible"):
+        raise ValidationError("access_scope", f"{scope!r} is not owned or accessible")
+    return scope
+
+
+def _run_record(
+    run_id: str,
+    session: SessionRecord,
+    base_model: str,
+    lora: LoraConfig,
+    metadata: dict[str, str],
+    source: str | None = None,
+) -> RunRecord:
+    now = time.time()
+    return RunRecord(
+        run_id=run_id,
+        session_id=session.session_id,
+        user_id=session.user_id,
+        base_model=base_model,
+        lora_rank=lora.rank,
+        train_mlp=lora.train_mlp,
+        train_attn=lora.train_attn,
+        train_unembed=lora.train_unembed,
+        seed=lora.seed,
+        created=now,
+        last_request_time=now,
+        user_metadata=metadata,
+        source_path=source,
+    )
+
+
+def _checkpoint_message(c: CheckpointRecord) -> pb.Checkpoint:
+    msg = pb.Checkpoint(
+        checkpoint_id=f"{c.kind}/{c.name}",
+        checkpoint_type=CHECKPOINT_KINDS[c.kind],
+        time=c.created,
+        tinker_path=c.tinker_path,
+        size_bytes=c.size_bytes,
+        public=c.public,
+        user_metadata=c.user_metadata,
+    )
+    if c.expires_at is not None:
+        msg.expires_at = c.expires_at
+    return msg

@@ -1,0 +1,267 @@
+"""The gRPC front end: authenticates each call and translates it into a service-core call.
+
+No logic lives here beyond the translation: errors map to status codes with the core's
+message (INVALID_ARGUMENT names the field), and an unexpected failure becomes INTERNAL
+without taking the server down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import traceback
+
+import grpc
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.service import wire
+from tinker_jax.service.core import ServiceCore
+from tinker_jax.service.errors import ServiceError
+from tinker_jax.v1 import tinker_pb2 as pb
+from tinker_jax.v1 import tinker_pb2_grpc
+
+log = logging.getLogger("tinker_jax.grpc")
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _rpc(method):
+    """Authenticates the caller, runs the method with its user id, maps errors to codes."""
+
+    @functools.wraps(method)
+    def wrapper(self: TinkerServicer, request, context: grpc.ServicerContext):
+        try:
+            key = dict(context.invocation_metadata()).get("x-api-key")
+            user = self.core.authenticate(key)
+            return method(self, user, request)
+        except ValidationError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ServiceError as e:
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except concurrent.futures.TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the engine did not answer in time")
+        except Exception as e:  # noqa: BLE001 - one bad call must not stop the server
+            log.error("%s failed: %s", method.__name__, traceback.format_exc())
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
+    """Every RPC of `tinker_jax.v1.Tinker`, delegated to the service core."""
+
+    def __init__(self, core: ServiceCore):
+        self.core = core
+
+    @_rpc
+    def GetServerCapabilities(self, user, request):
+        return self.core.capabilities()
+
+    @_rpc
+    def CreateSession(self, user, r):
+        return pb.CreateSessionResponse(
+            session_id=self.core.create_session(
+                user, dict(r.user_metadata), r.project_id, r.display_name, list(r.tags)
+            )
+        )
+
+    @_rpc
+    def SessionHeartbeat(self, user, r):
+        self.core.heartbeat(user, r.session_id)
+        return pb.SessionHeartbeatResponse()
+
+    @_rpc
+    def FinishSession(self, user, r):
+        self.core.finish_session(user, r.session_id, r.reason)
+        return pb.FinishSessionResponse()
+
+    @_rpc
+    def CreateModel(self, user, r):
+        request_id, model_id = self.core.create_model(
+            user,
+            r.request_id,
+            r.session_id,
+            r.model_seq_id,
+            r.base_model,
+            wire.lora_config(r.lora_config),
+            dict(r.user_metadata),
+        )
+        return pb.SubmitResponse(request_id=request_id, model_id=model_id)
+
+    @_rpc
+    def LoadWeights(self, user, r):
+        request_id, model_id = self.core.load_weights(
+            user,
+            r.request_id,
+            r.session_id,
+            r.model_seq_id,
+            r.path,
+            r.optimizer,
+            dict(r.user_metadata),
+        )
+        return pb.SubmitResponse(request_id=request_id, model_id=model_id)
+
+    @_rpc
+    def ForwardBackward(self, user, r):
+        return pb.SubmitResponse(
+            model_id=r.model_id,
+            request_id=self.core.forward_backward(
+                user,
+                r.request_id,
+                r.model_id,
+                r.seq_id,
+                r.data,
+                r.loss_fn,
+                dict(r.loss_fn_config),
+                r.forward_only,
+            ),
+        )
+
+    @_rpc
+    def OptimStep(self, user, r):
+        return pb.SubmitResponse(
+            model_id=r.model_id,
+            request_id=self.core.optim_step(
+                user, r.request_id, r.model_id, r.seq_id, r.adam_params
+            ),
+        )
+
+    @_rpc
+    def SaveWeights(self, user, r):
+        ttl = r.ttl_seconds if r.HasField("ttl_seconds") else None
+        return pb.SubmitResponse(
+            model_id=r.model_id,
+            request_id=self.core.save_weights(
+                user,
+                r.request_id,
+                r.model_id,
+                r.seq_id,
+                r.name,
+                ttl,
+                r.overwrite,
+                dict(r.user_metadata),
+            ),
+        )
+
+    @_rpc
+    def SaveWeightsForSampler(self, user, r):
+        if not r.HasField("name"):
+            request_id = self.core.snapshot_for_sampler(
+                user, r.request_id, r.model_id, r.seq_id, r.sampling_session_seq_id
+            )
+        else:
+            ttl = r.ttl_seconds if r.HasField("ttl_seconds") else None
+            request_id = self.core.save_weights(
+                user,
+                r.request_id,
+                r.model_id,
+                r.seq_id,
+                r.name,
+                ttl,
+                False,
+                dict(r.user_metadata),
+                kind="sampler_weights",
+            )
+        return pb.SubmitResponse(model_id=r.model_id, request_id=request_id)
+
+    @_rpc
+    def CreateSamplingSession(self, user, r):
+        return pb.CreateSamplingSessionResponse(
+            sampling_session_id=(
+                self.core.create_sampling_session(
+                    user, r.session_id, r.sampling_session_seq_id, r.base_model, r.model_path
+                )
+            )
+        )
+
+    @_rpc
+    def Sample(self, user, r):
+        request_id, sequence_ids = self.core.sample(
+            user,
+            r.request_id,
+            r.sampling_session_id,
+            r.prompt,
+            r.num_samples,
+            r.sampling_params,
+            r.include_prompt_logprobs,
+            r.topk_prompt_logprobs,
+        )
+        return pb.SubmitResponse(request_id=request_id, sample_sequence_ids=sequence_ids)
+
+    @_rpc
+    def RetrieveFuture(self, user, r):
+        return self.core.retrieve(user, r.request_id, r.timeout_seconds)
+
+    @_rpc
+    def GetInfo(self, user, r):
+        return self.core.get_info(user, r.model_id)
+
+    @_rpc
+    def ListTrainingRuns(self, user, r):
+        return self.core.list_training_runs(user, r.limit, r.offset, r.access_scope)
+
+    @_rpc
+    def GetTrainingRun(self, user, r):
+        return self.core.get_training_run(user, r.training_run_id, r.tinker_path, r.access_scope)
+
+    @_rpc
+    def ListCheckpoints(self, user, r):
+        return self.core.list_checkpoints(user, r.training_run_id, r.limit, r.offset)
+
+    @_rpc
+    def DeleteCheckpoint(self, user, r):
+        self.core.delete_checkpoint(user, r.tinker_path)
+        return pb.Empty()
+
+    @_rpc
+    def PublishCheckpoint(self, user, r):
+        self.core.set_public(user, r.tinker_path, True)
+        return pb.Empty()
+
+    @_rpc
+    def UnpublishCheckpoint(self, user, r):
+        self.core.set_public(user, r.tinker_path, False)
+        return pb.Empty()
+
+    @_rpc
+    def SetCheckpointTtl(self, user, r):
+        ttl = r.ttl_seconds if r.HasField("ttl_seconds") else None
+        self.core.set_ttl(user, r.tinker_path, ttl)
+        return pb.Empty()
+
+    @_rpc
+    def GetWeightsInfo(self, user, r):
+        return self.core.weights_info(user, r.tinker_path)
+
+    @_rpc
+    def GetSession(self, user, r):
+        return self.core.get_session(user, r.session_id)
+
+    @_rpc
+    def ListSessions(self, user, r):
+        return pb.ListSessionsResponse(sessions=self.core.list_sessions(user, r.limit, r.offset))
+
+    @_rpc
+    def GetSampler(self, user, r):
+        return self.core.get_sampler(user, r.sampler_id)
+
+
+def start_grpc(
+    core: ServiceCore, host: str, port: int, max_workers: int = 64
+) -> tuple[grpc.Server, int]:
+    """Starts the gRPC server; returns it and the bound port (port 0 picks a free one).
+    Long-polls hold a worker thread each, hence a generous pool."""
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS
+    )
+    tinker_pb2_grpc.add_TinkerServicer_to_server(TinkerServicer(core), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound

@@ -1,0 +1,789 @@
+"""The server's durable state: one SQLite database (WAL) at `<storage root>/tinker.db`.
+
+It holds users and their hashed API keys, sessions, training runs, samplers, checkpoints
+(tinker:// path -> location, owner, public flag, expiry) and the outcomes of submitted
+requests, so a restart loses no run, checkpoint or finished result. The store records; it does
+not decide who may see what (the service core does), and it imports neither JAX nor gRPC.
+
+The server's threads share one connection under a lock: SQLite serialises writers anyway, and
+every call is one short transaction. Times are float unix seconds, given by the caller (`now`)
+so tests and the core control the clock, or `time.time()` by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.service.auth import hash_key, keys_match, new_api_key
+from tinker_jax.service.paths import TinkerPath
+
+SCHEMA_VERSION = 1
+DB_NAME = "tinker.db"
+MAX_USER_NAME_LENGTH = 128
+ACCESS_SCOPES = ("owned", "accessible")
+
+# Column names equal the record field names below, so rows and records convert generically.
+# Statements are separated by ";" and created together in one transaction.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(user_id),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(user_id),
+    created REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    finished INTEGER NOT NULL,
+    finish_reason TEXT,
+    finished_at REAL,
+    user_metadata TEXT NOT NULL,
+    project_id TEXT,
+    display_name TEXT,
+    tags TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id, created);
+CREATE INDEX IF NOT EXISTS sessions_by_heartbeat ON sessions(finished, last_heartbeat);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    user_id TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    lora_rank INTEGER NOT NULL,
+    train_mlp INTEGER NOT NULL,
+    train_attn INTEGER NOT NULL,
+    train_unembed INTEGER NOT NULL,
+    seed INTEGER,
+    created REAL NOT NULL,
+    last_request_time REAL NOT NULL,
+    user_metadata TEXT NOT NULL,
+    source_path TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_session ON runs(session_id);
+CREATE INDEX IF NOT EXISTS runs_by_user ON runs(user_id, created);
+CREATE TABLE IF NOT EXISTS samplers (
+    sampler_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    user_id TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    model_path TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samplers_by_session ON samplers(session_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tinker_path TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    location TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires_at REAL,
+    size_bytes INTEGER NOT NULL,
+    public INTEGER NOT NULL,
+    user_metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_run ON checkpoints(run_id, created);
+CREATE INDEX IF NOT EXISTS checkpoints_by_owner ON checkpoints(owner, created);
+CREATE INDEX IF NOT EXISTS checkpoints_public ON checkpoints(run_id) WHERE public = 1;
+CREATE INDEX IF NOT EXISTS checkpoints_by_expiry ON checkpoints(expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS futures (
+    request_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    run_id TEXT,
+    state TEXT NOT NULL,
+    result BLOB,
+    error TEXT,
+    category TEXT,
+    retryable INTEGER NOT NULL,
+    created REAL NOT NULL,
+    completed REAL,
+    delivered REAL
+);
+CREATE INDEX IF NOT EXISTS futures_pending ON futures(state) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS futures_by_delivery ON futures(delivered) WHERE delivered IS NOT NULL;
+"""
+
+_JSON_FIELDS = frozenset({"user_metadata", "tags"})
+_BOOL_FIELDS = frozenset(
+    {"finished", "train_mlp", "train_attn", "train_unembed", "public", "retryable"}
+)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A client session; `finished_at` and `finish_reason` are set by the first finish."""
+
+    session_id: str
+    user_id: str
+    created: float
+    last_heartbeat: float
+    finished: bool
+    finish_reason: str | None
+    finished_at: float | None
+    user_metadata: dict[str, str]
+    project_id: str | None
+    display_name: str | None
+    tags: list[str]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A LoRA training run (Tinker's model id); `source_path` is the checkpoint it came from."""
+
+    run_id: str
+    session_id: str
+    user_id: str
+    base_model: str
+    lora_rank: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    seed: int | None
+    created: float
+    last_request_time: float
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    source_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplerRecord:
+    """A sampling session: a base model, optionally with sampler weights from `model_path`."""
+
+    sampler_id: str
+    session_id: str
+    user_id: str
+    base_model: str
+    model_path: str | None
+    created: float
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A saved checkpoint: its tinker:// path, whose it is, and where its files are."""
+
+    tinker_path: str
+    run_id: str
+    kind: str
+    name: str
+    owner: str
+    location: str
+    created: float
+    expires_at: float | None
+    size_bytes: int
+    public: bool
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> TinkerPath:
+        """The parsed path (for `checkpoint_id` and `checkpoint_type`)."""
+        return TinkerPath(self.run_id, self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class FutureRecord:
+    """The state of a submitted request; `result` is the serialised response once done."""
+
+    request_id: str
+    user_id: str
+    kind: str
+    run_id: str | None
+    state: str  # "pending" | "done" | "failed"
+    result: bytes | None
+    error: str | None
+    category: str | None
+    retryable: bool
+    created: float
+    completed: float | None
+    delivered: float | None
+
+
+_Record = TypeVar("_Record")
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def _to_row(record: Any) -> dict[str, Any]:
+    """A record's fields as SQLite values (JSON text for dicts and lists, 0/1 for bools)."""
+    row = dataclasses.asdict(record)
+    for name in _JSON_FIELDS & row.keys():
+        row[name] = json.dumps(row[name])
+    for name in _BOOL_FIELDS & row.keys():
+        row[name] = int(row[name])
+    return row
+
+
+def _from_row(cls: type[_Record], row: sqlite3.Row | None) -> _Record | None:
+    """The record a row holds (the inverse of `_to_row`), or None for no row."""
+    if row is None:
+        return None
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = row[f.name]
+        if f.name in _JSON_FIELDS:
+            value = json.loads(value)
+        elif f.name in _BOOL_FIELDS:
+            value = bool(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _check_page(limit: int, offset: int) -> None:
+    for name, value in (("limit", limit), ("offset", offset)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValidationError(name, f"expected an integer >= 0, got {value!r}")
+
+
+class Store:
+    """All durable state of one server, in `root/tinker.db`; safe to call from many threads."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # Autocommit mode: transactions are opened explicitly by `_transaction`.
+        self._conn = sqlite3.connect(
+            self.root / DB_NAME, check_same_thread=False, isolation_level=None
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a process crash
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        # Another process (an admin command adding a user) may briefly hold the write lock.
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        with self._transaction() as conn:
+            # Check the version before touching the tables: a newer schema may differ.
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is not None and row["version"] != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.root / DB_NAME} has schema version {row['version']}; "
+                    f"this tinker-jax reads version {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA.split(";"):
+                conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        """Closes the database; the store cannot be used afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock. A writing one takes SQLite's write lock up front
+        (IMMEDIATE), so two processes never deadlock upgrading a read to a write."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # also when COMMIT itself failed
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _row(self, sql: str, *params: Any) -> sqlite3.Row | None:
+        """The first row a query returns, or None."""
+        with self._transaction(write=False) as conn:
+            return conn.execute(sql, params).fetchone()
+
+    def _rows(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        """Every row a query returns."""
+        with self._transaction(write=False) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _page(
+        self, table: str, where: str, params: dict[str, Any], limit: int, offset: int
+    ) -> tuple[list[sqlite3.Row], int]:
+        """One page of a table's matching rows, newest first, and how many match in all."""
+        _check_page(limit, offset)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT * FROM {table} WHERE {where} ORDER BY created DESC, rowid DESC"
+                " LIMIT :limit OFFSET :offset",
+                {**params, "limit": limit, "offset": offset},
+            ).fetchall()
+            total = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", params)
+            return rows, total.fetchone()[0]
+
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection,
+        table: str,
+        row: dict[str, Any],
+        *,
+        on_conflict: str = "",
+        duplicate: ValidationError | None = None,
+        missing: ValidationError | None = None,
+    ) -> sqlite3.Cursor:
+        """Inserts a row, turning a taken key into `duplicate` and a dangling reference (each
+        table has at most one) into `missing`; other integrity errors are bugs and propagate."""
+        columns, values = ", ".join(row), ", ".join(f":{k}" for k in row)
+        try:
+            return conn.execute(
+                f"INSERT INTO {table} ({columns}) VALUES ({values}) {on_conflict}", row
+            )
+        except sqlite3.IntegrityError as err:
+            taken = ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE")
+            if duplicate is not None and err.sqlite_errorname in taken:
+                raise duplicate from None
+            if missing is not None and err.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
+                raise missing from None
+            raise
+
+    def _update_one(self, what: str, key: str, sql: str, *params: Any) -> None:
+        """Runs an UPDATE meant to touch one row; KeyError naming `what` if none matched."""
+        with self._transaction() as conn:
+            if conn.execute(sql, params).rowcount == 0:
+                raise KeyError(f"no {what} {key!r}")
+
+    # Users and API keys.
+
+    def create_user(self, name: str) -> tuple[str, str]:
+        """Creates a user with one API key; returns (user_id, api_key). Only the key's hash is
+        stored, so this is the one time the key can be seen."""
+        if (
+            not isinstance(name, str)
+            or not name.strip()
+            or len(name) > MAX_USER_NAME_LENGTH
+            or not name.isprintable()
+        ):
+            raise ValidationError(
+                "name", f"expected 1-{MAX_USER_NAME_LENGTH} printable characters, got {name!r:.80}"
+            )
+        user_id, key, now = str(uuid.uuid4()), new_api_key(), time.time()
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "users",
+                {"user_id": user_id, "name": name, "created": now},
+                duplicate=ValidationError("name", f"a user named {name!r} already exists"),
+            )
+            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (hash_key(key), user_id, now))
+        return user_id, key
+
+    def add_key(self, user_id: str) -> str:
+        """Creates another API key for a user and returns it (it is stored only hashed)."""
+        key = new_api_key()
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "api_keys",
+                {"key_hash": hash_key(key), "user_id": user_id, "created": time.time()},
+                missing=ValidationError("user_id", f"no user {user_id!r}"),
+            )
+        return key
+
+    def authenticate(self, api_key: str | None) -> str | None:
+        """The user an API key belongs to, or None for an unknown, empty or missing key.
+
+        The lookup is by the key's hash, so its timing reveals nothing about stored keys; the
+        match is then confirmed with a constant-time comparison.
+        """
+        if not isinstance(api_key, str) or not api_key:
+            return None
+        row = self._row(
+            "SELECT user_id, key_hash FROM api_keys WHERE key_hash = ?", hash_key(api_key)
+        )
+        if row is None or not keys_match(api_key, row["key_hash"]):
+            return None
+        return row["user_id"]
+
+    def user_name(self, user_id: str) -> str | None:
+        """A user's name, or None if there is no such user."""
+        row = self._row("SELECT name FROM users WHERE user_id = ?", user_id)
+        return None if row is None else row["name"]
+
+    # Sessions.
+
+    def create_session(
+        self,
+        user_id: str,
+        *,
+        user_metadata: dict[str, str],
+        project_id: str | None,
+        display_name: str | None,
+        tags: list[str],
+        now: float | None = None,
+    ) -> str:
+        """Opens a session for a user and returns its id (a uuid4 string)."""
+        now = _now(now)
+        record = SessionRecord(
+            session_id=str(uuid.uuid4()),
+            user_id=user_id,
+            created=now,
+            last_heartbeat=now,
+            finished=False,
+            finish_reason=None,
+            finished_at=None,
+            user_metadata=dict(user_metadata),
+            project_id=project_id,
+            display_name=display_name,
+            tags=list(tags),
+        )
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "sessions",
+                _to_row(record),
+                missing=ValidationError("user_id", f"no user {user_id!r}"),
+            )
+        return record.session_id
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        """A session, or None if unknown."""
+        return _from_row(
+            SessionRecord, self._row("SELECT * FROM sessions WHERE session_id = ?", session_id)
+        )
+
+    def heartbeat(self, session_id: str, now: float | None = None) -> None:
+        """Records that the session's client is alive; KeyError for an unknown session."""
+        self._update_one(
+            "session",
+            session_id,
+            "UPDATE sessions SET last_heartbeat = ? WHERE session_id = ?",
+            _now(now),
+            session_id,
+        )
+
+    def finish_session(self, session_id: str, reason: str, now: float | None = None) -> None:
+        """Marks a session finished. The first finish wins (a client's late `close` does not
+        overwrite an expiry); KeyError for an unknown session."""
+        self._update_one(
+            "session",
+            session_id,
+            "UPDATE sessions SET finished = 1,"
+            " finish_reason = CASE finished WHEN 1 THEN finish_reason ELSE ? END,"
+            " finished_at = CASE finished WHEN 1 THEN finished_at ELSE ? END"
+            " WHERE session_id = ?",
+            reason,
+            _now(now),
+            session_id,
+        )
+
+    def list_sessions(self, user_id: str, limit: int, offset: int) -> list[str]:
+        """A page of a user's session ids, newest first."""
+        rows, _ = self._page("sessions", "user_id = :user_id", {"user_id": user_id}, limit, offset)
+        return [row["session_id"] for row in rows]
+
+    def stale_sessions(self, older_than: float) -> list[str]:
+        """Unfinished sessions whose last heartbeat is before `older_than`, stalest first."""
+        rows = self._rows(
+            "SELECT session_id FROM sessions WHERE finished = 0 AND last_heartbeat < ?"
+            " ORDER BY last_heartbeat",
+            older_than,
+        )
+        return [row["session_id"] for row in rows]
+
+    # Training runs.
+
+    def create_run(self, run: RunRecord) -> None:
+        """Records a new training run; ValidationError if the run id is taken or the session
+        does not exist."""
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "runs",
+                _to_row(run),
+                duplicate=ValidationError("run_id", f"training run {run.run_id!r} already exists"),
+                missing=ValidationError("session_id", f"no session {run.session_id!r}"),
+            )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """A training run, or None if unknown."""
+        return _from_row(RunRecord, self._row("SELECT * FROM runs WHERE run_id = ?", run_id))
+
+    def touch_run(self, run_id: str, now: float | None = None) -> None:
+        """Sets a run's last request time; KeyError for an unknown run."""
+        self._update_one(
+            "training run",
+            run_id,
+            "UPDATE runs SET last_request_time = ? WHERE run_id = ?",
+            _now(now),
+            run_id,
+        )
+
+    def list_runs(
+        self, user_id: str, limit: int, offset: int, access_scope: str = "owned"
+    ) -> tuple[list[RunRecord], int]:
+        """A page of runs, newest first, and how many there are in all.
+
+        "owned": the user's runs; "accessible": those plus every run with a public checkpoint.
+        """
+        if access_scope == "owned":
+            where = "user_id = :user_id"
+        elif access_scope == "accessible":
+            where = (
+                "user_id = :user_id OR EXISTS (SELECT 1 FROM checkpoints AS c"
+                " WHERE c.run_id = runs.run_id AND c.public = 1)"
+            )
+        else:
+            raise ValidationError(
+                "access_scope", f"expected one of {ACCESS_SCOPES}, got {access_scope!r:.80}"
+            )
+        rows, total = self._page("runs", where, {"user_id": user_id}, limit, offset)
+        return [_from_row(RunRecord, row) for row in rows], total
+
+    def runs_of_session(self, session_id: str) -> list[str]:
+        """The ids of the runs created in a session, in creation order."""
+        rows = self._rows(
+            "SELECT run_id FROM runs WHERE session_id = ? ORDER BY created, rowid", session_id
+        )
+        return [row["run_id"] for row in rows]
+
+    # Samplers.
+
+    def create_sampler(self, sampler: SamplerRecord) -> None:
+        """Records a new sampler; ValidationError if its id is taken or the session is unknown."""
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "samplers",
+                _to_row(sampler),
+                duplicate=ValidationError(
+                    "sampler_id", f"sampler {sampler.sampler_id!r} already exists"
+                ),
+                missing=ValidationError("session_id", f"no session {sampler.session_id!r}"),
+            )
+
+    def get_sampler(self, sampler_id: str) -> SamplerRecord | None:
+        """A sampler, or None if unknown."""
+        return _from_row(
+            SamplerRecord, self._row("SELECT * FROM samplers WHERE sampler_id = ?", sampler_id)
+        )
+
+    def samplers_of_session(self, session_id: str) -> list[str]:
+        """The ids of the samplers created in a session, in creation order."""
+        rows = self._rows(
+            "SELECT sampler_id FROM samplers WHERE session_id = ? ORDER BY created, rowid",
+            session_id,
+        )
+        return [row["sampler_id"] for row in rows]
+
+    # Checkpoints.
+
+    def put_checkpoint(self, ckpt: CheckpointRecord, overwrite: bool = False) -> None:
+        """Records a checkpoint. A path already in use is a ValidationError unless `overwrite`,
+        which replaces the whole record (metadata, expiry and public flag included)."""
+        if str(ckpt.path) != ckpt.tinker_path:
+            raise ValueError(
+                f"tinker_path {ckpt.tinker_path!r} disagrees with run_id/kind/name {ckpt.path}"
+            )
+        row = _to_row(ckpt)
+        replace = ", ".join(f"{k} = excluded.{k}" for k in row if k != "tinker_path")
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "checkpoints",
+                row,
+                on_conflict=f"ON CONFLICT(tinker_path) DO UPDATE SET {replace}"
+                if overwrite
+                else "",
+                duplicate=ValidationError(
+                    "name",
+                    f"checkpoint {ckpt.tinker_path} exists; pass overwrite=True to replace it",
+                ),
+                missing=ValidationError("run_id", f"no training run {ckpt.run_id!r}"),
+            )
+
+    def get_checkpoint(self, tinker_path: str) -> CheckpointRecord | None:
+        """A checkpoint by its tinker:// path, or None if unknown."""
+        return _from_row(
+            CheckpointRecord,
+            self._row("SELECT * FROM checkpoints WHERE tinker_path = ?", tinker_path),
+        )
+
+    def list_checkpoints(
+        self,
+        *,
+        run_id: str | None = None,
+        owner: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[CheckpointRecord], int]:
+        """A page of checkpoints (of a run and/or an owner; all when neither is given), newest
+        first, and how many there are in all."""
+        filters = {k: v for k, v in (("run_id", run_id), ("owner", owner)) if v is not None}
+        where = " AND ".join(f"{k} = :{k}" for k in filters) or "1"
+        rows, total = self._page("checkpoints", where, filters, limit, offset)
+        return [_from_row(CheckpointRecord, row) for row in rows], total
+
+    def delete_checkpoint(self, tinker_path: str) -> None:
+        """Forgets a checkpoint (its files are the caller's to remove); no-op if unknown, so a
+        user's delete and the expiry sweep may race harmlessly."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM checkpoints WHERE tinker_path = ?", (tinker_path,))
+
+    def set_public(self, tinker_path: str, public: bool) -> None:
+        """Publishes or unpublishes a checkpoint; KeyError for an unknown path."""
+        self._update_one(
+            "checkpoint",
+            tinker_path,
+            "UPDATE checkpoints SET public = ? WHERE tinker_path = ?",
+            int(public),
+            tinker_path,
+        )
+
+    def set_expiry(self, tinker_path: str, expires_at: float | None) -> None:
+        """Sets (None: removes) a checkpoint's expiry time; KeyError for an unknown path."""
+        self._update_one(
+            "checkpoint",
+            tinker_path,
+            "UPDATE checkpoints SET expires_at = ? WHERE tinker_path = ?",
+            expires_at,
+            tinker_path,
+        )
+
+    def expired_checkpoints(self, now: float | None = None) -> list[CheckpointRecord]:
+        """Checkpoints whose expiry time has come, the longest expired first."""
+        rows = self._rows(
+            "SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?"
+            " ORDER BY expires_at",
+            _now(now),
+        )
+        return [_from_row(CheckpointRecord, row) for row in rows]
+
+    # Futures: a submitted request's outcome, kept until delivered and then purged.
+
+    def create_future(
+        self,
+        request_id: str,
+        user_id: str,
+        kind: str,
+        run_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Records a pending request; False (and no change) if `request_id` already exists, so a
+        resubmission is recognised and not run twice."""
+        record = FutureRecord(
+            request_id=request_id,
+            user_id=user_id,
+            kind=kind,
+            run_id=run_id,
+            state="pending",
+            result=None,
+            error=None,
+            category=None,
+            retryable=False,
+            created=_now(now),
+            completed=None,
+            delivered=None,
+        )
+        with self._transaction() as conn:
+            cursor = self._insert(
+                conn, "futures", _to_row(record), on_conflict="ON CONFLICT(request_id) DO NOTHING"
+            )
+        return cursor.rowcount == 1
+
+    def get_future(self, request_id: str) -> FutureRecord | None:
+        """A submitted request's state, or None if unknown (or purged after delivery)."""
+        return _from_row(
+            FutureRecord, self._row("SELECT * FROM futures WHERE request_id = ?", request_id)
+        )
+
+    def _settle(self, request_id: str, **values: Any) -> None:
+        """Moves a pending future to done or failed. A future settles once: later outcomes
+        (say, a batch failing after some of its requests completed) are ignored."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE futures SET state = :state, result = :result, error = :error,"
+                " category = :category, retryable = :retryable, completed = :completed"
+                " WHERE request_id = :request_id AND state = 'pending'",
+                {**values, "request_id": request_id},
+            )
+            if (
+                cursor.rowcount == 0
+                and not conn.execute(
+                    "SELECT 1 FROM futures WHERE request_id = ?", (request_id,)
+                ).fetchone()
+            ):
+                raise KeyError(f"no future {request_id!r}")
+
+    def complete_future(self, request_id: str, result: bytes, now: float | None = None) -> None:
+        """Stores a request's serialised result; KeyError for an unknown request."""
+        self._settle(
+            request_id,
+            state="done",
+            result=bytes(result),
+            error=None,
+            category=None,
+            retryable=0,
+            completed=_now(now),
+        )
+
+    def fail_future(
+        self,
+        request_id: str,
+        message: str,
+        category: str = "user",
+        retryable: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """Records that a request failed; `category` is Tinker's ("user", "server", "unknown").
+        KeyError for an unknown request."""
+        self._settle(
+            request_id,
+            state="failed",
+            result=None,
+            error=message,
+            category=category,
+            retryable=int(retryable),
+            completed=_now(now),
+        )
+
+    def mark_delivered(self, request_id: str, now: float | None = None) -> None:
+        """Notes that a settled future's outcome reached the client (the first time is kept).
+        KeyError for an unknown request; ValueError if it is still pending."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE futures SET delivered = COALESCE(delivered, ?)"
+                " WHERE request_id = ? AND state != 'pending'",
+                (_now(now), request_id),
+            )
+            if cursor.rowcount == 0:
+                exists = conn.execute(
+                    "SELECT 1 FROM futures WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                if not exists:
+                    raise KeyError(f"no future {request_id!r}")
+                raise ValueError(f"future {request_id!r} is still pending")
+
+    def purge_delivered(self, before: float) -> int:
+        """Deletes futures first delivered before `before`; returns how many."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM futures WHERE delivered IS NOT NULL AND delivered < ?", (before,)
+            ).rowcount
+
+    def fail_pending(self, message: str, now: float | None = None) -> int:
+        """At server start: fails every pending future as a retryable server error, since its
+        work died with the previous process. Returns how many."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "UPDATE futures SET state = 'failed', error = ?, category = 'server',"
+                " retryable = 1, completed = ? WHERE state = 'pending'",
+                (message, _now(now)),
+            ).rowcount

@@ -1,0 +1,227 @@
+"""End to end through the real server process on loopback, using only the client SDK:
+SFT and RL-style loops, save / resume / sample from a path, REST listings, two users."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.server_process import ServerProcess
+from tinker_jax import ServiceClient
+from tinker_jax import types as T
+from tinker_jax.client.errors import BadRequestError, NotFoundError, PermissionDeniedError
+
+VOCAB = 160
+
+
+@pytest.fixture(scope="module")
+def server(hf_model_dir, tmp_path_factory):
+    model = hf_model_dir("qwen3")
+    proc = ServerProcess(model, tmp_path_factory.mktemp("storage"))
+    proc.model = str(model)
+    proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}
+    yield proc
+    proc.stop()
+
+
+def _client(server, user="alice") -> ServiceClient:
+    return ServiceClient(base_url=server.address, api_key=server.keys[user])
+
+
+def _sft_data(seed=0, n=3, length=24):
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(n):
+        tokens = rng.integers(0, VOCAB, length + 1).tolist()
+        data.append(
+            T.Datum(
+                model_input=T.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
+            )
+        )
+    return data
+
+
+def _train(tc, data, steps, lr=5e-3):
+    """Pipelined: every forward_backward and optim_step is submitted before any is awaited."""
+    futures = []
+    for _ in range(steps):
+        futures.append(tc.forward_backward(data, "cross_entropy"))
+        futures.append(tc.optim_step(T.AdamParams(learning_rate=lr)))
+    return [f.result(timeout=300).metrics["loss:sum"] for f in futures[::2]]
+
+
+def test_sft_loop_loss_falls_and_info(server):
+    with _client(server) as client:
+        caps = client.get_server_capabilities()
+        assert [m.model_name for m in caps.supported_models] == [server.model]
+        tc = client.create_lora_training_client(server.model, rank=8, seed=1)
+        losses = _train(tc, _sft_data(), steps=8)
+        assert losses[-1] < 0.8 * losses[0], losses
+        info = tc.get_info()
+        assert info.model_id == tc.model_id and info.lora_rank == 8
+
+
+def test_rl_loop_sample_importance_sampling(server):
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=2)
+        sc = tc.save_weights_and_get_sampling_client()
+        prompt = T.ModelInput.from_ints([5, 6, 7, 8, 9])
+        result = sc.sample(
+            prompt,
+            num_samples=4,
+            sampling_params=T.SamplingParams(max_tokens=10, temperature=1.0, seed=3, stop=[]),
+        ).result(timeout=300)
+        assert len(result.sequences) == 4
+        data, rewards = [], []
+        for seq in result.sequences:
+            rewards.append(float(np.mean(np.asarray(seq.tokens) < VOCAB // 2)))
+        advantages = np.asarray(rewards) - np.mean(rewards)
+        for seq, adv in zip(result.sequences, advantages):
+            tokens = prompt.to_ints() + list(seq.tokens)
+            n_prompt = prompt.length - 1
+            data.append(
+                T.Datum(
+                    model_input=T.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={
+                        "target_tokens": tokens[1:],
+                        "logprobs": [0.0] * n_prompt + list(seq.logprobs),
+                        "advantages": [0.0] * n_prompt + [float(adv)] * len(seq.tokens),
+                    },
+                )
+            )
+        out = tc.forward_backward(data, "importance_sampling").result(timeout=300)
+        # On-policy: the learner's logprobs equal the sampler's, so every ratio is 1.
+        for seq, output in zip(result.sequences, out.loss_fn_outputs):
+            learner = output["logprobs"].to_numpy()[prompt.length - 1 :]
+            np.testing.assert_allclose(learner, seq.logprobs, atol=1e-4)
+        assert np.isfinite(out.metrics["loss:sum"])
+        tc.optim_step(T.AdamParams(learning_rate=1e-2)).result(timeout=300)
+
+
+def test_save_resume_with_optimizer_continues_exactly(server):
+    data = _sft_data(seed=4)
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=5)
+        _train(tc, data, steps=2)
+        path = tc.save_state("resume-me").result(timeout=300).path
+        assert path == f"tinker://{tc.model_id}/weights/resume-me"
+        uninterrupted = _train(tc, data, steps=2)
+        resumed = client.create_training_client_from_state_with_optimizer(path)
+        assert _train(resumed, data, steps=2) == pytest.approx(uninterrupted, rel=1e-6)
+        fresh_optimizer = client.create_training_client_from_state(path)
+        assert _train(fresh_optimizer, data, steps=2)[1] != pytest.approx(
+            uninterrupted[1], rel=1e-6
+        )
+
+
+def test_sample_from_saved_path_matches_ephemeral_snapshot(server):
+    greedy = T.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    prompt = T.ModelInput.from_ints([11, 12, 13])
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=6)
+        _train(tc, _sft_data(seed=6), steps=2)
+        path = tc.save_weights_for_sampler("snap").result(timeout=300).path
+        ephemeral = tc.save_weights_and_get_sampling_client()
+        from_path = client.create_sampling_client(model_path=path)
+        a = from_path.sample(prompt, 1, greedy).result(timeout=300).sequences[0].tokens
+        b = ephemeral.sample(prompt, 1, greedy).result(timeout=300).sequences[0].tokens
+        assert list(a) == list(b)
+        logprobs = from_path.compute_logprobs(prompt).result(timeout=300)
+        assert logprobs[0] is None and len(logprobs) == 3
+
+
+def test_rest_listings_publish_ttl_delete(server):
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=7)
+        path = tc.save_state("listed").result(timeout=300).path
+        rest = client.create_rest_client()
+        runs = rest.list_training_runs().result()
+        assert tc.model_id in [r.training_run_id for r in runs.training_runs]
+        ckpts = rest.list_checkpoints(tc.model_id).result().checkpoints
+        assert [c.tinker_path for c in ckpts] == [path]
+        assert ckpts[0].checkpoint_type == "training" and not ckpts[0].public
+        rest.publish_checkpoint_from_tinker_path(path).result()
+        assert rest.list_checkpoints(tc.model_id).result().checkpoints[0].public
+        rest.set_checkpoint_ttl_from_tinker_path(path, 3600).result()
+        assert rest.list_checkpoints(tc.model_id).result().checkpoints[0].expires_at
+        info = rest.get_weights_info_by_tinker_path(path).result()
+        assert info.lora_rank == 4 and info.base_model == server.model
+        rest.delete_checkpoint_from_tinker_path(path).result()
+        assert rest.list_checkpoints(tc.model_id).result().checkpoints == []
+
+
+def test_two_users_ownership(server):
+    with _client(server, "alice") as alice, _client(server, "bob") as bob:
+        tc = alice.create_lora_training_client(server.model, rank=4, seed=8)
+        path = tc.save_weights_for_sampler("private").result(timeout=300).path
+        bob_rest = bob.create_rest_client()
+        with pytest.raises(NotFoundError):
+            bob.create_sampling_client(model_path=path)
+        with pytest.raises(NotFoundError):
+            bob_rest.list_checkpoints(tc.model_id).result()
+        with pytest.raises(NotFoundError):
+            bob_rest.delete_checkpoint_from_tinker_path(path).result()
+        alice.create_rest_client().publish_checkpoint_from_tinker_path(path).result()
+        sampler = bob.create_sampling_client(model_path=path)
+        out = sampler.sample(
+            T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=3)
+        ).result(timeout=300)
+        assert len(out.sequences[0].tokens) == 3
+        with pytest.raises(PermissionDeniedError):
+            bob_rest.delete_checkpoint_from_tinker_path(path).result()
+        with pytest.raises(PermissionDeniedError):
+            bob_rest.unpublish_checkpoint_from_tinker_path(path).result()
+
+
+def test_bad_requests_name_the_field_and_server_keeps_serving(server):
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=9)
+        bad = [
+            T.Datum(
+                model_input=T.ModelInput.from_ints([1, 2, 3]),
+                loss_fn_inputs={"target_tokens": [1, 2], "weights": [1.0, 1.0]},
+            )
+        ]
+        with pytest.raises(BadRequestError, match="target_tokens"):
+            tc.forward_backward(bad, "cross_entropy").result(timeout=60)
+        with pytest.raises(BadRequestError, match="learning_rate"):
+            tc.optim_step(T.AdamParams(learning_rate=-1.0)).result(timeout=60)
+        with pytest.raises(BadRequestError, match="rank"):
+            client.create_lora_training_client(server.model, rank=64)
+        with pytest.raises(BadRequestError, match="base_model"):
+            client.create_lora_training_client("no/such-model", rank=4)
+        assert len(_train(tc, _sft_data(seed=9), steps=1)) == 1
+
+
+def test_forward_backward_custom(server):
+    torch = pytest.importorskip("torch")
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=10)
+        data = _sft_data(seed=10, n=2)
+
+        def loss_fn(data, logprobs):
+            loss = sum(
+                -(lp * torch.tensor(d.loss_fn_inputs["weights"].to_numpy())).sum()
+                for d, lp in zip(data, logprobs)
+            )
+            return loss, {"custom/nll:sum": float(loss.detach())}
+
+        custom = tc.forward_backward_custom(data, loss_fn).result(timeout=300)
+        reference = tc.forward(data, "cross_entropy").result(timeout=300)
+        assert custom.metrics["loss:sum"] == pytest.approx(reference.metrics["loss:sum"], rel=1e-5)
+
+
+def test_export_peft_from_the_cli(server, tmp_path):
+    import subprocess
+    import sys
+
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=11)
+        _train(tc, _sft_data(seed=11), steps=1)
+        path = tc.save_state("export-me").result(timeout=300).path
+    out = tmp_path / "peft"
+    subprocess.run([sys.executable, "-m", "tinker_jax.service.cli", "export-peft", path,
+                    "--storage", str(server.storage), "--out", str(out)], check=True)
+    config = (out / "adapter_config.json").read_text()
+    assert '"r": 4' in config and (out / "adapter_model.safetensors").is_file()

@@ -1,0 +1,337 @@
+"""Checkpoint folders for a run's state, and PEFT adapter folders for export.
+
+A checkpoint folder (what a `weights/` or `sampler_weights/` path names) holds:
+
+    tinker_checkpoint.json   format version, base model, LoRA config, lora_alpha, step
+    state/                   an Orbax composite checkpoint: item `adapter`, and item
+                             `optimizer` (AdamW `mu` and `nu`) when saved with it
+
+Adapter and moment arrays are stored at the run's true rank, not the engine's padded max
+rank: files stay small, and a checkpoint loads into an engine of any max rank >= its rank
+(the trainer pads on import with `SlotLayout.fit`). Arrays are nested by the dotted parameter
+name (`layers.self_attn.q_proj.lora_a` -> adapter/layers/self_attn/q_proj/lora_a).
+
+A save becomes visible at its final path only when complete: everything is written into a
+hidden sibling folder (`.<name>.partial-<hex>`) that is renamed into place at the end and
+removed on any exception; only a killed process can leave one behind. Only local folders are
+supported for now; `gs://` and other remote paths are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import stat
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.lora import TARGET_GROUPS
+from tinker_jax.models.family import DENSE_HF_KEYS
+from tinker_jax.trainer import LoraConfig, SlotState
+
+FORMAT = "tinker-jax-checkpoint"
+FORMAT_VERSION = 1
+INFO_FILE = "tinker_checkpoint.json"
+STATE_DIR = "state"
+
+_LORA_FIELDS = ("rank", "seed", "train_attn", "train_mlp", "train_unembed")
+# One Orbax checkpointer for the process (its construction is not free); saves and restores
+# are serialised because it is not documented as safe for concurrent use.
+_orbax_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint's metadata file says about it."""
+
+    base_model: str
+    lora: LoraConfig
+    lora_alpha: float
+    has_optimizer: bool
+    step: int
+
+
+@functools.cache
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _local_dir(directory: str | os.PathLike) -> Path:
+    """An absolute local path (Orbax requires absolute paths); remote URLs are refused."""
+    text = os.fspath(directory)
+    if "://" in text:
+        raise ValidationError("path", f"{text}: only local folders are supported")
+    return Path(text).expanduser().absolute()
+
+
+def _rank_axis(name: str) -> int:
+    """lora_a: [..., in, rank] -> -1; lora_b: [..., rank, out] -> -2."""
+    return -1 if name.endswith("lora_a") else -2
+
+
+def _trim(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Every array cut to `rank` along its rank axis. The padding must be zero (the trainer
+    never moves it); anything else would be silently lost, so it is an error."""
+    out = {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        axis = _rank_axis(name)
+        if np.take(value, range(rank, value.shape[axis]), axis=axis).any():
+            raise ValueError(f"{name} is non-zero beyond rank {rank}")
+        out[name] = np.ascontiguousarray(np.take(value, range(rank), axis=axis))
+    return out
+
+
+def _nest(arrays: Mapping[str, np.ndarray]) -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: dict = {}
+    for name, value in arrays.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `_nest`."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def _info_json(info: CheckpointInfo) -> str:
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "base_model": info.base_model,
+            "lora": {f: getattr(info.lora, f) for f in _LORA_FIELDS},
+            "lora_alpha": info.lora_alpha,
+            "has_optimizer": info.has_optimizer,
+            "step": info.step,
+        },
+        indent=1,
+    )
+
+
+def _write_info(folder: Path, info: CheckpointInfo) -> None:
+    (folder / INFO_FILE).write_text(_info_json(info))
+
+
+def _atomic_folder(directory: Path, write) -> None:
+    """Runs `write(tmp)` on a fresh hidden sibling of `directory`, then renames it into place;
+    on any failure the sibling is removed and `directory` never appears."""
+    if directory.exists():
+        raise ValidationError("path", f"{directory} already exists")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError as e:  # another save won the name meanwhile
+            raise ValidationError("path", f"{directory} already exists") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_state(
+    directory: str | os.PathLike,
+    state: SlotState,
+    *,
+    base_model: str,
+    lora_alpha: float,
+    with_optimizer: bool,
+) -> int:
+    """Writes `state` as a checkpoint folder at `directory` (which must not exist; its parents
+    are created) and returns the folder's size in bytes. The adapter (and, `with_optimizer`,
+    the AdamW moments) is trimmed to `state.lora.rank`; the metadata records `state.step`.
+    Synchronous: returns once every file is written (no fsync). Local paths only (gs:// is
+    not supported yet)."""
+    directory = _local_dir(directory)
+    rank = state.lora.rank
+    items = {"adapter": ocp.args.PyTreeSave(_nest(_trim(state.adapter, rank)))}
+    if with_optimizer:
+        if state.mu is None or state.nu is None:
+            raise ValueError("with_optimizer=True but the state holds no optimizer moments")
+        moments = {"mu": _nest(_trim(state.mu, rank)), "nu": _nest(_trim(state.nu, rank))}
+        items["optimizer"] = ocp.args.PyTreeSave(moments)
+    info = CheckpointInfo(
+        base_model=base_model,
+        lora=state.lora,
+        lora_alpha=float(lora_alpha),
+        has_optimizer=with_optimizer,
+        step=int(state.step),
+    )
+
+    def write(tmp: Path) -> None:
+        with _orbax_lock:
+            _checkpointer().save(tmp / STATE_DIR, args=ocp.args.Composite(**items))
+        _write_info(tmp, info)  # last: a folder with a readable info file is complete
+
+    _atomic_folder(directory, write)
+    return directory_size(directory)
+
+
+def read_info(directory: str | os.PathLike) -> CheckpointInfo:
+    """The checkpoint's metadata; ValidationError("path") when it is missing or unreadable."""
+    directory = _local_dir(directory)
+    path = directory / INFO_FILE
+    if not path.is_file():
+        what = "is not a checkpoint" if directory.is_dir() else "does not exist"
+        raise ValidationError("path", f"{directory} {what}")
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported version {meta.get('version')!r}")
+        lora = LoraConfig(**{f: meta["lora"][f] for f in _LORA_FIELDS})
+        if not isinstance(lora.rank, int) or isinstance(lora.rank, bool) or lora.rank < 1:
+            raise ValueError(f"bad rank {lora.rank!r}")
+        return CheckpointInfo(
+            base_model=str(meta["base_model"]),
+            lora=lora,
+            lora_alpha=float(meta["lora_alpha"]),
+            has_optimizer=bool(meta["has_optimizer"]),
+            step=int(meta["step"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValidationError("path", f"{directory}: corrupt checkpoint metadata ({e})") from None
+
+
+def load_state(
+    directory: str | os.PathLike, *, with_optimizer: bool
+) -> tuple[SlotState, CheckpointInfo]:
+    """Reads a checkpoint written by `save_state`. Arrays come back at the checkpoint's true
+    rank (the trainer's `import_slot` pads them to its max rank). Without `with_optimizer`
+    the moments are not read and the state has mu = nu = None, step 0.
+
+    Raises ValidationError("path") when the folder is missing or corrupt, or when the
+    optimizer is asked for and the checkpoint was saved without it."""
+    directory = _local_dir(directory)
+    info = read_info(directory)
+    if with_optimizer and not info.has_optimizer:
+        raise ValidationError("path", f"{directory} was saved without optimizer state")
+    items = {"adapter": ocp.args.PyTreeRestore()}
+    if with_optimizer:
+        items["optimizer"] = ocp.args.PyTreeRestore()
+    try:
+        with _orbax_lock:
+            restored = _checkpointer().restore(
+                directory / STATE_DIR, args=ocp.args.Composite(**items)
+            )
+        adapter = _flatten(restored["adapter"])
+        mu = nu = None
+        if with_optimizer:
+            mu = _flatten(restored["optimizer"]["mu"])
+            nu = _flatten(restored["optimizer"]["nu"])
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+        raise ValidationError("path", f"{directory}: cannot read checkpoint arrays ({e})") from None
+    for arrays in (adapter, mu, nu):
+        for name, value in (arrays or {}).items():
+            if value.ndim < 2 or value.shape[_rank_axis(name)] != info.lora.rank:
+                raise ValidationError(
+                    "path",
+                    f"{directory}: {name} has shape {value.shape}, "
+                    f"not rank {info.lora.rank} as the metadata says",
+                )
+    if mu is not None and not (mu.keys() == nu.keys() == adapter.keys()):
+        raise ValidationError("path", f"{directory}: optimizer arrays do not match the adapter")
+    step = info.step if with_optimizer else 0
+    return SlotState(info.lora, adapter, mu, nu, step), info
+
+
+def _peft_module(name: str, hf_keys: Mapping[str, tuple[str, bool]]) -> str:
+    """Our adapter array name -> the HF module path template it adapts
+    (`layers.mlp.up_proj.lora_b` -> `model.layers.{layer}.mlp.up_proj`)."""
+    kernel = name.rsplit(".", 1)[0] + ".kernel"
+    if kernel not in hf_keys:
+        raise ValueError(f"no HF module known for adapter array {name}")
+    return hf_keys[kernel][0].removesuffix(".weight")
+
+
+def export_peft(
+    directory: str | os.PathLike,
+    state: SlotState,
+    *,
+    base_model: str,
+    lora_alpha: float,
+    hf_keys: Mapping[str, tuple[str, bool]] = DENSE_HF_KEYS,
+) -> None:
+    """Writes a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained` loads onto the HF base model; written atomically
+    like a checkpoint, and `directory` must not exist.
+
+    Only the modules the run trains are included (`train_attn`, `train_mlp`,
+    `train_unembed` -> `target_modules`), at the true rank, fp32, in PEFT's key layout:
+    `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
+    `hf_keys` maps our parameter paths to HF keys (the model family's table)."""
+    directory = _local_dir(directory)
+    lora = state.lora
+    groups = dict(zip(TARGET_GROUPS, lora.flags().astype(bool)))
+    enabled = {m for g, mods in TARGET_GROUPS.items() if groups[g] for m in mods}
+    tensors: dict[str, np.ndarray] = {}
+    targets: set[str] = set()
+    for name, value in _trim(state.adapter, lora.rank).items():
+        module = _peft_module(name, hf_keys)
+        short = module.rsplit(".", 1)[-1]
+        if short not in enabled:
+            continue
+        targets.add(short)
+        kind = "lora_A" if name.endswith("lora_a") else "lora_B"
+        per_layer = enumerate(value) if "{layer}" in module else [(None, value)]
+        for layer, v in per_layer:  # ours: A [in, r], B [r, out]; torch Linear: [out, in]
+            key = f"base_model.model.{module.format(layer=layer)}.{kind}.weight"
+            tensors[key] = np.ascontiguousarray(v.T)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": float(lora_alpha),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(targets),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    _atomic_folder(directory, write)
+
+
+def directory_size(directory: str | os.PathLike) -> int:
+    """Total bytes of the regular files under `directory` (symlinks are not followed)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for f in files:
+            st = os.lstat(os.path.join(root, f))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
