@@ -9,39 +9,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = frozenset(
-    {
-        "APIConnectionError",
-        "APIError",
-        "APIFuture",
-        "APIStatusError",
-        "APITimeoutError",
-        "AuthenticationError",
-        "BadRequestError",
-        "ConflictError",
-        "InternalServerError",
-        "NotFoundError",
-        "PermissionDeniedError",
-        "RateLimitError",
-        "RequestFailedError",
-        "RestClient",
-        "RetryConfig",
-        "SamplingClient",
-        "ServiceClient",
-        "TinkerError",
-        "TrainingClient",
-        "UnprocessableEntityError",
-    }
-)
-
 
 def __getattr__(name: str):
-    if name in _CLIENT_NAMES:
-        return getattr(importlib.import_module("tinker_jax.client"), name)
     if name == "types":
         return importlib.import_module("tinker_jax.types")
+    client = importlib.import_module("tinker_jax.client")
+    if name in client.__all__:
+        return getattr(client, name)
     raise AttributeError(f"module 'tinker_jax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_CLIENT_NAMES, "types"])
+    return sorted([*globals(), *importlib.import_module("tinker_jax.client").__all__])

@@ -61,25 +61,27 @@ class HostBatch:
         }
 
 
-def _tokens(datum_index: int, tokens: object, vocab_size: int, max_length: int) -> np.ndarray:
+def token_ids(
+    tokens: object, field: str, vocab_size: int, max_length: int, datum: int | None = None
+) -> np.ndarray:
+    """Checks a sequence of token ids from outside (1-D integers, non-empty, at most
+    `max_length`, inside the vocabulary) and returns it as int32."""
     arr = np.asarray(tokens)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
-        raise ValidationError(
-            "model_input", "must be a 1-D sequence of integer token ids", datum=datum_index
-        )
+        raise ValidationError(field, "must be a 1-D sequence of integer token ids", datum=datum)
     if arr.size == 0:
-        raise ValidationError("model_input", "is empty", datum=datum_index)
+        raise ValidationError(field, "is empty", datum=datum)
     if arr.size > max_length:
         raise ValidationError(
-            "model_input", f"has length {arr.size}, the maximum is {max_length}", datum=datum_index
+            field, f"has length {arr.size}, the maximum is {max_length}", datum=datum
         )
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
         raise ValidationError(
-            "model_input",
+            field,
             f"token {int(arr[bad[0]])} at position {bad[0]} "
             f"is outside the vocabulary [0, {vocab_size})",
-            datum=datum_index,
+            datum=datum,
         )
     return arr.astype(np.int32)
 
@@ -108,7 +110,7 @@ def build_batch(
         config = resolve_config(loss_fn, run.loss_fn_config)
         for datum in run.datums:
             i = len(rows)
-            tokens = _tokens(i, datum.tokens, vocab_size, max_length)
+            tokens = token_ids(datum.tokens, "model_input", vocab_size, max_length, datum=i)
             inputs = {k: np.asarray(v) for k, v in datum.loss_fn_inputs.items()}
             validate_datum_inputs(loss_fn, i, tokens.size, inputs, vocab_size=vocab_size)
             rows.append((run.slot, tokens, inputs, config))

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from tinker_jax.batching import token_ids
 from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import target_logprobs, topk_logprobs
@@ -240,19 +241,8 @@ class Sampler:
     def validate(self, request: SampleRequest) -> _Pending:
         """Checks a request against the model and this sampler's context length (not its
         slot, which may not be loaded yet); safe to call from any thread."""
-        prompt = np.asarray(request.prompt)
         vocab = self.config.vocab_size
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise ValidationError("prompt", "must be a non-empty 1-D sequence of token ids")
-        if not np.issubdtype(prompt.dtype, np.integer):
-            raise ValidationError("prompt", f"token ids must be integers, got {prompt.dtype}")
-        bad = np.flatnonzero((prompt < 0) | (prompt >= vocab))
-        if bad.size:
-            raise ValidationError(
-                "prompt",
-                f"token {int(prompt[bad[0]])} at position "
-                f"{bad[0]} is outside the vocabulary [0, {vocab})",
-            )
+        prompt = token_ids(request.prompt, "prompt", vocab, self.max_len)
         n = request.num_samples
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ValidationError("num_samples", f"{n!r} must be an integer >= 1")
