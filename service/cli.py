@@ -21,6 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
         "storage": args.storage,
         "host": args.host,
         "port": args.port,
+        "http_port": args.http_port,
+        "http_max_body_bytes": args.http_max_body_bytes,
         "max_lora_rank": args.max_lora_rank,
         "max_adapters": args.max_adapters,
         "dtype": args.dtype,
@@ -37,6 +39,12 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"tinker-jax listening on {server.config.host}:{server.port}", file=sys.stderr, flush=True
     )
+    if server.http_port is not None:
+        print(
+            f"tinker-jax HTTP listening on {server.config.host}:{server.http_port}",
+            file=sys.stderr,
+            flush=True,
+        )
     signal.signal(signal.SIGTERM, lambda *_: server._stopped.set())
     try:
         server.wait()
@@ -68,8 +76,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     if record is None:
         raise ValidationError("path", f"checkpoint {args.path} not found in {args.storage}")
     state, info = checkpoints.load_state(Path(record.location), with_optimizer=False)
-    checkpoints.export_peft(args.out, state, base_model=info.base_model,
-                            lora_alpha=info.lora_alpha)
+    checkpoints.export_peft(args.out, state, base_model=info.base_model, lora_alpha=info.lora_alpha)
     print(args.out)
     return 0
 
@@ -88,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--base-model", action="append", help="HF name or folder (repeatable)")
     serve.add_argument("--storage", type=Path, help="folder for the database and checkpoints")
     serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (0: a free one)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve Tinker's HTTP protocol (the official SDK) here (0: a free port)",
+    )
+    serve.add_argument(
+        "--http-max-body-bytes", type=int, default=None, help="largest HTTP request body"
+    )
     serve.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1,tensor=1")
     serve.add_argument("--max-lora-rank", type=int, default=None)
     serve.add_argument("--max-adapters", type=int, default=None)

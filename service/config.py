@@ -21,6 +21,9 @@ class ServerConfig:
     storage: Path
     host: str = "127.0.0.1"
     port: int = 50051
+    # Tinker's HTTP protocol (the official SDK) on this port too; None = off, 0 = a free port.
+    http_port: int | None = None
+    http_max_body_bytes: int = 256 * 1024 * 1024
     mesh: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}
     )
@@ -48,12 +51,15 @@ class ServerConfig:
             "sampler_rows",
             "max_queue",
             "max_batch_size",
+            "http_max_body_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValidationError(name, f"{getattr(self, name)} must be >= 1")
         if not 0 <= self.port < 65536:
             raise ValidationError("port", f"{self.port} is outside [0, 65535]")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValidationError("http_port", f"{self.http_port} is outside [0, 65535]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValidationError("dtype", f"{self.dtype!r} is not float32 or bfloat16")
         if set(self.mesh) - set(MESH_AXES):

@@ -10,23 +10,25 @@ engine finishes and delivered by `retrieve` (long-poll), surviving client discon
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tinker_jax import checkpoints
 from tinker_jax.errors import ValidationError
-from tinker_jax.sampler import SampleRequest
+from tinker_jax.sampler import SampleRequest, SampleResult
 from tinker_jax.service import wire
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    SessionFinished,
     Unauthenticated,
 )
 from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath, validate_name
@@ -41,9 +43,11 @@ from tinker_jax.service.worker import (
     CreateRun,
     EngineWorker,
     ForwardBackward,
+    LoadIntoRun,
     LoadRun,
     OpenSampler,
     OptimStep,
+    Refused,
     Sample,
     SaveState,
     SnapshotForSampler,
@@ -81,12 +85,16 @@ class ServiceCore:
             raise Unauthenticated("missing or invalid API key (send it as x-api-key)")
         return user
 
-    def _session(self, user: str, session_id: str) -> SessionRecord:
+    def _own_session(self, user: str, session_id: str) -> SessionRecord:
         record = self.store.get_session(_id(session_id, "session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"session {session_id} not found")
+        return record
+
+    def _session(self, user: str, session_id: str) -> SessionRecord:
+        record = self._own_session(user, session_id)
         if record.finished:
-            raise FailedPrecondition(f"session {session_id} is finished")
+            raise SessionFinished(f"session {session_id} is finished")
         return record
 
     def _run(self, user: str, run_id: str) -> RunRecord:
@@ -172,7 +180,9 @@ class ServiceCore:
         self.store.heartbeat(session_id)
 
     def finish_session(self, user: str, session_id: str, reason: str) -> None:
-        self._session(user, session_id)
+        """Finishes a session; finishing it again changes nothing (the first reason wins)."""
+        if self._own_session(user, session_id).finished:
+            return
         self.store.finish_session(session_id, reason or "success")
         self._release(session_id)
 
@@ -363,6 +373,68 @@ class ServiceCore:
 
         return self._submit(user, request_id, "load_weights", run_id, worker, start), run_id
 
+    def load_state(
+        self, user: str, request_id: str, model_id: str, seq_id: int, path: str, optimizer: bool
+    ) -> str:
+        """Replaces a loaded run's adapter (and, with `optimizer`, its AdamW state) by a saved
+        checkpoint's, in the run's seq_id order (Tinker's load_state; older SDKs build
+        create_training_client_from_state from create_model + load_state). The checkpoint must
+        have the run's base model and LoRA configuration."""
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        run, worker = self._loaded_run(user, model_id)
+        parsed, ckpt = self._readable_checkpoint(user, path)
+        if optimizer and parsed.kind != "weights":
+            raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
+        info = checkpoints.read_info(Path(ckpt.location))
+        if info.base_model != run.base_model:
+            raise ValidationError(
+                "path", f"{path} was trained on {info.base_model}, this run on {run.base_model}"
+            )
+        worker.check_seq(model_id, seq_id)
+        location = Path(ckpt.location)
+
+        def start(complete, fail):
+            worker.submit_run_op(
+                model_id,
+                seq_id,
+                LoadIntoRun(
+                    done=lambda _state: complete(
+                        pb.RetrieveFutureResponse(
+                            load_weights=pb.LoadWeightsResult(model_id=model_id, path=str(parsed))
+                        )
+                    ),
+                    fail=fail,
+                    with_optimizer=optimizer,
+                    load=lambda: checkpoints.load_state(location, with_optimizer=optimizer)[0],
+                ),
+            )
+
+        return self._submit(user, request_id, "load_weights", model_id, worker, start)
+
+    def refuse_in_order(
+        self, user: str, request_id: str, model_id: str, seq_id: int, error: ValidationError
+    ) -> str:
+        """A future for a run operation that was refused (`error`) but whose seq_id the client
+        has spent: it fails with the error in the run's order. Tinker's HTTP clients number
+        every submission, so a refusal that left a gap would hold the run's later operations
+        forever. Raises `error` itself when the seq_id cannot be taken (unknown run, seq_id
+        used or out of reach)."""
+        if self._replayed(user, request_id) is not None:
+            return request_id
+        try:
+            _, worker = self._loaded_run(user, model_id)
+            worker.check_seq(model_id, seq_id)
+        except (ValidationError, FailedPrecondition, NotFound):
+            raise error from None
+
+        def start(complete, fail):
+            worker.submit_run_op(
+                model_id, seq_id, Refused(done=lambda _: None, fail=fail, error=error)
+            )
+
+        return self._submit(user, request_id, "refused", model_id, worker, start)
+
     def get_info(self, user: str, model_id: str) -> pb.GetInfoResponse:
         run = self._run(user, model_id)
         arch = self.workers[run.base_model].config.family if run.base_model in self.workers else ""
@@ -383,9 +455,11 @@ class ServiceCore:
         seq_id: int,
         data: Sequence[pb.Datum],
         loss_fn: str,
-        loss_fn_config: dict[str, float],
+        loss_fn_config: Mapping[str, float | str],
         forward_only: bool,
     ) -> str:
+        """`loss_fn_config` values are numbers; a string (Tinker's protocol allows them) is
+        refused by the loss's config check with a message naming the key."""
         if self._replayed(user, request_id) is not None:
             return request_id
         run, worker = self._loaded_run(user, model_id)
@@ -606,7 +680,10 @@ class ServiceCore:
         params: pb.SamplingParams,
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
+        prompt_logprobs_last_n: int | None = None,
     ) -> tuple[str, list[str]]:
+        """`prompt_logprobs_last_n` keeps only the last n positions' prompt logprobs (and top-k
+        rows); the earlier ones come back as not computed."""
         record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
@@ -620,20 +697,26 @@ class ServiceCore:
             topk_prompt_logprobs,
         )
         worker.check_sample(request)
+        last_n = prompt_logprobs_last_n
+        if last_n is not None:
+            if not include_prompt_logprobs:
+                raise ValidationError(
+                    "prompt_logprobs_last_n", "needs prompt logprobs to be requested"
+                )
+            if not 1 <= last_n < len(request.prompt):
+                raise ValidationError(
+                    "prompt_logprobs_last_n", f"{last_n} is outside [1, {len(request.prompt) - 1}]"
+                )
         request_id = request_id or str(uuid.uuid4())
         sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
 
         def start(complete, fail):
-            worker.submit(
-                Sample(
-                    done=lambda result: complete(
-                        pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids))
-                    ),
-                    fail=fail,
-                    sampler_id=sampler_id,
-                    request=request,
-                )
-            )
+            def done(result):
+                if last_n is not None:
+                    result = _last_prompt_logprobs(result, last_n)
+                complete(pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids)))
+
+            worker.submit(Sample(done=done, fail=fail, sampler_id=sampler_id, request=request))
 
         return self._submit(user, request_id, "sample", None, worker, start), sequence_ids
 
@@ -767,6 +850,20 @@ def _id(value: str, field: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
         raise ValidationError(field, f"must be 1..{MAX_ID_LENGTH} printable characters")
     return value
+
+
+def _last_prompt_logprobs(result: SampleResult, n: int) -> SampleResult:
+    """The result with prompt logprobs (and top-k rows) kept for the last n positions only."""
+    cut = len(result.prompt_logprobs or ()) - n
+    return dataclasses.replace(
+        result,
+        prompt_logprobs=None
+        if result.prompt_logprobs is None
+        else [None] * cut + list(result.prompt_logprobs[cut:]),
+        topk_prompt_logprobs=None
+        if result.topk_prompt_logprobs is None
+        else [None] * cut + list(result.topk_prompt_logprobs[cut:]),
+    )
 
 
 def _check_lora(lora: LoraConfig, max_rank: int) -> None:

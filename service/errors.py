@@ -32,3 +32,8 @@ class ResourceExhausted(ServiceError):
 
 class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
+
+
+class SessionFinished(FailedPrecondition):
+    """The session was finished (by its client or for lack of heartbeats); Tinker's HTTP
+    protocol reports this as 410 Gone so that a client stops heartbeating."""

@@ -1,4 +1,5 @@
-"""Assembles a running server: store, engine workers, service core, front ends, janitor."""
+"""Assembles a running server: store, engine workers, service core, front ends (gRPC, and
+Tinker's HTTP protocol when `http_port` is set), janitor."""
 
 from __future__ import annotations
 
@@ -14,6 +15,35 @@ from tinker_jax.service.worker import EngineSettings, EngineWorker
 log = logging.getLogger("tinker_jax.server")
 
 SWEEP_INTERVAL_SECONDS = 30.0
+
+
+def _plan_memory(config: ServerConfig) -> None:
+    """Logs each base model's per-device memory plan and refuses, before anything is loaded,
+    a configuration that cannot fit the accelerator (no limit is known on CPU)."""
+    import jax
+
+    from tinker_jax.memory import check_fits, device_memory_bytes, plan_memory
+    from tinker_jax.models.config import load_config
+    from tinker_jax.weights import resolve_model_dir
+
+    limit, planned = device_memory_bytes(jax.local_devices()[0]), 0
+    for name in config.base_models:
+        plan = plan_memory(
+            load_config(resolve_model_dir(name)),
+            mesh_shape=config.mesh,
+            n_devices=jax.device_count(),
+            dtype=config.dtype,
+            max_adapters=config.max_adapters,
+            max_lora_rank=config.max_lora_rank,
+            sampler_slots=config.sampler_slots,
+            sampler_rows=config.sampler_rows,
+            max_seq_len=config.max_seq_len,
+            train_batch_tokens=config.max_seq_len or 4096,
+        )
+        log.info("memory plan for %s:\n%s", name, plan.format())
+        if limit is not None:
+            check_fits(plan, limit, reserved=planned)
+        planned += plan.total
 
 
 class Server:
@@ -34,12 +64,20 @@ class Server:
             lora_alpha=config.lora_alpha,
             max_queue=config.max_queue,
         )
+        _plan_memory(config)
         self.workers = {}
         for name in config.base_models:
             log.info("loading %s", name)
             self.workers[name] = EngineWorker(name, settings)
         self.core = ServiceCore(config, self.store, self.workers)
         self.grpc, self.port = start_grpc(self.core, config.host, config.port)
+        self.http = None
+        if config.http_port is not None:
+            from tinker_jax.service.http_server import HTTPServer
+
+            self.http = HTTPServer(
+                self.core, config.host, config.http_port, config.http_max_body_bytes
+            )
         self._stopped = threading.Event()
         self._janitor = threading.Thread(target=self._sweep_loop, name="janitor", daemon=True)
         self._janitor.start()
@@ -58,11 +96,18 @@ class Server:
             except Exception:  # noqa: BLE001 - housekeeping must never stop the server
                 log.exception("sweep failed")
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port, None without the HTTP front end."""
+        return self.http.port if self.http is not None else None
+
     def wait(self) -> None:
         self._stopped.wait()
 
     def stop(self) -> None:
         self._stopped.set()
+        if self.http is not None:
+            self.http.stop()
         self.grpc.stop(grace=2).wait()
         for worker in self.workers.values():
             worker.close()

@@ -59,6 +59,22 @@ class LoadRun(Op):
 
 
 @dataclasses.dataclass
+class LoadIntoRun(Op):
+    """Replaces a run's adapter (and optimizer state) by a saved one, in seq_id order."""
+
+    load: Callable[[], Any]  # -> SlotState, read from disk on the engine thread
+    with_optimizer: bool
+
+
+@dataclasses.dataclass
+class Refused(Op):
+    """A run operation refused at submission that still takes its turn: it fails with `error`
+    when its seq_id comes up, so later operations of the run are not held back by a gap."""
+
+    error: Exception
+
+
+@dataclasses.dataclass
 class ForwardBackward(Op):
     data: list[Datum]
     loss_fn: str
@@ -342,6 +358,25 @@ class EngineWorker:
             op.done(self.trainer.optim_step(slot, op.params))
         elif isinstance(op, SaveState):
             op.done(op.write(self.trainer.export_slot(slot, op.with_optimizer)))
+        elif isinstance(op, Refused):
+            raise op.error
+        elif isinstance(op, LoadIntoRun):
+            state = op.load()
+            current = self.trainer.slots[slot].lora
+            if (state.lora.rank, *state.lora.flags()) != (current.rank, *current.flags()):
+                raise ValidationError(
+                    "path",
+                    f"the checkpoint's LoRA config (rank {state.lora.rank}, train_attn/mlp/unembed "
+                    f"{state.lora.flags().astype(bool).tolist()}) differs from this run's "
+                    f"(rank {current.rank}, {current.flags().astype(bool).tolist()})",
+                )
+            # The new slot is filled before the old one is freed: a failed load leaves the run
+            # as it was.
+            new_slot = self.trainer.import_slot(state, op.with_optimizer)
+            self.trainer.free_slot(slot)
+            with self._cond:
+                self._runs[run_id].slot = new_slot
+            op.done(state)
         elif isinstance(op, SnapshotForSampler):
             state = self.trainer.export_slot(slot, with_optimizer=False)
             sampler_slot = self.sampler.load_adapter(state.adapter, self.trainer.slots[slot].scale)

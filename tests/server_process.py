@@ -11,9 +11,10 @@ from pathlib import Path
 
 
 class ServerProcess:
-    """`tinker-jax serve` in a subprocess; `address` is host:port once it listens."""
+    """`tinker-jax serve` in a subprocess; `address` is the gRPC host:port once it listens and,
+    with `http=True`, `http_url` the base URL of its Tinker HTTP front end."""
 
-    def __init__(self, base_model: Path, storage: Path, *extra: str):
+    def __init__(self, base_model: Path, storage: Path, *extra: str, http: bool = False):
         self.storage = storage
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)  # one CPU device: the server's mesh is the default one
@@ -39,18 +40,22 @@ class ServerProcess:
                 "8",
                 "--compilation-cache",
                 str(cache),
+                *(["--http-port", "0"] if http else []),
                 *extra,
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,
         )
-        self.address = self._wait_for_port()
+        self.address = self._wait_for_port("tinker-jax listening on")
+        self.http_url = (
+            "http://" + self._wait_for_port("tinker-jax HTTP listening on") if http else None
+        )
 
-    def _wait_for_port(self, timeout: float = 240.0) -> str:
+    def _wait_for_port(self, line: str, timeout: float = 240.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(r"listening on ([\d.]+:\d+)", self.log.read_text())
+            match = re.search(re.escape(line) + r" ([\d.]+:\d+)", self.log.read_text())
             if match:
                 return match.group(1)
             if self.proc.poll() is not None:

@@ -1,0 +1,737 @@
+"""The Tinker HTTP front end: the official `tinker` SDK's wire protocol (API.md §5) over the
+same service core as the gRPC front end.
+
+Each route authenticates the caller (`X-API-Key`), reads and checks the body, translates it
+into one service-core call (`http_wire` does the format conversions) and translates the answer
+back. Sessions, futures, ordering, access rules and checkpoints live in the core; nothing here
+keeps state. `X-Idempotency-Key` becomes the core's request id, so an HTTP retry of a
+submission returns the same future.
+
+Stack: Starlette on uvicorn. The protocol is a fixed set of routes whose bodies the official
+SDK defines, read partly as protobuf and checked by our own code with messages that name the
+field; FastAPI's additions (pydantic models per route, OpenAPI, dependency injection) would
+duplicate those checks and add a dependency the server needs nowhere else. Starlette gives the
+routing (including checkpoint ids with a slash), requests and responses, and uvicorn the
+HTTP/1.1 server, both small and well kept. The core's calls block (SQLite, long-polls), so
+they run on thread pools (long-polls on their own), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import gzip
+import hashlib
+import io
+import json
+import logging
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from google.protobuf.message import DecodeError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.service import http_wire as hw
+from tinker_jax.service import wire
+from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
+from tinker_jax.service.errors import ServiceError, SessionFinished
+from tinker_jax.wire import tinker_public_pb2 as tp
+
+log = logging.getLogger("tinker_jax.http")
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+STATUS_OF_CODE = {
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    # A failed precondition is the caller's to fix: 400, which clients do not retry (409 would
+    # be retried for minutes).
+    "FAILED_PRECONDITION": 400,
+}
+# Flags for /client/config: everything this server does not implement is off.
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "proto_compress_fwdbwd": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+}
+DYNAMIC_CONFIG = {
+    "refresh_interval_sec": 300,
+    "sample_cancel_enabled": False,
+    "sample_cancel_max_batch_size": 64,
+}
+UNSUPPORTED = {
+    "save_weights_external": "exporting external (HF-format) weights",
+    "copy_weights": "copying weights between projects",
+    "create_custom_loss": "server-side custom losses",
+    "join_sampling_session": "joining sampling sessions",
+    "retrieve_futures": "batched future retrieval",
+    "cancel_future": "cancelling futures",
+    "auth/token": "JWT authentication",
+    "unload_model": "unloading models",
+}
+
+
+class ProtocolError(Exception):
+    """A request this front end cannot read: bad body, content type, size."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class Call:
+    """One authenticated request, as a route handler sees it."""
+
+    user: str
+    request: Request
+    body: Any  # hw.Fields (an empty body reads as {}), or the bytes of a protobuf body
+    content_type: str
+
+    @property
+    def fields(self) -> hw.Fields:
+        return self.body if isinstance(self.body, hw.Fields) else hw.Fields({})
+
+    def path(self, name: str) -> str:
+        return self.request.path_params[name]
+
+    def query_int(self, name: str, default: int = 0) -> int:
+        value = self.request.query_params.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValidationError(name, f"{value!r} is not an integer") from None
+
+    def query(self, name: str, default: str = "") -> str:
+        return self.request.query_params.get(name, default)
+
+    @property
+    def request_id(self) -> str:
+        """The client's idempotency key as the core's request id ("" lets the core pick one);
+        a key too long for an id is replaced by its hash."""
+        key = self.request.headers.get("x-idempotency-key", "")
+        if len(key) > MAX_ID_LENGTH or not key.isprintable():
+            key = "idem-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return key
+
+    @property
+    def wants_protobuf(self) -> bool:
+        return PROTOBUF in self.request.headers.get("accept", "")
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(hw.dumps(value), status_code=status, media_type=JSON, headers=headers)
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return _json({"detail": detail}, status, headers)
+
+
+class TinkerHTTP:
+    """The Starlette application over a service core; `app` is the ASGI callable."""
+
+    def __init__(self, core: ServiceCore, max_body_bytes: int):
+        self.core = core
+        self.max_body_bytes = max_body_bytes
+        self.pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="tinker-http")
+        # Long-polls hold a thread each for up to MAX_LONG_POLL_SECONDS: their own (lazily
+        # grown) pool, so that waiting clients never delay submissions.
+        self.poll_pool = concurrent.futures.ThreadPoolExecutor(
+            1024, thread_name_prefix="tinker-http-poll"
+        )
+        v1 = "/api/v1"
+        ckpt = v1 + "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}"
+        routes = [
+            Route(v1 + "/healthz", self._healthz, methods=["GET"]),
+            self._route("/client/config", self.client_config),
+            self._route("/client/dynamic_config", self.dynamic_config),
+            self._route("/create_session", self.create_session),
+            self._route("/session_heartbeat", self.session_heartbeat),
+            self._route("/sessions/{session_id}/finish", self.finish_session),
+            self._route("/telemetry", self.telemetry),
+            self._route("/get_server_capabilities", self.capabilities, "GET"),
+            self._route("/create_model", self.create_model),
+            self._route("/get_info", self.get_info),
+            self._route("/forward_backward", self.forward_backward, body="fwdbwd"),
+            self._route("/forward", self.forward, body="fwdbwd"),
+            self._route("/optim_step", self.optim_step),
+            self._route("/save_weights", self.save_weights),
+            self._route("/save_weights_for_sampler", self.save_weights_for_sampler),
+            self._route("/load_weights", self.load_weights),
+            self._route("/create_sampling_session", self.create_sampling_session),
+            self._route("/asample", self.sample),
+            self._route("/retrieve_future", self.retrieve_future, pool=self.poll_pool),
+            self._route("/weights_info", self.weights_info),
+            self._route("/samplers/{sampler_id}", self.get_sampler, "GET"),
+            self._route("/sessions", self.list_sessions, "GET"),
+            self._route("/sessions/{session_id}", self.get_session, "GET"),
+            self._route("/checkpoints", self.list_user_checkpoints, "GET"),
+            self._route("/training_runs", self.list_training_runs, "GET"),
+            self._route("/training_runs/{run_id}", self.get_training_run, "GET"),
+            self._route("/training_runs/{run_id}/checkpoints", self.list_checkpoints, "GET"),
+            # The checkpoint id holds a slash (`weights/<name>`): specific suffixes first.
+            Route(ckpt + "/publish", self._wrap(self.publish), methods=["POST"]),
+            Route(ckpt + "/publish", self._wrap(self.unpublish), methods=["DELETE"]),
+            Route(ckpt + "/ttl", self._wrap(self.set_ttl), methods=["PUT"]),
+            Route(
+                ckpt + "/external_weights_urls",
+                self._wrap(self.unsupported("external weights")),
+                methods=["GET"],
+            ),
+            Route(
+                ckpt + "/archive",
+                self._wrap(self.unsupported("checkpoint archives")),
+                methods=["GET"],
+            ),
+            Route(ckpt, self._wrap(self.delete_checkpoint), methods=["DELETE"]),
+        ]
+        routes += [
+            self._route("/" + path, self.unsupported(what)) for path, what in UNSUPPORTED.items()
+        ]
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.poll_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _route(
+        self, path: str, handler: Callable, method: str = "POST", body: str = "json", pool=None
+    ):
+        return Route("/api/v1" + path, self._wrap(handler, body, pool), methods=[method])
+
+    def _wrap(self, handler: Callable[[Call], Any], body: str = "json", pool=None):
+        """An async endpoint: read the body, then authenticate and run the handler on the
+        pool; the handler's dict becomes a JSON response, errors become status codes."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                raw = await self._read_body(request)
+                content_type = request.headers.get("content-type", "").split(";")[0].strip()
+                parsed = _parse(raw, content_type, body)
+                loop = asyncio.get_running_loop()
+                key = request.headers.get("x-api-key") or _bearer(request)
+                result = await loop.run_in_executor(
+                    pool or self.pool,
+                    functools.partial(self._run, handler, key, request, parsed, content_type),
+                )
+            except Exception as e:  # noqa: BLE001 - every failure becomes a response
+                return self._failure(e, request)
+            return result if isinstance(result, Response) else _json(result)
+
+        return endpoint
+
+    def _run(self, handler, key, request, parsed, content_type):
+        user = self.core.authenticate(key)
+        return handler(Call(user, request, parsed, content_type))
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, decompressed, refusing anything over the size limit (413)."""
+        limit = self.max_body_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise ProtocolError(413, f"request body of {length} bytes exceeds {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("", "identity") or not raw:
+            return raw
+        return _decompress(raw, encoding, limit)
+
+    def _failure(self, e: Exception, request: Request) -> Response:
+        if isinstance(e, ProtocolError):
+            return _error(e.status, e.detail)
+        if isinstance(e, ValidationError):
+            return _error(400, str(e))
+        if isinstance(e, SessionFinished):
+            return _error(410, str(e))
+        if isinstance(e, ServiceError):
+            status = STATUS_OF_CODE.get(e.code, 500)
+            return _error(status, str(e), {"Retry-After": "1"} if status == 429 else None)
+        if isinstance(e, concurrent.futures.TimeoutError):
+            return _error(504, "the engine did not answer in time")
+        log.error("%s %s failed: %s", request.method, request.url.path, traceback.format_exc())
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    async def _healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    # ------------------------------------------------------------------ sessions
+
+    def client_config(self, call: Call):
+        return CLIENT_CONFIG
+
+    def dynamic_config(self, call: Call):
+        return DYNAMIC_CONFIG
+
+    def telemetry(self, call: Call):
+        return {"status": "accepted"}  # accepted and dropped: this server keeps no telemetry
+
+    def capabilities(self, call: Call):
+        return hw.capabilities_json(self.core.capabilities())
+
+    def create_session(self, call: Call):
+        f = call.fields
+        tags = f.list("tags") or []
+        if not all(isinstance(t, str) for t in tags):
+            raise ValidationError("tags", "expected an array of strings")
+        session_id = self.core.create_session(
+            call.user,
+            hw.metadata(f.get("user_metadata", dict)),
+            f.str("project_id", ""),
+            f.str("display_name", ""),
+            tags,
+        )
+        return {"type": "create_session", "session_id": session_id}
+
+    def session_heartbeat(self, call: Call):
+        self.core.heartbeat(call.user, call.fields.str("session_id", required=True))
+        return {"type": "session_heartbeat"}
+
+    def finish_session(self, call: Call):
+        reason = call.fields.object("reason")
+        kind = reason.str("type", "success") if reason is not None else "success"
+        self.core.finish_session(call.user, call.path("session_id"), kind)
+        return {}
+
+    # ------------------------------------------------------------------ training
+
+    def create_model(self, call: Call):
+        f = call.fields
+        hw.check_optimizer_config(f.value.get("optimizer_config"))
+        request_id, model_id = self.core.create_model(
+            call.user,
+            call.request_id,
+            f.str("session_id", required=True),
+            f.int("model_seq_id", 0),
+            f.str("base_model", required=True),
+            wire.lora_config(hw.lora_config_from_json(f.value.get("lora_config"))),
+            hw.metadata(f.value.get("user_metadata")),
+        )
+        return {"request_id": request_id, "model_id": model_id}
+
+    def get_info(self, call: Call):
+        return hw.get_info_json(self.core.get_info(call.user, call.fields.str("model_id", "")))
+
+    def _ordered(self, call: Call, submit: Callable[[str, int], str]) -> dict:
+        """Submits a run operation. The SDK numbers every submission (seq_id), so a request
+        refused for its content still takes its turn: its future fails in order (200
+        `{"error", "category": "user"}` on retrieve) instead of leaving a gap that would hold
+        the run's later operations forever."""
+        f = call.fields
+        model_id, seq_id = f.str("model_id", ""), f.int("seq_id", 0)
+        return self._submit_ordered(call, model_id, seq_id, lambda: submit(model_id, seq_id))
+
+    def _submit_ordered(self, call: Call, model_id: str, seq_id: int, submit) -> dict:
+        try:
+            request_id = submit()
+        except ValidationError as e:
+            if e.field == "seq_id":
+                raise
+            request_id = self.core.refuse_in_order(call.user, call.request_id, model_id, seq_id, e)
+        return {"request_id": request_id, "model_id": model_id}
+
+    def forward_backward(self, call: Call, forward_only: bool = False):
+        """Protobuf (SDK >= 0.25, `forward_only` in the message) or JSON (older SDKs:
+        `forward_backward_input`, or `forward_input` on /forward)."""
+        if call.content_type == PROTOBUF:
+            msg = tp.ForwardBackwardRequest()
+            try:
+                msg.ParseFromString(call.body)
+            except DecodeError as e:
+                raise ProtocolError(400, f"body is not a ForwardBackwardRequest: {e}") from None
+            model_id, seq_id = msg.model_id, msg.seq_id
+
+            def submit():
+                return self.core.forward_backward(
+                    call.user,
+                    call.request_id,
+                    model_id,
+                    seq_id,
+                    hw.datums_from_proto(msg.data),
+                    msg.loss_fn,
+                    hw.loss_config_from_proto(msg),
+                    forward_only or msg.forward_only,
+                )
+        else:
+            f = call.fields
+            model_id, seq_id = f.str("model_id", ""), f.int("seq_id", 0)
+
+            def submit():
+                key = "forward_input" if forward_only else "forward_backward_input"
+                if f.value.get(key) is None and f.value.get("forward_backward_input") is not None:
+                    key = "forward_backward_input"
+                inputs = f.object(key, required=True)
+                return self.core.forward_backward(
+                    call.user,
+                    call.request_id,
+                    model_id,
+                    seq_id,
+                    hw.datums_from_json(inputs.list("data", required=True), inputs.name("data")),
+                    inputs.str("loss_fn", required=True),
+                    hw.loss_config_from_json(
+                        inputs.value.get("loss_fn_config"), inputs.name("loss_fn_config")
+                    ),
+                    forward_only or f.bool("forward_only"),
+                )
+
+        return self._submit_ordered(call, model_id, seq_id, submit)
+
+    def forward(self, call: Call):
+        return self.forward_backward(call, forward_only=True)
+
+    def optim_step(self, call: Call):
+        return self._ordered(
+            call,
+            lambda model_id, seq_id: self.core.optim_step(
+                call.user, call.request_id, model_id, seq_id, hw.adam_params_from_json(call.fields)
+            ),
+        )
+
+    def save_weights(self, call: Call):
+        f = call.fields
+        return self._ordered(
+            call,
+            lambda model_id, seq_id: self.core.save_weights(
+                call.user,
+                call.request_id,
+                model_id,
+                seq_id,
+                f.str("path", required=True),
+                f.int("ttl_seconds"),
+                f.bool("overwrite"),
+                hw.metadata(f.value.get("user_metadata")),
+            ),
+        )
+
+    def save_weights_for_sampler(self, call: Call):
+        """Named (`path`) -> sampler_weights/<path>; without a path an ephemeral snapshot
+        whose result names a sampling session."""
+        f = call.fields
+
+        def submit(model_id: str, seq_id: int) -> str:
+            kind = f.str("kind", "snapshot")
+            if kind != "snapshot":
+                raise ValidationError(
+                    "kind", f"{kind!r} sampling clients are not supported; use snapshot"
+                )
+            if f.value.get("path") is None:
+                return self.core.snapshot_for_sampler(
+                    call.user,
+                    call.request_id,
+                    model_id,
+                    seq_id,
+                    f.int("sampling_session_seq_id", required=True),
+                )
+            return self.core.save_weights(
+                call.user,
+                call.request_id,
+                model_id,
+                seq_id,
+                f.str("path"),
+                f.int("ttl_seconds"),
+                False,
+                hw.metadata(f.value.get("user_metadata")),
+                kind="sampler_weights",
+            )
+
+        return self._ordered(call, submit)
+
+    def load_weights(self, call: Call):
+        """A new run from a checkpoint (`session_id` + `model_seq_id`, SDK >= 0.30) or, with
+        `model_id` + `seq_id`, into an existing run (older SDKs' load_state)."""
+        f = call.fields
+        if f.value.get("session_id") is None:
+            return self._ordered(
+                call,
+                lambda model_id, seq_id: self.core.load_state(
+                    call.user,
+                    call.request_id,
+                    model_id,
+                    seq_id,
+                    f.str("path", required=True),
+                    f.bool("optimizer"),
+                ),
+            )
+        hw.check_optimizer_config(f.value.get("optimizer_config"))
+        request_id, model_id = self.core.load_weights(
+            call.user,
+            call.request_id,
+            f.str("session_id"),
+            f.int("model_seq_id", 0),
+            f.str("path", required=True),
+            f.bool("optimizer"),
+            hw.metadata(f.value.get("user_metadata")),
+        )
+        return {"request_id": request_id, "model_id": model_id}
+
+    # ------------------------------------------------------------------ sampling
+
+    def create_sampling_session(self, call: Call):
+        f = call.fields
+        sampler_id = self.core.create_sampling_session(
+            call.user,
+            f.str("session_id", required=True),
+            f.int("sampling_session_seq_id", required=True),
+            f.str("base_model", ""),
+            f.str("model_path", ""),
+        )
+        return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+    def sample(self, call: Call):
+        f = call.fields
+        sampler_id = f.str("sampling_session_id")
+        if sampler_id is None:
+            raise ValidationError(
+                "sampling_session_id", "is required (create a sampling session first)"
+            )
+        for key in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if f.int(key, 0):
+                raise ValidationError(key, "is not supported by this server (send 0)")
+        if f.value.get("target_prompt_logprobs") is not None:
+            raise ValidationError("target_prompt_logprobs", "is not supported by this server")
+        if f.bool("record_stability_info"):
+            raise ValidationError("record_stability_info", "is not supported by this server")
+        request_id, sequence_ids = self.core.sample(
+            call.user,
+            call.request_id,
+            sampler_id,
+            hw.model_input_from_json(f.get("prompt", dict, required=True), "prompt"),
+            f.int("num_samples", 1),
+            hw.sampling_params_from_json(f.get("sampling_params", dict, {})),
+            f.bool("prompt_logprobs"),
+            f.int("topk_prompt_logprobs", 0),
+            f.int("prompt_logprobs_last_n"),
+        )
+        return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
+
+    def get_sampler(self, call: Call):
+        return hw.sampler_json(self.core.get_sampler(call.user, call.path("sampler_id")))
+
+    # ------------------------------------------------------------------ futures
+
+    def retrieve_future(self, call: Call):
+        """Long-polls the core; fwd/bwd and sample results as protobuf when asked for, every
+        other result and every failure as JSON (failures with status 200, as the SDK expects)."""
+        f = call.fields
+        request_id = f.str("request_id", required=True)
+        timeout = min(f.float("timeout", MAX_LONG_POLL_SECONDS), MAX_LONG_POLL_SECONDS)
+        response = self.core.retrieve(call.user, request_id, timeout)
+        which = response.WhichOneof("result")
+        if which == "try_again":
+            return {
+                "type": "try_again",
+                "request_id": request_id,
+                "queue_state": response.try_again.queue_state or "active",
+            }
+        if which == "error":
+            return {
+                "request_id": request_id,
+                "error": response.error.message,
+                "category": response.error.category or "unknown",
+            }
+        if which == "forward_backward":
+            if call.wants_protobuf:
+                return Response(
+                    hw.forward_backward_proto(response.forward_backward), media_type=PROTOBUF
+                )
+            return hw.forward_backward_json(response.forward_backward)
+        if which == "sample":
+            if call.wants_protobuf:
+                return Response(hw.sample_proto(response.sample), media_type=PROTOBUF)
+            return hw.sample_json(response.sample)
+        return hw.result_json(response)
+
+    # ------------------------------------------------------------------ runs and checkpoints
+
+    def weights_info(self, call: Call):
+        path = call.fields.str("tinker_path", required=True)
+        return hw.weights_info_json(self.core.weights_info(call.user, path))
+
+    def list_sessions(self, call: Call):
+        return {
+            "sessions": self.core.list_sessions(
+                call.user, call.query_int("limit"), call.query_int("offset")
+            )
+        }
+
+    def get_session(self, call: Call):
+        return hw.session_json(self.core.get_session(call.user, call.path("session_id")))
+
+    def list_training_runs(self, call: Call):
+        runs = self.core.list_training_runs(
+            call.user, call.query_int("limit"), call.query_int("offset"), call.query("access_scope")
+        )
+        return {
+            "training_runs": [hw.training_run_json(r) for r in runs.training_runs],
+            "cursor": hw.cursor_json(runs.cursor),
+        }
+
+    def get_training_run(self, call: Call):
+        run = self.core.get_training_run(
+            call.user, call.path("run_id"), "", call.query("access_scope")
+        )
+        return hw.training_run_json(run)
+
+    def _checkpoints(self, listing):
+        return {
+            "checkpoints": [hw.checkpoint_json(c) for c in listing.checkpoints],
+            "cursor": hw.cursor_json(listing.cursor),
+        }
+
+    def list_checkpoints(self, call: Call):
+        return self._checkpoints(
+            self.core.list_checkpoints(
+                call.user, call.path("run_id"), call.query_int("limit"), call.query_int("offset")
+            )
+        )
+
+    def list_user_checkpoints(self, call: Call):
+        return self._checkpoints(
+            self.core.list_checkpoints(
+                call.user, "", call.query_int("limit"), call.query_int("offset")
+            )
+        )
+
+    @staticmethod
+    def _tinker_path(call: Call) -> str:
+        return f"tinker://{call.path('run_id')}/{call.path('checkpoint_id')}"
+
+    def delete_checkpoint(self, call: Call):
+        self.core.delete_checkpoint(call.user, self._tinker_path(call))
+        return {}
+
+    def publish(self, call: Call):
+        self.core.set_public(call.user, self._tinker_path(call), True)
+        return {}
+
+    def unpublish(self, call: Call):
+        self.core.set_public(call.user, self._tinker_path(call), False)
+        return {}
+
+    def set_ttl(self, call: Call):
+        self.core.set_ttl(call.user, self._tinker_path(call), call.fields.int("ttl_seconds"))
+        return {}
+
+    @staticmethod
+    def unsupported(what: str) -> Callable[[Call], Any]:
+        def handler(call: Call):
+            raise ValidationError(call.request.url.path, f"{what} is not supported by this server")
+
+        return handler
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def _parse(raw: bytes, content_type: str, body: str) -> Any:
+    """JSON routes take an object (an empty body reads as `{}`); forward_backward takes
+    protobuf or JSON. Another content type is 415, malformed JSON 400."""
+    if body == "fwdbwd" and content_type == PROTOBUF:
+        return raw
+    if not raw.strip():
+        return hw.Fields({})
+    if content_type not in ("", JSON) and not content_type.endswith("+json"):
+        accepted = f"{JSON} or {PROTOBUF}" if body == "fwdbwd" else JSON
+        raise ProtocolError(415, f"content type {content_type!r} is not accepted; send {accepted}")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(400, "request body must be a JSON object")
+    return hw.Fields(value)
+
+
+def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
+    if encoding == "gzip":
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                out = f.read(limit + 1)
+        except (OSError, EOFError) as e:
+            raise ProtocolError(400, f"body is not valid gzip: {e}") from None
+    elif encoding == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise ProtocolError(415, "zstd bodies need the zstandard package") from None
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+                out = b""
+                while len(out) <= limit and (chunk := reader.read(1 << 20)):
+                    out += chunk
+        except zstandard.ZstdError as e:
+            raise ProtocolError(400, f"body is not valid zstd: {e}") from None
+    else:
+        raise ProtocolError(415, f"content encoding {encoding!r} is not supported")
+    if len(out) > limit:
+        raise ProtocolError(413, f"decompressed request body exceeds {limit} bytes")
+    return out
+
+
+class HTTPServer:
+    """uvicorn serving the app on its own thread and event loop; `port` is the bound port."""
+
+    def __init__(self, core: ServiceCore, host: str, port: int, max_body_bytes: int):
+        self.tinker = TinkerHTTP(core, max_body_bytes)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as e:
+            self._socket.close()
+            raise OSError(f"cannot listen on {host}:{port} for HTTP: {e}") from None
+        self._socket.listen(1024)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self.tinker.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=75,
+            timeout_graceful_shutdown=3,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="http", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self.tinker.close()
+        self._socket.close()

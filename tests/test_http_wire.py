@@ -1,0 +1,156 @@
+"""Tinker's HTTP wire formats, checked against the official SDK's own encoders and decoders
+(no server): what the SDK sends decodes to the right tensors, and what we send back decodes in
+the SDK to the right values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.service import http_wire as hw
+from tinker_jax.service import wire
+from tinker_jax.v1 import tinker_pb2 as pb
+from tinker_jax.wire import tinker_public_pb2 as tp
+
+tinker = pytest.importorskip("tinker")
+from tinker import types as T  # noqa: E402
+from tinker.proto import request_conv, response_conv  # noqa: E402
+
+
+def _request(data, loss_fn="cross_entropy", config=None) -> tp.ForwardBackwardRequest:
+    """A request exactly as SDK 0.38 encodes it, parsed with our schema."""
+    request = T.ForwardBackwardRequest(
+        forward_backward_input=T.ForwardBackwardInput(
+            data=data, loss_fn=loss_fn, loss_fn_config=config
+        ),
+        model_id="s:train:0",
+        seq_id=1,
+    )
+    raw = request_conv.forward_backward_request_to_proto(request).SerializeToString()
+    return tp.ForwardBackwardRequest.FromString(raw)
+
+
+def test_sdk_request_decodes_dense_sparse_and_string_config():
+    def csr(values, dtype):  # rows [v0, 0], [v1, v2], [0, 0]
+        return T.TensorData(
+            data=np.asarray(values, dtype),
+            dtype=dtype,
+            shape=[3, 2],
+            sparse_crow_indices=[0, 1, 3, 3],
+            sparse_col_indices=[0, 0, 1],
+        )
+
+    weights = csr([1.0, 0.25, 0.75], "float32")
+    targets = csr([3, 5, 7], "int64")
+    datum = T.Datum(
+        model_input=T.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+    dense = T.Datum(
+        model_input=T.ModelInput.from_ints([4, 5]),
+        loss_fn_inputs={"target_tokens": [5, 6], "weights": [1.0, 0.5]},
+    )
+    msg = _request([datum, dense], "ppo", {"clip_low_threshold": 0.8, "mode": "x"})
+    assert msg.data[0].loss_fn_inputs["weights"].WhichOneof("encoding") == "sparse_csr"
+    (d0, d1) = hw.datums_from_proto(msg.data)
+    assert list(d0.model_input.chunks[0].encoded_text.tokens) == [1, 2, 3]
+    got = wire.tensor_to_numpy(d0.loss_fn_inputs["weights"], "w")
+    np.testing.assert_array_equal(got, weights.to_numpy())
+    np.testing.assert_array_equal(
+        wire.tensor_to_numpy(d0.loss_fn_inputs["target_tokens"], "t"), targets.to_numpy()
+    )
+    np.testing.assert_array_equal(
+        wire.tensor_to_numpy(d1.loss_fn_inputs["weights"], "w"), [1.0, 0.5]
+    )
+    assert hw.loss_config_from_proto(msg) == {"clip_low_threshold": 0.8, "mode": "x"}
+
+
+def test_malformed_tensors_name_the_field():
+    bad = tp.Tensor(dense=b"\0" * 7, dtype=tp.DTYPE_FLOAT32, shape=[2])
+    with pytest.raises(ValidationError, match="data.w: has 7 bytes"):
+        hw.tensor_from_proto(bad, "data.w")
+    csr = tp.Tensor(dtype=tp.DTYPE_FLOAT32, shape=[2, 2])
+    csr.sparse_csr.values = np.ones(1, "<f4").tobytes()
+    csr.sparse_csr.crow_indices = np.asarray([0, 1, 1], "<i8").tobytes()
+    csr.sparse_csr.col_indices = np.asarray([5], "<i8").tobytes()  # column out of range
+    with pytest.raises(ValidationError, match="CSR"):
+        hw.tensor_from_proto(csr, "x")
+    with pytest.raises(ValidationError, match="x.dtype"):
+        hw.tensor_from_json({"data": [1], "dtype": "float64"}, "x")
+    bf16 = tp.Tensor(dense=np.asarray([0x3F80], "<u2").tobytes(), dtype=tp.DTYPE_BFLOAT16)
+    assert wire.tensor_to_numpy(hw.tensor_from_proto(bf16, "b"), "b").tolist() == [1.0]
+
+
+def test_forward_backward_result_decodes_in_the_sdk():
+    outputs = [
+        np.arange(3, dtype=np.float32),
+        np.arange(5, dtype=np.float32),
+        np.ones((2, 4), np.float32),
+    ]  # a 2-D (top-K) output starts a second record
+    result = pb.ForwardBackwardResult(
+        loss_fn_outputs=[
+            pb.LossFnOutput(outputs={"logprobs": wire.numpy_to_tensor(o)}) for o in outputs
+        ],
+        metrics={"loss:sum": 1.5},
+    )
+    out = response_conv.deserialize_forward_backward_output(hw.forward_backward_proto(result))
+    assert out.metrics == {"loss:sum": 1.5} and out.loss_fn_output_type == "ArrayRecord"
+    for got, want in zip(out.loss_fn_outputs, outputs, strict=True):
+        np.testing.assert_array_equal(got["logprobs"].to_numpy(), want)
+    as_json = hw.forward_backward_json(result)
+    assert as_json["loss_fn_outputs"][2]["logprobs"]["shape"] == [2, 4]
+
+
+def test_sample_result_decodes_in_the_sdk():
+    result = pb.SampleResult(
+        sequences=[
+            pb.SampledSequence(
+                stop_reason="stop",
+                tokens=wire.numpy_to_tensor(np.asarray([4, 9], np.int32)),
+                logprobs=wire.numpy_to_tensor(np.asarray([-0.5, -1.5], np.float32)),
+            ),
+            pb.SampledSequence(
+                stop_reason="length",
+                tokens=wire.numpy_to_tensor(np.asarray([7], np.int32)),
+                logprobs=wire.numpy_to_tensor(np.asarray([-2.0], np.float32)),
+            ),
+        ],
+        prompt_logprobs=wire.numpy_to_tensor(np.asarray([np.nan, -1.0, -2.0], np.float32)),
+        topk_prompt_logprobs=pb.TopkLogprobs(
+            token_ids=wire.numpy_to_tensor(np.asarray([[0, 0], [3, 1], [2, 0]], np.int32)),
+            logprobs=wire.numpy_to_tensor(
+                np.asarray([[-99999, -99999], [-0.1, -2.0], [-0.3, -99999]], np.float32)
+            ),
+        ),
+    )
+    out = response_conv.deserialize_sample_response(hw.sample_proto(result))
+    assert [s.tokens for s in out.sequences] == [[4, 9], [7]]
+    assert [s.stop_reason for s in out.sequences] == ["stop", "length"]
+    assert out.sequences[0].logprobs == [-0.5, -1.5]
+    assert out.prompt_logprobs == [None, -1.0, -2.0]
+    assert out.topk_prompt_logprobs[0] is None
+    assert out.topk_prompt_logprobs[1] == [(3, pytest.approx(-0.1)), (1, -2.0)]
+    as_json = hw.sample_json(result)
+    assert as_json["prompt_logprobs"][0] is None
+    assert as_json["topk_prompt_logprobs"][2] == [[2, pytest.approx(-0.3)]]
+
+
+def test_sampling_params_and_optimizer_params_from_json():
+    params = T.SamplingParams(max_tokens=5, stop=[], seed=2**64 - 1)
+    msg = hw.sampling_params_from_json(params.model_dump(mode="json", exclude_none=True))
+    assert msg.WhichOneof("stop") == "stop_tokens" and not msg.stop_tokens.values
+    assert wire.sampling_params(msg).stop == [] and msg.temperature == 1.0 and msg.top_k == -1
+    assert hw.sampling_params_from_json({"stop": "\n\n"}).stop_strings.values == ["\n\n"]
+    assert hw.sampling_params_from_json({}).WhichOneof("stop") is None  # EOS stops
+    with pytest.raises(ValidationError, match="sampling_params.stop"):
+        hw.sampling_params_from_json({"stop": [1, "a"]})
+    request = T.OptimStepRequest(adam_params=T.AdamParams(learning_rate=3e-4), model_id="m")
+    body = hw.Fields(request.model_dump(mode="json", exclude_none=True))
+    adam = hw.adam_params_from_json(body)
+    assert (adam.learning_rate, adam.beta2, adam.eps) == (3e-4, 0.95, 1e-12)
+    assert hw.adam_params_from_json(hw.Fields({"optim_params": {}})).beta1 == 0.9
+    with pytest.raises(ValidationError, match="optimizer_params.type"):
+        hw.adam_params_from_json(hw.Fields({"optimizer_params": {"type": "dimuon"}}))
+    with pytest.raises(ValidationError, match="seq_id: expected an integer, got a string"):
+        hw.Fields({"seq_id": "1"}).int("seq_id")
