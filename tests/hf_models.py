@@ -1,7 +1,7 @@
 """Tiny random transformers models saved as real HF folders (config, safetensors, tokenizer).
 
 They cover what parity must prove: GQA, head_dim != hidden/heads, tied and untied
-embeddings, QK norm (Qwen3) and llama3 rope scaling.
+embeddings, QK norm (Qwen3), llama3 rope scaling and top-k expert routing (Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -67,6 +67,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=1,
         max_position_embeddings=512,
         tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,  # unused: every layer is sparse
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
     ),
 }
 

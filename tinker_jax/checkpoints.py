@@ -297,6 +297,12 @@ def export_peft(
         short = module.rsplit(".", 1)[-1]
         if short not in enabled:
             continue
+        if "{expert}" in module:
+            raise ValidationError(
+                "train_mlp",
+                "PEFT export of MoE expert adapters is not supported yet "
+                "(shared-outer expert LoRA has no PEFT layout); train_mlp=False runs export",
+            )
         targets.add(short)
         kind = "lora_A" if name.endswith("lora_a") else "lora_B"
         per_layer = enumerate(value) if "{layer}" in module else [(None, value)]

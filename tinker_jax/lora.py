@@ -119,35 +119,47 @@ class LoRALeaf:
     """Static facts about one adapter array of a LoRA state pytree."""
 
     name: str  # e.g. "layers.self_attn.q_proj.lora_a"
-    slot_axis: int  # 1 for arrays stacked over layers, else 0
-    rank_axis: int
+    slot_axis: int  # where its logical axes say "slots" (1 for arrays stacked over layers)
+    rank_axis: int  # where they say "rank"
     group: int  # index into TARGET_GROUPS
     is_a: bool
+
+    @property
+    def slot_rank_axis(self) -> int:
+        """The rank axis of one slot's array (the slot axis removed)."""
+        return self.rank_axis - (self.slot_axis < self.rank_axis)
 
 
 class SlotLayout:
     """Where the slot and rank axes sit in every array of a LoRA state (the `LoRAParam`
-    part of a model), so one slot can be read, written or re-initialised as a unit."""
+    part of a model), so one slot can be read, written or re-initialised as a unit. The axes
+    come from each array's `logical_axes` ("slots", "rank"); the target group from the name of
+    the module that holds it (`TARGET_GROUPS`)."""
 
     def __init__(self, lora_state):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(lora_state)
         if not flat:
             raise ValueError("the model was built without LoRA slots")
+        variables = jax.tree_util.tree_leaves(
+            lora_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
         groups = list(TARGET_GROUPS)
         module_group = {m: groups.index(g) for g, mods in TARGET_GROUPS.items() for m in mods}
         self.leaves: list[LoRALeaf] = []
-        for path, _ in flat:
+        for (path, _), var in zip(flat, variables, strict=True):
             names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-            slot_axis = 1 if names[0] == "layers" else 0
-            is_a = names[-1] == "lora_a"
+            has_axes = isinstance(var, nnx.Variable) and var.has_metadata("logical_axes")
+            axes = var.get_metadata("logical_axes") if has_axes else None
+            if not axes or "slots" not in axes or "rank" not in axes:
+                raise ValueError(f"{'.'.join(names)}: logical_axes {axes} name no slots/rank")
             module = "lm_head" if names[0] == "lm_head" else names[-2]
             self.leaves.append(
                 LoRALeaf(
                     ".".join(names),
-                    slot_axis,
-                    slot_axis + (2 if is_a else 1),
+                    axes.index("slots"),
+                    axes.index("rank"),
                     module_group[module],
-                    is_a,
+                    names[-1] == "lora_a",
                 )
             )
         first, leaf = flat[0][1], self.leaves[0]
@@ -186,7 +198,7 @@ class SlotLayout:
             if leaf.name not in arrays:
                 raise ValidationError("weights", f"adapter array {leaf.name} is missing")
             value = np.asarray(arrays[leaf.name])
-            axis = leaf.rank_axis - 1
+            axis = leaf.slot_rank_axis
             if value.ndim == len(shape) and value.shape[axis] > shape[axis]:
                 if np.take(value, range(shape[axis], value.shape[axis]), axis=axis).any():
                     raise ValidationError("weights", f"{leaf.name} has rank "

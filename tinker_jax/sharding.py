@@ -13,7 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Ordered outermost to innermost: tensor parallelism, the most communication-heavy, gets the
+# closest devices. `expert` shards the experts of MoE layers and, elsewhere, the batch.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -23,12 +25,13 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "expert": "expert",
     "layers": None,
     "slots": None,
     "rank": None,
     "norm": None,
     # activations
-    "act_batch": ("data", "fsdp"),
+    "act_batch": ("data", "fsdp", "expert"),
     "act_seq": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -40,8 +43,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """A mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices.
-    Fully explicit sizes may cover fewer devices than there are: the first ones are used."""
+    """A mesh over (data, fsdp, expert, tensor), an axis not named having size 1; one size
+    may be -1 to take the remaining devices. Fully explicit sizes may cover fewer devices
+    than there are: the first ones are used."""
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
     unknown = set(shape) - set(MESH_AXES)
@@ -63,6 +67,12 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = No
             f"devices, have {len(devices)}"
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """How many devices split a batch (`act_batch`): batch sizes are padded to a multiple."""
+    axes = RULES["act_batch"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def logical_to_spec(

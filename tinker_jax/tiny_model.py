@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from tinker_jax.models import FAMILIES
 from tinker_jax.models.config import ModelConfig, config_from_hf
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.models.family import expand_key, stacked_axes
 
 NUM_BYTES = 256
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -85,12 +86,10 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         hf_key, transpose = keys[".".join(str(p) for p in path)]
-        shape = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-        if "{layer}" in hf_key:
-            shape = tuple(reversed(var.shape[1:])) if transpose else tuple(var.shape[1:])
-            shapes.update({hf_key.format(layer=i): shape for i in range(cfg.num_layers)})
-        else:
-            shapes[hf_key] = shape
+        n = len(stacked_axes(hf_key))  # leading axes that index separate HF tensors
+        shape = tuple(var.shape[n:])
+        shape = tuple(reversed(shape)) if transpose else shape
+        shapes.update({k: shape for k in expand_key(hf_key, tuple(map(range, var.shape[:n])))})
     return shapes
 
 

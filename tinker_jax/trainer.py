@@ -22,11 +22,12 @@ from tinker_jax.batching import HostBatch, RunBatch, build_batch
 from tinker_jax.buckets import chunk_size
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import target_logprobs
-from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout
+from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
 from tinker_jax.losses import token_losses
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.models.moe import expert_load, load_metrics
 from tinker_jax.optim import AdamParams, adamw_step
-from tinker_jax.sharding import logical_to_spec
+from tinker_jax.sharding import batch_multiple, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ class SlotState:
 
 @dataclasses.dataclass
 class ForwardBackwardOutput:
-    """Result for one run: per-datum logprobs ([N] or [N, K]) and `name:reduction` metrics."""
+    """Result for one run: per-datum logprobs ([N] or [N, K]) and `name:reduction` metrics
+    (`loss:sum`, ...; a MoE model adds the router load metrics `moe.LOAD_METRICS`)."""
 
     logprobs: list[np.ndarray]
     metrics: dict[str, float]
@@ -92,7 +94,7 @@ class Trainer:
         self.grads, self.mu, self.nu = zeros(lora), zeros(lora), zeros(lora)
         self.counts = jnp.zeros((self.num_slots,), jnp.int32)
         self.slots: dict[int, SlotInfo] = {}
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self.batch_multiple = batch_multiple(mesh)
         self.trace_counts: dict[str, int] = {}
         self._compiled: dict = {}
 
@@ -188,17 +190,27 @@ class Trainer:
             if not leaf.is_a:
                 values.append(jnp.zeros(shape))
                 continue
-            bound = 1.0 / np.sqrt(shape[-2])  # PEFT: kaiming-uniform(a=sqrt(5)) on [rank, in]
+            # PEFT: kaiming-uniform(a=sqrt(5)) on [rank, in], i.e. bound 1/sqrt(fan_in); every
+            # A is [..., in, rank] (per-expert A: [experts, in, rank], one init per expert).
+            bound = 1.0 / np.sqrt(shape[-2])
             value = jax.random.uniform(
                 jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound
             )
-            values.append(value * (jnp.arange(shape[-1]) < rank) * flags[leaf.group])
+            values.append(value * self._rank_mask(leaf, shape, rank) * flags[leaf.group])
         zeros = [jnp.zeros(shape) for shape in layout.slot_shapes(lora)]
         return (
             layout.put(lora, slot, values),
             *(layout.put(t, slot, zeros) for t in (grads, mu, nu)),
             counts.at[slot].set(0),
         )
+
+    @staticmethod
+    def _rank_mask(leaf: LoRALeaf, shape: Sequence[int], rank: jax.Array) -> jax.Array:
+        """1 on the first `rank` entries of one slot's rank axis, broadcastable to `shape`."""
+        axis = leaf.slot_rank_axis
+        index_shape = [1] * len(shape)
+        index_shape[axis] = shape[axis]
+        return (jnp.arange(shape[axis]) < rank).reshape(index_shape)
 
     # ---------------------------------------------------------------- compute
 
@@ -225,14 +237,18 @@ class Trainer:
         def compute(lora, base, batch):
             model = nnx.merge(self.graphdef, lora, base)
             adapter = AdapterBatch(batch["slot_ids"], batch["scale"])
-            hidden = model(batch["tokens"], batch["positions"], adapter)
+            hidden, aux = model(batch["tokens"], batch["positions"], adapter, return_aux=True)
             logp = target_logprobs(model, hidden, batch["targets"], adapter, chunk)
             loss, terms = token_losses(
                 loss_fn, logp, batch["inputs"], batch["mask"], batch["config"]
             )
             row_loss = loss.sum(axis=1)
             row_terms = {k: v.sum(axis=1) for k, v in terms.items()}
-            return row_loss.sum(), (row_loss, row_terms, logp)
+            load = None  # MoE: tokens per expert [layers, batch, experts], for router metrics
+            if "experts" in aux:
+                moe = self.config.moe
+                load = expert_load(aux["experts"], batch["mask"], moe.num_experts)
+            return row_loss.sum(), (row_loss, row_terms, logp, load)
 
         return compute
 
@@ -266,10 +282,10 @@ class Trainer:
             else:
                 fn = self._jit(f"forward:{loss_fn}:{chunk}", lambda *a: compute(*a)[1])
                 aux = fn(self.lora, self.base, batch)
-        row_loss, row_terms, logp = jax.device_get(aux)
-        return self._split_outputs(runs, host, row_loss, row_terms, logp)
+        row_loss, row_terms, logp, load = jax.device_get(aux)
+        return self._split_outputs(runs, host, row_loss, row_terms, logp, load)
 
-    def _split_outputs(self, runs, host: HostBatch, row_loss, row_terms, logp):
+    def _split_outputs(self, runs, host: HostBatch, row_loss, row_terms, logp, load):
         outputs, row = [], 0
         for run in runs:
             rows = range(row, row + len(run.datums))
@@ -286,6 +302,8 @@ class Trainer:
                 metrics["clip_fraction:mean"] = float(
                     row_terms["clipped"][list(rows)].sum() / max(tokens, 1)
                 )
+            if load is not None:
+                metrics.update(load_metrics(load[:, list(rows)].sum(axis=1)))
             outputs.append(ForwardBackwardOutput(logprobs, metrics))
         return outputs
 
@@ -327,13 +345,10 @@ class Trainer:
     def _optim_fn(self, lora, grads, mu, nu, counts, slot, hparams, rank, flags):
         layout = self.layout
         params, g, m, v = (layout.take(t, slot) for t in (lora, grads, mu, nu))
-        masks = []
-        for leaf, x in zip(layout.leaves, params):
-            axis = leaf.rank_axis - 1  # the slot axis precedes the rank axis and is gone
-            shape = [1] * x.ndim
-            shape[axis] = x.shape[axis]
-            in_rank = (jnp.arange(x.shape[axis]) < rank).reshape(shape)
-            masks.append((in_rank * flags[leaf.group]).astype(x.dtype))
+        masks = [
+            (self._rank_mask(leaf, x.shape, rank) * flags[leaf.group]).astype(x.dtype)
+            for leaf, x in zip(layout.leaves, params)
+        ]
         params, m, v, count, norm = adamw_step(params, g, m, v, counts[slot], hparams, masks)
         cleared = [jnp.zeros_like(x) for x in g]  # the step consumes the slot's gradients
         return (

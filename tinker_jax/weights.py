@@ -24,6 +24,7 @@ from tinker_jax.lora import LoRAParam, LoRASpec
 from tinker_jax.models import FAMILIES
 from tinker_jax.models.config import ModelConfig, load_config
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.models.family import expand_key, stacked_axes
 from tinker_jax.sharding import make_mesh, named_sharding
 
 
@@ -90,10 +91,12 @@ def _param_reader(
     shape: tuple[int, ...],
     dtype: np.dtype,
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """A `make_array_from_callback` callback for one parameter (stacked over layers or not)."""
-    stacked = "{layer}" in hf_key
-    expected = shape[1:] if stacked else shape
-    first = hf_key.format(layer=0)
+    """A `make_array_from_callback` callback for one parameter. A key template with
+    placeholders (`{layer}`, `{expert}`) stacks one HF tensor per index of as many leading
+    axes: a device's shard reads only the tensors, and the slices of them, it holds."""
+    n = len(stacked_axes(hf_key))
+    expected = shape[n:]
+    first = next(expand_key(hf_key, (range(1),) * n))
     found = ckpt.shape(first, transpose)
     if found != expected:
         raise ValidationError(
@@ -106,12 +109,11 @@ def _param_reader(
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:
-            if stacked:
-                layers = range(*index[0].indices(shape[0]))
-                parts = [ckpt.read(hf_key.format(layer=i), index[1:], transpose) for i in layers]
-                cache[key] = np.stack(parts).astype(dtype)
-            else:
-                cache[key] = ckpt.read(hf_key, index, transpose).astype(dtype)
+            leading = tuple(range(*s.indices(d)) for s, d in zip(index[:n], shape[:n]))
+            parts = np.stack(
+                [ckpt.read(k, index[n:], transpose) for k in expand_key(hf_key, leading)]
+            )  # [tensors, ...] in row-major order of the leading axes
+            cache[key] = parts.reshape(*map(len, leading), *parts.shape[1:]).astype(dtype)
         return cache[key]
 
     return read

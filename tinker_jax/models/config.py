@@ -1,7 +1,8 @@
 """Model configuration read from a HF `config.json`.
 
-One dataclass covers the dense decoder families (Qwen3, Llama 3); the differences between
-them are visible switches (`qk_norm`, `tie_word_embeddings`, `rope_scaling`), not classes.
+One dataclass covers every decoder family (Qwen3, Llama 3, Qwen3-MoE); the differences between
+them are visible switches (`qk_norm`, `tie_word_embeddings`, `rope_scaling`, `moe`), not
+classes. A family whose config needs more than switches reads it with its `config_fields`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.models import FAMILIES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -31,8 +31,21 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A sparse feed-forward: `num_experts` SwiGLU experts of width `intermediate_size`, of
+    which a softmax router picks `experts_per_token` per token; with `norm_topk_prob` the
+    picked probabilities are renormalised to sum to 1."""
+
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int
+    norm_topk_prob: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and switches of a dense decoder-only transformer."""
+    """Shape and switches of a decoder-only transformer; `moe` set means every layer's
+    feed-forward is a mixture of experts (then `intermediate_size` is unused)."""
 
     family: str
     vocab_size: int
@@ -51,6 +64,7 @@ class ModelConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -85,12 +99,15 @@ def _rope_from_hf(cfg: Mapping[str, Any]) -> RopeConfig:
 
 def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
     """Builds a `ModelConfig` from the dict of a HF `config.json`."""
+    from tinker_jax.models import FAMILIES  # here: family modules import this module
+
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
         raise ValidationError(
             "config.model_type",
             f"{model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}",
         )
+    family = FAMILIES[model_type]
     try:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -114,7 +131,8 @@ def config_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            **FAMILIES[model_type].switches,
+            **family.switches,
+            **(family.config_fields(cfg) if family.config_fields else {}),
         )
     except KeyError as e:
         raise ValidationError(f"config.{e.args[0]}", "required key is missing") from None

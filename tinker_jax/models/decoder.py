@@ -1,8 +1,9 @@
-"""The dense decoder-only transformer shared by the Qwen3 and Llama 3 families.
+"""The decoder-only transformer shared by the Qwen3, Llama 3 and Qwen3-MoE families.
 
 Layers are stored stacked (leading `layers` axis) and applied with `jax.lax.scan`, so
-compile time does not grow with depth. Every linear layer is a `LoRALinear` carrying the
-adapter slots of all runs.
+compile time does not grow with depth; hence every layer has the same structure, and a model
+with `config.moe` has a mixture of experts (`moe.MoE`) as the feed-forward of every layer.
+Every linear layer carries the adapter slots of all runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx
 
 from tinker_jax.lora import AdapterBatch, LoRALinear, LoRASpec, lora_delta
 from tinker_jax.models.config import ModelConfig, RopeConfig
+from tinker_jax.models.moe import MoE
 from tinker_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -221,18 +223,21 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then the feed-forward (MLP, or MoE with `cfg.moe`)."""
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, lora, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, lora, dtype, rngs)
+        self.sparse = cfg.moe is not None
+        self.mlp = MoE(cfg, lora, dtype, rngs) if self.sparse else MLP(cfg, lora, dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, adapter: AdapterBatch | None):
-        """x: [batch, seq, embed] -> (x, (k, v) of this layer)."""
+        """x: [batch, seq, embed] -> (x, (k, v) of this layer, the experts each token was
+        routed to [batch, seq, k] int32, or None in a dense layer)."""
         attn, kv = self.self_attn(self.input_layernorm(x), positions, adapter)
-        return self._mlp(x + attn, adapter), kv
+        x, experts = self._mlp(x + attn, adapter)
+        return x, kv, experts
 
     def decode(
         self,
@@ -245,11 +250,12 @@ class DecoderLayer(nnx.Module):
         attn, cache = self.self_attn.decode(
             self.input_layernorm(x), positions, adapter, cache, layer
         )
-        return self._mlp(x + attn, adapter), cache
+        return self._mlp(x + attn, adapter)[0], cache
 
-    def _mlp(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
-        x = x + self.mlp(self.post_attention_layernorm(x), adapter)
-        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+    def _mlp(self, x: jax.Array, adapter: AdapterBatch | None):
+        h = self.post_attention_layernorm(x)
+        y, experts = self.mlp(h, adapter) if self.sparse else (self.mlp(h, adapter), None)
+        return constrain(x + y, ("act_batch", "act_seq", "act_embed")), experts
 
 
 class Unembed(nnx.Module):
@@ -317,20 +323,28 @@ class Transformer(nnx.Module):
         adapter: AdapterBatch | None = None,
         *,
         return_kv: bool = False,
+        return_aux: bool = False,
     ):
         """tokens, positions: [batch, seq] int32 -> final hidden states [batch, seq, embed];
-        with `return_kv` also every layer's (k, v): [layers, batch, seq, kv_heads, head_dim]."""
+        with `return_kv` also every layer's (k, v): [layers, batch, seq, kv_heads, head_dim];
+        with `return_aux` also (last) a dict of per-layer extras: for a MoE model "experts",
+        the experts each token was routed to [layers, batch, seq, k] int32 (empty if dense)."""
         x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
-            h, kv = nnx.merge(graphdef, layer_state)(h, positions, adapter)
-            return h, (kv if return_kv else None)
+            h, kv, experts = nnx.merge(graphdef, layer_state)(h, positions, adapter)
+            return h, (kv if return_kv else None, experts if return_aux else None)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, kv = jax.lax.scan(body, x, state)
-        return (self.norm(x), kv) if return_kv else self.norm(x)
+        x, (kv, experts) = jax.lax.scan(body, x, state)
+        out = (self.norm(x),)
+        if return_kv:
+            out += (kv,)
+        if return_aux:
+            out += ({} if experts is None else {"experts": experts},)
+        return out if len(out) > 1 else out[0]
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, adapter: AdapterBatch | None, cache: KVCache

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+# Placeholders of HF key templates, in the order of the stacked leading axes they index:
+# a parameter [layers, experts, ...] reads `...layers.{layer}...experts.{expert}...`.
+STACKED_AXES = ("layer", "expert")
 
 # Our parameter path -> (HF safetensors key, whether HF stores it transposed [out, in]).
 # `{layer}` is filled for each entry of the stacked `layers` axis.
@@ -34,10 +41,27 @@ DENSE_HF_KEYS: dict[str, tuple[str, bool]] = {
 }
 
 
+def stacked_axes(hf_key: str) -> tuple[str, ...]:
+    """The placeholders of a key template (`("layer", "expert")`); each is one leading axis
+    of our parameter, so a parameter is the stack of len(result)-deep HF tensors."""
+    return tuple(a for a in STACKED_AXES if "{" + a + "}" in hf_key)
+
+
+def expand_key(hf_key: str, leading: tuple[range, ...]) -> Iterator[str]:
+    """The HF keys of the given index ranges of a template's stacked axes, in row-major order
+    (`leading` has one range per placeholder of `stacked_axes(hf_key)`)."""
+    axes = stacked_axes(hf_key)
+    for ids in itertools.product(*leading):
+        yield hf_key.format(**dict(zip(axes, ids)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model family: HF `model_type`, `ModelConfig` switches, and checkpoint key table."""
+    """A model family: HF `model_type`, `ModelConfig` switches, checkpoint key table, and
+    optionally `config_fields` (HF config dict -> further `ModelConfig` fields, raising
+    ValidationError for a config the family cannot build)."""
 
     model_type: str
     switches: dict[str, bool]
     hf_keys: dict[str, tuple[str, bool]]
+    config_fields: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
