@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tinker_jax.errors import ValidationError
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from tinker_jax.sharding import MESH_AXES
 
 
 @dataclasses.dataclass(frozen=True)

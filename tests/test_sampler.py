@@ -60,8 +60,10 @@ def engine(hf_model_dir):
 
 
 def _hf_greedy(model, prompt, n):
+    ids = torch.from_numpy(np.asarray(prompt)[None]).long()
     out = model.generate(
-        torch.from_numpy(np.asarray(prompt)[None]).long(),
+        ids,
+        attention_mask=torch.ones_like(ids),  # token 0 is a real token, not padding
         max_new_tokens=n,
         do_sample=False,
         eos_token_id=None,

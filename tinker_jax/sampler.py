@@ -41,7 +41,7 @@ from tinker_jax.sampling import (
     step_keys,
     token_logprobs,
 )
-from tinker_jax.sharding import logical_to_spec
+from tinker_jax.sharding import batch_multiple, logical_to_spec
 
 MAX_STOP_TOKENS = 16
 MAX_TOPK_PROMPT_LOGPROBS = 64
@@ -178,7 +178,7 @@ class Sampler:
         self._pending: dict[int, _Pending] = {}
         self._queue: collections.deque[int] = collections.deque()
         self._ids = itertools.count()
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        self.batch_multiple = batch_multiple(mesh)
         self.trace_counts: dict[str, int] = {}
         self._compiled: dict = {}
 

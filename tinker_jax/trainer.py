@@ -127,8 +127,13 @@ class Trainer:
         info = self._check_slot(slot)
         if not with_optimizer:
             return SlotState(info.lora, self.slot_arrays(slot))
-        return SlotState(info.lora, self.slot_arrays(slot), self.slot_arrays(slot, "mu"),
-                         self.slot_arrays(slot, "nu"), int(self.counts[slot]))
+        return SlotState(
+            info.lora,
+            self.slot_arrays(slot),
+            self.slot_arrays(slot, "mu"),
+            self.slot_arrays(slot, "nu"),
+            int(self.counts[slot]),
+        )
 
     def import_slot(self, state: SlotState, with_optimizer: bool) -> int:
         """A new slot holding a saved state; without the optimizer, the moments start at
@@ -143,15 +148,27 @@ class Trainer:
         slot = self.create_slot(state.lora)
         fn = self._jit("import_slot", self._import_slot_fn, donate_argnums=(0, 1, 2, 3))
         self.lora, self.mu, self.nu, self.counts = fn(
-            self.lora, self.mu, self.nu, self.counts, jnp.int32(slot), adapter, mu, nu,
-            jnp.int32(count))
+            self.lora,
+            self.mu,
+            self.nu,
+            self.counts,
+            jnp.int32(slot),
+            adapter,
+            mu,
+            nu,
+            jnp.int32(count),
+        )
         self.slots[slot].step = count
         return slot
 
     def _import_slot_fn(self, lora, mu, nu, counts, slot, adapter, mu_values, nu_values, count):
         layout = self.layout
-        return (layout.put(lora, slot, adapter), layout.put(mu, slot, mu_values),
-                layout.put(nu, slot, nu_values), counts.at[slot].set(count))
+        return (
+            layout.put(lora, slot, adapter),
+            layout.put(mu, slot, mu_values),
+            layout.put(nu, slot, nu_values),
+            counts.at[slot].set(count),
+        )
 
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
@@ -321,41 +338,62 @@ class Trainer:
         """Applies AdamW to one slot with its accumulated gradients, then clears them."""
         info = self._check_slot(slot)
         params.validate()
-        fn = self._jit(
-            "optim_step",
-            self._optim_fn,
+        # Two programs: computing the update reads the slot, writing it back (donated) is an
+        # in-place update. In one program XLA copies every slot's arrays, a cost that grows
+        # with the number of adapter slots.
+        update = self._jit("optim_update", self._optim_update_fn)
+        write = self._jit(
+            "optim_write",
+            self._optim_write_fn,
             donate_argnums=(0, 1, 2, 3, 4),
-            out_shardings=(self._state_sharding,) * 4 + (None, None),
+            out_shardings=(self._state_sharding,) * 4 + (None,),
         )
         with jax.set_mesh(self.mesh):
-            self.lora, self.grads, self.mu, self.nu, self.counts, norm = fn(
+            slot_index = jnp.int32(slot)
+            new_params, m, v, count, norm = update(
                 self.lora,
                 self.grads,
                 self.mu,
                 self.nu,
                 self.counts,
-                jnp.int32(slot),
+                slot_index,
                 params.as_array(),
                 jnp.int32(info.lora.rank),
                 jnp.asarray(info.lora.flags()),
             )
+            self.lora, self.grads, self.mu, self.nu, self.counts = write(
+                self.lora,
+                self.grads,
+                self.mu,
+                self.nu,
+                self.counts,
+                slot_index,
+                new_params,
+                m,
+                v,
+                count,
+            )
         info.step += 1
         return {"grad_norm:mean": float(norm)}
 
-    def _optim_fn(self, lora, grads, mu, nu, counts, slot, hparams, rank, flags):
+    def _optim_update_fn(self, lora, grads, mu, nu, counts, slot, hparams, rank, flags):
+        """One slot's new adapter, moments, step count and pre-clip gradient norm."""
         layout = self.layout
         params, g, m, v = (layout.take(t, slot) for t in (lora, grads, mu, nu))
         masks = [
             (self._rank_mask(leaf, x.shape, rank) * flags[leaf.group]).astype(x.dtype)
             for leaf, x in zip(layout.leaves, params)
         ]
-        params, m, v, count, norm = adamw_step(params, g, m, v, counts[slot], hparams, masks)
-        cleared = [jnp.zeros_like(x) for x in g]  # the step consumes the slot's gradients
+        return adamw_step(params, g, m, v, counts[slot], hparams, masks)
+
+    def _optim_write_fn(self, lora, grads, mu, nu, counts, slot, params, m, v, count):
+        """Writes one slot's step results back; the step consumes the slot's gradients."""
+        layout = self.layout
+        cleared = [jnp.zeros_like(x) for x in params]
         return (
             layout.put(lora, slot, params),
             layout.put(grads, slot, cleared),
             layout.put(mu, slot, m),
             layout.put(nu, slot, v),
             counts.at[slot].set(count),
-            norm,
         )
