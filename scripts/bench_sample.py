@@ -42,24 +42,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-PRESETS = {
-    "qwen3-1.7b": dict(
-        family="qwen3",
-        hidden=2048,
-        layers=28,
-        heads=16,
-        kv_heads=8,
-        head_dim=128,
-        intermediate=6144,
-        vocab=151936,
-        tied=True,
-        dtype="bfloat16",
-    ),
-}
+from bench_models import add_model_args, ensure_model, layer_shapes, parse_with_preset
 
 CPU_TARGETS = {1: 1.0, 32: 5.0}  # batch size -> required ratio ours/torch on CPU
-H100_SXM_GBPS = 3350.0
+# HBM bandwidth in GB/s by `device_kind` substring (the vendors' figures).
+HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "TPU v5p": 2765.0, "TPU v6": 1640.0}
 
 
 if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
@@ -68,17 +55,7 @@ if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not i
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--family", choices=["qwen3", "llama"], default="qwen3")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--tied", action="store_true", help="tie the lm head to the embedding")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_model_args(p)
     p.add_argument(
         "--batches",
         default=None,
@@ -95,98 +72,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora-slots", type=int, default=2, help="sampler adapter slots")
     p.add_argument("--no-torch", action="store_true", help="time only our sampler")
     p.add_argument(
+        "--torch-device", default="cpu", help="where transformers runs (cpu, or cuda on a GPU)"
+    )
+    p.add_argument(
         "--hbm-gbps",
         type=float,
         default=None,
-        help=f"memory bandwidth in GB/s for the roofline (default {H100_SXM_GBPS:.0f}, "
-        "H100 SXM HBM3, on GPU/TPU; on CPU the roofline prints only when this is given)",
+        help="memory bandwidth in GB/s for the roofline (default: the chip's figure from "
+        "HBM_GBPS on GPU/TPU; on CPU the roofline prints only when this is given)",
     )
-    p.add_argument("--model-dir", default=None, help="reuse/create the HF folder here")
-    args = p.parse_args()
-    if args.preset:
-        for key, value in PRESETS[args.preset].items():
-            setattr(args, key, value)
-    return args
-
-
-def hf_config_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=max(4096, args.prompt_len + args.new_tokens),
-        tie_word_embeddings=args.tied,
-        rope_theta=1_000_000.0 if args.family == "qwen3" else 500_000.0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-
-
-def write_with_transformers(folder: Path, args: argparse.Namespace) -> None:
-    """A random model from `from_config`, saved with `save_pretrained` (fp32)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(args.family, **hf_config_kwargs(args))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-
-
-def write_with_numpy(folder: Path, args: argparse.Namespace) -> None:
-    """The same folder layout without building a torch model (fast at billions of weights).
-    Weights are N(0, 0.02) in `args.dtype`; norms are 1."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(args.family, **hf_config_kwargs(args))
-    config.dtype = args.dtype
-    config.save_pretrained(folder)
-    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-    rng = np.random.default_rng(0)
-    e, m = args.hidden, args.intermediate
-    q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
-
-    def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
-
-    tensors = {
-        "model.embed_tokens.weight": normal(args.vocab, e),
-        "model.norm.weight": np.ones(e, dtype),
-    }
-    if not args.tied:
-        tensors["lm_head.weight"] = normal(args.vocab, e)
-    shapes = {
-        "self_attn.q_proj": (q, e),
-        "self_attn.k_proj": (kv, e),
-        "self_attn.v_proj": (kv, e),
-        "self_attn.o_proj": (e, q),
-        "mlp.gate_proj": (m, e),
-        "mlp.up_proj": (m, e),
-        "mlp.down_proj": (e, m),
-    }
-    for i in range(args.layers):
-        pre = f"model.layers.{i}."
-        for name, shape in shapes.items():
-            tensors[f"{pre}{name}.weight"] = normal(*shape)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{pre}{name}.weight"] = np.ones(e, dtype)
-        if args.family == "qwen3":
-            for name in ("q_norm", "k_norm"):
-                tensors[f"{pre}self_attn.{name}.weight"] = np.ones(args.head_dim, dtype)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return parse_with_preset(p)
 
 
 def weight_counts(args: argparse.Namespace) -> tuple[int, int]:
     """(N_layers, lm head weights) as the module docstring defines them."""
-    e, m = args.hidden, args.intermediate
-    q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
-    per_layer = e * q + 2 * e * kv + q * e + 3 * e * m
-    return args.layers * per_layer, args.vocab * e
+    per_layer = sum(o * i for o, i in layer_shapes(args).values())
+    return args.layers * per_layer, args.vocab * args.hidden
 
 
 def make_prompts(args: argparse.Namespace, batch: int) -> np.ndarray:
@@ -227,13 +128,13 @@ class Torch:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
-        self.model.eval()
+        self.torch, self.device = torch, torch.device(args.torch_device)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+        self.model = model.to(self.device).eval()
 
     def generate(self, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
         torch = self.torch
-        ids = torch.from_numpy(prompts).long()
+        ids = torch.from_numpy(prompts).long().to(self.device)
         with torch.inference_mode():
             out = self.model.generate(
                 ids,
@@ -244,7 +145,7 @@ class Torch:
                 pad_token_id=0,
                 use_cache=True,
             )
-        return out[:, prompts.shape[1] :].tolist()
+        return out[:, prompts.shape[1] :].tolist()  # .tolist() waits for the device
 
 
 def timed(fn) -> tuple[float, object]:
@@ -295,14 +196,8 @@ def main() -> None:
     print("config:", json.dumps({k: v for k, v in vars(args).items() if v is not None}))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "config.json").is_file():
-            start = time.perf_counter()
-            if args.no_torch or args.preset:
-                write_with_numpy(folder, args)
-            else:
-                write_with_transformers(folder, args)
-            print(f"wrote random HF model to {folder} in {time.perf_counter() - start:.1f}s")
+        max_len = args.prompt_len + args.new_tokens
+        ensure_model(folder, args, max_len, fast=args.no_torch or args.preset is not None)
 
         mesh = make_mesh()
         model, _ = load_model(
@@ -314,7 +209,12 @@ def main() -> None:
         theirs = None if args.no_torch else Torch(folder, args)
         device = jax.devices()[0]
         print(f"ours: {jax.default_backend()} {device.device_kind} x{len(jax.devices())}", end="")
-        print("" if theirs is None else f"; torch: CPU, {theirs.torch.get_num_threads()} threads")
+        if theirs is None:
+            print()
+        elif theirs.device.type == "cpu":
+            print(f"; torch: CPU, {theirs.torch.get_num_threads()} threads")
+        else:
+            print(f"; torch: {theirs.device}")
 
         results = {}
         for batch in batches:
@@ -342,15 +242,21 @@ def main() -> None:
                     print(f"target batch {batch}: >= {need:.0f}x, got {got:.2f}x: {verdict}")
 
         if accelerator or args.hbm_gbps is not None:
-            report_roofline(args, results, accelerator)
+            report_roofline(args, results, device.device_kind)
 
 
-def report_roofline(args: argparse.Namespace, results: dict, accelerator: bool) -> None:
+def report_roofline(args: argparse.Namespace, results: dict, device_kind: str) -> None:
     """Batch-1 decode as a fraction of the weight-bandwidth ceiling (module docstring)."""
     import jax.numpy as jnp
 
-    gbps = args.hbm_gbps if args.hbm_gbps is not None else H100_SXM_GBPS
-    source = "--hbm-gbps" if args.hbm_gbps is not None else "default: H100 SXM HBM3"
+    known = [(name, gbps) for name, gbps in HBM_GBPS.items() if name.lower() in device_kind.lower()]
+    if args.hbm_gbps is not None:
+        gbps, source = args.hbm_gbps, "--hbm-gbps"
+    elif known:
+        gbps, source = known[0][1], f"{known[0][0]} figure"
+    else:
+        print(f"no HBM bandwidth known for {device_kind!r}; pass --hbm-gbps")
+        return
     itemsize = jnp.dtype(args.dtype).itemsize
     n_layers, n_head = weight_counts(args)
     weight_bytes = itemsize * (n_layers + n_head)
@@ -371,8 +277,6 @@ def report_roofline(args: argparse.Namespace, results: dict, accelerator: bool) 
     for batch, r in results.items():
         if batch != 1:
             print(f"batch {batch} tokens/s {r['ours_tps']:.1f} (decode {r['ours_decode_tps']:.1f})")
-    if not accelerator:
-        print("(JAX backend is the CPU: the bandwidth is whatever --hbm-gbps says)")
 
 
 if __name__ == "__main__":

@@ -31,23 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_models import add_model_args, ensure_model, layer_shapes, parse_with_preset
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-PRESETS = {
-    "qwen3-1.7b": dict(
-        family="qwen3",
-        hidden=2048,
-        layers=28,
-        heads=16,
-        kv_heads=8,
-        head_dim=128,
-        intermediate=6144,
-        vocab=151936,
-        tied=True,
-        dtype="bfloat16",
-    ),
-}
 
 # Dense peak FLOP/s per chip: (bf16, fp32 as TF32). Matched against `device_kind`.
 PEAK_FLOPS = {
@@ -65,128 +51,33 @@ PEAK_FLOPS = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--family", choices=["qwen3", "llama"], default="qwen3")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--seq", type=int, default=512, help="model_input length of every datum")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none")
+    p.add_argument(
+        "--attention", choices=["einsum", "xla", "cudnn"], default="einsum", help="our kernel"
+    )
     p.add_argument("--logprob-chunk", type=int, default=None, help="Trainer logprob_chunk")
     p.add_argument("--no-torch", action="store_true", help="time only our engine")
+    p.add_argument(
+        "--torch-device", default="cpu", help="where torch+PEFT runs (cpu, or cuda on a GPU)"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the chip peak")
-    p.add_argument("--tied", action="store_true", help="tie the lm head to the embedding")
-    p.add_argument("--model-dir", default=None, help="reuse/create the HF folder here")
-    preset = p.parse_known_args()[0].preset
-    if preset:  # the preset's shapes become the defaults; explicit flags still win
-        p.set_defaults(**PRESETS[preset])
-    return p.parse_args()
-
-
-def hf_config_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=max(4096, args.seq),
-        tie_word_embeddings=args.tied,
-        rope_theta=1_000_000.0 if args.family == "qwen3" else 500_000.0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return kwargs
-
-
-def write_with_transformers(folder: Path, args: argparse.Namespace) -> None:
-    """A random model from `from_config`, saved with `save_pretrained` (fp32)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(args.family, **hf_config_kwargs(args))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(folder)
-
-
-def write_with_numpy(folder: Path, args: argparse.Namespace) -> None:
-    """The same folder without building a torch model: fast for billion-parameter shapes."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(args.family, **hf_config_kwargs(args))
-    config.dtype = args.dtype
-    config.save_pretrained(folder)
-    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-    rng = np.random.default_rng(0)
-    # Each tensor is a window of one random pool: independent draws for billions of
-    # parameters would take minutes, and throughput does not depend on the values.
-    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(dtype)
-    e, q, kv, m = (
-        args.hidden,
-        args.heads * args.head_dim,
-        args.kv_heads * args.head_dim,
-        args.intermediate,
-    )
-
-    def normal(*shape: int) -> np.ndarray:
-        start = int(rng.integers(0, pool.size))
-        return np.resize(np.roll(pool, -start), shape)
-
-    tensors = {
-        "model.embed_tokens.weight": normal(args.vocab, e),
-        "model.norm.weight": np.ones(e, dtype),
-    }
-    if not args.tied:
-        tensors["lm_head.weight"] = normal(args.vocab, e)
-    for i in range(args.layers):
-        pre = f"model.layers.{i}."
-        shapes = {
-            "self_attn.q_proj": (q, e),
-            "self_attn.k_proj": (kv, e),
-            "self_attn.v_proj": (kv, e),
-            "self_attn.o_proj": (e, q),
-            "mlp.gate_proj": (m, e),
-            "mlp.up_proj": (m, e),
-            "mlp.down_proj": (e, m),
-        }
-        for name, shape in shapes.items():
-            tensors[f"{pre}{name}.weight"] = normal(*shape)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{pre}{name}.weight"] = np.ones(e, dtype)
-        if args.family == "qwen3":
-            for name in ("q_norm", "k_norm"):
-                tensors[f"{pre}self_attn.{name}.weight"] = np.ones(args.head_dim, dtype)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return parse_with_preset(p)
 
 
 def flops_per_token(args: argparse.Namespace) -> tuple[float, float]:
     """(model_flops, lora_flops) per trained token; see the module docstring."""
-    e, q, kv, m = (
-        args.hidden,
-        args.heads * args.head_dim,
-        args.kv_heads * args.head_dim,
-        args.intermediate,
+    shapes = layer_shapes(args).values()
+    n_base = args.layers * sum(o * i for o, i in shapes) + args.hidden * args.vocab
+    n_lora = args.layers * sum(args.rank * (i + o) for o, i in shapes) + args.rank * (
+        args.hidden + args.vocab
     )
-    shapes = [(e, q), (e, kv), (e, kv), (q, e), (e, m), (e, m), (m, e)]
-    n_base = args.layers * sum(i * o for i, o in shapes) + e * args.vocab
-    n_lora = args.layers * sum(args.rank * (i + o) for i, o in shapes) + args.rank * (
-        e + args.vocab
-    )
-    attention = 6 * args.layers * args.seq * q
+    attention = 6 * args.layers * args.seq * args.heads * args.head_dim
     return 6 * (n_base + n_lora) + attention, 4 * n_base + 6 * n_lora + attention
 
 
@@ -237,6 +128,7 @@ def ours_step(folder: Path, args: argparse.Namespace, tokens: np.ndarray):
         mesh=mesh,
         dtype=jnp.dtype(args.dtype),
         remat=args.remat,
+        attention=args.attention,
     )
     kwargs = {} if args.logprob_chunk is None else {"logprob_chunk": args.logprob_chunk}
     trainer = Trainer(model, mesh, **kwargs)
@@ -259,13 +151,14 @@ def torch_step(folder: Path, args: argparse.Namespace, tokens: np.ndarray):
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    device = torch.device(args.torch_device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     config = peft.LoraConfig(r=args.rank, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
     model = peft.get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-    batch = torch.from_numpy(tokens)
+    batch = torch.from_numpy(tokens).to(device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def step() -> float:
@@ -276,9 +169,10 @@ def torch_step(folder: Path, args: argparse.Namespace, tokens: np.ndarray):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # waits for the device
 
-    return step, torch.get_num_threads()
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    return step, where
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
@@ -321,14 +215,7 @@ def main() -> None:
     print("config:", json.dumps({k: v for k, v in vars(args).items() if v is not None}))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model_dir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "config.json").is_file():
-            start = time.perf_counter()
-            if args.no_torch or args.preset:
-                write_with_numpy(folder, args)
-            else:
-                write_with_transformers(folder, args)
-            print(f"wrote random HF model to {folder} in {time.perf_counter() - start:.1f}s")
+        ensure_model(folder, args, args.seq, fast=args.no_torch or args.preset is not None)
         tokens = make_tokens(args)
 
         import jax
@@ -341,8 +228,8 @@ def main() -> None:
             )
         ]
         if not args.no_torch:
-            step, threads = torch_step(folder, args, tokens)
-            sides.append(Side(f"torch+peft ({threads} threads)", step))
+            step, where = torch_step(folder, args, tokens)
+            sides.append(Side(f"torch+peft ({where})", step))
         for side in sides:
             for _ in range(args.warmup):
                 side.run(timed=False)

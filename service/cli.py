@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_lora_rank": args.max_lora_rank,
         "max_adapters": args.max_adapters,
         "dtype": args.dtype,
+        "attention": args.attention,
         "mesh": parse_mesh(args.mesh) if args.mesh else None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-lora-rank", type=int, default=None)
     serve.add_argument("--max-adapters", type=int, default=None)
     serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    serve.add_argument(
+        "--attention",
+        choices=["auto", "einsum", "xla", "cudnn"],
+        default=None,
+        help="self-attention kernel (auto: cuDNN on a GPU in bfloat16, einsum elsewhere)",
+    )
     serve.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")
     serve.set_defaults(func=_serve)

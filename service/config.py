@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.models.decoder import ATTENTION_KERNELS
 from tinker_jax.sharding import MESH_AXES
 
 
@@ -32,6 +33,9 @@ class ServerConfig:
     sampler_rows: int = 32
     max_seq_len: int | None = 4096
     dtype: str = "float32"
+    # Self-attention kernel for training and prefill: "auto" picks cuDNN's fused attention on
+    # a GPU in bfloat16 and the einsum kernel elsewhere; or a name in ATTENTION_KERNELS.
+    attention: str = "auto"
     lora_alpha: float = 32.0
     max_queue: int = 1024
     max_batch_size: int = 1024
@@ -61,6 +65,11 @@ class ServerConfig:
             raise ValidationError("http_port", f"{self.http_port} is outside [0, 65535]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValidationError("dtype", f"{self.dtype!r} is not float32 or bfloat16")
+        if self.attention != "auto" and self.attention not in ATTENTION_KERNELS:
+            raise ValidationError(
+                "attention",
+                f"{self.attention!r} is not one of auto, {', '.join(sorted(ATTENTION_KERNELS))}",
+            )
         if set(self.mesh) - set(MESH_AXES):
             raise ValidationError(
                 "mesh",

@@ -61,6 +61,7 @@ class Server:
             max_seq_len=config.max_seq_len,
             mesh=config.mesh,
             dtype=config.dtype,
+            attention=config.attention,
             lora_alpha=config.lora_alpha,
             max_queue=config.max_queue,
         )

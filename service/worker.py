@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from tinker_jax.batching import Datum, RunBatch, build_batch
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRASpec
+from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.optim import AdamParams
 from tinker_jax.sampler import Sampler, SampleRequest
 from tinker_jax.service.errors import ResourceExhausted
@@ -132,6 +133,7 @@ class EngineSettings:
     max_seq_len: int | None = None
     mesh: dict[str, int] | None = None
     dtype: str = "float32"
+    attention: str = "auto"
     lora_alpha: float = 32.0
     max_queue: int = 1024
 
@@ -150,6 +152,9 @@ class EngineWorker:
             lora=LoRASpec(settings.max_adapters, settings.max_lora_rank),
             mesh=mesh,
             dtype=dtype,
+            attention=(
+                auto_attention_kernel(dtype) if settings.attention == "auto" else settings.attention
+            ),
         )
         self.trainer = Trainer(model, mesh, lora_alpha=settings.lora_alpha)
         self.tokenizer = _tokenizer(self.model_dir)

@@ -61,3 +61,20 @@ def test_bf16_parameters_load(hf_model_dir):
     logits = model.logits(model(tokens, tokens))
     ref = hf_logits(hf_model_dir("qwen3"), tokens)
     assert np.abs(np.asarray(logits, np.float32) - ref).max() < 0.1
+
+
+def test_fused_attention_kernel_matches_transformers(hf_model_dir):
+    """`attention="xla"` (jax.nn.dot_product_attention with a causal mask; the GPU path
+    swaps in cuDNN's implementation of the same op) gives the same logits as transformers."""
+    folder = hf_model_dir("qwen3")
+    mesh = make_mesh(devices=jax.devices()[:1])
+    model, cfg = load_model(str(folder), lora=None, mesh=mesh, attention="xla")
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape)
+    ours = np.asarray(model.logits(model(tokens, positions)))
+    np.testing.assert_allclose(ours, hf_logits(folder, tokens), atol=1e-4, rtol=0)
+
+
+def test_unknown_attention_kernel_is_refused(hf_model_dir):
+    with pytest.raises(ValueError, match="attention"):
+        load_model(str(hf_model_dir("qwen3")), lora=None, attention="flash")

@@ -221,7 +221,31 @@ def test_export_peft_from_the_cli(server, tmp_path):
         _train(tc, _sft_data(seed=11), steps=1)
         path = tc.save_state("export-me").result(timeout=300).path
     out = tmp_path / "peft"
-    subprocess.run([sys.executable, "-m", "tinker_jax.service.cli", "export-peft", path,
-                    "--storage", str(server.storage), "--out", str(out)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinker_jax.service.cli",
+            "export-peft",
+            path,
+            "--storage",
+            str(server.storage),
+            "--out",
+            str(out),
+        ],
+        check=True,
+    )
     config = (out / "adapter_config.json").read_text()
     assert '"r": 4' in config and (out / "adapter_model.safetensors").is_file()
+
+
+def test_attention_kernel_setting_is_validated(tmp_path):
+    from tinker_jax.errors import ValidationError
+    from tinker_jax.models.decoder import auto_attention_kernel
+    from tinker_jax.service.config import ServerConfig
+
+    assert ServerConfig(base_models=("m",), storage=tmp_path, attention="cudnn").attention
+    with pytest.raises(ValidationError) as err:
+        ServerConfig(base_models=("m",), storage=tmp_path, attention="flash")
+    assert err.value.field == "attention" and "einsum" in str(err.value)
+    assert auto_attention_kernel(np.float32) == "einsum"  # CPU, and fp32 anywhere

@@ -201,16 +201,20 @@ class SlotLayout:
             axis = leaf.slot_rank_axis
             if value.ndim == len(shape) and value.shape[axis] > shape[axis]:
                 if np.take(value, range(shape[axis], value.shape[axis]), axis=axis).any():
-                    raise ValidationError("weights", f"{leaf.name} has rank "
-                                          f"{value.shape[axis]}, above the maximum {shape[axis]}")
+                    raise ValidationError(
+                        "weights",
+                        f"{leaf.name} has rank "
+                        f"{value.shape[axis]}, above the maximum {shape[axis]}",
+                    )
                 value = np.take(value, range(shape[axis]), axis=axis)
             if value.ndim == len(shape):
                 pad = [(0, 0)] * value.ndim
                 pad[axis] = (0, shape[axis] - value.shape[axis])
                 value = np.pad(value, pad)
             if value.shape != tuple(shape):
-                raise ValidationError("weights", f"{leaf.name} has shape {value.shape}, "
-                                      f"expected {tuple(shape)}")
+                raise ValidationError(
+                    "weights", f"{leaf.name} has shape {value.shape}, expected {tuple(shape)}"
+                )
             values.append(value)
         return values
 

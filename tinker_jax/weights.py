@@ -126,6 +126,7 @@ def load_model(
     mesh: Mesh | None = None,
     dtype: jnp.dtype = jnp.float32,
     remat: str = "none",
+    attention: str = "einsum",
 ) -> tuple[Transformer, ModelConfig]:
     """Builds the model for a HF folder/cache name with weights placed in their shardings."""
     model_dir = resolve_model_dir(name_or_path)
@@ -134,7 +135,9 @@ def load_model(
     ckpt = SafetensorsIndex(model_dir)
     hf_keys = FAMILIES[cfg.family].hf_keys
     abstract = nnx.eval_shape(
-        lambda: Transformer(cfg, lora=lora, dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+        lambda: Transformer(
+            cfg, lora=lora, dtype=dtype, remat=remat, attention=attention, rngs=nnx.Rngs(0)
+        )
     )
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(jnp.dtype(dtype))

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The accelerator measurements of one short lease, in order of importance, each step bounded
+# by its own timeout so that one failure does not cost the others:
+#   1. LoRA training MFU of a Qwen3-1.7B-shaped bf16 model (cuDNN attention), torch+PEFT on
+#      the same GPU as the peer;
+#   2. the same with our einsum attention (what the fused kernel buys);
+#   3. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
+#      the same GPU as the peer;
+#   4. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model.
+# Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
+#   bash scripts/bench_accelerator.sh
+# MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# JAX would take 75% of the GPU up front, leaving the torch peer in the same process too little.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+out="${OUT:-/tmp/bench_accelerator}"
+mkdir -p "$out"
+model_dir="${MODEL_DIR:-/tmp/bench_accelerator_model}"
+model_args=(${MODEL_ARGS:---preset qwen3-1.7b})
+torch_device="${TORCH_DEVICE:-cuda}"
+py="${PYTHON:-python3}"
+
+step() {  # step NAME SECONDS COMMAND...: runs one measurement, logging to $out/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$seconds" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.log"
+    echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+step versions 45 "$py" -c "import jax, flax, optax, transformers, torch; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
+'transformers', transformers.__version__, 'torch', torch.__version__); print(jax.devices())"
+step train_cudnn 200 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batch 8 --seq 1024 --steps 5 --attention cudnn --torch-device "$torch_device"
+step train_einsum 110 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batch 8 --seq 1024 --steps 5 --attention einsum --no-torch
+step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batches 1,64 --torch-device "$torch_device"
+step logprobs 60 "$py" scripts/measure_logprob_agreement.py --hidden 512 --layers 8 --heads 8 \
+    --kv-heads 4 --head-dim 64 --intermediate 1536 --vocab 32000

@@ -1,0 +1,148 @@
+"""Random HF model folders for the benchmark scripts: shape flags, presets, and writers.
+
+Every benchmark loads its model through the same path real weights take (a folder with
+`config.json` and safetensors), so the shapes are command-line flags and the folder is
+written on the spot: by `transformers` (`from_config` + `save_pretrained`) for small models,
+or straight from NumPy for billion-parameter shapes where building a torch model is slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {
+    "qwen3-1.7b": dict(
+        family="qwen3",
+        hidden=2048,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=6144,
+        vocab=151936,
+        tied=True,
+        dtype="bfloat16",
+    ),
+}
+
+
+def add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """The model-shape flags shared by the benchmarks (defaults: the CPU benchmark model)."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p.add_argument("--family", choices=["qwen3", "llama"], default="qwen3")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tied", action="store_true", help="tie the lm head to the embedding")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=dtype)
+    p.add_argument("--model-dir", default=None, help="reuse/create the HF folder here")
+
+
+def parse_with_preset(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parses the flags with a preset's shapes as defaults (explicit flags still win)."""
+    preset = p.parse_known_args()[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args()
+
+
+def layer_shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(out, in) of every weight matrix of one decoder layer, by HF name."""
+    e, m = args.hidden, args.intermediate
+    q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
+    return {
+        "self_attn.q_proj": (q, e),
+        "self_attn.k_proj": (kv, e),
+        "self_attn.v_proj": (kv, e),
+        "self_attn.o_proj": (e, q),
+        "mlp.gate_proj": (m, e),
+        "mlp.up_proj": (m, e),
+        "mlp.down_proj": (e, m),
+    }
+
+
+def hf_config(args: argparse.Namespace, max_len: int):
+    """The transformers config of these shapes (EOS id 1, no BOS)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        args.family,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(4096, max_len),
+        tie_word_embeddings=args.tied,
+        rope_theta=1_000_000.0 if args.family == "qwen3" else 500_000.0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+
+
+def write_with_transformers(folder: Path, args: argparse.Namespace, max_len: int) -> None:
+    """A random model from `from_config`, saved with `save_pretrained` (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(args, max_len), dtype=torch.float32)
+    model.save_pretrained(folder)
+
+
+def write_with_numpy(folder: Path, args: argparse.Namespace, max_len: int) -> None:
+    """The same folder without building a torch model: fast for billion-parameter shapes.
+
+    Weights are N(0, 0.02) in `args.dtype`, norms 1. Each tensor is a window of one random
+    pool: independent draws for billions of parameters would take minutes, and throughput
+    does not depend on the values.
+    """
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    config = hf_config(args, max_len)
+    config.dtype = args.dtype
+    config.save_pretrained(folder)
+    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(dtype)
+
+    def normal(*shape: int) -> np.ndarray:
+        return np.resize(np.roll(pool, -int(rng.integers(0, pool.size))), shape)
+
+    tensors = {
+        "model.embed_tokens.weight": normal(args.vocab, args.hidden),
+        "model.norm.weight": np.ones(args.hidden, dtype),
+    }
+    if not args.tied:
+        tensors["lm_head.weight"] = normal(args.vocab, args.hidden)
+    for i in range(args.layers):
+        pre = f"model.layers.{i}."
+        for name, shape in layer_shapes(args).items():
+            tensors[f"{pre}{name}.weight"] = normal(*shape)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{pre}{name}.weight"] = np.ones(args.hidden, dtype)
+        if args.family == "qwen3":
+            for name in ("q_norm", "k_norm"):
+                tensors[f"{pre}self_attn.{name}.weight"] = np.ones(args.head_dim, dtype)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def ensure_model(folder: Path, args: argparse.Namespace, max_len: int, fast: bool) -> None:
+    """Writes the random model into `folder` unless it already holds one (`--model-dir`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "config.json").is_file():
+        return
+    start = time.perf_counter()
+    (write_with_numpy if fast else write_with_transformers)(folder, args, max_len)
+    print(f"wrote random HF model to {folder} in {time.perf_counter() - start:.1f}s")
