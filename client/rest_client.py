@@ -156,6 +156,19 @@ class RestClient:
             request.ttl_seconds = ttl_seconds
         return self._call("SetCheckpointTtl", request, lambda _: None)
 
+    def create_weights_access_token(self, training_run_id: str) -> APIFuture[str]:
+        """A token (`tmlw-...`, shown once) with which anyone may load and sample from every
+        checkpoint of your run `training_run_id` without it being published; pass it as
+        `weights_access_token` to create_training_client_from_state[_with_optimizer] or
+        create_sampling_client. Valid until revoked."""
+        request = pb.CreateWeightsAccessTokenRequest(training_run_id=training_run_id)
+        return self._call("CreateWeightsAccessToken", request, lambda r: r.token)
+
+    def revoke_weights_access_token(self, token: str) -> APIFuture[None]:
+        """Ends a token you created: loads and samplers opened with it later are refused."""
+        request = pb.WeightsAccessToken(token=token)
+        return self._call("RevokeWeightsAccessToken", request, lambda _: None)
+
     # ---------------------------------------------------------------- sessions, samplers
 
     def get_session(self, session_id: str) -> APIFuture[types.GetSessionResponse]:
@@ -189,6 +202,8 @@ class RestClient:
     publish_checkpoint_from_tinker_path_async = _async_twin(publish_checkpoint_from_tinker_path)
     unpublish_checkpoint_from_tinker_path_async = _async_twin(unpublish_checkpoint_from_tinker_path)
     set_checkpoint_ttl_from_tinker_path_async = _async_twin(set_checkpoint_ttl_from_tinker_path)
+    create_weights_access_token_async = _async_twin(create_weights_access_token)
+    revoke_weights_access_token_async = _async_twin(revoke_weights_access_token)
     get_session_async = _async_twin(get_session)
     list_sessions_async = _async_twin(list_sessions)
     get_sampler_async = _async_twin(get_sampler)

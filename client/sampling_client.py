@@ -150,8 +150,10 @@ def open_sampling_client(
     model_path: str | None = None,
     base_model: str | None = None,
     retry_config: RetryConfig | None = None,
+    weights_access_token: str | None = None,
 ) -> SamplingClient:
-    """Opens a sampling session on saved weights or on a base model (exactly one)."""
+    """Opens a sampling session on saved weights or on a base model (exactly one);
+    `weights_access_token` opens another user's unpublished checkpoint."""
     if (model_path is None) == (base_model is None):
         raise ValueError("give exactly one of model_path and base_model")
     if model_path is not None and not model_path.startswith("tinker://"):
@@ -161,6 +163,7 @@ def open_sampling_client(
         sampling_session_seq_id=holder.next_sampling_session_seq_id(),
         base_model=base_model or "",
         model_path=model_path or "",
+        weights_access_token=weights_access_token or "",
     )
     response = holder.transport.call(
         "CreateSamplingSession",

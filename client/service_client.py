@@ -208,11 +208,17 @@ class ServiceClient:
         model_path: str | None = None,
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
+        weights_access_token: str | None = None,
     ) -> SamplingClient:
         """A SamplingClient on saved sampler weights (`model_path`, a tinker:// path) or on
-        a base model (`base_model`)."""
+        a base model (`base_model`); `weights_access_token` (from the owner's
+        `RestClient.create_weights_access_token`) opens another user's unpublished weights."""
         return open_sampling_client(
-            self.holder, model_path=model_path, base_model=base_model, retry_config=retry_config
+            self.holder,
+            model_path=model_path,
+            base_model=base_model,
+            retry_config=retry_config,
+            weights_access_token=weights_access_token,
         )
 
     async def create_sampling_client_async(
@@ -220,9 +226,10 @@ class ServiceClient:
         model_path: str | None = None,
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
+        weights_access_token: str | None = None,
     ) -> SamplingClient:
         return await asyncio.to_thread(
-            self.create_sampling_client, model_path, base_model, retry_config
+            self.create_sampling_client, model_path, base_model, retry_config, weights_access_token
         )
 
     def create_rest_client(self) -> RestClient:

@@ -26,6 +26,7 @@ DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Per attempt of a unary call; submissions answer at once, but may carry large batches.
 DEFAULT_CALL_TIMEOUT = 300.0
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 RETRYABLE_CODES = frozenset(
     {
@@ -92,6 +93,9 @@ class Transport:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's reconnect backoff grows to 2 minutes by default: after a server restart,
+            # a client would keep failing fast that long after the server was back.
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
         # Creating a channel does not connect: nothing touches the network until a call.
         if secure:

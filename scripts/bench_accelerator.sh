@@ -6,10 +6,13 @@
 #   2. the same with our einsum attention (what the fused kernel buys);
 #   3. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
 #      the same GPU as the peer;
-#   4. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model.
+#   4. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model;
+#   5. LoRA training of the Qwen3-30B-A3B MoE shape.
 # Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
 #   bash scripts/bench_accelerator.sh
 # MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
+# All steps take up to ~15 minutes; STEPS="train_cudnn sample" runs only those (a device call
+# is limited to 10 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -25,6 +28,7 @@ py="${PYTHON:-python3}"
 step() {  # step NAME SECONDS COMMAND...: runs one measurement, logging to $out/NAME.log
     local name=$1 seconds=$2
     shift 2
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return; fi
     echo "=== $name ($(date +%T))"
     timeout "$seconds" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.log"
     echo "=== $name exit ${PIPESTATUS[0]}"
@@ -41,3 +45,7 @@ step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$m
     --batches 1,64 --torch-device "$torch_device"
 step logprobs 60 "$py" scripts/measure_logprob_agreement.py --hidden 512 --layers 8 --heads 8 \
     --kv-heads 4 --head-dim 64 --intermediate 1536 --vocab 32000
+# The MoE shape needs ~61 GB of bf16 weights: an H200 (or a mesh of several chips).
+step train_moe 300 "$py" scripts/bench_train.py --preset qwen3-30b-a3b --no-torch \
+    --model-dir "${MOE_MODEL_DIR:-/tmp/bench_accelerator_moe}" --batch 4 --seq 2048 --steps 3 \
+    --attention cudnn

@@ -16,15 +16,17 @@ Conventions (printed with the numbers):
     weight_bytes = itemsize * (N_layers + vocab * hidden)
     decode_flops per token = 2 * (N_layers + vocab * hidden) + 4 * L * S * H * D
 
-N_layers counts every weight matrix of the decoder layers (q, k, v, o, gate, up, down; norms
-are negligible); `vocab * hidden` is the lm head, tied or not. The embedding lookup reads one
-row per token and is not counted, nor are the LoRA arrays. A decode step reads every weight
-once whatever the batch, so at batch 1 decode is bound by memory bandwidth and its ceiling is
-`roofline tokens/s = hbm_bytes_per_s / weight_bytes`. The KV cache (2 * L * S * KVH * D *
-itemsize per sequence at context S) is left out of that ceiling: at the prompt and output
-lengths here it is under 1% of the weights (it is printed for the cache our sampler
-allocates, which attention reads in full every step). The attention term of decode_flops
-counts QK^T and PV (2 FLOPs per multiply-add each) over the S positions a token attends to.
+N_layers counts every weight matrix of the decoder layers that a token reads (q, k, v, o,
+gate, up, down; in a MoE model only its experts_per_token experts, the batch-1 case; norms
+and the router are negligible); `vocab * hidden` is the lm head, tied or not. The embedding
+lookup reads one row per token and is not counted, nor are the LoRA arrays. A decode step
+reads every weight once whatever the batch, so at batch 1 decode is bound by memory
+bandwidth and its ceiling is `roofline tokens/s = hbm_bytes_per_s / weight_bytes`. The KV
+cache (2 * L * S * KVH * D * itemsize per sequence at context S) is left out of that
+ceiling: at the prompt and output lengths here it is under 1% of the weights (it is printed
+for the cache our sampler allocates, which attention reads in full every step). The
+attention term of decode_flops counts QK^T and PV (2 FLOPs per multiply-add each) over the S
+positions a token attends to.
 
 "Decode" tokens/s excludes prefill: it is (new_tokens - 1) * batch over the end-to-end time
 minus the time of the same requests with max_tokens=1 (prefill + first token).
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_models import add_model_args, ensure_model, layer_shapes, parse_with_preset
+from bench_models import active_shapes, add_model_args, ensure_model, parse_with_preset
 
 CPU_TARGETS = {1: 1.0, 32: 5.0}  # batch size -> required ratio ours/torch on CPU
 # HBM bandwidth in GB/s by `device_kind` substring (the vendors' figures).
@@ -86,7 +88,7 @@ def parse_args() -> argparse.Namespace:
 
 def weight_counts(args: argparse.Namespace) -> tuple[int, int]:
     """(N_layers, lm head weights) as the module docstring defines them."""
-    per_layer = sum(o * i for o, i in layer_shapes(args).values())
+    per_layer = sum(o * i for o, i in active_shapes(args))
     return args.layers * per_layer, args.vocab * args.hidden
 
 

@@ -6,19 +6,23 @@ forward_backward + optim_step; warm-up steps (compilation, for us) are not timed
 
     python scripts/bench_train.py                      # CPU defaults, prints `ratio ours/torch`
     python scripts/bench_train.py --preset qwen3-1.7b --no-torch   # on an accelerator
+    python scripts/bench_train.py --preset qwen3-30b-a3b --no-torch --batch 4 --seq 2048
+                                        # the MoE shape (ours only: PEFT cannot target the
+                                        # fused expert weights of transformers' Qwen3-MoE)
 
 FLOP convention (MaxText-style, per trained token, used for MFU on GPU/TPU):
 
     model_flops = 6 * (N_base + N_lora) + 6 * L * S * H * D
 
-N_base counts every matmul weight (attention and MLP projections of all layers, and the lm
-head; not the embedding lookup); N_lora the adapter weights; the second term is causal
-attention (QK^T and PV, halved for the causal mask) with L layers, S the sequence length and
-H * D the query width. "6" is 2 (forward) + 4 (backward: gradients of inputs and weights).
-LoRA needs no gradient of the frozen weights, so the work actually done is about
-4 * N_base + 6 * N_lora + attention, roughly 2/3 of model_flops; MFU reports model_flops,
-and "LoRA MFU" the 4 * N_base count. fp32 peaks are the TF32 tensor-core peaks (XLA's
-default precision on GPU), bf16 the dense bf16 peaks.
+N_base counts every matmul weight a token goes through (attention and MLP projections of all
+layers, in a MoE model the experts_per_token experts it is routed to, and the lm head; not
+the embedding lookup or the router); N_lora the adapter weights on those matrices; the
+second term is causal attention (QK^T and PV, halved for the causal mask) with L layers, S
+the sequence length and H * D the query width. "6" is 2 (forward) + 4 (backward: gradients
+of inputs and weights). LoRA needs no gradient of the frozen weights, so the work actually
+done is about 4 * N_base + 6 * N_lora + attention, roughly 2/3 of model_flops; MFU reports
+model_flops, and "LoRA MFU" the 4 * N_base count. fp32 peaks are the TF32 tensor-core peaks
+(XLA's default precision on GPU), bf16 the dense bf16 peaks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_models import add_model_args, ensure_model, layer_shapes, parse_with_preset
+from bench_models import active_shapes, add_model_args, ensure_model, parse_with_preset
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -72,7 +76,7 @@ def parse_args() -> argparse.Namespace:
 
 def flops_per_token(args: argparse.Namespace) -> tuple[float, float]:
     """(model_flops, lora_flops) per trained token; see the module docstring."""
-    shapes = layer_shapes(args).values()
+    shapes = active_shapes(args)
     n_base = args.layers * sum(o * i for o, i in shapes) + args.hidden * args.vocab
     n_lora = args.layers * sum(args.rank * (i + o) for o, i in shapes) + args.rank * (
         args.hidden + args.vocab

@@ -11,11 +11,18 @@ import hmac
 import secrets
 
 KEY_PREFIX = "tml-"
+# Weights access tokens grant others read access to one training run's checkpoints.
+WEIGHTS_TOKEN_PREFIX = "tmlw-"
 
 
 def new_api_key() -> str:
     """A fresh random API key: `tml-` + 32 random bytes, URL-safe base64."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_weights_token() -> str:
+    """A fresh weights access token: `tmlw-` + 32 random bytes, stored hashed like a key."""
+    return WEIGHTS_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def hash_key(key: str) -> str:

@@ -12,8 +12,9 @@ from tinker_jax.errors import ValidationError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tinker_jax import distributed
     from tinker_jax.service.config import ServerConfig, parse_mesh
-    from tinker_jax.service.server import Server
+    from tinker_jax.service.server import Server, follow_host0
 
     values = ServerConfig.from_toml(args.config) if args.config else {}
     flags = {
@@ -36,7 +37,17 @@ def _serve(args: argparse.Namespace) -> int:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
-    server = Server(ServerConfig.from_dict(values))
+    try:
+        distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id, auto=args.distributed
+        )
+    except ValueError as e:
+        raise ValidationError("coordinator", str(e)) from None
+    config = ServerConfig.from_dict(values)
+    if distributed.process_index() > 0:
+        follow_host0(config)  # returns when process 0 stops
+        return 0
+    server = Server(config)
     print(
         f"tinker-jax listening on {server.config.host}:{server.port}", file=sys.stderr, flush=True
     )
@@ -118,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")
+    serve.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: join the other hosts as jax.distributed detects them (Cloud TPU, "
+        "SLURM, Open MPI); process 0 serves clients, the others follow it",
+    )
+    serve.add_argument(
+        "--coordinator", help="multi-host: HOST:PORT of process 0's coordination service"
+    )
+    serve.add_argument("--num-processes", type=int, help="multi-host: how many processes")
+    serve.add_argument("--process-id", type=int, help="multi-host: this process, 0 serves")
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="manage API keys")

@@ -41,6 +41,9 @@ class ServerConfig:
     max_batch_size: int = 1024
     result_ttl_seconds: float = 3600.0
     session_ttl_seconds: float = 600.0
+    # How often the janitor expires checkpoints, purges delivered results and releases the
+    # slots of sessions silent for session_ttl_seconds.
+    sweep_interval_seconds: float = 30.0
 
     def __post_init__(self):
         if not self.base_models:
@@ -59,6 +62,9 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValidationError(name, f"{getattr(self, name)} must be >= 1")
+        for name in ("result_ttl_seconds", "session_ttl_seconds", "sweep_interval_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValidationError(name, f"{getattr(self, name)} must be > 0")
         if not 0 <= self.port < 65536:
             raise ValidationError("port", f"{self.port} is outside [0, 65535]")
         if self.http_port is not None and not 0 <= self.http_port < 65536:

@@ -76,6 +76,30 @@ class ServiceCore:
         )
         if lost:
             log.warning("%d requests were in flight when the server stopped: failed them", lost)
+        orphans = self._remove_orphan_checkpoints()
+        if orphans:
+            log.warning("removed %d checkpoint folders no checkpoint refers to", orphans)
+
+    def _remove_orphan_checkpoints(self) -> int:
+        """At start: deletes the checkpoint folders the store does not refer to (a save cut
+        off by a crash, before or after its folder was renamed into place; an overwritten
+        checkpoint whose removal was cut off), so only listed checkpoints remain on disk."""
+        removed = 0
+        for kind_dir in self.checkpoint_root.glob("*/*"):
+            if kind_dir.name not in CHECKPOINT_KINDS or not kind_dir.is_dir():
+                continue
+            for folder in kind_dir.iterdir():
+                name = folder.name.rpartition("-")[0]
+                try:
+                    path = str(TinkerPath(kind_dir.parent.name, kind_dir.name, name))
+                except ValidationError:  # a hidden `.partial-` folder of an unfinished save
+                    record = None
+                else:
+                    record = self.store.get_checkpoint(path)
+                if record is None or Path(record.location) != folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+        return removed
 
     # ---------------------------------------------------------------- identity and access
 
@@ -123,11 +147,17 @@ class ServiceCore:
         return run, worker
 
     def _readable_checkpoint(
-        self, user: str, path: str, field: str = "path"
+        self, user: str, path: str, field: str = "path", access_token: str = ""
     ) -> tuple[TinkerPath, CheckpointRecord]:
+        """A checkpoint `user` may read: their own, a published one, or one of the run that
+        `access_token` (a weights access token) opens."""
         parsed = TinkerPath.parse(path, field)
         record = self.store.get_checkpoint(str(parsed))
-        if record is None or (record.owner != user and not record.public):
+        if record is None or (
+            record.owner != user
+            and not record.public
+            and self.store.weights_token_run(access_token) != record.run_id
+        ):
             raise NotFound(f"checkpoint {path} not found")
         return parsed, record
 
@@ -301,6 +331,7 @@ class ServiceCore:
         worker = self._worker(base_model)
         _check_lora(lora, self.config.max_lora_rank)
         run_id = self._new_run_id(session.session_id, model_seq_id)
+        worker.check_run_capacity()
         metadata = wire.metadata(user_metadata)
 
         def start(complete, fail):
@@ -333,17 +364,19 @@ class ServiceCore:
         path: str,
         optimizer: bool,
         user_metadata: dict[str, str],
+        weights_access_token: str = "",
     ) -> tuple[str, str]:
         """A new run from a saved checkpoint (with or without its optimizer state)."""
         if (run_id := self._replayed(user, request_id)) is not None:
             return request_id, run_id
         session = self._session(user, session_id)
-        parsed, ckpt = self._readable_checkpoint(user, path)
+        parsed, ckpt = self._readable_checkpoint(user, path, "path", weights_access_token)
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
         info = checkpoints.read_info(Path(ckpt.location))
         worker = self._worker(info.base_model, "path")
         run_id = self._new_run_id(session.session_id, model_seq_id)
+        worker.check_run_capacity()
         metadata = wire.metadata(user_metadata)
 
         def start(complete, fail):
@@ -364,10 +397,8 @@ class ServiceCore:
                     done=done,
                     fail=fail,
                     run_id=run_id,
+                    location=Path(ckpt.location),
                     with_optimizer=optimizer,
-                    load=lambda: checkpoints.load_state(
-                        Path(ckpt.location), with_optimizer=optimizer
-                    )[0],
                 )
             )
 
@@ -405,8 +436,8 @@ class ServiceCore:
                         )
                     ),
                     fail=fail,
+                    location=location,
                     with_optimizer=optimizer,
-                    load=lambda: checkpoints.load_state(location, with_optimizer=optimizer)[0],
                 ),
             )
 
@@ -549,14 +580,7 @@ class ServiceCore:
         location = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
         with_optimizer = kind == "weights"
 
-        def write(state) -> str:
-            size = checkpoints.save_state(
-                location,
-                state,
-                base_model=run.base_model,
-                lora_alpha=worker.settings.lora_alpha,
-                with_optimizer=with_optimizer,
-            )
+        def record(size: int) -> str:
             old = self.store.get_checkpoint(str(path))
             self.store.put_checkpoint(
                 CheckpointRecord(
@@ -588,7 +612,8 @@ class ServiceCore:
                     ),
                     fail=fail,
                     with_optimizer=with_optimizer,
-                    write=write,
+                    location=location,
+                    record=record,
                 ),
             )
 
@@ -637,21 +662,26 @@ class ServiceCore:
         return sampler_id
 
     def create_sampling_session(
-        self, user: str, session_id: str, seq: int, base_model: str, model_path: str
+        self,
+        user: str,
+        session_id: str,
+        seq: int,
+        base_model: str,
+        model_path: str,
+        weights_access_token: str = "",
     ) -> str:
         """A sampler on a base model or on saved weights; blocks until its adapter is loaded."""
         session = self._session(user, session_id)
         if bool(base_model) == bool(model_path):
             raise ValidationError("model_path", "give exactly one of base_model and model_path")
-        load = None
+        location = None
         if model_path:
-            _, ckpt = self._readable_checkpoint(user, model_path, "model_path")
+            _, ckpt = self._readable_checkpoint(
+                user, model_path, "model_path", weights_access_token
+            )
             info = checkpoints.read_info(Path(ckpt.location))
             base_model = info.base_model
             location = Path(ckpt.location)
-
-            def load():
-                return checkpoints.load_state(location, with_optimizer=False)[0]
 
         worker = self._worker(base_model)
         sampler_id = self._new_sampler_id(session.session_id, seq)
@@ -659,7 +689,10 @@ class ServiceCore:
         worker.reserve()
         worker.submit(
             OpenSampler(
-                done=opened.set_result, fail=opened.set_exception, sampler_id=sampler_id, load=load
+                done=opened.set_result,
+                fail=opened.set_exception,
+                sampler_id=sampler_id,
+                location=location,
             )
         )
         opened.result(timeout=600)
@@ -688,6 +721,11 @@ class ServiceCore:
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
         worker = self._worker(record.base_model)
+        if not worker.has_sampler(sampler_id) and self._replayed(user, request_id) is None:
+            raise FailedPrecondition(
+                f"sampling session {sampler_id} is not loaded (its session ended or the server "
+                "restarted); create a new sampling client"
+            )
         request = SampleRequest(
             wire.model_input_tokens(prompt, "prompt"),
             num_samples,
@@ -761,6 +799,18 @@ class ServiceCore:
             training_runs=[self._run_message(r) for r in runs],
             cursor=pb.Cursor(offset=offset, limit=limit, total_count=total),
         )
+
+    def create_weights_access_token(self, user: str, run_id: str) -> str:
+        """A token that lets whoever holds it load and sample from every checkpoint of the
+        user's run `run_id` (until revoked), without publishing them."""
+        record = self.store.get_run(_id(run_id, "training_run_id"))
+        if record is None or record.user_id != user:
+            raise NotFound(f"training run {run_id} not found")
+        return self.store.create_weights_token(record.run_id, user)
+
+    def revoke_weights_access_token(self, user: str, token: str) -> None:
+        if not self.store.revoke_weights_token(token, user):
+            raise NotFound("weights_access_token: no such token among yours")
 
     def get_training_run(
         self, user: str, run_id: str, tinker_path: str, access_scope: str

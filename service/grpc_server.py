@@ -13,6 +13,7 @@ import logging
 import traceback
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.service import wire
@@ -38,6 +39,8 @@ def _rpc(method):
         try:
             key = dict(context.invocation_metadata()).get("x-api-key")
             user = self.core.authenticate(key)
+            if isinstance(request, Undecodable):
+                raise ValidationError("request", request.message)
             return method(self, user, request)
         except ValidationError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -50,6 +53,33 @@ def _rpc(method):
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     return wrapper
+
+
+class Undecodable:
+    """A request whose bytes are not the method's message; `_rpc` refuses it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class LenientDecoding(grpc.ServerInterceptor):
+    """Hands undecodable request bytes (truncated, not UTF-8 where a string is due) to the
+    servicer as `Undecodable`: gRPC itself would answer INTERNAL ("Exception deserializing
+    request!"), but the fault is the caller's, so `_rpc` answers INVALID_ARGUMENT."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes):
+            try:
+                return parse(raw)
+            except DecodeError as e:
+                return Undecodable(f"is not a valid protobuf message: {e}")
+
+        return handler._replace(request_deserializer=deserialize)
 
 
 class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
@@ -103,6 +133,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.path,
             r.optimizer,
             dict(r.user_metadata),
+            r.weights_access_token,
         )
         return pb.SubmitResponse(request_id=request_id, model_id=model_id)
 
@@ -174,7 +205,12 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         return pb.CreateSamplingSessionResponse(
             sampling_session_id=(
                 self.core.create_sampling_session(
-                    user, r.session_id, r.sampling_session_seq_id, r.base_model, r.model_path
+                    user,
+                    r.session_id,
+                    r.sampling_session_seq_id,
+                    r.base_model,
+                    r.model_path,
+                    r.weights_access_token,
                 )
             )
         )
@@ -250,6 +286,17 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
     def GetSampler(self, user, r):
         return self.core.get_sampler(user, r.sampler_id)
 
+    @_rpc
+    def CreateWeightsAccessToken(self, user, r):
+        return pb.WeightsAccessToken(
+            token=self.core.create_weights_access_token(user, r.training_run_id)
+        )
+
+    @_rpc
+    def RevokeWeightsAccessToken(self, user, r):
+        self.core.revoke_weights_access_token(user, r.token)
+        return pb.Empty()
+
 
 def start_grpc(
     core: ServiceCore, host: str, port: int, max_workers: int = 64
@@ -257,7 +304,9 @@ def start_grpc(
     """Starts the gRPC server; returns it and the bound port (port 0 picks a free one).
     Long-polls hold a worker thread each, hence a generous pool."""
     server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS
+        concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[LenientDecoding()],
+        options=CHANNEL_OPTIONS,
     )
     tinker_pb2_grpc.add_TinkerServicer_to_server(TinkerServicer(core), server)
     bound = server.add_insecure_port(f"{host}:{port}")

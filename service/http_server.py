@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import socket
 import threading
 import traceback
@@ -46,6 +47,7 @@ from tinker_jax.service import http_wire as hw
 from tinker_jax.service import wire
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
+from tinker_jax.service.paths import validate_name
 from tinker_jax.wire import tinker_public_pb2 as tp
 
 log = logging.getLogger("tinker_jax.http")
@@ -84,6 +86,11 @@ UNSUPPORTED = {
     "auth/token": "JWT authentication",
     "unload_model": "unloading models",
 }
+
+
+# A JSON escape of a UTF-16 surrogate (`\ud800`..`\udfff`): the only way a body that is
+# valid UTF-8 can decode to a string that is not text (a lone surrogate).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class ProtocolError(Exception):
@@ -419,6 +426,7 @@ class TinkerHTTP:
         )
 
     def save_weights(self, call: Call):
+        """The checkpoint name travels as `path` here (`name` in the core and over gRPC)."""
         f = call.fields
         return self._ordered(
             call,
@@ -427,7 +435,7 @@ class TinkerHTTP:
                 call.request_id,
                 model_id,
                 seq_id,
-                f.str("path", required=True),
+                validate_name(f.str("path", required=True), "path"),
                 f.int("ttl_seconds"),
                 f.bool("overwrite"),
                 hw.metadata(f.value.get("user_metadata")),
@@ -458,7 +466,7 @@ class TinkerHTTP:
                 call.request_id,
                 model_id,
                 seq_id,
-                f.str("path"),
+                validate_name(f.str("path"), "path"),
                 f.int("ttl_seconds"),
                 False,
                 hw.metadata(f.value.get("user_metadata")),
@@ -492,6 +500,7 @@ class TinkerHTTP:
             f.str("path", required=True),
             f.bool("optimizer"),
             hw.metadata(f.value.get("user_metadata")),
+            f.str("weights_access_token", ""),
         )
         return {"request_id": request_id, "model_id": model_id}
 
@@ -668,11 +677,32 @@ def _parse(raw: bytes, content_type: str, body: str) -> Any:
         raise ProtocolError(415, f"content type {content_type!r} is not accepted; send {accepted}")
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # also an integer of more digits than Python converts
         raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ProtocolError(400, "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_text(value, "")
     return hw.Fields(value)
+
+
+def _check_text(value: Any, field: str) -> None:
+    """Refuses a lone surrogate in any key or string of a JSON value, naming its field: no
+    encoder (the store's included) can write one, so it must not get past the edge."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(
+                field or "body", "holds a lone UTF-16 surrogate escape, which is not text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field)
+            _check_text(item, f"{field}.{key}" if field else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{field}[{i}]")
 
 
 def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:

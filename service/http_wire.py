@@ -83,12 +83,22 @@ class Fields:
     def str(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
         return self.get(key, str, default, required=required)
 
-    def int(self, key: str, default: int | None = None, *, required: bool = False) -> Any:
-        return self.get(key, int, default, required=required)
+    def int(
+        self, key: str, default: int | None = None, *, required: bool = False, bits: int = 0
+    ) -> Any:
+        """An integer; with `bits`, one that fits the signed protobuf field it goes into
+        (JSON integers are unbounded)."""
+        value = self.get(key, int, default, required=required)
+        if bits and value is not None and not -(1 << bits - 1) <= value < 1 << bits - 1:
+            raise ValidationError(self.name(key), f"{value} does not fit in {bits} bits")
+        return value
 
     def float(self, key: str, default: float | None = None) -> Any:
         value = self.get(key, (int, float), default)
-        return None if value is None else float(value)
+        try:
+            return None if value is None else float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ValidationError(self.name(key), "is too large for a number") from None
 
     def bool(self, key: str, default: bool = False) -> bool:
         return self.get(key, bool, default)
@@ -170,8 +180,10 @@ def _tensor(
     if shape is None or len(shape) == 0:
         shape = [values.size] if crow is None else []
     shape = [int(d) for d in shape]
+    if any(d < 0 for d in shape):
+        raise ValidationError(field, f"shape {shape} has a negative dimension")
     if crow is None:
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # exact: np.prod wraps around on overflow
         if count != values.size:
             raise ValidationError(field, f"has {values.size} values, shape {shape} needs {count}")
         return wire.numpy_to_tensor(values.reshape(shape))
@@ -342,12 +354,12 @@ def lora_config_from_json(value: Any) -> pb.LoraConfig:
         raise ValidationError("lora_config", "is required (this server trains LoRA adapters)")
     f = Fields(value, "lora_config")
     msg = pb.LoraConfig(
-        rank=f.int("rank", required=True),
+        rank=f.int("rank", required=True, bits=32),
         train_mlp=f.bool("train_mlp", True),
         train_attn=f.bool("train_attn", True),
         train_unembed=f.bool("train_unembed", True),
     )
-    if (seed := f.int("seed")) is not None:
+    if (seed := f.int("seed", bits=64)) is not None:
         msg.seed = seed
     return msg
 
@@ -379,7 +391,7 @@ def sampling_params_from_json(value: Any) -> pb.SamplingParams:
     f = Fields(value, "sampling_params")
     msg = pb.SamplingParams(
         temperature=f.float("temperature", 1.0),
-        top_k=f.int("top_k", -1),
+        top_k=f.int("top_k", -1, bits=32),
         top_p=f.float("top_p", 1.0),
     )
     if (max_tokens := f.int("max_tokens")) is not None:

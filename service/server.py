@@ -1,20 +1,31 @@
 """Assembles a running server: store, engine workers, service core, front ends (gRPC, and
-Tinker's HTTP protocol when `http_port` is set), janitor."""
+Tinker's HTTP protocol when `http_port` is set), janitor.
+
+Multi-host (`jax.distributed` initialised, several processes): process 0 runs `Server`, whose
+engine workers publish every engine call to the other processes; those run `follow_host0`:
+the same engines and nothing else (no store, no front ends)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 
+from tinker_jax.distributed import MessageStream, is_multiprocess
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.core import ServiceCore
+from tinker_jax.service.engine import (
+    Engine,
+    EngineSettings,
+    check_settings,
+    follow,
+    publish_settings,
+    publish_stop,
+)
 from tinker_jax.service.grpc_server import start_grpc
 from tinker_jax.service.store import Store
-from tinker_jax.service.worker import EngineSettings, EngineWorker
+from tinker_jax.service.worker import EngineWorker
 
 log = logging.getLogger("tinker_jax.server")
-
-SWEEP_INTERVAL_SECONDS = 30.0
 
 
 def _plan_memory(config: ServerConfig) -> None:
@@ -46,6 +57,37 @@ def _plan_memory(config: ServerConfig) -> None:
         planned += plan.total
 
 
+def _engine_settings(config: ServerConfig) -> EngineSettings:
+    return EngineSettings(
+        max_adapters=config.max_adapters,
+        max_lora_rank=config.max_lora_rank,
+        sampler_slots=config.sampler_slots,
+        sampler_rows=config.sampler_rows,
+        max_seq_len=config.max_seq_len,
+        mesh=config.mesh,
+        dtype=config.dtype,
+        attention=config.attention,
+        lora_alpha=config.lora_alpha,
+        max_queue=config.max_queue,
+    )
+
+
+def follow_host0(config: ServerConfig) -> None:
+    """A process > 0 of a multi-host server: loads the same engines (the same global arrays
+    as process 0, each process holding its own devices' shards), then executes process 0's
+    engine calls until it stops."""
+    settings = _engine_settings(config)
+    stream = MessageStream()
+    check_settings(stream, config.base_models, settings)
+    _plan_memory(config)
+    engines = {}
+    for name in config.base_models:
+        log.info("loading %s", name)
+        engines[name] = Engine(name, settings)
+    log.info("following process 0")
+    follow(engines, stream)
+
+
 class Server:
     """A started server; `stop` shuts it down cleanly."""
 
@@ -53,23 +95,16 @@ class Server:
         self.config = config
         config.storage.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.storage)
-        settings = EngineSettings(
-            max_adapters=config.max_adapters,
-            max_lora_rank=config.max_lora_rank,
-            sampler_slots=config.sampler_slots,
-            sampler_rows=config.sampler_rows,
-            max_seq_len=config.max_seq_len,
-            mesh=config.mesh,
-            dtype=config.dtype,
-            attention=config.attention,
-            lora_alpha=config.lora_alpha,
-            max_queue=config.max_queue,
-        )
+        settings = _engine_settings(config)
         _plan_memory(config)
+        # Multi-host: every engine call is published to the other processes before it runs.
+        self.stream = MessageStream() if is_multiprocess() else None
+        if self.stream is not None:
+            publish_settings(self.stream, config.base_models, settings)
         self.workers = {}
         for name in config.base_models:
             log.info("loading %s", name)
-            self.workers[name] = EngineWorker(name, settings)
+            self.workers[name] = EngineWorker(name, settings, self.stream)
         self.core = ServiceCore(config, self.store, self.workers)
         self.grpc, self.port = start_grpc(self.core, config.host, config.port)
         self.http = None
@@ -91,7 +126,7 @@ class Server:
         )
 
     def _sweep_loop(self) -> None:
-        while not self._stopped.wait(SWEEP_INTERVAL_SECONDS):
+        while not self._stopped.wait(self.config.sweep_interval_seconds):
             try:
                 self.core.sweep()
             except Exception:  # noqa: BLE001 - housekeeping must never stop the server
@@ -112,4 +147,6 @@ class Server:
         self.grpc.stop(grace=2).wait()
         for worker in self.workers.values():
             worker.close()
+        if self.stream is not None:
+            publish_stop(self.stream)
         self.store.close()

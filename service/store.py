@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service.auth import hash_key, keys_match, new_api_key
+from tinker_jax.service.auth import hash_key, keys_match, new_api_key, new_weights_token
 from tinker_jax.service.paths import TinkerPath
 
 SCHEMA_VERSION = 1
@@ -103,6 +103,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS checkpoints_by_run ON checkpoints(run_id, created);
 CREATE INDEX IF NOT EXISTS checkpoints_by_owner ON checkpoints(owner, created);
 CREATE INDEX IF NOT EXISTS checkpoints_public ON checkpoints(run_id) WHERE public = 1;
+CREATE TABLE IF NOT EXISTS weights_tokens (
+    token_hash TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    owner TEXT NOT NULL,
+    created REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS checkpoints_by_expiry ON checkpoints(expires_at)
     WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS futures (
@@ -416,6 +422,41 @@ class Store:
         """A user's name, or None if there is no such user."""
         row = self._row("SELECT name FROM users WHERE user_id = ?", user_id)
         return None if row is None else row["name"]
+
+    # Weights access tokens: read access to one run's checkpoints for whoever holds one.
+
+    def create_weights_token(self, run_id: str, owner: str) -> str:
+        """A new token for `run_id` (owned by `owner`); only its hash is stored."""
+        token = new_weights_token()
+        with self._transaction() as conn:
+            self._insert(
+                conn,
+                "weights_tokens",
+                {"token_hash": hash_key(token), "run_id": run_id, "owner": owner,
+                 "created": time.time()},
+                missing=ValidationError("training_run_id", f"no training run {run_id!r}"),
+            )
+        return token
+
+    def weights_token_run(self, token: str) -> str | None:
+        """The run a weights access token opens, or None for an unknown or empty token."""
+        if not isinstance(token, str) or not token:
+            return None
+        row = self._row(
+            "SELECT run_id, token_hash FROM weights_tokens WHERE token_hash = ?", hash_key(token)
+        )
+        if row is None or not keys_match(token, row["token_hash"]):
+            return None
+        return row["run_id"]
+
+    def revoke_weights_token(self, token: str, owner: str) -> bool:
+        """Deletes `owner`'s token; False if `owner` has no such token."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM weights_tokens WHERE token_hash = ? AND owner = ?",
+                (hash_key(token), owner),
+            )
+            return cursor.rowcount == 1
 
     # Sessions.
 

@@ -7,6 +7,7 @@ ValidationError naming the field, never a crash).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ def tensor_to_numpy(t: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape) or len(shape) > 4:
         raise ValidationError(field, f"shape {list(shape)} is invalid (at most 4 dims, >= 0)")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # exact: np.prod wraps around on overflow
     if count > MAX_TENSOR_ELEMENTS:
         raise ValidationError(field, f"{count} elements exceed the limit {MAX_TENSOR_ELEMENTS}")
     dtype = DTYPES[t.dtype]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
 import traceback
@@ -19,18 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 from tinker_jax.batching import Datum, RunBatch, build_batch
+from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
-from tinker_jax.lora import LoRASpec
-from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.optim import AdamParams
-from tinker_jax.sampler import Sampler, SampleRequest
+from tinker_jax.sampler import SampleRequest
+from tinker_jax.service.engine import Engine, EngineSettings
 from tinker_jax.service.errors import ResourceExhausted
-from tinker_jax.sharding import make_mesh
-from tinker_jax.trainer import LoraConfig, Trainer
-from tinker_jax.weights import load_model, resolve_model_dir
+from tinker_jax.trainer import LoraConfig
 
 log = logging.getLogger("tinker_jax.worker")
 
@@ -54,16 +51,19 @@ class CreateRun(Op):
 
 @dataclasses.dataclass
 class LoadRun(Op):
+    """A new run from a checkpoint folder (read on the engine thread); done(SlotState)."""
+
     run_id: str
-    load: Callable[[], Any]  # -> SlotState, read from disk on the engine thread
+    location: Path
     with_optimizer: bool
 
 
 @dataclasses.dataclass
 class LoadIntoRun(Op):
-    """Replaces a run's adapter (and optimizer state) by a saved one, in seq_id order."""
+    """Replaces a run's adapter (and optimizer state) by a saved one, in seq_id order;
+    done(SlotState)."""
 
-    load: Callable[[], Any]  # -> SlotState, read from disk on the engine thread
+    location: Path
     with_optimizer: bool
 
 
@@ -90,10 +90,12 @@ class OptimStep(Op):
 
 @dataclasses.dataclass
 class SaveState(Op):
-    """Hands the run's exported state to `write` (which persists it) on the engine thread."""
+    """Writes the run's state as a checkpoint folder at `location`, then hands its size in
+    bytes to `record` (which records it); done(what `record` returns)."""
 
     with_optimizer: bool
-    write: Callable[[Any], Any]
+    location: Path
+    record: Callable[[int], Any]
 
 
 @dataclasses.dataclass
@@ -106,7 +108,7 @@ class SnapshotForSampler(Op):
 @dataclasses.dataclass
 class OpenSampler(Op):
     sampler_id: str
-    load: Callable[[], Any] | None  # -> SlotState of sampler weights; None = base model
+    location: Path | None  # a checkpoint folder of sampler weights; None = the base model
 
 
 @dataclasses.dataclass
@@ -116,59 +118,40 @@ class Sample(Op):
 
 
 @dataclasses.dataclass
+class _Sampler:
+    """A sampling session's adapter: in sampler slot `slot` (None: the base model, or evicted
+    when `evicted`). One opened from a checkpoint (`location`) reloads after an eviction; an
+    ephemeral snapshot of a training run cannot."""
+
+    slot: int | None
+    location: Path | None
+    last_used: int
+    evicted: bool = False
+
+
+@dataclasses.dataclass
 class _Run:
     slot: int
     next_seq: int = 1
     pending: dict[int, Op] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    """What the worker needs from the server's configuration."""
-
-    max_adapters: int = 32
-    max_lora_rank: int = 32
-    sampler_slots: int = 32
-    sampler_rows: int = 32
-    max_seq_len: int | None = None
-    mesh: dict[str, int] | None = None
-    dtype: str = "float32"
-    attention: str = "auto"
-    lora_alpha: float = 32.0
-    max_queue: int = 1024
-
-
 class EngineWorker:
-    """The engine thread of one base model."""
+    """The engine thread of one base model. Every engine call goes through `engine.call`,
+    which on host 0 of a multi-host server (`stream` given) also runs it on every host."""
 
-    def __init__(self, base_model: str, settings: EngineSettings):
+    def __init__(
+        self, base_model: str, settings: EngineSettings, stream: MessageStream | None = None
+    ):
         self.base_model = base_model
         self.settings = settings
-        self.model_dir = resolve_model_dir(base_model)
-        mesh = make_mesh(settings.mesh)
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[settings.dtype]
-        model, self.config = load_model(
-            str(self.model_dir),
-            lora=LoRASpec(settings.max_adapters, settings.max_lora_rank),
-            mesh=mesh,
-            dtype=dtype,
-            attention=(
-                auto_attention_kernel(dtype) if settings.attention == "auto" else settings.attention
-            ),
-        )
-        self.trainer = Trainer(model, mesh, lora_alpha=settings.lora_alpha)
-        self.tokenizer = _tokenizer(self.model_dir)
-        self.sampler = Sampler.sharing_base(
-            model,
-            mesh,
-            slots=settings.sampler_slots,
-            rows=settings.sampler_rows,
-            max_len=settings.max_seq_len,
-            decode_text=self.tokenizer.decode if self.tokenizer is not None else None,
-        )
+        self.engine = Engine(base_model, settings, stream)
+        self.config = self.engine.config
+        self.sampler = self.engine.sampler  # read-only uses: validation, has_work
         self.max_context = self.sampler.max_len
         self._runs: dict[str, _Run] = {}
-        self._samplers: dict[str, int | None] = {}  # sampler id -> sampler slot (None: base)
+        self._samplers: dict[str, _Sampler] = {}
+        self._uses = itertools.count()  # the clock of _Sampler.last_used
         self._unordered: collections.deque[Op] = collections.deque()
         self._in_flight: dict[int, Sample] = {}  # sampler request id -> op
         self._queued = 0
@@ -181,9 +164,11 @@ class EngineWorker:
 
     def reserve(self) -> None:
         """Takes one place in the bounded queue (before a future is created for the op), or
-        raises ResourceExhausted; `submit*` consumes the place, `unreserve` returns it."""
+        raises ResourceExhausted; `submit*` consumes the place, `unreserve` returns it.
+        Sampling requests count until they finish: the engine moves them from the queue into
+        the sampler at once, where they would otherwise pile up without bound."""
         with self._cond:
-            if self._queued >= self.settings.max_queue:
+            if self._queued + len(self._in_flight) >= self.settings.max_queue:
                 raise ResourceExhausted(
                     f"the queue of {self.base_model} holds "
                     f"{self.settings.max_queue} operations; retry shortly"
@@ -230,6 +215,22 @@ class EngineWorker:
     def has_run(self, run_id: str) -> bool:
         with self._cond:
             return run_id in self._runs
+
+    def has_sampler(self, sampler_id: str) -> bool:
+        """Whether the sampler is open here (not after a restart or its session's end)."""
+        return sampler_id in self._samplers
+
+    def check_run_capacity(self) -> None:
+        """Refuses a new training run at once, naming the limit, while every adapter slot is
+        held or promised (runs loaded or queued for creation): a full server answers
+        RESOURCE_EXHAUSTED instead of failing the run later."""
+        with self._cond:
+            queued = sum(isinstance(op, (CreateRun, LoadRun)) for op in self._unordered)
+            if len(self._runs) + queued >= self.settings.max_adapters:
+                raise ResourceExhausted(
+                    f"all {self.settings.max_adapters} adapter slots of {self.base_model} are "
+                    "in use (max_adapters); retry when a session finishes or expires"
+                )
 
     def check_forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
@@ -297,33 +298,25 @@ class EngineWorker:
 
     def _execute_unordered(self, op: Op) -> None:
         if isinstance(op, CreateRun):
-            slot = self.trainer.create_slot(op.lora)
+            slot = self.engine.call("create_slot", op.lora)
             with self._cond:
                 self._runs[op.run_id] = _Run(slot)
             op.done(slot)
         elif isinstance(op, LoadRun):
-            state = op.load()
-            slot = self.trainer.import_slot(state, op.with_optimizer)
+            slot, state = self.engine.call("load_slot", op.location, op.with_optimizer)
             with self._cond:
                 self._runs[op.run_id] = _Run(slot)
             op.done(state)
         elif isinstance(op, OpenSampler):
-            slot = None
-            if op.load is not None:
-                state = op.load()
-                slot = self.sampler.load_adapter(
-                    state.adapter, self.settings.lora_alpha / state.lora.rank
-                )
-            self._samplers[op.sampler_id] = slot
+            slot = self._into_sampler_slot("open_sampler", op.location)
+            self._samplers[op.sampler_id] = _Sampler(slot, op.location, next(self._uses))
             op.done(slot)
         elif isinstance(op, _Callback):
             op.fn()
             op.done(None)
         elif isinstance(op, Sample):
-            if op.sampler_id not in self._samplers:
-                raise ValidationError("sampling_session_id", f"{op.sampler_id} is not open")
-            request = dataclasses.replace(op.request, slot=self._samplers[op.sampler_id])
-            self._in_flight[self.sampler.submit(request)] = op
+            request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id))
+            self._in_flight[self.engine.call("submit", request)] = op
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
@@ -344,10 +337,10 @@ class EngineWorker:
         runs = [
             RunBatch(self._runs[run_id].slot, op.data, op.loss_fn_config) for run_id, op in items
         ]
-        call = self.trainer.forward if forward_only else self.trainer.forward_backward
+        name = "forward" if forward_only else "forward_backward"
         if len(items) > 1:
             try:
-                outputs = call(runs, loss_fn)
+                outputs = self.engine.call(name, runs, loss_fn)
             except Exception:  # noqa: BLE001 - fall back to one call per op below
                 log.warning("batched %s failed; retrying per run", loss_fn)
             else:
@@ -355,43 +348,78 @@ class EngineWorker:
                     op.done(out)
                 return
         for (_, op), run in zip(items, runs):
-            self._guard(op, lambda op=op, run=run: op.done(call([run], loss_fn)[0]))
+            self._guard(
+                op, lambda op=op, run=run: op.done(self.engine.call(name, [run], loss_fn)[0])
+            )
 
     def _execute_run_op(self, run_id: str, op: Op) -> None:
         slot = self._runs[run_id].slot
         if isinstance(op, OptimStep):
-            op.done(self.trainer.optim_step(slot, op.params))
+            op.done(self.engine.call("optim_step", slot, op.params))
         elif isinstance(op, SaveState):
-            op.done(op.write(self.trainer.export_slot(slot, op.with_optimizer)))
+            size = self.engine.call("save_state", slot, op.with_optimizer, op.location)
+            op.done(op.record(size))
         elif isinstance(op, Refused):
             raise op.error
         elif isinstance(op, LoadIntoRun):
-            state = op.load()
-            current = self.trainer.slots[slot].lora
-            if (state.lora.rank, *state.lora.flags()) != (current.rank, *current.flags()):
-                raise ValidationError(
-                    "path",
-                    f"the checkpoint's LoRA config (rank {state.lora.rank}, train_attn/mlp/unembed "
-                    f"{state.lora.flags().astype(bool).tolist()}) differs from this run's "
-                    f"(rank {current.rank}, {current.flags().astype(bool).tolist()})",
-                )
-            # The new slot is filled before the old one is freed: a failed load leaves the run
-            # as it was.
-            new_slot = self.trainer.import_slot(state, op.with_optimizer)
-            self.trainer.free_slot(slot)
+            new_slot, state = self.engine.call("replace_slot", slot, op.location, op.with_optimizer)
             with self._cond:
                 self._runs[run_id].slot = new_slot
             op.done(state)
         elif isinstance(op, SnapshotForSampler):
-            state = self.trainer.export_slot(slot, with_optimizer=False)
-            sampler_slot = self.sampler.load_adapter(state.adapter, self.trainer.slots[slot].scale)
-            self._samplers[op.sampler_id] = sampler_slot
+            sampler_slot = self._into_sampler_slot("snapshot", slot)
+            self._samplers[op.sampler_id] = _Sampler(sampler_slot, None, next(self._uses))
             op.done(sampler_slot)
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
+    # ---------------------------------------------------------------- sampler slots
+
+    def _sampler_slot(self, sampler_id: str) -> int | None:
+        """The slot a sampling request of `sampler_id` runs in, reloading its weights if they
+        were evicted; marks the sampler as just used."""
+        sampler = self._samplers.get(sampler_id)
+        if sampler is None:
+            raise ValidationError("sampling_session_id", f"{sampler_id} is not open")
+        if sampler.evicted:
+            if sampler.location is None:
+                raise ValidationError(
+                    "sampling_session_id",
+                    f"{sampler_id} was an ephemeral snapshot, evicted for newer sampler weights "
+                    f"(at most {self.settings.sampler_slots} are held: sampler_slots); save "
+                    "weights for the sampler and open a sampling client on the saved path to "
+                    "keep weights loadable",
+                )
+            sampler.slot = self._into_sampler_slot("open_sampler", sampler.location)
+            sampler.evicted = False
+        sampler.last_used = next(self._uses)
+        return sampler.slot
+
+    def _into_sampler_slot(self, name: str, *args: Any) -> int | None:
+        """Runs the engine call `name` that loads an adapter into a free sampler slot, first
+        evicting the least recently used sampler with nothing in flight if every slot is
+        taken (RL loops open a new sampler per iteration and rarely close the old ones)."""
+        if name == "open_sampler" and args[0] is None:
+            return self.engine.call(name, *args)  # the base model takes no slot
+        if len(self.sampler.slot_scale) >= self.sampler.layout.num_slots:
+            busy = {op.sampler_id for op in self._in_flight.values()}
+            idle = [
+                (s.last_used, sid)
+                for sid, s in self._samplers.items()
+                if s.slot is not None and not s.evicted and sid not in busy
+            ]
+            if not idle:
+                raise ResourceExhausted(
+                    f"all {self.sampler.layout.num_slots} sampler slots of {self.base_model} "
+                    "hold weights with requests in flight (sampler_slots); retry shortly"
+                )
+            victim = self._samplers[min(idle)[1]]
+            self.engine.call("free_adapter", victim.slot)
+            victim.slot, victim.evicted = None, True
+        return self.engine.call(name, *args)
+
     def _sample_step(self) -> None:
-        for rid, result in self.sampler.step().items():
+        for rid, result in self.engine.call("step").items():
             op = self._in_flight.pop(rid)
             self._guard(op, op.done, result)
 
@@ -400,7 +428,7 @@ class EngineWorker:
         for op in self._in_flight.values():
             op.fail(error)
         self._in_flight.clear()
-        self.sampler.reset()
+        self.engine.call("reset")
 
     # ---------------------------------------------------------------- lifecycle of slots
 
@@ -411,11 +439,11 @@ class EngineWorker:
             for run_id in run_ids:
                 run = self._runs.pop(run_id, None)
                 if run is not None:
-                    self.trainer.free_slot(run.slot)
+                    self.engine.call("free_slot", run.slot)
             for sid in sampler_ids:
-                slot = self._samplers.pop(sid, None)
-                if slot is not None and slot not in self._samplers.values():
-                    self.sampler.free_adapter(slot)
+                sampler = self._samplers.pop(sid, None)
+                if sampler is not None and sampler.slot is not None and not sampler.evicted:
+                    self.engine.call("free_adapter", sampler.slot)
 
         with self._cond:
             self._queued += 1
@@ -425,13 +453,3 @@ class EngineWorker:
 @dataclasses.dataclass
 class _Callback(Op):
     fn: Callable[[], None]
-
-
-def _tokenizer(model_dir: Path):
-    """The model's tokenizer when the folder has one (stop strings need it)."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception:  # noqa: BLE001 - a model without a tokenizer still trains and samples
-        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,15 +13,37 @@ from pathlib import Path
 
 class ServerProcess:
     """`tinker-jax serve` in a subprocess; `address` is the gRPC host:port once it listens and,
-    with `http=True`, `http_url` the base URL of its Tinker HTTP front end."""
+    with `http=True`, `http_url` the base URL of its Tinker HTTP front end. `kill` crashes it
+    (SIGKILL) and `restart` starts it again on the same storage and ports."""
 
-    def __init__(self, base_model: Path, storage: Path, *extra: str, http: bool = False):
+    def __init__(
+        self,
+        base_model: Path,
+        storage: Path,
+        *extra: str,
+        http: bool = False,
+        port: int = 0,
+        env: dict[str, str] | None = None,
+    ):
+        """`env` adds variables to the server's environment (e.g. XLA_FLAGS for more CPU
+        devices)."""
         self.storage = storage
+        self._env = env or {}
+        self._args = (base_model, extra, http)
+        self._launches = 0
+        self._launch(port, 0 if http else None)
+
+    def _launch(self, port: int, http_port: int | None) -> None:
+        base_model, extra, http = self._args
+        storage = self.storage
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)  # one CPU device: the server's mesh is the default one
         env["JAX_PLATFORMS"] = "cpu"
+        env.update(self._env)
         cache = Path.home() / ".cache" / "tinker_jax_tests_xla"
-        self.log = storage.parent / f"{storage.name}.log"
+        suffix = f".{self._launches}" if self._launches else ""
+        self._launches += 1
+        self.log = storage.parent / f"{storage.name}{suffix}.log"
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
             [
@@ -33,14 +56,14 @@ class ServerProcess:
                 "--storage",
                 str(storage),
                 "--port",
-                "0",
+                str(port),
                 "--max-lora-rank",
                 "8",
                 "--max-adapters",
                 "8",
                 "--compilation-cache",
                 str(cache),
-                *(["--http-port", "0"] if http else []),
+                *(["--http-port", str(http_port)] if http_port is not None else []),
                 *extra,
             ],
             stdout=self._log_file,
@@ -88,3 +111,24 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log_file.close()
+
+    def kill(self) -> None:
+        """Crashes the server: SIGKILL, no chance to clean up."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._log_file.close()
+
+    def restart(self) -> None:
+        """Starts the server again (after `kill` or `stop`) on the same storage and ports."""
+        port = int(self.address.rsplit(":", 1)[1])
+        http_port = int(self.http_url.rsplit(":", 1)[1]) if self.http_url else None
+        self._launch(port, http_port)
+
+
+def wait_until(condition, timeout: float = 120.0, interval: float = 0.05, what: str = "") -> None:
+    """Polls `condition()` until it is true; TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what or condition}")
+        time.sleep(interval)

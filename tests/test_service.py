@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from tests.server_process import ServerProcess
+from tests.sft_data import VOCAB, sft_data
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.client.errors import BadRequestError, NotFoundError, PermissionDeniedError
-
-VOCAB = 160
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +28,7 @@ def _client(server, user="alice") -> ServiceClient:
 
 
 def _sft_data(seed=0, n=3, length=24):
-    rng = np.random.default_rng(seed)
-    data = []
-    for _ in range(n):
-        tokens = rng.integers(0, VOCAB, length + 1).tolist()
-        data.append(
-            T.Datum(
-                model_input=T.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
-            )
-        )
-    return data
-
+    return sft_data(seed, [length] * n)
 
 def _train(tc, data, steps, lr=5e-3):
     """Pipelined: every forward_backward and optim_step is submitted before any is awaited."""
@@ -172,6 +160,44 @@ def test_two_users_ownership(server):
             bob_rest.delete_checkpoint_from_tinker_path(path).result()
         with pytest.raises(PermissionDeniedError):
             bob_rest.unpublish_checkpoint_from_tinker_path(path).result()
+
+
+def test_weights_access_token_opens_one_run_until_revoked(server):
+    """An unpublished run's checkpoints open to another user only with a token the owner
+    made for that run; the token opens nothing else, is stored hashed, and dies on revoke."""
+    with _client(server, "alice") as alice, _client(server, "bob") as bob:
+        alice_rest, bob_rest = alice.create_rest_client(), bob.create_rest_client()
+        shared = alice.create_lora_training_client(server.model, rank=4, seed=12)
+        other = alice.create_lora_training_client(server.model, rank=4, seed=13)
+        weights = shared.save_state("shared").result(timeout=300).path
+        sampler_path = shared.save_weights_for_sampler("shared").result(timeout=300).path
+        other_path = other.save_weights_for_sampler("other").result(timeout=300).path
+        with pytest.raises(NotFoundError):
+            bob_rest.create_weights_access_token(shared.model_id).result()
+        token = alice_rest.create_weights_access_token(shared.model_id).result()
+        assert token.startswith("tmlw-")
+        assert token.encode() not in (server.storage / "tinker.db").read_bytes()
+
+        with pytest.raises(NotFoundError):
+            bob.create_sampling_client(model_path=sampler_path, weights_access_token="tmlw-x")
+        out = bob.create_sampling_client(model_path=sampler_path, weights_access_token=token)
+        assert out.sample(
+            T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=2)
+        ).result(timeout=300).sequences[0].tokens
+        resumed = bob.create_training_client_from_state_with_optimizer(
+            weights, weights_access_token=token
+        )
+        assert len(_train(resumed, _sft_data(seed=12), steps=1)) == 1
+        with pytest.raises(NotFoundError):  # the token is for `shared`, not `other`
+            bob.create_sampling_client(model_path=other_path, weights_access_token=token)
+        with pytest.raises(NotFoundError):  # reading is all a token grants
+            bob_rest.delete_checkpoint_from_tinker_path(sampler_path).result()
+
+        with pytest.raises(NotFoundError):
+            bob_rest.revoke_weights_access_token(token).result()
+        alice_rest.revoke_weights_access_token(token).result()
+        with pytest.raises(NotFoundError):
+            bob.create_sampling_client(model_path=sampler_path, weights_access_token=token)
 
 
 def test_bad_requests_name_the_field_and_server_keeps_serving(server):

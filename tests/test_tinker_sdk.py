@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.server_process import ServerProcess
+from tests.sft_data import VOCAB, sft_data
 
 tinker = pytest.importorskip("tinker")  # the dev extra pins tinker==0.38.0
 httpx = pytest.importorskip("httpx")
@@ -24,7 +25,6 @@ from tinker import types as T  # noqa: E402
 
 LEGACY_SDK = "0.16.1"
 MAX_BODY = 4 * 1024 * 1024
-VOCAB = 160
 TIMEOUT = 300
 
 
@@ -49,18 +49,7 @@ def _service(server, user="alice") -> tinker.ServiceClient:
 
 
 def _sft_data(seed=0, n=3, length=16):
-    rng = np.random.default_rng(seed)
-    data = []
-    for _ in range(n):
-        tokens = rng.integers(0, VOCAB, length + 1).tolist()
-        data.append(
-            T.Datum(
-                model_input=T.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length},
-            )
-        )
-    return data
-
+    return sft_data(seed, [length] * n, types=T)
 
 # ------------------------------------------------------------------ the official SDK's flows
 

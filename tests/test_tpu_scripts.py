@@ -152,22 +152,20 @@ def test_serve_on_all_workers():
     assert cmd[4:8] == ["ssh", "my-tpu", "--zone=us-east5-a", "--worker=all"]
     script = remote_script(cmd)
     assert_valid_bash(script)
-    launch_mod = load_launch()
     serve = (
         "serve --base-model Qwen/Qwen3-8B --base-model /models/llama --storage "
         "gs://my-bucket/tinker --port 50051 --mesh data=1,fsdp=-1 --compilation-cache "
         "/tmp/jax_cache --http-port 8000 --max-adapters 16"
     )
-    expected = f"venv/bin/python -c {shlex.quote(launch_mod.BOOTSTRAP)} {serve} > serve.log"
+    expected = f"venv/bin/tinker-jax {serve} --host 0.0.0.0 --distributed > serve.log"
     assert expected in script
-    compile(launch_mod.BOOTSTRAP, "bootstrap", "exec")  # valid Python
 
 
 def test_serve_without_distributed_runs_the_cli_directly():
     (cmd,) = dry_run("serve", "t", ZONE, "--base-model=m", "--storage=/srv", "--no-distributed")
     script = remote_script(cmd)
     assert "venv/bin/tinker-jax serve --base-model m --storage /srv" in script
-    assert "--host 0.0.0.0" in script and "jax.distributed" not in script
+    assert "--host 0.0.0.0" in script and "--distributed" not in script
 
 
 def test_stop_and_delete():
@@ -181,12 +179,12 @@ def test_stop_and_delete():
 
 
 def test_serve_and_stop_scripts_work_on_a_worker(tmp_path):
-    """The remote scripts, run by bash in a fake home whose venv `python` just sleeps."""
+    """The remote scripts, run by bash in a fake home whose venv `tinker-jax` just sleeps."""
     home = tmp_path / "home"
     venv_bin = home / "tinker-jax" / "venv" / "bin"
     venv_bin.mkdir(parents=True)
-    (venv_bin / "python").write_text("#!/bin/sh\nexec sleep 120\n")
-    (venv_bin / "python").chmod(0o755)
+    (venv_bin / "tinker-jax").write_text("#!/bin/sh\nexec sleep 120\n")
+    (venv_bin / "tinker-jax").chmod(0o755)
     env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     (serve,) = dry_run("serve", "t", ZONE, "--base-model=m", "--storage=/srv")
     (stop,) = dry_run("stop", "t", ZONE)

@@ -15,6 +15,12 @@ A save becomes visible at its final path only when complete: everything is writt
 hidden sibling folder (`.<name>.partial-<hex>`) that is renamed into place at the end and
 removed on any exception; only a killed process can leave one behind. Only local folders are
 supported for now; `gs://` and other remote paths are refused.
+
+On a multi-host runtime every process calls `save_state` and `load_state` with the same
+arguments, as Orbax requires (its saves and restores synchronise all processes): the folder
+must be on storage that every host sees. Given device arrays (`Trainer.sharded_state`), each
+host writes its own shards; process 0 creates, completes and renames the folder. Arrays are
+read back whole, as numpy, whatever sharding they were saved from.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
@@ -79,13 +86,18 @@ def _rank_axis(name: str) -> int:
     return -1 if name.endswith("lora_a") else -2
 
 
-def _trim(arrays: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+def _trim(arrays: Mapping[str, np.ndarray | jax.Array], rank: int) -> dict:
     """Every array cut to `rank` along its rank axis. The padding must be zero (the trainer
-    never moves it); anything else would be silently lost, so it is an error."""
+    never moves it); anything else would be silently lost, so it is an error. Device arrays
+    already at `rank` (`Trainer.sharded_state`) stay on the devices: Orbax writes them shard
+    by shard, each host its own."""
     out = {}
     for name, value in arrays.items():
-        value = np.asarray(value)
         axis = _rank_axis(name)
+        if isinstance(value, jax.Array) and value.ndim >= 2 and value.shape[axis] == rank:
+            out[name] = value
+            continue
+        value = np.asarray(value)
         if np.take(value, range(rank, value.shape[axis]), axis=axis).any():
             raise ValueError(f"{name} is non-zero beyond rank {rank}")
         out[name] = np.ascontiguousarray(np.take(value, range(rank), axis=axis))
@@ -135,22 +147,33 @@ def _write_info(folder: Path, info: CheckpointInfo) -> None:
     (folder / INFO_FILE).write_text(_info_json(info))
 
 
-def _atomic_folder(directory: Path, write) -> None:
+def _atomic_folder(directory: Path, write, *, all_processes: bool = False) -> None:
     """Runs `write(tmp)` on a fresh hidden sibling of `directory`, then renames it into place;
-    on any failure the sibling is removed and `directory` never appears."""
+    on any failure the sibling is removed and `directory` never appears. With
+    `all_processes` (every process of a multi-host runtime calls it alike), they agree on
+    the sibling's name and process 0 alone creates, renames or removes it."""
     if directory.exists():
         raise ValidationError("path", f"{directory} already exists")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    token = uuid.uuid4().bytes[:6]
+    primary = not all_processes or jax.process_index() == 0
+    if all_processes and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)))
+    tmp = directory.parent / f".{directory.name}.partial-{token.hex()}"
+    if primary:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         write(tmp)
-        try:
-            os.rename(tmp, directory)
-        except OSError as e:  # another save won the name meanwhile
-            raise ValidationError("path", f"{directory} already exists") from e
+        if primary:
+            try:
+                os.rename(tmp, directory)
+            except OSError as e:  # another save won the name meanwhile
+                raise ValidationError("path", f"{directory} already exists") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -166,7 +189,8 @@ def save_state(
     are created) and returns the folder's size in bytes. The adapter (and, `with_optimizer`,
     the AdamW moments) is trimmed to `state.lora.rank`; the metadata records `state.step`.
     Synchronous: returns once every file is written (no fsync). Local paths only (gs:// is
-    not supported yet)."""
+    not supported yet). Multi-host: called by every process alike (see the module's doc);
+    the size returned is meaningful on process 0."""
     directory = _local_dir(directory)
     rank = state.lora.rank
     items = {"adapter": ocp.args.PyTreeSave(_nest(_trim(state.adapter, rank)))}
@@ -184,11 +208,13 @@ def save_state(
     )
 
     def write(tmp: Path) -> None:
+        # Orbax starts with a barrier of all processes: the sibling exists when it writes.
         with _orbax_lock:
             _checkpointer().save(tmp / STATE_DIR, args=ocp.args.Composite(**items))
-        _write_info(tmp, info)  # last: a folder with a readable info file is complete
+        if jax.process_index() == 0:  # last: a folder with a readable info file is complete
+            _write_info(tmp, info)
 
-    _atomic_folder(directory, write)
+    _atomic_folder(directory, write, all_processes=True)
     return directory_size(directory)
 
 
@@ -232,11 +258,14 @@ def load_state(
     info = read_info(directory)
     if with_optimizer and not info.has_optimizer:
         raise ValidationError("path", f"{directory} was saved without optimizer state")
-    items = {"adapter": ocp.args.PyTreeRestore()}
-    if with_optimizer:
-        items["optimizer"] = ocp.args.PyTreeRestore()
     try:
         with _orbax_lock:
+            # Every array comes back whole, as numpy, whatever sharding it was saved from.
+            items = {}
+            for item in ("adapter", "optimizer") if with_optimizer else ("adapter",):
+                saved = ocp.PyTreeCheckpointHandler().metadata(directory / STATE_DIR / item)
+                numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved.tree)
+                items[item] = ocp.args.PyTreeRestore(restore_args=numpy)
             restored = _checkpointer().restore(
                 directory / STATE_DIR, args=ocp.args.Composite(**items)
             )

@@ -190,9 +190,9 @@ class SlotLayout:
         ]
 
     def fit(self, tree, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Named host arrays of one slot (e.g. from `to_host` or a checkpoint) in leaf order,
-        the rank axis zero-padded (or trimmed, if the extra rank is all zeros) to this
-        layout's max rank. Raises ValidationError naming the array that does not fit."""
+        """Named host arrays of one slot (e.g. from `Trainer.slot_arrays` or a checkpoint) in
+        leaf order, the rank axis zero-padded (or trimmed, if the extra rank is all zeros) to
+        this layout's max rank. Raises ValidationError naming the array that does not fit."""
         values = []
         for leaf, shape in zip(self.leaves, self.slot_shapes(tree)):
             if leaf.name not in arrays:
@@ -217,10 +217,3 @@ class SlotLayout:
                 )
             values.append(value)
         return values
-
-    def to_host(self, tree, slot: int) -> dict[str, np.ndarray]:
-        """One slot's arrays by name, on the host."""
-        return {
-            leaf.name: np.take(np.asarray(x), slot, axis=leaf.slot_axis)
-            for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
-        }

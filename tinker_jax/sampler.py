@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import token_ids
 from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
@@ -44,7 +44,13 @@ from tinker_jax.sampling import (
 from tinker_jax.sharding import batch_multiple, logical_to_spec
 
 MAX_STOP_TOKENS = 16
+# Every decode step of a row searches its text for each stop string, on the engine thread
+# that all users share: bounded like the stop tokens.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
 MAX_TOPK_PROMPT_LOGPROBS = 64
+# Per request: the service names every sample, so an unbounded count is unbounded memory.
+MAX_NUM_SAMPLES = 4096
 CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
 
 
@@ -171,6 +177,10 @@ class Sampler:
         dtype = jax.tree.leaves(base)[0].dtype
         shape = (config.num_layers, rows, self.max_len, config.num_kv_heads, config.head_dim)
         sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
+        # The cache keeps its sharding; what the host reads back (tokens, logprobs) is
+        # replicated, so every process of a multi-host mesh can read it whole.
+        self._cache_sharding = sharding
+        self._replicated = NamedSharding(mesh, PartitionSpec())
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         self.cache = KVCache(zeros(), zeros())
         self.kv_cache_bytes = 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
@@ -244,8 +254,10 @@ class Sampler:
         vocab = self.config.vocab_size
         prompt = token_ids(request.prompt, "prompt", vocab, self.max_len)
         n = request.num_samples
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValidationError("num_samples", f"{n!r} must be an integer >= 1")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise ValidationError("num_samples", f"{n!r} must be an integer")
+        if not 1 <= n <= MAX_NUM_SAMPLES:
+            raise ValidationError("num_samples", f"{n} is outside [1, {MAX_NUM_SAMPLES}]")
         params = request.params.validate(vocab)
         k = request.topk_prompt_logprobs
         if (
@@ -270,7 +282,14 @@ class Sampler:
             raise ValidationError(
                 "sampling_params.stop", f"{len(stop_ids)} stop tokens, at most {MAX_STOP_TOKENS}"
             )
-        if params.stop_strings() and self.decode_text is None:
+        strings = params.stop_strings()
+        if len(strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in strings):
+            raise ValidationError(
+                "sampling_params.stop",
+                f"at most {MAX_STOP_STRINGS} stop strings of at most "
+                f"{MAX_STOP_STRING_CHARS} characters",
+            )
+        if strings and self.decode_text is None:
             raise ValidationError(
                 "sampling_params.stop",
                 "stop strings need a tokenizer, and this sampler has none; pass stop token ids",
@@ -391,6 +410,7 @@ class Sampler:
             f"prefill:{want_lp}:{topk}:{chunk}",
             self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk),
             donate_argnums=(2,),
+            out_shardings=(self._cache_sharding,) + (self._replicated,) * 4,
         )
         args = [
             tokens,
@@ -495,7 +515,12 @@ class Sampler:
         return prefill
 
     def _decode(self) -> None:
-        fn = self._jit("decode", self._decode_fn, donate_argnums=(2,))
+        fn = self._jit(
+            "decode",
+            self._decode_fn,
+            donate_argnums=(2,),
+            out_shardings=(self._cache_sharding, self._replicated, self._replicated),
+        )
         args = {k: self._put(v) for k, v in self._rows.device_args().items()}
         self.cache, out_tokens, out_lp = fn(self.lora, self.base, self.cache, args)
         out_tokens, out_lp = jax.device_get((out_tokens, out_lp))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import HostBatch, RunBatch, build_batch
 from tinker_jax.buckets import chunk_size
@@ -54,8 +54,9 @@ class SlotInfo:
 
 @dataclasses.dataclass
 class SlotState:
-    """A run's state on the host, by parameter name: the adapter and, when saved with it,
-    the AdamW moments and step count (what a `weights/` checkpoint holds)."""
+    """A run's state by parameter name: the adapter and, when saved with it, the AdamW
+    moments and step count (what a `weights/` checkpoint holds). Host arrays, except from
+    `Trainer.sharded_state` (device arrays at the run's rank)."""
 
     lora: LoraConfig
     adapter: dict[str, np.ndarray]
@@ -87,6 +88,9 @@ class Trainer:
         self.layout = SlotLayout(lora)
         self.num_slots, self.max_rank = self.layout.num_slots, self.layout.max_rank
         self._state_sharding = jax.tree.map(lambda x: x.sharding, lora)
+        # What the host reads back (losses, logprobs, one slot's arrays) is replicated: every
+        # process of a multi-host mesh can then read it whole.
+        self._replicated = NamedSharding(mesh, PartitionSpec())
         self.lora = lora
         zeros = jax.jit(
             lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=self._state_sharding
@@ -132,8 +136,30 @@ class Trainer:
             self.slot_arrays(slot),
             self.slot_arrays(slot, "mu"),
             self.slot_arrays(slot, "nu"),
-            int(self.counts[slot]),
+            info.step,
         )
+
+    def sharded_state(self, slot: int, with_optimizer: bool = True) -> SlotState:
+        """Like `export_slot`, but the arrays stay on the devices, sharded as the trainer holds
+        them, and are cut to the run's rank: what a checkpoint writes (on a multi-host mesh,
+        each host writes its own shards)."""
+        info = self._check_slot(slot)
+        rank = info.lora.rank
+
+        def cut(tree, slot):
+            return [
+                jax.lax.slice_in_dim(x, 0, rank, axis=leaf.slot_rank_axis)
+                for leaf, x in zip(self.layout.leaves, self.layout.take(tree, slot))
+            ]
+
+        fn = self._jit(f"sharded_slot:{rank}", cut)
+
+        def named(tree) -> dict[str, jax.Array]:
+            return dict(zip((leaf.name for leaf in self.layout.leaves), fn(tree, jnp.int32(slot))))
+
+        if not with_optimizer:
+            return SlotState(info.lora, named(self.lora))
+        return SlotState(info.lora, named(self.lora), named(self.mu), named(self.nu), info.step)
 
     def import_slot(self, state: SlotState, with_optimizer: bool) -> int:
         """A new slot holding a saved state; without the optimizer, the moments start at
@@ -179,7 +205,9 @@ class Trainer:
         [layers, in, max_rank]); `which` is "lora" (the adapter), "grads", "mu" or "nu"."""
         self._check_slot(slot)
         tree = {"lora": self.lora, "grads": self.grads, "mu": self.mu, "nu": self.nu}[which]
-        return self.layout.to_host(tree, slot)
+        take = self._jit("take_slot", self.layout.take, out_shardings=self._replicated)
+        values = take(tree, jnp.int32(slot))
+        return {leaf.name: np.asarray(x) for leaf, x in zip(self.layout.leaves, values)}
 
     def _check_slot(self, slot: int) -> SlotInfo:
         if slot not in self.slots:
@@ -293,11 +321,15 @@ class Trainer:
                     f"forward_backward:{loss_fn}:{chunk}",
                     step,
                     donate_argnums=(2,),
-                    out_shardings=(self._state_sharding, None),
+                    out_shardings=(self._state_sharding, self._replicated),
                 )
                 self.grads, aux = fn(self.lora, self.base, self.grads, batch)
             else:
-                fn = self._jit(f"forward:{loss_fn}:{chunk}", lambda *a: compute(*a)[1])
+                fn = self._jit(
+                    f"forward:{loss_fn}:{chunk}",
+                    lambda *a: compute(*a)[1],
+                    out_shardings=self._replicated,
+                )
                 aux = fn(self.lora, self.base, batch)
         row_loss, row_terms, logp, load = jax.device_get(aux)
         return self._split_outputs(runs, host, row_loss, row_terms, logp, load)
@@ -341,7 +373,9 @@ class Trainer:
         # Two programs: computing the update reads the slot, writing it back (donated) is an
         # in-place update. In one program XLA copies every slot's arrays, a cost that grows
         # with the number of adapter slots.
-        update = self._jit("optim_update", self._optim_update_fn)
+        update = self._jit(
+            "optim_update", self._optim_update_fn, out_shardings=(None,) * 4 + (self._replicated,)
+        )
         write = self._jit(
             "optim_write",
             self._optim_write_fn,

@@ -10,10 +10,11 @@
 
 Every subcommand takes --dry-run (print each gcloud command, run nothing) and --project.
 `install`, `serve` and `stop` run on all workers of the slice (`--worker=all`). Every worker
-runs the same server program (JAX's multi-controller model); `jax.distributed.initialize()`
-finds the other workers from the TPU VM's metadata, and only worker 0 (process 0) listens on
-the network: it is the front end. On a worker, everything lives in ~/tinker-jax (venv,
-serve.log, serve.pid).
+runs the same server program (JAX's multi-controller model): with `tinker-jax serve
+--distributed`, `jax.distributed.initialize()` finds the other workers from the TPU VM's
+metadata; worker 0 (process 0) is the front end and the only one listening on the network,
+and the others execute the engine calls it broadcasts. On a worker, everything lives in
+~/tinker-jax (venv, serve.log, serve.pid).
 
 Python (standard library only) rather than bash: the remote commands carry user values through
 two shells (local, then ssh), which `shlex.quote` gets right where hand-quoting in bash is
@@ -57,15 +58,6 @@ WHEEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+\.whl$")
 BUCKET_RE = re.compile(r"^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?$")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 PYTHON_RE = re.compile(r"^3\.[0-9]+(\.[0-9]+)?$")
-
-# Run by each worker's Python: join the slice, then start the server; process 0 listens on
-# every interface (the front end), the others on loopback only.
-BOOTSTRAP = (
-    "import sys, jax; jax.distributed.initialize(); "
-    "from tinker_jax.service.cli import main; "
-    'host = "0.0.0.0" if jax.process_index() == 0 else "127.0.0.1"; '
-    'sys.exit(main(sys.argv[1:] + ["--host", host]))'
-)
 
 
 class UsageError(Exception):
@@ -233,10 +225,10 @@ def serve_commands(args: argparse.Namespace) -> list[list[str]]:
     if args.mesh is not None:
         serve += ["--mesh", args.mesh]
     serve += ["--compilation-cache", args.compilation_cache, *args.serve_args]
-    if args.no_distributed:
-        program = ["venv/bin/tinker-jax", *serve, "--host", "0.0.0.0"]
-    else:
-        program = ["venv/bin/python", "-c", BOOTSTRAP, *serve]
+    # Only process 0 listens (on every interface); --distributed joins the slice's workers.
+    program = ["venv/bin/tinker-jax", *serve, "--host", "0.0.0.0"]
+    if not args.no_distributed:
+        program.append("--distributed")
     running = 'if [ -f serve.pid ] && kill -0 "$(cat serve.pid)" 2>/dev/null; then'
     script = "; ".join(
         [

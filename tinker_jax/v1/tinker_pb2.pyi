@@ -674,6 +674,18 @@ class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CreateWeightsAccessTokenRequest(_message.Message):
+    __slots__ = ("training_run_id",)
+    TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    training_run_id: str
+    def __init__(self, training_run_id: _Optional[str] = ...) -> None: ...
+
+class WeightsAccessToken(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
 class WeightsInfoResponse(_message.Message):
     __slots__ = ("base_model", "is_lora", "lora_rank", "train_unembed", "train_mlp", "train_attn")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -159,6 +159,16 @@ class TinkerStub:
                 request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerRequest.SerializeToString,
                 response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerResponse.FromString,
                 _registered_method=True)
+        self.CreateWeightsAccessToken = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/CreateWeightsAccessToken',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.CreateWeightsAccessTokenRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.FromString,
+                _registered_method=True)
+        self.RevokeWeightsAccessToken = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/RevokeWeightsAccessToken',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class TinkerServicer:
@@ -314,6 +324,18 @@ class TinkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWeightsAccessToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeWeightsAccessToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TinkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -441,6 +463,16 @@ def add_TinkerServicer_to_server(servicer, server):
                     servicer.GetSampler,
                     request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerRequest.FromString,
                     response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerResponse.SerializeToString,
+            ),
+            'CreateWeightsAccessToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWeightsAccessToken,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.CreateWeightsAccessTokenRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.SerializeToString,
+            ),
+            'RevokeWeightsAccessToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeWeightsAccessToken,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1118,6 +1150,60 @@ class Tinker:
             '/tinker_jax.v1.Tinker/GetSampler',
             tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerRequest.SerializeToString,
             tinker__jax_dot_v1_dot_tinker__pb2.GetSamplerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWeightsAccessToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/CreateWeightsAccessToken',
+            tinker__jax_dot_v1_dot_tinker__pb2.CreateWeightsAccessTokenRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeWeightsAccessToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/RevokeWeightsAccessToken',
+            tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,228 @@
+"""Multi-host serving on JAX's multi-controller runtime, through the real server: 2 processes
+x 4 CPU devices (gloo collectives between them) against 1 process x 8 devices, on the same
+global mesh shape. The same client loop must see the same losses, logprobs (before and after
+training: the same gradients were applied) and greedy tokens, and checkpoints written by both
+processes through Orbax must load back (a new run and a sampler from the saved paths)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.server_process import ServerProcess
+from tests.sft_data import sft_data
+from tinker_jax import ServiceClient, checkpoints, distributed
+from tinker_jax import types as T
+
+MESH = "data=2,fsdp=2,tensor=2"
+CACHE = Path.home() / ".cache" / "tinker_jax_tests_xla"
+
+
+def _devices(n: int) -> dict[str, str]:
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data() -> list[T.Datum]:
+    return sft_data(0, (12, 20))
+
+def _logprobs(out) -> list[np.ndarray]:
+    return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
+
+
+def _workload(server: ServerProcess, model: str) -> dict:
+    """Trains a few steps, samples greedily, saves, and loads the checkpoints back."""
+    key = server.create_key("alice")
+    greedy = T.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    prompt = T.ModelInput.from_ints([5, 6, 7, 8, 9])
+    data = _data()
+    result: dict = {"losses": [], "logprobs": []}
+    with ServiceClient(base_url=server.address, api_key=key) as client:
+        tc = client.create_lora_training_client(model, rank=4, seed=1)
+        for _ in range(3):
+            out = tc.forward_backward(data, "cross_entropy").result(timeout=300)
+            tc.optim_step(T.AdamParams(learning_rate=1e-2)).result(timeout=300)
+            result["losses"].append(out.metrics["loss:sum"])
+            result["logprobs"].append(_logprobs(out))
+        # forward_backward, not forward: one program fewer for process 1 to compile (only
+        # process 0 writes JAX's persistent cache, and on CPU the keys differ by process).
+        trained = tc.forward_backward(data, "cross_entropy").result(timeout=300)
+        result["trained"] = _logprobs(trained)
+        sample = tc.save_weights_and_get_sampling_client().sample(prompt, 1, greedy)
+        seq = sample.result(timeout=300).sequences[0]
+        result["tokens"], result["token_logprobs"] = seq.tokens, seq.logprobs
+        state = tc.save_state("s").result(timeout=300).path
+        weights = tc.save_weights_for_sampler("w").result(timeout=300).path
+        resumed = client.create_training_client_from_state_with_optimizer(state)
+        resumed_out = resumed.forward_backward(data, "cross_entropy").result(timeout=300)
+        result["resumed"] = _logprobs(resumed_out)
+        from_path = client.create_sampling_client(model_path=weights)
+        result["from_path"] = from_path.sample(prompt, 1, greedy).result(timeout=300)
+        result["from_path"] = result["from_path"].sequences[0].tokens
+    return result
+
+
+@pytest.fixture(scope="module")
+def results(hf_model_dir, tmp_path_factory):
+    model = hf_model_dir("qwen3")
+    args = ("--mesh", MESH)
+    single = ServerProcess(model, tmp_path_factory.mktemp("one"), *args, env=_devices(8))
+    try:
+        one = _workload(single, str(model))
+    finally:
+        single.stop()
+
+    storage = tmp_path_factory.mktemp("two")
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    follower_log = open(storage.parent / "follower.log", "w")
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tinker_jax.service.cli",
+            "serve",
+            "--base-model",
+            str(model),
+            "--storage",
+            str(storage),
+            "--max-lora-rank",
+            "8",
+            "--max-adapters",
+            "8",
+            "--compilation-cache",
+            str(CACHE),
+            *args,
+            *join,
+            "--process-id",
+            "1",
+        ],
+        stdout=follower_log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **_devices(4)},
+    )
+    try:
+        leader = ServerProcess(model, storage, *args, *join, "--process-id", "0", env=_devices(4))
+        try:
+            two = _workload(leader, str(model))
+        finally:
+            leader.stop()
+        assert follower.wait(timeout=60) == 0, (storage.parent / "follower.log").read_text()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        follower_log.close()
+    return one, two, single.storage, storage
+
+
+def _saved_state(storage: Path):
+    """The training state saved as `weights/s` on a server's storage."""
+    (folder,) = storage.glob("checkpoints/*/weights/s-*")
+    return checkpoints.load_state(folder, with_optimizer=True)[0]
+
+
+def test_two_processes_match_one(results):
+    one, two, *_ = results
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
+    for key in ("trained", "resumed"):
+        for a, b in zip(two[key], one[key]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    for step_two, step_one in zip(two["logprobs"], one["logprobs"]):
+        for a, b in zip(step_two, step_one):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert two["tokens"] == one["tokens"] and two["from_path"] == one["from_path"]
+    assert two["from_path"] == two["tokens"]
+    np.testing.assert_allclose(two["token_logprobs"], one["token_logprobs"], atol=1e-5)
+
+
+def test_same_gradients_and_adapter(results):
+    """The AdamW moments are running averages of the gradients (and their squares)."""
+    *_, one_storage, two_storage = results
+    one, two = _saved_state(one_storage), _saved_state(two_storage)
+    assert one.step == two.step == 3
+    for name in one.adapter:
+        for a, b in ((one.adapter, two.adapter), (one.mu, two.mu), (one.nu, two.nu)):
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert any(np.abs(one.mu[name]).max() > 0 for name in one.mu)
+
+
+def test_resumed_run_continues_where_it_was_saved(results):
+    one, two, *_ = results
+    for run in (one, two):
+        for a, b in zip(run["resumed"], run["trained"]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_checkpoints_are_complete_folders(results):
+    *_, storage = results
+    folders = sorted(p.parent for p in storage.rglob("tinker_checkpoint.json"))
+    assert len(folders) == 2, folders
+    assert not list(storage.rglob(".*.partial-*"))
+    for folder in folders:  # each process wrote its own shards of the arrays
+        for process in (0, 1):
+            assert (folder / "state" / "adapter" / f"ocdbt.process_{process}").is_dir()
+
+
+# Process 0 publishes 100 messages, waits until process 1 has read them, publishes 28 more
+# (the 128th publish collects), and finds the first 100 deleted from the store.
+STREAM_SCRIPT = """
+import sys, jax
+from jax._src import distributed as d
+from tinker_jax.distributed import MessageStream, initialize
+initialize(sys.argv[1], 2, int(sys.argv[2]))
+stream, client = MessageStream("test"), d.global_state.client
+if jax.process_index() == 0:
+    for i in range(100):
+        stream.publish(b"m%d" % i)
+    client.wait_at_barrier("read", 60_000)
+    for i in range(100, 128):
+        stream.publish(b"m%d" % i)
+    for i in range(100):
+        try:
+            client.key_value_try_get_bytes("tinker_jax/stream/test/%d" % i)
+            sys.exit("message %d was not deleted" % i)
+        except jax.errors.JaxRuntimeError:
+            pass
+else:
+    got = [stream.receive() for _ in range(100)]
+    assert got == [b"m%d" % i for i in range(100)], got
+    client.wait_at_barrier("read", 60_000)
+    assert [stream.receive() for _ in range(28)] == [b"m%d" % i for i in range(100, 128)]
+client.wait_at_barrier("done", 60_000)
+"""
+
+
+def test_message_stream_delivers_in_order_and_collects():
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **_devices(1)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STREAM_SCRIPT, address, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-3000:]
+
+
+def test_initialize_wants_all_three_flags():
+    with pytest.raises(ValueError, match="all of"):
+        distributed.initialize("127.0.0.1:1234", None, 0)
+    with pytest.raises(ValueError, match="outside"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
