@@ -754,7 +754,9 @@ class ServiceCore:
                     result = _last_prompt_logprobs(result, last_n)
                 complete(pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids)))
 
-            worker.submit(Sample(done=done, fail=fail, sampler_id=sampler_id, request=request))
+            worker.submit(
+                Sample(done=done, fail=fail, sampler_id=sampler_id, request=request, user=user)
+            )
 
         return self._submit(user, request_id, "sample", None, worker, start), sequence_ids
 

@@ -5,7 +5,9 @@ run in seq_id order (an operation waits until its predecessor has arrived and fi
 tick takes the next ready operation of every run, so forward(_backward) calls of different runs
 with the same loss function execute as one batched engine call, then the sampler advances all
 sampling requests by a few decode steps: training and sampling interleave, and no run or user
-can hold the thread for long.
+can hold the thread for long. Sampling requests wait here, one queue per user, and enter the
+sampler round-robin across users only as its rows free up: one user's flood of requests
+delays another user's request by about one request of each user, not by the whole flood.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class OpenSampler(Op):
 class Sample(Op):
     sampler_id: str
     request: SampleRequest
+    user: str = ""  # whose request: sampling is admitted round-robin across users
 
 
 @dataclasses.dataclass
@@ -154,6 +157,9 @@ class EngineWorker:
         self._uses = itertools.count()  # the clock of _Sampler.last_used
         self._unordered: collections.deque[Op] = collections.deque()
         self._in_flight: dict[int, Sample] = {}  # sampler request id -> op
+        self._waiting: collections.OrderedDict[str, collections.deque[Sample]] = (
+            collections.OrderedDict()
+        )  # user -> sampling requests not yet in the sampler, in the order the user sent them
         self._queued = 0
         self._cond = threading.Condition()
         self._stop = False
@@ -168,7 +174,8 @@ class EngineWorker:
         Sampling requests count until they finish: the engine moves them from the queue into
         the sampler at once, where they would otherwise pile up without bound."""
         with self._cond:
-            if self._queued + len(self._in_flight) >= self.settings.max_queue:
+            waiting = sum(map(len, self._waiting.values()))
+            if self._queued + waiting + len(self._in_flight) >= self.settings.max_queue:
                 raise ResourceExhausted(
                     f"the queue of {self.base_model} holds "
                     f"{self.settings.max_queue} operations; retry shortly"
@@ -260,7 +267,12 @@ class EngineWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._has_ready() and not self.sampler.has_work():
+                while (
+                    not self._stop
+                    and not self._has_ready()
+                    and not self.sampler.has_work()
+                    and not self._admissible()
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -276,6 +288,7 @@ class EngineWorker:
             for op in unordered:
                 self._guard(op, self._execute_unordered, op)
             self._execute_ready(ready)
+            self._admit_samples()
             if self.sampler.has_work():
                 self._guard(None, self._sample_step)
 
@@ -315,8 +328,8 @@ class EngineWorker:
             op.fn()
             op.done(None)
         elif isinstance(op, Sample):
-            request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id))
-            self._in_flight[self.engine.call("submit", request)] = op
+            with self._cond:
+                self._waiting.setdefault(op.user, collections.deque()).append(op)
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
@@ -373,6 +386,38 @@ class EngineWorker:
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
+    # ---------------------------------------------------------------- fair sampling admission
+
+    def _admissible(self) -> bool:
+        """Whether a waiting sampling request could enter the sampler now."""
+        return bool(self._waiting) and self._rows_in_flight() < self._admit_rows()
+
+    def _admit_rows(self) -> int:
+        """How many sequences the sampler is given at once: its rows, and as many again
+        queued inside it so that a freed row refills without waiting for this thread."""
+        return 2 * self.sampler.rows
+
+    def _rows_in_flight(self) -> int:
+        return sum(op.request.num_samples for op in self._in_flight.values())
+
+    def _admit_samples(self) -> None:
+        """Moves waiting sampling requests into the sampler, one per user in turn (users
+        rotate: whoever was served goes to the back), while it has room."""
+        while True:
+            with self._cond:
+                if not self._admissible():
+                    return
+                user, queue = next(iter(self._waiting.items()))
+                op = queue.popleft()
+                del self._waiting[user]
+                if queue:
+                    self._waiting[user] = queue  # to the back of the rotation
+            self._guard(op, self._submit_sample, op)
+
+    def _submit_sample(self, op: Sample) -> None:
+        request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id))
+        self._in_flight[self.engine.call("submit", request)] = op
+
     # ---------------------------------------------------------------- sampler slots
 
     def _sampler_slot(self, sampler_id: str) -> int | None:
@@ -397,12 +442,15 @@ class EngineWorker:
 
     def _into_sampler_slot(self, name: str, *args: Any) -> int | None:
         """Runs the engine call `name` that loads an adapter into a free sampler slot, first
-        evicting the least recently used sampler with nothing in flight if every slot is
-        taken (RL loops open a new sampler per iteration and rarely close the old ones)."""
+        evicting the least recently used sampler with no request waiting or in flight if
+        every slot is taken (RL loops open a new sampler per iteration and rarely close the
+        old ones)."""
         if name == "open_sampler" and args[0] is None:
             return self.engine.call(name, *args)  # the base model takes no slot
         if len(self.sampler.slot_scale) >= self.sampler.layout.num_slots:
-            busy = {op.sampler_id for op in self._in_flight.values()}
+            with self._cond:
+                waiting = [op for queue in self._waiting.values() for op in queue]
+            busy = {op.sampler_id for op in [*self._in_flight.values(), *waiting]}
             idle = [
                 (s.last_used, sid)
                 for sid, s in self._samplers.items()

@@ -24,9 +24,14 @@ class ServerProcess:
         http: bool = False,
         port: int = 0,
         env: dict[str, str] | None = None,
+        config: dict[str, float | int | str] | None = None,
     ):
         """`env` adds variables to the server's environment (e.g. XLA_FLAGS for more CPU
-        devices)."""
+        devices); `config` server settings written to a TOML file passed as `--config`."""
+        if config:
+            toml = storage.parent / f"{storage.name}.toml"
+            toml.write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
+            extra = (*extra, "--config", str(toml))
         self.storage = storage
         self._env = env or {}
         self._args = (base_model, extra, http)

@@ -41,13 +41,12 @@ IMPATIENT = RetryConfig(max_retry_seconds=0.5, retry_delay_base=0.1)
 @pytest.fixture(scope="module")
 def server(hf_model_dir, tmp_path_factory):
     model = hf_model_dir("qwen3")
-    root = tmp_path_factory.mktemp("isolation")
-    config = root / "server.toml"
-    config.write_text(
-        f"session_ttl_seconds = {SESSION_TTL_SECONDS}\nsweep_interval_seconds = 0.2\n"
-    )
     proc = ServerProcess(
-        model, root / "storage", "--config", str(config), "--max-adapters", str(MAX_ADAPTERS)
+        model,
+        tmp_path_factory.mktemp("isolation") / "storage",
+        "--max-adapters",
+        str(MAX_ADAPTERS),
+        config={"session_ttl_seconds": SESSION_TTL_SECONDS, "sweep_interval_seconds": 0.2},
     )
     proc.model = str(model)
     proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}

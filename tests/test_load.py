@@ -34,11 +34,12 @@ def _soak():
 @pytest.fixture(scope="module")
 def server(hf_model_dir, tmp_path_factory):
     model = hf_model_dir("qwen3")
-    root = tmp_path_factory.mktemp("load")
-    config = root / "server.toml"
-    config.write_text(f"max_queue = {MAX_QUEUE}\n")
     proc = ServerProcess(
-        model, root / "storage", "--config", str(config), "--max-adapters", str(CLIENTS // 2 + 1)
+        model,
+        tmp_path_factory.mktemp("load") / "storage",
+        "--max-adapters",
+        str(CLIENTS // 2 + 1),
+        config={"max_queue": MAX_QUEUE},
     )
     proc.model = str(model)
     proc.key = proc.create_key("load")
