@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_models import hf_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,24 +96,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def write_model(folder: Path, args: argparse.Namespace) -> None:
-    """A random Qwen3-shaped model from `from_config`, saved with `save_pretrained`."""
+    """A random Qwen3-shaped model (scripts/bench_models.py's config), saved in `args.dtype`
+    with `save_pretrained`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=max(4096, args.seq),
-        tie_word_embeddings=args.tied,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
+    config = hf_config(argparse.Namespace(**vars(args), family="qwen3"), args.seq)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
     model.save_pretrained(folder)
@@ -168,12 +157,13 @@ class EngineTrace:
     """Counts and times the server engine's calls inside a window (instance wrappers)."""
 
     def __init__(self, worker):
-        self.trainer = worker.trainer
+        self.trainer = worker.engine.trainer
         self.lock = threading.Lock()
         self.fb: list[tuple[int, int, float]] = []  # (runs, rows, seconds) per engine call
         self.optim: list[float] = []
         self.ticks: list[float] = []
-        fb, optim = worker.trainer.forward_backward, worker.trainer.optim_step
+        calls = worker.engine._calls  # what Engine.call dispatches to
+        fb, optim = calls["forward_backward"], calls["optim_step"]
         tick = worker._execute_ready
 
         def traced_fb(runs, loss_fn):
@@ -195,8 +185,7 @@ class EngineTrace:
             if ready:
                 self._add(self.ticks, time.perf_counter() - start)
 
-        worker.trainer.forward_backward = traced_fb
-        worker.trainer.optim_step = traced_optim
+        calls["forward_backward"], calls["optim_step"] = traced_fb, traced_optim
         worker._execute_ready = traced_tick
 
     def _add(self, target: list, value) -> None:

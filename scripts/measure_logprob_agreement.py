@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_models import hf_config
 
 if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
     sys.path.append(str(Path(__file__).resolve().parents[1]))
@@ -50,22 +51,9 @@ def parse_args() -> argparse.Namespace:
 def write_model(folder: Path, args: argparse.Namespace) -> None:
     """A random Qwen3 model saved with `save_pretrained` (fp32; norms perturbed off 1)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
+    config = hf_config(argparse.Namespace(**vars(args), family="qwen3", tied=False), 512)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
