@@ -1,0 +1,73 @@
+"""The benchmark and measurement scripts still run end to end (tiny shapes, CPU).
+
+Their numbers are not checked here (timings belong to the scripts, never to tests); what is
+checked is that each one runs against the current engine and prints its result line, so a
+refactor that breaks a script fails CI instead of the next device session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TINY = [
+    "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+    "--intermediate", "128", "--vocab", "256",
+]  # fmt: skip
+MOE = ["--family", "qwen3_moe", "--experts", "4", "--experts-per-token", "2"]
+MOE += ["--moe-intermediate", "32"]
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        ([*TINY, "--seq", "32", "--batch", "2", "--steps", "1"], "ratio ours/torch"),
+        ([*TINY, *MOE, "--seq", "32", "--batch", "2", "--steps", "1", "--no-torch"], "tokens/s"),
+    ],
+    ids=["dense-vs-peft", "moe"],
+)
+def test_bench_train(args, expect):
+    assert expect in run_script("bench_train.py", *args)
+
+
+def test_bench_sample():
+    out = run_script(
+        "bench_sample.py", *TINY, "--batches", "2", "--new-tokens", "8", "--repeats", "1"
+    )
+    assert "ratio ours/torch" in out and "greedy tokens equal in 100% of rows" in out
+
+
+def test_bench_service():
+    out = run_script(
+        "bench_service.py", *TINY, "--seq", "16", "--batch", "2", "--runs", "2", "--rank", "4",
+        "--steps", "1", "--steps-b", "1", "--repeats", "1",
+    )  # fmt: skip
+    assert "ratio 2 runs / 1 run" in out and "overhead" in out
+
+
+def test_profile_decode():
+    out = run_script("profile_decode.py", *TINY, "--new-tokens", "8", "--top", "3")
+    assert "per decode step" in out and "ms per token" in out
+
+
+def test_measure_logprob_agreement():
+    out = run_script("measure_logprob_agreement.py", "--dtypes", "float32", "--prompts", "2")
+    assert "importance ratio within [1.0000, 1.0000]" in out
