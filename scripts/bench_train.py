@@ -63,7 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none")
     p.add_argument(
-        "--attention", choices=["einsum", "xla", "cudnn"], default="einsum", help="our kernel"
+        "--attention",
+        choices=["auto", "einsum", "xla", "cudnn"],
+        default="auto",
+        help="our self-attention kernel (auto: what `tinker-jax serve` picks here)",
     )
     p.add_argument("--logprob-chunk", type=int, default=None, help="Trainer logprob_chunk")
     p.add_argument("--no-torch", action="store_true", help="time only our engine")
@@ -120,6 +123,7 @@ def ours_step(folder: Path, args: argparse.Namespace, tokens: np.ndarray):
 
     from tinker_jax.batching import Datum, RunBatch
     from tinker_jax.lora import LoRASpec
+    from tinker_jax.models.decoder import auto_attention_kernel
     from tinker_jax.optim import AdamParams
     from tinker_jax.sharding import make_mesh
     from tinker_jax.trainer import LoraConfig, Trainer
@@ -132,7 +136,11 @@ def ours_step(folder: Path, args: argparse.Namespace, tokens: np.ndarray):
         mesh=mesh,
         dtype=jnp.dtype(args.dtype),
         remat=args.remat,
-        attention=args.attention,
+        attention=(
+            auto_attention_kernel(jnp.dtype(args.dtype))
+            if args.attention == "auto"
+            else args.attention
+        ),
     )
     kwargs = {} if args.logprob_chunk is None else {"logprob_chunk": args.logprob_chunk}
     trainer = Trainer(model, mesh, **kwargs)

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attention",
         choices=["auto", "einsum", "xla", "cudnn"],
         default=None,
-        help="self-attention kernel (auto: cuDNN on a GPU in bfloat16, einsum elsewhere)",
+        help="self-attention kernel (auto: cuDNN on a GPU in bfloat16, xla on CPU, else einsum)",
     )
     serve.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")

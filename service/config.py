@@ -33,8 +33,8 @@ class ServerConfig:
     sampler_rows: int = 32
     max_seq_len: int | None = 4096
     dtype: str = "float32"
-    # Self-attention kernel for training and prefill: "auto" picks cuDNN's fused attention on
-    # a GPU in bfloat16 and the einsum kernel elsewhere; or a name in ATTENTION_KERNELS.
+    # Self-attention kernel for training and prefill: "auto" is auto_attention_kernel's pick
+    # for the backend and dtype; or a name in ATTENTION_KERNELS.
     attention: str = "auto"
     lora_alpha: float = 32.0
     max_queue: int = 1024
