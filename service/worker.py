@@ -409,9 +409,10 @@ class EngineWorker:
                     return
                 user, queue = next(iter(self._waiting.items()))
                 op = queue.popleft()
-                del self._waiting[user]
                 if queue:
-                    self._waiting[user] = queue  # to the back of the rotation
+                    self._waiting.move_to_end(user)  # to the back of the rotation
+                else:
+                    del self._waiting[user]
             self._guard(op, self._submit_sample, op)
 
     def _submit_sample(self, op: Sample) -> None:
@@ -447,7 +448,7 @@ class EngineWorker:
         old ones)."""
         if name == "open_sampler" and args[0] is None:
             return self.engine.call(name, *args)  # the base model takes no slot
-        if len(self.sampler.slot_scale) >= self.sampler.layout.num_slots:
+        if not self.sampler.free_slots():
             with self._cond:
                 waiting = [op for queue in self._waiting.values() for op in queue]
             busy = {op.sampler_id for op in [*self._in_flight.values(), *waiting]}
@@ -458,7 +459,7 @@ class EngineWorker:
             ]
             if not idle:
                 raise ResourceExhausted(
-                    f"all {self.sampler.layout.num_slots} sampler slots of {self.base_model} "
+                    f"all {self.settings.sampler_slots} sampler slots of {self.base_model} "
                     "hold weights with requests in flight (sampler_slots); retry shortly"
                 )
             victim = self._samplers[min(idle)[1]]

@@ -213,7 +213,7 @@ class Sampler:
     def load_adapter(self, arrays: Mapping[str, np.ndarray], scale: float) -> int:
         """Copies an adapter snapshot (by parameter name, e.g. `Trainer.slot_arrays`) into a
         free sampler slot (`SlotLayout.fit` pads the rank). Returns the slot."""
-        free = [s for s in range(self.layout.num_slots) if s not in self.slot_scale]
+        free = self.free_slots()
         if not free:
             raise ValidationError(
                 "sampler_slots", f"all {self.layout.num_slots} sampler adapter slots are in use"
@@ -228,6 +228,10 @@ class Sampler:
         self.lora = fn(self.lora, jnp.int32(slot), values)
         self.slot_scale[slot] = float(scale)
         return slot
+
+    def free_slots(self) -> list[int]:
+        """The adapter slots that hold no snapshot, lowest first."""
+        return [s for s in range(self.layout.num_slots) if s not in self.slot_scale]
 
     def free_adapter(self, slot: int) -> None:
         if slot not in self.slot_scale:
