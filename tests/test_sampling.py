@@ -16,6 +16,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.sampling import (
     SamplingParams,
     filter_logits,
+    first_argmax,
     sample_tokens,
     seed_words,
     sequence_key,
@@ -335,6 +336,31 @@ def test_greedy_rows_beside_sampled_rows():
     want = np.argmax(np.asarray(x), axis=1)
     np.testing.assert_array_equal(got[::2], want[::2])
     assert (got[1::2] != want[1::2]).any()  # sampled rows are not secretly greedy
+
+
+def test_first_argmax_is_argmax_with_ties_and_nan():
+    rng = np.random.default_rng(12)
+    x = rng.integers(-3, 3, (ROWS, VOCAB_S)).astype(np.float32)  # many ties per row
+    x[0] = -np.inf
+    x[1, [7, 9]] = np.nan
+    x[2, 40:] = np.inf
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=1)))
+    np.testing.assert_array_equal(got[:3], [0, 7, 40])
+
+
+def test_sampled_rows_draw_what_jax_categorical_draws():
+    """The draw is jax.random.categorical of the filtered logits, key for key: seeds keep
+    meaning the same tokens whatever the sampler's formulation of the Gumbel-max trick."""
+    x, t, k, p = _batch(np.random.default_rng(13), ROWS, VOCAB_S)
+    keys = jax.random.split(jax.random.key(5), ROWS)
+    greedy = t == 0
+    scaled = x / jnp.where(greedy, 1.0, t)[:, None]
+    filtered = filter_logits(scaled, jnp.where(greedy, -1, k), jnp.where(greedy, 1.0, p))
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    want = np.where(greedy, np.argmax(np.asarray(x), axis=1), drawn)
+    np.testing.assert_array_equal(np.asarray(sample_tokens(x, keys, t, k, p)), want)
 
 
 def _batch(rng, rows, vocab):
