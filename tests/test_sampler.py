@@ -85,6 +85,28 @@ def test_greedy_equals_transformers_generate(hf_model_dir, name):
         assert result.sequences[0].stop_reason == "length"
 
 
+def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
+    """Decode attends over a power-of-two prefix of the cache (kv_bucket) that covers every
+    active row: a request whose positions cross 128 and 256 switches prefix mid-generation,
+    beside a short request, and both still equal transformers token for token."""
+    folder = hf_model_dir("qwen3")
+    trainer = make_trainer(folder, slots=1, max_rank=8)
+    sampler = Sampler.sharing_base(
+        _model_of(trainer), trainer.mesh, slots=1, rows=2, max_len=512, steps_per_call=16
+    )
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    rng = np.random.default_rng(8)
+    long_prompt, short_prompt = rng.integers(0, VOCAB, 100), rng.integers(0, VOCAB, 6)
+    long_params = SamplingParams(max_tokens=170, temperature=0.0, stop=[])
+    results = sampler.sample(
+        [SampleRequest(long_prompt, 1, long_params), SampleRequest(short_prompt, 1, GREEDY)]
+    )
+    assert results[0].sequences[0].tokens == _hf_greedy(hf, long_prompt, 170)
+    assert results[1].sequences[0].tokens == _hf_greedy(hf, short_prompt, 12)
+    decoded = {name for name in sampler.trace_counts if name.startswith("decode_")}
+    assert decoded == {"decode_128", "decode_256", "decode_512"}
+
+
 def test_greedy_with_adapter_equals_merged_peft_model(engine):
     trainer, sampler, slot, snapshot, folder = engine
     from tests.test_peft_parity import RANK, TARGETS, _copy_adapter_into_peft

@@ -8,6 +8,7 @@ Batch sizes round up to a power of two that the mesh's batch axes divide.
 from __future__ import annotations
 
 MIN_SEQ_BUCKET = 16
+MIN_KV_BUCKET = 128
 
 
 def seq_bucket(length: int) -> int:
@@ -17,6 +18,13 @@ def seq_bucket(length: int) -> int:
     power = 1 << (length - 1).bit_length()  # smallest power of two >= length
     three_quarters = power // 4 * 3
     return three_quarters if length <= three_quarters else power
+
+
+def kv_bucket(length: int, max_len: int) -> int:
+    """Cache positions a decode call attends over: the smallest power of two >= length (at
+    least MIN_KV_BUCKET), capped at the cache's max_len. Powers of two: a decode program is
+    compiled per bucket, and each costs a compile (log2(max_len / 128) of them at most)."""
+    return min(max(MIN_KV_BUCKET, 1 << (max(length, 1) - 1).bit_length()), max_len)
 
 
 def batch_bucket(size: int, multiple: int = 1) -> int:

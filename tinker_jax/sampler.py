@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import token_ids
-from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
+from tinker_jax.buckets import batch_bucket, chunk_size, kv_bucket, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout
@@ -519,9 +520,12 @@ class Sampler:
         return prefill
 
     def _decode(self) -> None:
+        # Attend over the cache prefix that this call's rows can reach, not all of max_len.
+        reach = int(self._rows.position[self._rows.active].max()) + self.steps_per_call
+        kv_len = kv_bucket(reach, self.max_len)
         fn = self._jit(
-            "decode",
-            self._decode_fn,
+            f"decode_{kv_len}",
+            functools.partial(self._decode_fn, kv_len=kv_len),
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding, self._replicated, self._replicated),
         )
@@ -545,7 +549,7 @@ class Sampler:
                     break
             self._check_stop_strings(r)
 
-    def _decode_fn(self, lora, base, cache, rows):
+    def _decode_fn(self, lora, base, cache, rows, *, kv_len: int):
         steps = self.steps_per_call
         max_len = cache.k.shape[2]
         model = nnx.merge(self.graphdef, lora, base)
@@ -555,7 +559,7 @@ class Sampler:
 
         def body(carry):
             i, cache, token, position, generated, remaining, active, out_t, out_lp = carry
-            hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache)
+            hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
             logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
             keys = step_keys(base_keys, generated)
             new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])

@@ -157,10 +157,12 @@ class Attention(nnx.Module):
         adapter: AdapterBatch | None,
         cache: KVCache,
         layer: jax.Array,
+        kv_len: int,
     ) -> tuple[jax.Array, KVCache]:
         """One new token per row against the cache, written at its position first.
 
-        x: [rows, 1, embed]; positions: [rows, 1]; cache arrays [layers, rows, max_len, ...].
+        x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache arrays [layers, rows,
+        max_len, ...], of which attention reads the first kv_len positions.
         """
         q, k, v = self.project(x, positions, adapter)
         rows = jnp.arange(x.shape[0])
@@ -168,9 +170,7 @@ class Attention(nnx.Module):
             cache.k.at[layer, rows, positions[:, 0]].set(k[:, 0].astype(cache.k.dtype)),
             cache.v.at[layer, rows, positions[:, 0]].set(v[:, 0].astype(cache.v.dtype)),
         )
-        keys, values = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-        out = attention(q, keys, values, positions, key_positions)
+        out = decode_attention(q, cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len], positions)
         return self._out(out, adapter), cache
 
     def _out(self, out: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
@@ -205,6 +205,23 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, s, h, d)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """One query per row against its cache row: keys at positions <= the query's are visible.
+
+    q: [rows, 1, heads, head_dim]; k, v: [rows, max_len, kv_heads, head_dim] (one layer of
+    the cache); positions: [rows, 1] -> [rows, 1, heads, head_dim]. In fp32.
+    """
+    b, _, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q[:, 0].reshape(b, 1, kvh, h // kvh, d).astype(jnp.float32)
+    scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
+    visible = jnp.arange(k.shape[1])[None, :] <= positions  # [rows, max_len]
+    scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)  # [rows, max_len, kv_heads, group]
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
 def fused_causal_attention(implementation: str):
@@ -296,9 +313,10 @@ class DecoderLayer(nnx.Module):
         adapter: AdapterBatch | None,
         cache: KVCache,
         layer: jax.Array,
+        kv_len: int,
     ) -> tuple[jax.Array, KVCache]:
         attn, cache = self.self_attn.decode(
-            self.input_layernorm(x), positions, adapter, cache, layer
+            self.input_layernorm(x), positions, adapter, cache, layer, kv_len
         )
         return self._mlp(x + attn, adapter)[0], cache
 
@@ -404,17 +422,29 @@ class Transformer(nnx.Module):
         return out if len(out) > 1 else out[0]
 
     def decode(
-        self, tokens: jax.Array, positions: jax.Array, adapter: AdapterBatch | None, cache: KVCache
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        cache: KVCache,
+        kv_len: int | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
-        the cache with this token's keys and values written at its position)."""
+        the cache with this token's keys and values written at its position).
+
+        Attention reads only the first `kv_len` cache positions (default: all); every
+        position must be below it. Reading a short prefix of a long cache is what keeps a
+        decode step's memory traffic proportional to the context in use, not to max_len."""
+        kv_len = cache.k.shape[2] if kv_len is None else kv_len
         x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
             h, cache = carry
             layer_state, index = xs
-            h, cache = nnx.merge(graphdef, layer_state).decode(h, positions, adapter, cache, index)
+            h, cache = nnx.merge(graphdef, layer_state).decode(
+                h, positions, adapter, cache, index, kv_len
+            )
             return (h, cache), None
 
         (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.config.num_layers)))
