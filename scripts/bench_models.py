@@ -4,16 +4,28 @@ Every benchmark loads its model through the same path real weights take (a folde
 `config.json` and safetensors), so the shapes are command-line flags and the folder is
 written on the spot: by `transformers` (`from_config` + `save_pretrained`) for small models,
 or straight from NumPy for billion-parameter shapes where building a torch model is slow.
+
+Importing this module applies the engine's XLA flags (`tinker_jax.xla_flags`), so every
+benchmark runs what the server runs; the scripts import it before JAX.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from tinker_jax.xla_flags import apply_xla_flags  # noqa: E402
+
+apply_xla_flags()
 
 PRESETS = {
     "qwen3-1.7b": dict(

@@ -17,16 +17,11 @@ logprobs (the prefill path). `exp(max)` bounds the importance ratio a trainer wo
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from bench_models import hf_config
-
-if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args() -> argparse.Namespace:

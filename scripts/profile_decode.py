@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from bench_models import add_model_args, ensure_model, parse_with_preset
-
-if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.xla_flags import apply_xla_flags
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,6 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_xla_flags()  # before any subcommand imports JAX
     parser = argparse.ArgumentParser(prog="tinker-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

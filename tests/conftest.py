@@ -11,6 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from tinker_jax.xla_flags import apply_xla_flags  # noqa: E402
+
+apply_xla_flags()  # the tests run the flags the server runs
+
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402

@@ -18,3 +18,18 @@ def test_demo_serves_trains_saves_and_samples(capsys):
     out = capsys.readouterr().out
     assert "loss/token fell from" in out
     assert "sampler_weights/demo" in out and "sample:" in out
+
+
+def test_engine_xla_flags_are_appended_unless_the_user_set_them():
+    import os
+
+    from tinker_jax.xla_flags import ENGINE_XLA_FLAGS, apply_xla_flags
+
+    (flag,) = ENGINE_XLA_FLAGS
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert apply_xla_flags(env).split() == ["--xla_force_host_platform_device_count=8", flag]
+    assert apply_xla_flags(env).split() == ["--xla_force_host_platform_device_count=8", flag]
+    assert apply_xla_flags({}) == flag
+    mine = {"XLA_FLAGS": flag.split("=")[0] + "=true"}
+    assert apply_xla_flags(mine) == flag.split("=")[0] + "=true"
+    assert flag in os.environ["XLA_FLAGS"].split()  # conftest applied them, as the CLI does
