@@ -35,10 +35,8 @@ minus the time of the same requests with max_tokens=1 (prefill + first token).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,10 +47,6 @@ from bench_models import active_shapes, add_model_args, ensure_model, parse_with
 CPU_TARGETS = {1: 1.0, 32: 5.0}  # batch size -> required ratio ours/torch on CPU
 # HBM bandwidth in GB/s by `device_kind` substring (the vendors' figures).
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "TPU v5p": 2765.0, "TPU v6": 1640.0}
-
-
-if importlib.util.find_spec("tinker_jax") is None:  # run from a checkout, not installed
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args() -> argparse.Namespace:
@@ -242,9 +236,54 @@ def main() -> None:
                     got = results[batch]["ratio"]
                     verdict = "met" if got >= need else "NOT met"
                     print(f"target batch {batch}: >= {need:.0f}x, got {got:.2f}x: {verdict}")
+            report_matmul_ceiling(args, results, max(batches))
 
         if accelerator or args.hbm_gbps is not None:
             report_roofline(args, results, device.device_kind)
+
+
+def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -> None:
+    """The most any sampler could do here at `batch`: a decode step that ran nothing but its
+    weight matmuls ([batch, in] @ [in, out] for every matrix of every layer, stacked and
+    scanned as the model's layers are, then the lm head), jitted by XLA on this machine.
+    Printed as tokens/s and as a ratio to torch: when a CPU target asks for more than this
+    ratio, no formulation of the rest of the step can meet it."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(args.dtype)
+    layers = [
+        jnp.asarray(rng.standard_normal((args.layers, i, o)) * 0.02, dtype)
+        for o, i in active_shapes(args)
+    ]
+    head = jnp.asarray(rng.standard_normal((args.hidden, args.vocab)) * 0.02, dtype)
+    x = jnp.asarray(rng.standard_normal((batch, args.hidden)), dtype)
+
+    @jax.jit
+    def matmuls(x, layers, head):
+        def layer(h, ws):
+            # Every matrix multiplies h resized to its input width: the FLOPs and weight
+            # bytes of the real step, whatever the activations' values.
+            outs = [jnp.resize(h, (h.shape[0], w.shape[0])) @ w for w in ws]
+            return h + sum(jnp.resize(o, h.shape) for o in outs), None
+
+        h, _ = jax.lax.scan(layer, x, layers)
+        return h @ head
+
+    matmuls(x, layers, head).block_until_ready()
+    best = min(timed(lambda: matmuls(x, layers, head).block_until_ready())[0] for _ in range(10))
+    tps = batch / best
+    flops = 2 * batch * sum(w.size for w in layers) + 2 * batch * head.size
+    line = (
+        f"ceiling batch {batch}: its matmuls alone take {best * 1e3:.1f} ms per step "
+        f"({flops / best / 1e9:.0f} GFLOP/s) = {tps:.1f} tok/s"
+    )
+    r = results.get(batch, {})
+    if "torch_tps" in r:
+        ratio, share = tps / r["torch_tps"], r["ours_tps"] / tps
+        line += f" = {ratio:.2f}x torch; ours reaches {share:.0%} of it"
+    print(line)
 
 
 def report_roofline(args: argparse.Namespace, results: dict, device_kind: str) -> None:
