@@ -432,8 +432,12 @@ class Store:
             self._insert(
                 conn,
                 "weights_tokens",
-                {"token_hash": hash_key(token), "run_id": run_id, "owner": owner,
-                 "created": time.time()},
+                {
+                    "token_hash": hash_key(token),
+                    "run_id": run_id,
+                    "owner": owner,
+                    "created": time.time(),
+                },
                 missing=ValidationError("training_run_id", f"no training run {run_id!r}"),
             )
         return token

@@ -71,6 +71,7 @@ def _pending_count(server) -> int:
 def _sft_data(seed=0, n=3, length=24) -> list[T.Datum]:
     return sft_data(seed, [length] * n)
 
+
 def _outcome(future: APIFuture):
     """The future's result, or the exception it resolved to (it must resolve: no hang)."""
     try:

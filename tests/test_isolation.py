@@ -63,6 +63,7 @@ def _client(server, user="alice", retry=None) -> ServiceClient:
 def _data(seed=0, n=2, length=12) -> list[T.Datum]:
     return sft_data(seed, [length] * n)
 
+
 def test_another_users_runs_samplers_sessions_and_requests_are_out_of_reach(server):
     data = _data()
     with _client(server, "alice") as alice, _client(server, "bob") as bob:

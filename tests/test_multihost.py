@@ -37,6 +37,7 @@ def _free_port() -> int:
 def _data() -> list[T.Datum]:
     return sft_data(0, (12, 20))
 
+
 def _logprobs(out) -> list[np.ndarray]:
     return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
 

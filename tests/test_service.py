@@ -30,6 +30,7 @@ def _client(server, user="alice") -> ServiceClient:
 def _sft_data(seed=0, n=3, length=24):
     return sft_data(seed, [length] * n)
 
+
 def _train(tc, data, steps, lr=5e-3):
     """Pipelined: every forward_backward and optim_step is submitted before any is awaited."""
     futures = []
@@ -181,9 +182,12 @@ def test_weights_access_token_opens_one_run_until_revoked(server):
         with pytest.raises(NotFoundError):
             bob.create_sampling_client(model_path=sampler_path, weights_access_token="tmlw-x")
         out = bob.create_sampling_client(model_path=sampler_path, weights_access_token=token)
-        assert out.sample(
-            T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=2)
-        ).result(timeout=300).sequences[0].tokens
+        assert (
+            out.sample(T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=2))
+            .result(timeout=300)
+            .sequences[0]
+            .tokens
+        )
         resumed = bob.create_training_client_from_state_with_optimizer(
             weights, weights_access_token=token
         )

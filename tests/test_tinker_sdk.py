@@ -51,6 +51,7 @@ def _service(server, user="alice") -> tinker.ServiceClient:
 def _sft_data(seed=0, n=3, length=16):
     return sft_data(seed, [length] * n, types=T)
 
+
 # ------------------------------------------------------------------ the official SDK's flows
 
 
