@@ -193,9 +193,10 @@ def training_step_terms(
       adapter rows gathered per sequence         B·r·W·c   (W from `_dims`)
     (k = 1 and F = intermediate_size for a dense MLP.)
     Transient, once: the final norm (B·S·E·(4 + c)); the backward of one layer's attention
-    (gradients of the weights and scores, 2·B·H·S²·4); the chunked lm head, recomputed per
-    chunk under checkpoint (logits, their gradient and softmax as 3·B·chunk·V·4, plus the
-    gathered lm-head adapter rows B·r·(E + V)·c). `plan_memory` adds the step's gradient of
+    (gradients of the weights and scores, 2·B·H·S²·4); the lm head fused with the loss
+    (`head_loss`), a chunk at a time (logits, their gradient and softmax as 3·B·chunk·V·4,
+    plus the gathered lm-head adapter rows B·r·(E + V)·c), and the gradient of the hidden
+    states it keeps for the backward pass (B·S·E·c). `plan_memory` adds the step's gradient of
     every adapter slot (= adapter bytes).
     """
     L, E, H, K, D, V = (
@@ -230,6 +231,7 @@ def training_step_terms(
         Term("attention backward (fp32)", (B, H, S, S), weights_axes[1:], 4, 2),
         Term("lm-head chunk (fp32)", (B, chunk, V), ("act_batch", "act_seq", "act_vocab"), 4, 3),
         Term("lm-head lora rows", (B, rank * (E + V)), ("act_batch", None), c),
+        Term("lm-head hidden gradient", (B, S, E), ("act_batch", "act_seq", "act_embed"), c),
     ]
     if cfg.moe is not None:
         terms += [

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tinker_jax.batching import HostBatch, RunBatch, build_batch
 from tinker_jax.buckets import chunk_size
 from tinker_jax.errors import ValidationError
+from tinker_jax.head_loss import fused_head_loss
 from tinker_jax.logprobs import target_logprobs
 from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
 from tinker_jax.losses import token_losses
@@ -278,22 +279,36 @@ class Trainer:
 
         return jax.tree.map(put, batch.arrays())
 
-    def _loss_fn(self, loss_fn: str, chunk: int):
+    def _loss_fn(self, loss_fn: str, chunk: int, with_grad: bool):
+        """The step's summed loss and its per-row outputs. With `with_grad` the lm head and
+        the loss run fused (`fused_head_loss`: the head's gradient in the forward pass, one
+        lm-head pass fewer); without, the plain `target_logprobs` of the same values."""
+
         def compute(lora, base, batch):
             model = nnx.merge(self.graphdef, lora, base)
             adapter = AdapterBatch(batch["slot_ids"], batch["scale"])
             hidden, aux = model(batch["tokens"], batch["positions"], adapter, return_aux=True)
-            logp = target_logprobs(model, hidden, batch["targets"], adapter, chunk)
-            loss, terms = token_losses(
-                loss_fn, logp, batch["inputs"], batch["mask"], batch["config"]
-            )
+            config = batch["config"]
+
+            def token_loss(logp, inputs):
+                return token_losses(loss_fn, logp, inputs["inputs"], inputs["mask"], config)
+
+            loss_inputs = {"inputs": batch["inputs"], "mask": batch["mask"]}
+            if with_grad:
+                total, (loss, terms, logp) = fused_head_loss(
+                    model, hidden, batch["targets"], adapter, chunk, token_loss, loss_inputs
+                )
+            else:
+                logp = target_logprobs(model, hidden, batch["targets"], adapter, chunk)
+                loss, terms = token_loss(logp, loss_inputs)
+                total = loss.sum()
             row_loss = loss.sum(axis=1)
             row_terms = {k: v.sum(axis=1) for k, v in terms.items()}
             load = None  # MoE: tokens per expert [layers, batch, experts], for router metrics
             if "experts" in aux:
                 moe = self.config.moe
                 load = expert_load(aux["experts"], batch["mask"], moe.num_experts)
-            return row_loss.sum(), (row_loss, row_terms, logp, load)
+            return total, (row_loss, row_terms, logp, load)
 
         return compute
 
@@ -308,7 +323,7 @@ class Trainer:
             batch_multiple=self.batch_multiple,
         )
         chunk = chunk_size(host.tokens.shape[1], self.logprob_chunk)
-        compute = self._loss_fn(loss_fn, chunk)
+        compute = self._loss_fn(loss_fn, chunk, with_grad)
         batch = self._batch_to_device(host)
         with jax.set_mesh(self.mesh):
             if with_grad:

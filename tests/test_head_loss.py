@@ -1,0 +1,108 @@
+"""The fused lm head + loss (`tinker_jax.head_loss`): the gradients the trainer steps with equal
+JAX's autodiff of the plain `target_logprobs` + `token_losses`, for every loss, 1-D and 2-D
+targets, tied and untied heads, and a batch mixing two runs' adapters."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from tests.engine_helpers import make_trainer, sft_datum
+from tinker_jax.batching import Datum, RunBatch, build_batch
+from tinker_jax.buckets import chunk_size
+from tinker_jax.optim import AdamParams
+from tinker_jax.trainer import LoraConfig
+
+VOCAB = 160
+
+
+def _rl_datum(rng, length):
+    tokens = rng.integers(0, VOCAB, length + 1)
+    return Datum(
+        tokens[:-1],
+        {
+            "target_tokens": tokens[1:],
+            "logprobs": -np.abs(rng.standard_normal(length)).astype(np.float32) - 4.0,
+            "advantages": rng.standard_normal(length).astype(np.float32),
+        },
+    )
+
+
+def _two_d_datum(rng, length, k=3):
+    return Datum(
+        rng.integers(0, VOCAB, length),
+        {
+            "target_tokens": rng.integers(0, VOCAB, (length, k)),
+            "weights": rng.dirichlet(np.ones(k), length).astype(np.float32),
+        },
+    )
+
+
+def _loss_and_grads(trainer, runs, loss_fn, fused):
+    host = build_batch(
+        runs,
+        loss_fn,
+        slot_scale={s: info.scale for s, info in trainer.slots.items()},
+        vocab_size=trainer.config.vocab_size,
+        max_length=trainer.config.max_position_embeddings,
+        batch_multiple=trainer.batch_multiple,
+    )
+    chunk = chunk_size(host.tokens.shape[1], trainer.logprob_chunk)
+    assert host.tokens.shape[1] // chunk > 1  # several chunks: the scan is exercised
+    compute = trainer._loss_fn(loss_fn, chunk, with_grad=fused)
+    with jax.set_mesh(trainer.mesh):
+        fn = jax.jit(jax.value_and_grad(compute, has_aux=True))
+        (total, aux), grads = fn(trainer.lora, trainer.base, trainer._batch_to_device(host))
+    return jax.device_get((total, aux[0], aux[2], grads))
+
+
+@pytest.fixture(scope="module")
+def trained(request, hf_model_dir):
+    """A trainer on config `request.param` ("qwen3": untied head, "llama": tied) with two
+    slots of different ranks, each trained one step."""
+    trainer = make_trainer(hf_model_dir(request.param), slots=3, max_rank=8, logprob_chunk=8)
+    rng = np.random.default_rng(0)
+    slots = []
+    for seed, rank in ((1, 4), (2, 8)):  # one step each, so every B (lm head's too) is non-zero
+        slot = trainer.create_slot(LoraConfig(rank=rank, seed=seed))
+        trainer.forward_backward([RunBatch(slot, [sft_datum(rng, 24, VOCAB)])], "cross_entropy")
+        trainer.optim_step(slot, AdamParams(learning_rate=0.05))
+        slots.append(slot)
+    return trainer, slots
+
+
+CASES = {
+    "cross_entropy": ("cross_entropy", None, lambda rng, n: sft_datum(rng, n, VOCAB)),
+    "cross_entropy_2d": ("cross_entropy", None, _two_d_datum),
+    "importance_sampling": ("importance_sampling", None, _rl_datum),
+    "ppo": ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, _rl_datum),
+    "cispo": ("cispo", None, _rl_datum),
+    "dro": ("dro", {"beta": 0.1}, _rl_datum),
+}
+# Every loss on the untied head; the tied head (its gradient reaches the adapter through the
+# transposed embedding) with two of them, to keep the compile count down.
+PARAMS = [("qwen3", case) for case in CASES] + [("llama", "cross_entropy"), ("llama", "ppo")]
+
+
+@pytest.mark.parametrize("trained, case", PARAMS, indirect=["trained"])
+def test_fused_gradients_equal_autodiff(trained, case):
+    loss_fn, config, make = CASES[case]
+    trainer, (s1, s2) = trained
+    rng = np.random.default_rng(3)
+    runs = [
+        RunBatch(s1, [make(rng, 21), make(rng, 30)], config),
+        RunBatch(s2, [make(rng, 13)], config),
+    ]
+    fused = _loss_and_grads(trainer, runs, loss_fn, fused=True)
+    plain = _loss_and_grads(trainer, runs, loss_fn, fused=False)
+    total, row_loss, logp, grads = fused
+    np.testing.assert_allclose(total, plain[0], rtol=1e-5)
+    np.testing.assert_allclose(row_loss, plain[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logp, plain[2], atol=1e-5)
+    leaves, ref = jax.tree.leaves(grads), jax.tree.leaves(plain[3])
+    assert len(leaves) == len(ref)
+    for got, want in zip(leaves, ref):
+        scale = max(np.abs(want).max(), 1e-6)
+        np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-4)
+    assert any(np.abs(g).max() > 0 for g in leaves)

@@ -1,0 +1,115 @@
+"""The lm head and a per-token loss, with their gradient computed in the forward pass.
+
+Differentiating `target_logprobs` costs three passes over the lm head: the logits, their
+recomputation in the backward pass (the chunks are checkpointed, since `[batch, seq, vocab]`
+fp32 logits do not fit beside a training step), and the gradient matmul. Every Tinker loss is a
+sum of per-token terms of the target logprobs, so the loss's gradient with respect to a chunk's
+logprobs is known as soon as that chunk's logprobs are: `fused_head_loss` computes, per chunk,
+the logits, the logprobs, the loss and at once the gradient of the summed loss with respect to
+the hidden states and the head's adapter, then drops the logits. Two passes over the head, and
+the memory of one chunk's logits, as before.
+
+The result is exact for the gradient of the summed loss (the value `jax.grad` of the trainer
+takes): the backward pass scales the stored gradients by the cotangent of that sum. The per-token
+outputs (logprobs, losses, metric terms) are reported values, not differentiated: a cotangent on
+them is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tinker_jax.lora import AdapterBatch, lora_delta
+from tinker_jax.models.decoder import Transformer
+
+# (target logprobs of one chunk [batch, chunk] or [batch, chunk, K], that chunk of the loss
+# inputs) -> (per-token loss [batch, chunk], {metric name: [batch, chunk]}).
+TokenLoss = Callable[[jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def fused_head_loss(
+    model: Transformer,
+    hidden: jax.Array,
+    targets: jax.Array,
+    adapter: AdapterBatch | None,
+    chunk: int,
+    token_loss: TokenLoss,
+    loss_inputs: Any,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array], jax.Array]]:
+    """Summed loss through the lm head, differentiable in `hidden` and the head's adapter.
+
+    hidden: [batch, seq, embed]; targets: [batch, seq] or [batch, seq, K] int32; chunk divides
+    seq; loss_inputs: a pytree of [batch, seq, ...] arrays that `token_loss` reads, cut into the
+    same chunks. Returns (total loss, (per-token loss [batch, seq], metric terms [batch, seq],
+    target logprobs [batch, seq] or [batch, seq, K] float32)); logprobs equal
+    `target_logprobs`'s.
+    """
+    head = model.lm_head
+    tied = head.tied
+    w = model.embed_tokens[...] if tied else head.head.kernel[...]
+    with_lora = adapter is not None and head.head.lora_a is not None
+    a = head.head.lora_a[...] if with_lora else None
+    b = head.head.lora_b[...] if with_lora else None
+
+    def logits_of(h: jax.Array, a: jax.Array | None, b: jax.Array | None) -> jax.Array:
+        # As `Unembed.__call__` computes them.
+        y = h @ w.T if tied else h @ w
+        return y if a is None else y + lora_delta(h, a, b, adapter)
+
+    def forward(h, a, b, targets, loss_inputs):
+        bsz, seq, _ = h.shape
+        n = seq // chunk
+        two_d = targets.ndim == 3
+        t = targets if two_d else targets[..., None]
+
+        def split(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [n, batch, chunk, ...]
+            return x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+        def join(x: jax.Array) -> jax.Array:
+            return x.swapaxes(0, 1).reshape(bsz, seq, *x.shape[3:])
+
+        def one_chunk(acc, xs):
+            h_c, t_c, inputs_c = xs
+            logits, pullback = jax.vjp(logits_of, h_c, a, b)
+            x = logits.astype(jnp.float32)
+            lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+            logp = jnp.take_along_axis(x, t_c, axis=-1) - lse  # [batch, chunk, K]
+
+            def summed(lp):
+                loss, terms = token_loss(lp if two_d else lp[..., 0], inputs_c)
+                return loss.sum(), (loss, terms)
+
+            (_, (loss, terms)), dlogp = jax.value_and_grad(summed, has_aux=True)(logp)
+            # d logp[k] / d logits = onehot(target k) - softmax(logits)
+            vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+            dx = -dlogp.sum(axis=-1, keepdims=True) * jnp.exp(x - lse)
+            for k in range(t_c.shape[-1]):
+                dx = dx + jnp.where(vocab == t_c[..., k : k + 1], dlogp[..., k : k + 1], 0.0)
+            dh, da, db = pullback(dx.astype(logits.dtype))
+            if a is not None:
+                acc = (acc[0] + da, acc[1] + db)
+            return acc, (logp if two_d else logp[..., 0], loss, terms, dh)
+
+        acc = None if a is None else (jnp.zeros_like(a), jnp.zeros_like(b))
+        xs = (split(h), split(t), jax.tree.map(split, loss_inputs))
+        acc, (logp, loss, terms, dh) = jax.lax.scan(one_chunk, acc, xs)
+        da, db = (None, None) if acc is None else acc
+        out = (loss.sum(), (join(loss), jax.tree.map(join, terms), join(logp)))
+        return out, (join(dh), da, db)
+
+    @jax.custom_vjp
+    def fused(h, a, b, targets, loss_inputs):
+        return forward(h, a, b, targets, loss_inputs)[0]
+
+    def fused_bwd(grads, cotangent):
+        g = cotangent[0]  # of the total; the per-token outputs' cotangents are ignored
+        dh, da, db = grads
+        scaled = None if da is None else (g * da, g * db)
+        return (g * dh, *(scaled or (None, None)), None, None)
+
+    fused.defvjp(forward, fused_bwd)
+    return fused(hidden, a, b, targets, loss_inputs)
