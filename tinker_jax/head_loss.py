@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tinker_jax.lora import AdapterBatch, lora_delta
-from tinker_jax.models.decoder import Transformer
+from tinker_jax.lora import AdapterBatch
+from tinker_jax.models.decoder import Transformer, unembed
 
 # (target logprobs of one chunk [batch, chunk] or [batch, chunk, K], that chunk of the loss
 # inputs) -> (per-token loss [batch, chunk], {metric name: [batch, chunk]}).
@@ -49,16 +49,13 @@ def fused_head_loss(
     `target_logprobs`'s.
     """
     head = model.lm_head
-    tied = head.tied
-    w = model.embed_tokens[...] if tied else head.head.kernel[...]
+    weight = head.weight(model.embed_tokens[...])
     with_lora = adapter is not None and head.head.lora_a is not None
     a = head.head.lora_a[...] if with_lora else None
     b = head.head.lora_b[...] if with_lora else None
 
     def logits_of(h: jax.Array, a: jax.Array | None, b: jax.Array | None) -> jax.Array:
-        # As `Unembed.__call__` computes them.
-        y = h @ w.T if tied else h @ w
-        return y if a is None else y + lora_delta(h, a, b, adapter)
+        return unembed(h, weight, head.tied, a, b, adapter)
 
     def forward(h, a, b, targets, loss_inputs):
         bsz, seq, _ = h.shape

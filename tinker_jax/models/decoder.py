@@ -344,12 +344,38 @@ class Unembed(nnx.Module):
 
     def __call__(self, x: jax.Array, embedding: jax.Array, adapter: AdapterBatch | None):
         """x: [batch, seq, embed], embedding: [vocab, embed] -> logits [batch, seq, vocab]."""
-        if not self.tied:
-            return self.head(x, adapter)
-        y = x @ embedding.T
-        if adapter is not None and self.head.lora_a is not None:
-            y = y + lora_delta(x, self.head.lora_a[...], self.head.lora_b[...], adapter)
-        return y
+        a, b = self.head.lora_a, self.head.lora_b
+        return unembed(
+            x,
+            self.weight(embedding),
+            self.tied,
+            None if a is None else a[...],
+            None if b is None else b[...],
+            adapter,
+        )
+
+    def weight(self, embedding: jax.Array) -> jax.Array:
+        """The head's weight as `unembed` takes it: the embedding [vocab, embed] when tied,
+        else the kernel [embed, vocab]."""
+        return embedding if self.tied else self.head.kernel[...]
+
+
+def unembed(
+    x: jax.Array,
+    weight: jax.Array,
+    tied: bool,
+    lora_a: jax.Array | None,
+    lora_b: jax.Array | None,
+    adapter: AdapterBatch | None,
+) -> jax.Array:
+    """The lm head as a function of its arrays (what `Unembed` computes; `head_loss` takes its
+    gradient in the adapter arrays): x: [batch, seq, embed] @ weight (the embedding
+    [vocab, embed] transposed when tied, else [embed, vocab]) plus the adapter's delta when
+    both lora arrays and `adapter` are given -> logits [batch, seq, vocab]."""
+    y = x @ weight.T if tied else x @ weight
+    if adapter is not None and lora_a is not None:
+        y = y + lora_delta(x, lora_a, lora_b, adapter)
+    return y
 
 
 class Transformer(nnx.Module):
@@ -427,15 +453,14 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         adapter: AdapterBatch | None,
         cache: KVCache,
-        kv_len: int | None = None,
+        kv_len: int,
     ) -> tuple[jax.Array, KVCache]:
         """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
         the cache with this token's keys and values written at its position).
 
-        Attention reads only the first `kv_len` cache positions (default: all); every
-        position must be below it. Reading a short prefix of a long cache is what keeps a
-        decode step's memory traffic proportional to the context in use, not to max_len."""
-        kv_len = cache.k.shape[2] if kv_len is None else kv_len
+        Attention reads only the first `kv_len` cache positions; every position must be
+        below it. Reading a short prefix of a long cache is what keeps a decode step's
+        memory traffic proportional to the context in use, not to max_len."""
         x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
