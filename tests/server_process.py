@@ -25,9 +25,12 @@ class ServerProcess:
         port: int = 0,
         env: dict[str, str] | None = None,
         config: dict[str, float | int | str] | None = None,
+        users: tuple[str, ...] = (),
     ):
         """`env` adds variables to the server's environment (e.g. XLA_FLAGS for more CPU
-        devices); `config` server settings written to a TOML file passed as `--config`."""
+        devices); `config` server settings written to a TOML file passed as `--config`;
+        `users` get an API key each, in `keys` (name -> key). `model` is the base model's name
+        as clients give it."""
         if config:
             toml = storage.parent / f"{storage.name}.toml"
             toml.write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
@@ -37,6 +40,8 @@ class ServerProcess:
         self._args = (base_model, extra, http)
         self._launches = 0
         self._launch(port, 0 if http else None)
+        self.model = str(base_model)
+        self.keys = {user: self.create_key(user) for user in users}
 
     def _launch(self, port: int, http_port: int | None) -> None:
         base_model, extra, http = self._args

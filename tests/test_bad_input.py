@@ -61,9 +61,8 @@ def server(hf_model_dir, tmp_path_factory):
         "--http-max-body-bytes",
         str(MAX_BODY),
         http=True,
+        users=("alice", "bob"),
     )
-    proc.model = str(model)
-    proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}
     yield proc
     proc.stop()
 

@@ -30,7 +30,6 @@ RIDE_OUT = RetryConfig(max_retry_seconds=180.0, retry_delay_base=0.1, retry_dela
 def server(hf_model_dir, tmp_path_factory):
     model = hf_model_dir("qwen3")
     proc = ServerProcess(model, tmp_path_factory.mktemp("storage"))
-    proc.model = str(model)
     proc.key = proc.create_key("alice")
     yield proc
     proc.stop()

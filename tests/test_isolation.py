@@ -47,9 +47,8 @@ def server(hf_model_dir, tmp_path_factory):
         "--max-adapters",
         str(MAX_ADAPTERS),
         config={"session_ttl_seconds": SESSION_TTL_SECONDS, "sweep_interval_seconds": 0.2},
+        users=("alice", "bob"),
     )
-    proc.model = str(model)
-    proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}
     yield proc
     proc.stop()
 

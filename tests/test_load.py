@@ -41,7 +41,6 @@ def server(hf_model_dir, tmp_path_factory):
         str(CLIENTS // 2 + 1),
         config={"max_queue": MAX_QUEUE},
     )
-    proc.model = str(model)
     proc.key = proc.create_key("load")
     yield proc
     proc.stop()

@@ -29,9 +29,8 @@ def server(hf_model_dir, tmp_path_factory):
         model,
         tmp_path_factory.mktemp("sharing") / "storage",
         config={"sampler_slots": SAMPLER_SLOTS, "sampler_rows": SAMPLER_ROWS},
+        users=("alice", "bob"),
     )
-    proc.model = str(model)
-    proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}
     yield proc
     proc.stop()
 

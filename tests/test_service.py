@@ -16,9 +16,7 @@ from tinker_jax.client.errors import BadRequestError, NotFoundError, PermissionD
 @pytest.fixture(scope="module")
 def server(hf_model_dir, tmp_path_factory):
     model = hf_model_dir("qwen3")
-    proc = ServerProcess(model, tmp_path_factory.mktemp("storage"))
-    proc.model = str(model)
-    proc.keys = {"alice": proc.create_key("alice"), "bob": proc.create_key("bob")}
+    proc = ServerProcess(model, tmp_path_factory.mktemp("storage"), users=("alice", "bob"))
     yield proc
     proc.stop()
 
