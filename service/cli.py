@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {
         "base_models": args.base_model,
         "storage": args.storage,
+        "checkpoint_storage": args.checkpoint_storage,
         "host": args.host,
         "port": args.port,
         "http_port": args.http_port,
@@ -88,7 +89,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     store.close()
     if record is None:
         raise ValidationError("path", f"checkpoint {args.path} not found in {args.storage}")
-    state, info = checkpoints.load_state(Path(record.location), with_optimizer=False)
+    state, info = checkpoints.load_state(record.location, with_optimizer=False)
     checkpoints.export_peft(args.out, state, base_model=info.base_model, lora_alpha=info.lora_alpha)
     print(args.out)
     return 0
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--base-model", action="append", help="HF name or folder (repeatable)")
-    serve.add_argument("--storage", type=Path, help="folder for the database and checkpoints")
+    serve.add_argument("--storage", help="local folder for the database (and checkpoints)")
+    serve.add_argument(
+        "--checkpoint-storage",
+        help="where checkpoints go instead of STORAGE/checkpoints: a folder or gs://BUCKET/PATH",
+    )
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None, help="gRPC port (0: a free one)")
     serve.add_argument(
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export-peft", help="write a checkpoint as a PEFT adapter folder")
     export.add_argument("path", help="tinker://<run>/weights/<name> or .../sampler_weights/...")
     export.add_argument("--storage", required=True)
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", required=True, help="a new folder or gs://BUCKET/PATH")
     export.set_defaults(func=_export_peft)
 
     demo = sub.add_parser("demo", help="serve the built-in tiny model and train on it")

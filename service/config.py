@@ -10,6 +10,7 @@ from typing import Any
 from tinker_jax.errors import ValidationError
 from tinker_jax.models.decoder import ATTENTION_KERNELS
 from tinker_jax.sharding import MESH_AXES
+from tinker_jax.storage import resolve as resolve_location
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,11 @@ class ServerConfig:
     string given in `base_models` (a hub-style name or a local folder path)."""
 
     base_models: tuple[str, ...]
+    # A local folder for the database, and for checkpoints unless checkpoint_storage is set.
     storage: Path
+    # Where checkpoint folders go: a local folder or gs://BUCKET/PATH (the `gcs` extra); None
+    # is <storage>/checkpoints. On a multi-host server every host must see it.
+    checkpoint_storage: str | None = None
     host: str = "127.0.0.1"
     port: int = 50051
     # Tinker's HTTP protocol (the official SDK) on this port too; None = off, 0 = a free port.
@@ -76,12 +81,20 @@ class ServerConfig:
                 "attention",
                 f"{self.attention!r} is not one of auto, {', '.join(sorted(ATTENTION_KERNELS))}",
             )
+        resolve_location(self.checkpoint_location, "checkpoint_storage")
         if set(self.mesh) - set(MESH_AXES):
             raise ValidationError(
                 "mesh",
                 f"axes {sorted(set(self.mesh) - set(MESH_AXES))} are "
                 f"unknown; allowed {', '.join(MESH_AXES)}",
             )
+
+    @property
+    def checkpoint_location(self) -> str:
+        """Where checkpoint folders go, as text (`tinker_jax.storage.resolve` reads it)."""
+        if self.checkpoint_storage is None:
+            return str(self.storage / "checkpoints")
+        return self.checkpoint_storage
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServerConfig:
@@ -91,7 +104,16 @@ class ServerConfig:
             raise ValidationError("config", f"unknown keys {sorted(unknown)}")
         values = dict(values)
         values["base_models"] = tuple(values.get("base_models", ()))
+        if "://" in str(values["storage"]):
+            raise ValidationError(
+                "storage",
+                f"{values['storage']} must be a local folder (it holds the database); "
+                "put gs:// locations in checkpoint_storage",
+            )
         values["storage"] = Path(values["storage"]).expanduser().resolve()
+        if values.get("checkpoint_storage") is not None:
+            where = resolve_location(values["checkpoint_storage"], "checkpoint_storage")
+            values["checkpoint_storage"] = str(where)
         return cls(**values)
 
     @classmethod

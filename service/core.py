@@ -12,14 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import shutil
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
-from tinker_jax import checkpoints
+from tinker_jax import checkpoints, storage
 from tinker_jax.errors import ValidationError
 from tinker_jax.sampler import SampleRequest, SampleResult
 from tinker_jax.service import wire
@@ -60,6 +59,8 @@ log = logging.getLogger("tinker_jax.core")
 MAX_LONG_POLL_SECONDS = 30.0
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_ID_LENGTH = 128
+# In the checkpoint storage's root: the id of the database that lists its checkpoints.
+DATABASE_MARK = "tinker_database_id"
 
 
 class ServiceCore:
@@ -69,16 +70,38 @@ class ServiceCore:
         self.config = config
         self.store = store
         self.workers = workers
-        self.checkpoint_root = config.storage / "checkpoints"
+        self.checkpoint_root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
         self._completed = threading.Condition()
         lost = store.fail_pending(
             "the server restarted while this request was in flight; submit it again"
         )
         if lost:
             log.warning("%d requests were in flight when the server stopped: failed them", lost)
+        self._claim_checkpoint_root()
         orphans = self._remove_orphan_checkpoints()
         if orphans:
             log.warning("removed %d checkpoint folders no checkpoint refers to", orphans)
+
+    def _claim_checkpoint_root(self) -> None:
+        """Marks the checkpoint storage as this database's, or refuses to start when another
+        database's mark is there. The orphan sweep deletes every folder the database does not
+        list, so a fresh database (a new TPU VM's disk) pointed at a bucket full of another
+        one's checkpoints would otherwise delete them all."""
+        mark = self.checkpoint_root / DATABASE_MARK
+        if mark.exists():
+            owner = mark.read_text().strip()
+            if owner != self.store.database_id:
+                raise ValidationError(
+                    "checkpoint_storage",
+                    f"{self.checkpoint_root} holds the checkpoints of another database "
+                    f"({owner}; this one, in {self.config.storage}, is "
+                    f"{self.store.database_id}): start with that database's --storage, or "
+                    "give a checkpoint storage of its own",
+                )
+            return
+        if storage.is_local(self.checkpoint_root):  # object storage has no folders to make
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        mark.write_text(self.store.database_id)
 
     def _remove_orphan_checkpoints(self) -> int:
         """At start: deletes the checkpoint folders the store does not refer to (a save cut
@@ -96,8 +119,8 @@ class ServiceCore:
                     record = None
                 else:
                     record = self.store.get_checkpoint(path)
-                if record is None or Path(record.location) != folder:
-                    shutil.rmtree(folder, ignore_errors=True)
+                if record is None or record.location != os.fspath(folder):
+                    storage.remove_tree(folder)
                     removed += 1
         return removed
 
@@ -373,7 +396,7 @@ class ServiceCore:
         parsed, ckpt = self._readable_checkpoint(user, path, "path", weights_access_token)
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
-        info = checkpoints.read_info(Path(ckpt.location))
+        info = checkpoints.read_info(ckpt.location)
         worker = self._worker(info.base_model, "path")
         run_id = self._new_run_id(session.session_id, model_seq_id)
         worker.check_run_capacity()
@@ -397,7 +420,7 @@ class ServiceCore:
                     done=done,
                     fail=fail,
                     run_id=run_id,
-                    location=Path(ckpt.location),
+                    location=ckpt.location,
                     with_optimizer=optimizer,
                 )
             )
@@ -417,13 +440,13 @@ class ServiceCore:
         parsed, ckpt = self._readable_checkpoint(user, path)
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
-        info = checkpoints.read_info(Path(ckpt.location))
+        info = checkpoints.read_info(ckpt.location)
         if info.base_model != run.base_model:
             raise ValidationError(
                 "path", f"{path} was trained on {info.base_model}, this run on {run.base_model}"
             )
         worker.check_seq(model_id, seq_id)
-        location = Path(ckpt.location)
+        location = ckpt.location
 
         def start(complete, fail):
             worker.submit_run_op(
@@ -577,7 +600,8 @@ class ServiceCore:
             raise ValidationError("name", f"checkpoint {path} exists; pass overwrite=True")
         metadata = wire.metadata(user_metadata)
         worker.check_seq(model_id, seq_id)
-        location = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
+        folder = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
+        location = os.fspath(folder)
         with_optimizer = kind == "weights"
 
         def record(size: int) -> str:
@@ -589,7 +613,7 @@ class ServiceCore:
                     kind=kind,
                     name=name,
                     owner=user,
-                    location=str(location),
+                    location=location,
                     created=time.time(),
                     expires_at=expires,
                     size_bytes=size,
@@ -599,7 +623,7 @@ class ServiceCore:
                 overwrite=overwrite,
             )
             if old is not None:
-                shutil.rmtree(old.location, ignore_errors=True)
+                storage.remove_tree(old.location)
             return str(path)
 
         def start(complete, fail):
@@ -679,9 +703,9 @@ class ServiceCore:
             _, ckpt = self._readable_checkpoint(
                 user, model_path, "model_path", weights_access_token
             )
-            info = checkpoints.read_info(Path(ckpt.location))
+            info = checkpoints.read_info(ckpt.location)
             base_model = info.base_model
-            location = Path(ckpt.location)
+            location = ckpt.location
 
         worker = self._worker(base_model)
         sampler_id = self._new_sampler_id(session.session_id, seq)
@@ -847,7 +871,7 @@ class ServiceCore:
     def delete_checkpoint(self, user: str, tinker_path: str) -> None:
         record = self._owned_checkpoint(user, tinker_path)
         self.store.delete_checkpoint(record.tinker_path)
-        shutil.rmtree(record.location, ignore_errors=True)
+        storage.remove_tree(record.location)
 
     def set_public(self, user: str, tinker_path: str, public: bool) -> None:
         self.store.set_public(self._owned_checkpoint(user, tinker_path).tinker_path, public)
@@ -858,7 +882,7 @@ class ServiceCore:
 
     def weights_info(self, user: str, tinker_path: str) -> pb.WeightsInfoResponse:
         _, record = self._readable_checkpoint(user, tinker_path, "tinker_path")
-        info = checkpoints.read_info(Path(record.location))
+        info = checkpoints.read_info(record.location)
         return pb.WeightsInfoResponse(
             base_model=info.base_model,
             is_lora=True,
@@ -891,7 +915,7 @@ class ServiceCore:
         now = time.time() if now is None else now
         for record in self.store.expired_checkpoints(now):
             self.store.delete_checkpoint(record.tinker_path)
-            shutil.rmtree(record.location, ignore_errors=True)
+            storage.remove_tree(record.location)
         self.store.purge_delivered(now - self.config.result_ttl_seconds)
         for session_id in self.store.stale_sessions(now - self.config.session_ttl_seconds):
             self.store.finish_session(session_id, "expired", now=now)

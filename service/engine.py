@@ -137,13 +137,13 @@ class Engine:
 
     # ---------------------------------------------------------------- calls with several steps
 
-    def _load_slot(self, location: Path, with_optimizer: bool) -> tuple[int, SlotState]:
+    def _load_slot(self, location: str, with_optimizer: bool) -> tuple[int, SlotState]:
         """A new training slot from a checkpoint folder."""
         state = checkpoints.load_state(location, with_optimizer=with_optimizer)[0]
         return self.trainer.import_slot(state, with_optimizer), state
 
     def _replace_slot(
-        self, slot: int, location: Path, with_optimizer: bool
+        self, slot: int, location: str, with_optimizer: bool
     ) -> tuple[int, SlotState]:
         """A checkpoint's state in a new slot that replaces `slot` (same LoRA config). The new
         slot is filled before the old one is freed: a failed load leaves the run as it was."""
@@ -160,7 +160,7 @@ class Engine:
         self.trainer.free_slot(slot)
         return new_slot, state
 
-    def _save_state(self, slot: int, with_optimizer: bool, location: Path) -> int:
+    def _save_state(self, slot: int, with_optimizer: bool, location: str) -> int:
         """Writes the slot as a checkpoint folder; returns its size in bytes."""
         return checkpoints.save_state(
             location,
@@ -175,7 +175,7 @@ class Engine:
         state = self.trainer.export_slot(slot, with_optimizer=False)
         return self.sampler.load_adapter(state.adapter, self.trainer.slots[slot].scale)
 
-    def _open_sampler(self, location: Path | None) -> int | None:
+    def _open_sampler(self, location: str | None) -> int | None:
         """A sampler slot holding a checkpoint's adapter (None: the base model)."""
         if location is None:
             return None

@@ -127,6 +127,9 @@ CREATE TABLE IF NOT EXISTS futures (
 );
 CREATE INDEX IF NOT EXISTS futures_pending ON futures(state) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS futures_by_delivery ON futures(delivered) WHERE delivered IS NOT NULL;
+CREATE TABLE IF NOT EXISTS instance (
+    database_id TEXT NOT NULL
+);
 """
 
 _JSON_FIELDS = frozenset({"user_metadata", "tags"})
@@ -291,6 +294,10 @@ class Store:
                 conn.execute(statement)
             if row is None:
                 conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            if conn.execute("SELECT database_id FROM instance").fetchone() is None:
+                conn.execute("INSERT INTO instance VALUES (?)", (uuid.uuid4().hex,))
+            # Names this database; the checkpoint storage it writes to records it.
+            self.database_id: str = conn.execute("SELECT database_id FROM instance").fetchone()[0]
 
     def close(self) -> None:
         """Closes the database; the store cannot be used afterwards."""

@@ -19,7 +19,6 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tinker_jax.batching import Datum, RunBatch, build_batch
@@ -56,7 +55,7 @@ class LoadRun(Op):
     """A new run from a checkpoint folder (read on the engine thread); done(SlotState)."""
 
     run_id: str
-    location: Path
+    location: str
     with_optimizer: bool
 
 
@@ -65,7 +64,7 @@ class LoadIntoRun(Op):
     """Replaces a run's adapter (and optimizer state) by a saved one, in seq_id order;
     done(SlotState)."""
 
-    location: Path
+    location: str
     with_optimizer: bool
 
 
@@ -96,7 +95,7 @@ class SaveState(Op):
     bytes to `record` (which records it); done(what `record` returns)."""
 
     with_optimizer: bool
-    location: Path
+    location: str
     record: Callable[[int], Any]
 
 
@@ -110,7 +109,7 @@ class SnapshotForSampler(Op):
 @dataclasses.dataclass
 class OpenSampler(Op):
     sampler_id: str
-    location: Path | None  # a checkpoint folder of sampler weights; None = the base model
+    location: str | None  # a checkpoint folder of sampler weights; None = the base model
 
 
 @dataclasses.dataclass
@@ -127,7 +126,7 @@ class _Sampler:
     ephemeral snapshot of a training run cannot."""
 
     slot: int | None
-    location: Path | None
+    location: str | None
     last_used: int
     evicted: bool = False
 

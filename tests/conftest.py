@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' GCS is an emulator (tests/gcs_emulator.py) without Google's storage-control API,
+# which gcsfs's zonal-bucket support would otherwise query (and wait on) before each access.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from tinker_jax.xla_flags import apply_xla_flags  # noqa: E402
 
@@ -40,3 +43,14 @@ def hf_model_dir(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS emulator (see tests/gcs_emulator.py) that this process's clients use."""
+    from tests.gcs_emulator import GCSEmulator, in_this_process
+
+    emulator = GCSEmulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    in_this_process(emulator)
+    yield emulator
+    emulator.stop()

@@ -15,11 +15,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.engine_helpers import make_trainer, sft_datum
-from tinker_jax import checkpoints
+from tinker_jax import checkpoints, storage
 from tinker_jax.batching import RunBatch
 from tinker_jax.checkpoints import (
     INFO_FILE,
-    directory_size,
     export_peft,
     load_state,
     read_info,
@@ -83,7 +82,7 @@ def test_round_trip_is_exact_at_the_true_rank(tmp_path, with_optimizer):
     size = save_state(
         folder, state, base_model="org/m", lora_alpha=16, with_optimizer=with_optimizer
     )
-    assert size == directory_size(folder) > 0
+    assert size == storage.tree_size(folder) > 0
     assert [p.name for p in folder.parent.iterdir()] == ["ckpt"]  # no temporary left over
 
     loaded, info = load_state(folder, with_optimizer=with_optimizer)
@@ -134,6 +133,49 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(folder.parent.iterdir()) == []
 
 
+def test_gcs_checkpoints_round_trip_and_fail_cleanly(gcs, tmp_path, monkeypatch):
+    """On gs:// (a local emulator): the same exact round trip; the info file, written last,
+    is what makes a prefix a checkpoint; a failed save and a removal leave no object."""
+    state = _fake_state()
+    url = gcs.url("unit/run/weights/ckpt")
+    size = save_state(url, state, base_model="org/m", lora_alpha=16, with_optimizer=True)
+    objects = gcs.list("unit/run/weights/ckpt/")
+    assert f"unit/run/weights/ckpt/{INFO_FILE}" in objects and len(objects) > 5
+    assert size == storage.tree_size(storage.resolve(url)) > 0
+    loaded, info = load_state(url, with_optimizer=True)
+    assert info == read_info(url) and info.step == 7 and info.lora == state.lora
+    for got, want in ((loaded.adapter, state.adapter), (loaded.mu, state.mu)):
+        _assert_arrays_equal(got, want, RANK)
+    with pytest.raises(ValidationError, match="already exists"):
+        save_state(url, state, base_model="m", lora_alpha=32, with_optimizer=False)
+
+    export_peft(gcs.url("unit/peft"), state, base_model="org/m", lora_alpha=16)
+    export_peft(tmp_path / "peft", state, base_model="org/m", lora_alpha=16)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        remote = storage.resolve(gcs.url(f"unit/peft/{name}")).read_bytes()
+        assert remote == (tmp_path / "peft" / name).read_bytes(), name
+
+    partial = storage.resolve(gcs.url("unit/partial"))
+    (partial / "state" / "x").write_text("an array file of a save that was cut off")
+    with pytest.raises(ValidationError, match="is not a checkpoint"):
+        read_info(partial)
+
+    def fail(*args):
+        raise RuntimeError("quota exceeded")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "_write_info", fail)  # runs after the arrays are written
+        with pytest.raises(RuntimeError, match="quota exceeded"):
+            save_state(
+                gcs.url("unit/failed"), state, base_model="m", lora_alpha=1, with_optimizer=True
+            )
+    assert gcs.list("unit/failed") == []
+    storage.remove_tree(url)
+    assert gcs.list("unit/run") == []
+    with pytest.raises(ValidationError, match="does not exist"):
+        read_info(url)
+
+
 def test_errors_name_the_path(tmp_path):
     state = _fake_state()
     with pytest.raises(ValidationError, match="does not exist") as e:
@@ -150,8 +192,10 @@ def test_errors_name_the_path(tmp_path):
     with pytest.raises(ValidationError, match="already exists") as e:
         save_state(no_opt, state, base_model="m", lora_alpha=32, with_optimizer=False)
     assert e.value.field == "path"
-    with pytest.raises(ValidationError, match="only local folders"):
-        save_state("gs://bucket/ckpt", state, base_model="m", lora_alpha=32, with_optimizer=False)
+    with pytest.raises(ValidationError, match="only local folders and gs://"):
+        save_state("s3://bucket/ckpt", state, base_model="m", lora_alpha=32, with_optimizer=False)
+    with pytest.raises(ValidationError, match="valid bucket"):
+        save_state("gs://B/ckpt", state, base_model="m", lora_alpha=32, with_optimizer=False)
 
     bad_json = tmp_path / "bad_json"
     save_state(bad_json, state, base_model="m", lora_alpha=32, with_optimizer=False)

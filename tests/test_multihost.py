@@ -2,7 +2,8 @@
 x 4 CPU devices (gloo collectives between them) against 1 process x 8 devices, on the same
 global mesh shape. The same client loop must see the same losses, logprobs (before and after
 training: the same gradients were applied) and greedy tokens, and checkpoints written by both
-processes through Orbax must load back (a new run and a sampler from the saved paths)."""
+processes through Orbax must load back (a new run and a sampler from the saved paths). The
+two processes write their checkpoints to gs:// (a local emulator), as on a TPU pod slice."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.server_process import ServerProcess
 from tests.sft_data import sft_data
 from tinker_jax import ServiceClient, checkpoints, distributed
 from tinker_jax import types as T
+from tinker_jax.checkpoints import INFO_FILE
+from tinker_jax.storage import resolve as resolve_location
 
 MESH = "data=2,fsdp=2,tensor=2"
 CACHE = Path.home() / ".cache" / "tinker_jax_tests_xla"
@@ -75,7 +78,9 @@ def _workload(server: ServerProcess, model: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(hf_model_dir, tmp_path_factory):
+def results(hf_model_dir, tmp_path_factory, gcs):
+    """The workload on one process, and on two whose checkpoints go to gs:// (as on a TPU
+    pod slice: storage every host sees)."""
     model = hf_model_dir("qwen3")
     args = ("--mesh", MESH)
     single = ServerProcess(model, tmp_path_factory.mktemp("one"), *args, env=_devices(8))
@@ -97,6 +102,8 @@ def results(hf_model_dir, tmp_path_factory):
             str(model),
             "--storage",
             str(storage),
+            "--checkpoint-storage",
+            gcs.url("two"),
             "--max-lora-rank",
             "8",
             "--max-adapters",
@@ -113,7 +120,17 @@ def results(hf_model_dir, tmp_path_factory):
         env={**os.environ, "JAX_PLATFORMS": "cpu", **_devices(4)},
     )
     try:
-        leader = ServerProcess(model, storage, *args, *join, "--process-id", "0", env=_devices(4))
+        leader = ServerProcess(
+            model,
+            storage,
+            *args,
+            *join,
+            "--process-id",
+            "0",
+            "--checkpoint-storage",
+            gcs.url("two"),
+            env=_devices(4),
+        )
         try:
             two = _workload(leader, str(model))
         finally:
@@ -123,12 +140,13 @@ def results(hf_model_dir, tmp_path_factory):
         if follower.poll() is None:
             follower.kill()
         follower_log.close()
-    return one, two, single.storage, storage
+    return one, two, single.storage / "checkpoints", resolve_location(gcs.url("two"))
 
 
-def _saved_state(storage: Path):
-    """The training state saved as `weights/s` on a server's storage."""
-    (folder,) = storage.glob("checkpoints/*/weights/s-*")
+def _saved_state(root: Path):
+    """The training state saved as `weights/s` under a server's checkpoint storage (a local
+    or gs:// path)."""
+    (folder,) = root.glob("*/weights/s-*")
     return checkpoints.load_state(folder, with_optimizer=True)[0]
 
 
@@ -165,14 +183,14 @@ def test_resumed_run_continues_where_it_was_saved(results):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_checkpoints_are_complete_folders(results):
-    *_, storage = results
-    folders = sorted(p.parent for p in storage.rglob("tinker_checkpoint.json"))
-    assert len(folders) == 2, folders
-    assert not list(storage.rglob(".*.partial-*"))
+def test_checkpoints_are_complete_folders(results, gcs):
+    objects = gcs.list("two")
+    folders = sorted(o.rpartition("/")[0] for o in objects if o.endswith(f"/{INFO_FILE}"))
+    assert len(folders) == 2, objects
     for folder in folders:  # each process wrote its own shards of the arrays
         for process in (0, 1):
-            assert (folder / "state" / "adapter" / f"ocdbt.process_{process}").is_dir()
+            shards = f"{folder}/state/adapter/ocdbt.process_{process}/"
+            assert any(o.startswith(shards) for o in objects), (shards, objects)
 
 
 # Process 0 publishes 100 messages, waits until process 1 has read them, publishes 28 more

@@ -146,7 +146,7 @@ def test_install_from_a_gcs_wheel_fetches_it_on_every_worker():
 def test_serve_on_all_workers():
     (cmd,) = dry_run(
         "serve", "my-tpu", ZONE, "--base-model", "Qwen/Qwen3-8B", "--base-model", "/models/llama",
-        "--storage", "gs://my-bucket/tinker", "--mesh", "data=1,fsdp=-1", "--",
+        "--checkpoint-storage", "gs://my-bucket/tinker", "--mesh", "data=1,fsdp=-1", "--",
         "--http-port", "8000", "--max-adapters", "16",
     )  # fmt: skip
     assert cmd[4:8] == ["ssh", "my-tpu", "--zone=us-east5-a", "--worker=all"]
@@ -154,8 +154,9 @@ def test_serve_on_all_workers():
     assert_valid_bash(script)
     serve = (
         "serve --base-model Qwen/Qwen3-8B --base-model /models/llama --storage "
-        "gs://my-bucket/tinker --port 50051 --mesh data=1,fsdp=-1 --compilation-cache "
-        "/tmp/jax_cache --http-port 8000 --max-adapters 16"
+        "'~/tinker-jax/db' --checkpoint-storage gs://my-bucket/tinker --port 50051 "
+        "--mesh data=1,fsdp=-1 --compilation-cache /tmp/jax_cache --http-port 8000 "
+        "--max-adapters 16"
     )
     expected = f"venv/bin/tinker-jax {serve} --host 0.0.0.0 --distributed > serve.log"
     assert expected in script
@@ -260,6 +261,8 @@ def test_missing_gcloud_says_how_to_get_it():
          "does not exist"),
         (["install", "t", ZONE, "--source=git+https://x/y", "--python=python3"], "--python"),
         (["serve", "t", ZONE, "--storage=/srv"], "--base-model"),
+        (["serve", "t", ZONE, "--base-model=m", "--checkpoint-storage=gs://B"], "--checkpoint"),
+        (["serve", "t", ZONE, "--base-model=m", "--checkpoint-storage=rel"], "--checkpoint"),
         (["serve", "t", ZONE, "--base-model=m", "--storage=relative/dir"], "--storage"),
         (["serve", "t", ZONE, "--base-model=m", "--storage=gs://B"], "--storage"),
         (["serve", "t", ZONE, "--base-model=m", "--storage=/s", "--mesh=pipeline=2"], "--mesh"),

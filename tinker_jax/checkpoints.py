@@ -13,8 +13,9 @@ name (`layers.self_attn.q_proj.lora_a` -> adapter/layers/self_attn/q_proj/lora_a
 
 A save becomes visible at its final path only when complete: everything is written into a
 hidden sibling folder (`.<name>.partial-<hex>`) that is renamed into place at the end and
-removed on any exception; only a killed process can leave one behind. Only local folders are
-supported for now; `gs://` and other remote paths are refused.
+removed on any exception; only a killed process can leave one behind. On `gs://` (see
+`storage`), which cannot rename, the save writes into its final prefix directly and the info
+file, written last, is what makes it a checkpoint: `read_info` refuses a prefix without one.
 
 On a multi-host runtime every process calls `save_state` and `load_state` with the same
 arguments, as Orbax requires (its saves and restores synchronise all processes): the folder
@@ -29,18 +30,17 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import stat
 import threading
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import save_file
+from etils import epath
+from safetensors.numpy import save as safetensors_bytes
 
+from tinker_jax import storage
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import TARGET_GROUPS
 from tinker_jax.models.family import DENSE_HF_KEYS
@@ -71,14 +71,6 @@ class CheckpointInfo:
 @functools.cache
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-
-
-def _local_dir(directory: str | os.PathLike) -> Path:
-    """An absolute local path (Orbax requires absolute paths); remote URLs are refused."""
-    text = os.fspath(directory)
-    if "://" in text:
-        raise ValidationError("path", f"{text}: only local folders are supported")
-    return Path(text).expanduser().absolute()
 
 
 def _rank_axis(name: str) -> int:
@@ -143,37 +135,42 @@ def _info_json(info: CheckpointInfo) -> str:
     )
 
 
-def _write_info(folder: Path, info: CheckpointInfo) -> None:
+def _write_info(folder: epath.Path, info: CheckpointInfo) -> None:
     (folder / INFO_FILE).write_text(_info_json(info))
 
 
-def _atomic_folder(directory: Path, write, *, all_processes: bool = False) -> None:
-    """Runs `write(tmp)` on a fresh hidden sibling of `directory`, then renames it into place;
-    on any failure the sibling is removed and `directory` never appears. With
-    `all_processes` (every process of a multi-host runtime calls it alike), they agree on
-    the sibling's name and process 0 alone creates, renames or removes it."""
+def _atomic_folder(directory: epath.Path, write, *, all_processes: bool = False) -> None:
+    """Runs `write(folder)` so that `directory` appears complete or not at all. Locally,
+    `folder` is a fresh hidden sibling renamed into place at the end; on object storage it
+    is `directory` itself, and `write` must make the info file its last object. On any
+    failure the written folder is removed. With `all_processes` (every process of a
+    multi-host runtime calls it alike), they agree on the sibling's name and process 0
+    alone creates, renames or removes it."""
     if directory.exists():
         raise ValidationError("path", f"{directory} already exists")
-    token = uuid.uuid4().bytes[:6]
     primary = not all_processes or jax.process_index() == 0
-    if all_processes and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    local = storage.is_local(directory)
+    folder = directory
+    if local:
+        token = uuid.uuid4().bytes[:6]
+        if all_processes and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        token = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)))
-    tmp = directory.parent / f".{directory.name}.partial-{token.hex()}"
-    if primary:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    try:
-        write(tmp)
+            token = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)))
+        folder = directory.parent / f".{directory.name}.partial-{token.hex()}"
         if primary:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir()
+    try:
+        write(folder)
+        if primary and local:
             try:
-                os.rename(tmp, directory)
+                os.rename(folder, directory)
             except OSError as e:  # another save won the name meanwhile
                 raise ValidationError("path", f"{directory} already exists") from e
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.remove_tree(folder)
         raise
 
 
@@ -188,10 +185,10 @@ def save_state(
     """Writes `state` as a checkpoint folder at `directory` (which must not exist; its parents
     are created) and returns the folder's size in bytes. The adapter (and, `with_optimizer`,
     the AdamW moments) is trimmed to `state.lora.rank`; the metadata records `state.step`.
-    Synchronous: returns once every file is written (no fsync). Local paths only (gs:// is
-    not supported yet). Multi-host: called by every process alike (see the module's doc);
-    the size returned is meaningful on process 0."""
-    directory = _local_dir(directory)
+    Synchronous: returns once every file is written (no fsync). `directory` is a local path
+    or a gs:// location (`storage.resolve`). Multi-host: called by every process alike (see
+    the module's doc); the size returned is meaningful on process 0."""
+    directory = storage.resolve(directory)
     rank = state.lora.rank
     items = {"adapter": ocp.args.PyTreeSave(_nest(_trim(state.adapter, rank)))}
     if with_optimizer:
@@ -207,7 +204,7 @@ def save_state(
         step=int(state.step),
     )
 
-    def write(tmp: Path) -> None:
+    def write(tmp: epath.Path) -> None:
         # Orbax starts with a barrier of all processes: the sibling exists when it writes.
         with _orbax_lock:
             _checkpointer().save(tmp / STATE_DIR, args=ocp.args.Composite(**items))
@@ -215,12 +212,12 @@ def save_state(
             _write_info(tmp, info)
 
     _atomic_folder(directory, write, all_processes=True)
-    return directory_size(directory)
+    return storage.tree_size(directory)
 
 
 def read_info(directory: str | os.PathLike) -> CheckpointInfo:
     """The checkpoint's metadata; ValidationError("path") when it is missing or unreadable."""
-    directory = _local_dir(directory)
+    directory = storage.resolve(directory)
     path = directory / INFO_FILE
     if not path.is_file():
         what = "is not a checkpoint" if directory.is_dir() else "does not exist"
@@ -254,7 +251,7 @@ def load_state(
 
     Raises ValidationError("path") when the folder is missing or corrupt, or when the
     optimizer is asked for and the checkpoint was saved without it."""
-    directory = _local_dir(directory)
+    directory = storage.resolve(directory)
     info = read_info(directory)
     if with_optimizer and not info.has_optimizer:
         raise ValidationError("path", f"{directory} was saved without optimizer state")
@@ -315,7 +312,7 @@ def export_peft(
     `train_unembed` -> `target_modules`), at the true rank, fp32, in PEFT's key layout:
     `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
     `hf_keys` maps our parameter paths to HF keys (the model family's table)."""
-    directory = _local_dir(directory)
+    directory = storage.resolve(directory)
     lora = state.lora
     groups = dict(zip(TARGET_GROUPS, lora.flags().astype(bool)))
     enabled = {m for g, mods in TARGET_GROUPS.items() if groups[g] for m in mods}
@@ -354,19 +351,9 @@ def export_peft(
         "inference_mode": True,
     }
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    def write(folder: epath.Path) -> None:
+        weights = safetensors_bytes(tensors, metadata={"format": "pt"})
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     _atomic_folder(directory, write)
-
-
-def directory_size(directory: str | os.PathLike) -> int:
-    """Total bytes of the regular files under `directory` (symlinks are not followed)."""
-    total = 0
-    for root, _, files in os.walk(directory):
-        for f in files:
-            st = os.lstat(os.path.join(root, f))
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total

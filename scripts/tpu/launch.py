@@ -4,7 +4,7 @@
     python scripts/tpu/launch.py create  NAME --zone us-east5-a --accelerator-type v5p-8
     python scripts/tpu/launch.py install NAME --zone us-east5-a --source git+https://github.com/ORG/tinker-jax@main
     python scripts/tpu/launch.py serve   NAME --zone us-east5-a --base-model Qwen/Qwen3-8B \\
-        --storage gs://BUCKET/tinker --mesh fsdp=-1 [-- --http-port 8000 ...]
+        --checkpoint-storage gs://BUCKET/tinker --mesh fsdp=-1 [-- --http-port 8000 ...]
     python scripts/tpu/launch.py stop    NAME --zone us-east5-a
     python scripts/tpu/launch.py delete  NAME --zone us-east5-a
 
@@ -14,7 +14,9 @@ runs the same server program (JAX's multi-controller model): with `tinker-jax se
 --distributed`, `jax.distributed.initialize()` finds the other workers from the TPU VM's
 metadata; worker 0 (process 0) is the front end and the only one listening on the network,
 and the others execute the engine calls it broadcasts. On a worker, everything lives in
-~/tinker-jax (venv, serve.log, serve.pid).
+~/tinker-jax (venv, serve.log, serve.pid); the server's database in --storage on worker 0
+(default ~/tinker-jax/db), and checkpoints in --checkpoint-storage, which every worker must
+see: a gs:// bucket (all workers write their shards of each checkpoint through Orbax).
 
 Python (standard library only) rather than bash: the remote commands carry user values through
 two shells (local, then ssh), which `shlex.quote` gets right where hand-quoting in bash is
@@ -35,6 +37,7 @@ from pathlib import Path
 REMOTE_DIR = "tinker-jax"  # under the worker's home directory
 EXTRAS = "server,tpu"
 DEFAULT_PORT = 50051
+DEFAULT_DATABASE = "~/tinker-jax/db"  # expanded by tinker-jax on worker 0
 DEFAULT_PYTHON = "3.12"  # tinker-jax needs >= 3.11; TPU VM images ship 3.10, so uv fetches it
 STOP_WAIT_SECONDS = 30
 
@@ -117,11 +120,23 @@ def check_mesh(text: str) -> str:
 
 
 def check_storage(text: str) -> str:
+    if "://" in text or not text.startswith(("/", "~/")):
+        raise UsageError(
+            f"--storage: {text!r} must be a folder on worker 0 (absolute, or ~/...): it holds "
+            "the database; give gs:// locations to --checkpoint-storage"
+        )
+    return text
+
+
+def check_checkpoint_storage(text: str) -> str:
     if text.startswith("gs://"):
-        return check(BUCKET_RE, text, "--storage", "gs://BUCKET[/PATH] with a valid bucket name")
+        return check(
+            BUCKET_RE, text, "--checkpoint-storage", "gs://BUCKET[/PATH] with a valid bucket name"
+        )
     if not text.startswith("/"):
         raise UsageError(
-            f"--storage: {text!r} must be gs://BUCKET/PATH or an absolute path on the workers"
+            f"--checkpoint-storage: {text!r} must be gs://BUCKET/PATH or an absolute path that "
+            "every worker sees"
         )
     return text
 
@@ -214,6 +229,8 @@ def serve_commands(args: argparse.Namespace) -> list[list[str]]:
         if not model or any(c.isspace() for c in model):
             raise UsageError(f"--base-model: {model!r} is empty or contains whitespace")
     check_storage(args.storage)
+    if args.checkpoint_storage is not None:
+        check_checkpoint_storage(args.checkpoint_storage)
     if args.mesh is not None:
         check_mesh(args.mesh)
     if not 1 <= args.port <= 65535:
@@ -221,7 +238,10 @@ def serve_commands(args: argparse.Namespace) -> list[list[str]]:
     serve = ["serve"]
     for model in args.base_model:
         serve += ["--base-model", model]
-    serve += ["--storage", args.storage, "--port", str(args.port)]
+    serve += ["--storage", args.storage]
+    if args.checkpoint_storage is not None:
+        serve += ["--checkpoint-storage", args.checkpoint_storage]
+    serve += ["--port", str(args.port)]
     if args.mesh is not None:
         serve += ["--mesh", args.mesh]
     serve += ["--compilation-cache", args.compilation_cache, *args.serve_args]
@@ -301,7 +321,13 @@ def parser() -> argparse.ArgumentParser:
         description="Arguments after `--` are passed to `tinker-jax serve` unchanged.",
     )
     serve.add_argument("--base-model", action="append", help="HF name or worker folder (repeat)")
-    serve.add_argument("--storage", required=True, help="gs://BUCKET/PATH or an absolute path")
+    serve.add_argument(
+        "--storage", default=DEFAULT_DATABASE, help="database folder on worker 0 (%(default)s)"
+    )
+    serve.add_argument(
+        "--checkpoint-storage",
+        help="gs://BUCKET/PATH (or a path every worker sees); default STORAGE/checkpoints",
+    )
     serve.add_argument("--mesh", help="e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port")
     serve.add_argument("--compilation-cache", default="/tmp/jax_cache")
