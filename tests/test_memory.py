@@ -106,7 +106,8 @@ def test_training_step_estimate_matches_its_written_formula():
         + B * r * (7 * E + 2 * H * D + 2 * K * D + 3 * F) * c  # gathered adapter rows
     )
     once = B * S * E * (4 + c) + 2 * B * H * S * S * 4 + 3 * B * 64 * V * 4
-    once += B * r * (E + V) * c + B * S * E * c  # lm-head adapter rows; hidden gradient
+    once += B * r * (E + V) * c + E * V * c  # lm-head adapter groups; weight joined with B
+    once += B * S * E * c  # hidden gradient
     assert p.training_step == p.adapters + L * per_layer + once
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from tests.engine_helpers import make_trainer, sft_datum
 from tinker_jax.batching import Datum, RunBatch
 from tinker_jax.errors import ValidationError
-from tinker_jax.lora import AdapterBatch
+from tinker_jax.lora import AdapterBatch, slot_groups
 from tinker_jax.optim import AdamParams
 from tinker_jax.trainer import LoraConfig
 
@@ -111,6 +111,20 @@ def test_mixed_batch_equals_each_slot_alone(fresh):
     # The slots really differ: the same data under the other adapter gives other logprobs.
     swapped = fresh.forward([RunBatch(s1, d0)], "cross_entropy")[0]
     assert not np.allclose(swapped.logprobs[0], mixed[0].logprobs[0], atol=1e-4)
+
+
+def test_slot_groups_name_each_used_slot_once():
+    """The distinct slots of rows with an adapter, padded to a power of two with the first
+    (a padding group owns no row); rows without an adapter (scale 0) belong to none."""
+    slot_ids = np.array([5, 2, 5, 7, 0, 0], np.int32)
+    scale = np.array([1.0, 2.0, 1.0, 4.0, 0.0, 0.0], np.float32)
+    group_slots, row_group = slot_groups(slot_ids, scale)
+    assert group_slots.tolist() == [2, 5, 7, 2]
+    assert row_group[:4].tolist() == [1, 0, 1, 2]
+    one, rows = slot_groups(np.array([3, 3, 0], np.int32), np.array([1, 1, 0], np.float32))
+    assert one.tolist() == [3] and rows[:2].tolist() == [0, 0]
+    none, _ = slot_groups(np.zeros(2, np.int32), np.zeros(2, np.float32))
+    assert none.shape == (1,)
 
 
 def test_gradients_accumulate_until_optim_step(fresh):

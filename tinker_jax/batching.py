@@ -14,6 +14,7 @@ import numpy as np
 
 from tinker_jax.buckets import batch_bucket, seq_bucket
 from tinker_jax.errors import ValidationError
+from tinker_jax.lora import slot_groups
 from tinker_jax.losses import LOSS_FNS, resolve_config, validate_datum_inputs
 
 
@@ -40,6 +41,7 @@ class HostBatch:
 
     tokens, positions, targets: [B, S] int32 (targets [B, S, K] for 2-D cross_entropy);
     mask: [B, S] float32; slot_ids: [B] int32; scale: [B] float32 (0 on padding rows);
+    group_slots: [G] int32, row_group: [B] int32 (`lora.slot_groups`);
     inputs: per-token float32 loss inputs [B, S] (weights may be [B, S, K]);
     config: per-row loss config scalars [B, 1]; lengths: true length of each datum.
     """
@@ -50,6 +52,8 @@ class HostBatch:
     mask: np.ndarray
     slot_ids: np.ndarray
     scale: np.ndarray
+    group_slots: np.ndarray
+    row_group: np.ndarray
     inputs: dict[str, np.ndarray]
     config: dict[str, np.ndarray]
     lengths: list[int]
@@ -163,4 +167,17 @@ def build_batch(
         for key in config_keys:
             config[key][i, 0] = cfg[key]
     positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
-    return HostBatch(tokens, positions, targets, mask, slot_ids, scale, inputs, config, lengths)
+    group_slots, row_group = slot_groups(slot_ids, scale)
+    return HostBatch(
+        tokens,
+        positions,
+        targets,
+        mask,
+        slot_ids,
+        scale,
+        group_slots,
+        row_group,
+        inputs,
+        config,
+        lengths,
+    )

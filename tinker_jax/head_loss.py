@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tinker_jax.lora import AdapterBatch
-from tinker_jax.models.decoder import Transformer, unembed
+from tinker_jax.lora import AdapterBatch, lora_hidden
+from tinker_jax.models.decoder import Transformer
 
 # (target logprobs of one chunk [batch, chunk] or [batch, chunk, K], that chunk of the loss
 # inputs) -> (per-token loss [batch, chunk], {metric name: [batch, chunk]}).
@@ -44,24 +44,31 @@ def fused_head_loss(
 
     hidden: [batch, seq, embed]; targets: [batch, seq] or [batch, seq, K] int32; chunk divides
     seq; loss_inputs: a pytree of [batch, seq, ...] arrays that `token_loss` reads, cut into the
-    same chunks. Returns (total loss, (per-token loss [batch, seq], metric terms [batch, seq],
-    target logprobs [batch, seq] or [batch, seq, K] float32)); logprobs equal
-    `target_logprobs`'s.
+    same chunks; `adapter` grouped (`AdapterBatch.group_slots`) when the head has LoRA. Returns
+    (total loss, (per-token loss [batch, seq], metric terms [batch, seq], target logprobs
+    [batch, seq] or [batch, seq, K] float32)); logprobs equal `target_logprobs`'s.
+
+    The adapter joins the head's matmul: [hidden | lora_hidden] @ [weight ; B[groups]], one
+    matmul of depth embed + groups * rank instead of a second pass over [batch, seq, vocab].
     """
     head = model.lm_head
     weight = head.weight(model.embed_tokens[...])
+    weight = weight.T if head.tied else weight  # [embed, vocab]
+    embed = weight.shape[0]
     with_lora = adapter is not None and head.head.lora_a is not None
-    a = head.head.lora_a[...] if with_lora else None
-    b = head.head.lora_b[...] if with_lora else None
-
-    def logits_of(h: jax.Array, a: jax.Array | None, b: jax.Array | None) -> jax.Array:
-        return unembed(h, weight, head.tied, a, b, adapter)
+    if with_lora and adapter.group_slots is None:
+        raise ValueError("fused_head_loss needs a grouped AdapterBatch (group_slots)")
+    # The groups' arrays are the differentiated inputs: gathered once, outside the custom VJP,
+    # so autodiff scatters their gradient into the slots once per step.
+    a = head.head.lora_a[...][adapter.group_slots] if with_lora else None  # [groups, embed, r]
+    b = head.head.lora_b[...][adapter.group_slots] if with_lora else None  # [groups, r, vocab]
 
     def forward(h, a, b, targets, loss_inputs):
         bsz, seq, _ = h.shape
         n = seq // chunk
         two_d = targets.ndim == 3
         t = targets if two_d else targets[..., None]
+        w = weight if a is None else jnp.concatenate([weight, b.reshape(-1, b.shape[-1])])
 
         def split(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [n, batch, chunk, ...]
             return x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)
@@ -71,7 +78,12 @@ def fused_head_loss(
 
         def one_chunk(acc, xs):
             h_c, t_c, inputs_c = xs
-            logits, pullback = jax.vjp(logits_of, h_c, a, b)
+            if a is None:
+                x_in = h_c
+            else:
+                u, lora_pullback = jax.vjp(lambda h, a: lora_hidden(h, a, adapter), h_c, a)
+                x_in = jnp.concatenate([h_c, u], axis=-1)  # [batch, chunk, embed + G * r]
+            logits = x_in @ w
             x = logits.astype(jnp.float32)
             lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
             logp = jnp.take_along_axis(x, t_c, axis=-1) - lse  # [batch, chunk, K]
@@ -86,8 +98,13 @@ def fused_head_loss(
             dx = -dlogp.sum(axis=-1, keepdims=True) * jnp.exp(x - lse)
             for k in range(t_c.shape[-1]):
                 dx = dx + jnp.where(vocab == t_c[..., k : k + 1], dlogp[..., k : k + 1], 0.0)
-            dh, da, db = pullback(dx.astype(logits.dtype))
+            dx = dx.astype(logits.dtype)
+            d_in = dx @ w.T  # [batch, chunk, embed + G * r]
+            dh = d_in[..., :embed]
             if a is not None:
+                dh_lora, da = lora_pullback(d_in[..., embed:])
+                dh = dh + dh_lora
+                db = jnp.einsum("bcr,bcv->rv", u, dx).reshape(b.shape)
                 acc = (acc[0] + da, acc[1] + db)
             return acc, (logp if two_d else logp[..., 0], loss, terms, dh)
 

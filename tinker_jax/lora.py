@@ -47,10 +47,29 @@ class AdapterBatch:
 
     slot_ids: [batch] int32 slot of each sequence (any valid slot when scale is 0).
     scale: [batch] float LoRA scale alpha/rank, 0 for sequences on the base model.
+    group_slots: [groups] int32, optional: the distinct slots of the batch (`slot_groups`);
+        with it, each layer gathers `groups` adapters instead of one per sequence, and a
+        batch of one run computes its adapter as two plain matmuls.
+    row_group: [batch] int32 index into group_slots of each sequence (with group_slots).
     """
 
     slot_ids: jax.Array
     scale: jax.Array
+    group_slots: jax.Array | None = None
+    row_group: jax.Array | None = None
+
+
+def slot_groups(slot_ids: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group_slots, row_group) for AdapterBatch, on the host: the distinct slots of the rows
+    with an adapter (scale != 0), padded to a power of two by repeating the first (few
+    compiled shapes; a padding group has no rows and so adds and receives nothing)."""
+    used = np.unique(slot_ids[scale != 0]).astype(np.int32)
+    if used.size == 0:
+        used = np.zeros((1,), np.int32)
+    groups = 1 << int(used.size - 1).bit_length()
+    group_slots = np.concatenate([used, np.full((groups - used.size,), used[0], np.int32)])
+    row_group = np.searchsorted(used, slot_ids).clip(0, used.size - 1).astype(np.int32)
+    return group_slots, row_group
 
 
 class LoRALinear(nnx.Module):
@@ -112,6 +131,24 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, adapter: AdapterBatch) 
     h = jnp.einsum("bsi,bir->bsr", x, a_rows)
     delta = jnp.einsum("bsr,bro->bso", h, b_rows)
     return delta * adapter.scale.astype(delta.dtype)[:, None, None]
+
+
+def lora_hidden(x: jax.Array, a_groups: jax.Array, adapter: AdapterBatch) -> jax.Array:
+    """The grouped adapter's inner activations, scaled: for each sequence, its
+    scale * x @ A[slot] in the columns of its group and zero in the others.
+
+    x: [batch, seq, in]; a_groups: A[adapter.group_slots], [groups, in, rank] ->
+    [batch, seq, groups * rank]; times B[group_slots] as [groups * rank, out] it is the delta.
+    """
+    groups, _, rank = a_groups.shape
+    if groups == 1:
+        h = (x @ a_groups[0])[:, :, None, :]
+    else:
+        h = jnp.einsum("bsi,gir->bsgr", x, a_groups)
+    own = adapter.row_group[:, None] == jnp.arange(groups)[None, :]  # [batch, groups]
+    weight = jnp.where(own, adapter.scale[:, None], 0).astype(h.dtype)
+    h = h * weight[:, None, :, None]
+    return h.reshape(*x.shape[:2], groups * rank)
 
 
 @dataclasses.dataclass(frozen=True)

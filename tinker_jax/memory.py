@@ -194,9 +194,10 @@ def training_step_terms(
     (k = 1 and F = intermediate_size for a dense MLP.)
     Transient, once: the final norm (B·S·E·(4 + c)); the backward of one layer's attention
     (gradients of the weights and scores, 2·B·H·S²·4); the lm head fused with the loss
-    (`head_loss`), a chunk at a time (logits, their gradient and softmax as 3·B·chunk·V·4,
-    plus the gathered lm-head adapter rows B·r·(E + V)·c), and the gradient of the hidden
-    states it keeps for the backward pass (B·S·E·c). `plan_memory` adds the step's gradient of
+    (`head_loss`), a chunk at a time (logits, their gradient and softmax as 3·B·chunk·V·4),
+    the head's weight joined with the adapter groups' B, (E + G·r)·V·c, and their A, G·r·E·c
+    (at most G = B groups), and the gradient of the hidden states it keeps for the backward
+    pass (B·S·E·c). `plan_memory` adds the step's gradient of
     every adapter slot (= adapter bytes).
     """
     L, E, H, K, D, V = (
@@ -230,7 +231,8 @@ def training_step_terms(
         Term("final norm", (B, S, E), ("act_batch", "act_seq", "act_embed"), c),
         Term("attention backward (fp32)", (B, H, S, S), weights_axes[1:], 4, 2),
         Term("lm-head chunk (fp32)", (B, chunk, V), ("act_batch", "act_seq", "act_vocab"), 4, 3),
-        Term("lm-head lora rows", (B, rank * (E + V)), ("act_batch", None), c),
+        Term("lm-head adapter groups", (B, rank * (E + V)), (None, None), c),
+        Term("lm-head weight joined with B", (E, V), ("embed", "vocab"), c),
         Term("lm-head hidden gradient", (B, S, E), ("act_batch", "act_seq", "act_embed"), c),
     ]
     if cfg.moe is not None:

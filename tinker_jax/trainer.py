@@ -271,13 +271,15 @@ class Trainer:
         return self._compiled[name]
 
     def _batch_to_device(self, batch: HostBatch) -> dict:
-        def put(x: np.ndarray):
-            names = ("act_batch",) + (None,) * (x.ndim - 1)
+        def put(x: np.ndarray, names: tuple[str | None, ...]):
             return jax.device_put(
                 x, NamedSharding(self.mesh, logical_to_spec(names, x.shape, self.mesh))
             )
 
-        return jax.tree.map(put, batch.arrays())
+        arrays = batch.arrays()
+        group_slots = put(arrays.pop("group_slots"), (None,))  # every shard reads every group
+        on_device = jax.tree.map(lambda x: put(x, ("act_batch",) + (None,) * (x.ndim - 1)), arrays)
+        return {**on_device, "group_slots": group_slots}
 
     def _loss_fn(self, loss_fn: str, chunk: int, with_grad: bool):
         """The step's summed loss and its per-row outputs. With `with_grad` the lm head and
@@ -286,7 +288,9 @@ class Trainer:
 
         def compute(lora, base, batch):
             model = nnx.merge(self.graphdef, lora, base)
-            adapter = AdapterBatch(batch["slot_ids"], batch["scale"])
+            adapter = AdapterBatch(
+                batch["slot_ids"], batch["scale"], batch["group_slots"], batch["row_group"]
+            )
             hidden, aux = model(batch["tokens"], batch["positions"], adapter, return_aux=True)
             config = batch["config"]
 
