@@ -237,6 +237,10 @@ def fused_causal_attention(implementation: str):
         del positions  # 0..seq-1 in every row: exactly the causal mask
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
+    if implementation == "xla":
+        # XLA's lowering materialises the [batch, heads, seq, seq] softmax; recomputing it in
+        # the backward pass, as flash attention does, beats saving it for every layer.
+        return jax.checkpoint(kernel, prevent_cse=False)
     return kernel
 
 
