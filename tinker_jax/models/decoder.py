@@ -256,7 +256,8 @@ ATTENTION_KERNELS = {
 def auto_attention_kernel(dtype: jnp.dtype) -> str:
     """The fastest kernel measured on each backend (scripts/bench_train.py): cuDNN's fused
     attention on a GPU for 16-bit parameters (42% MFU vs 30% with "einsum" on an H200), the
-    fused op lowered by XLA on CPU (0.87-0.92x torch+PEFT vs 0.82x with "einsum", 2 cores), and
+    fused op lowered by XLA on CPU (0.87-0.92x torch+PEFT vs 0.82x with "einsum", 2 cores,
+    before its softmax was recomputed in the backward pass), and
     "einsum" where nothing was measured (TPU, GPU in fp32)."""
     backend = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
