@@ -104,7 +104,7 @@ def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
     assert results[0].sequences[0].tokens == _hf_greedy(hf, long_prompt, 170)
     assert results[1].sequences[0].tokens == _hf_greedy(hf, short_prompt, 12)
     decoded = {name for name in sampler.trace_counts if name.startswith("decode_")}
-    assert decoded == {"decode_128", "decode_256", "decode_512"}
+    assert decoded == {"decode_128_1", "decode_256_1", "decode_512_1"}  # base model: 1 group
 
 
 def test_greedy_with_adapter_equals_merged_peft_model(engine):
@@ -240,18 +240,23 @@ def test_stop_tokens_strings_eos_and_none(engine):
 
 
 def test_continuous_batching_more_requests_than_rows(engine):
-    _, sampler, _, snapshot, _ = engine
+    """Rows of the base model and of two adapters decode together (one decode step reads
+    each adapter once: `slot_groups`), and each request equals itself run alone."""
+    trainer, sampler, slot, snapshot, _ = engine
+    # A second adapter: the same arrays at twice the scale.
+    doubled = sampler.load_adapter(trainer.slot_arrays(slot), 2 * trainer.slots[slot].scale)
     rng = np.random.default_rng(6)
     requests = [
         SampleRequest(
             rng.integers(0, VOCAB, int(rng.integers(2, 30))),
             int(rng.integers(1, 4)),
             SamplingParams(max_tokens=int(rng.integers(1, 20)), seed=i, stop=[]),
-            slot=snapshot if i % 2 else None,
+            slot=(None, snapshot, doubled)[i % 3],
         )
         for i in range(9)
     ]
     together = sampler.sample(requests)
+    assert any(name.endswith("_2") for name in sampler.trace_counts if "decode" in name)
     for request, result in zip(requests, together):
         assert len(result.sequences) == request.num_samples
         for seq in result.sequences:
@@ -262,6 +267,7 @@ def test_continuous_batching_more_requests_than_rows(engine):
         alone = sampler.sample([request])[0]
         assert [s.tokens for s in alone.sequences] == [s.tokens for s in result.sequences]
     assert not sampler.has_work()
+    sampler.free_adapter(doubled)
 
 
 def test_snapshots_are_immutable(engine):

@@ -125,7 +125,12 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, adapter: AdapterBatch) 
     """scale * (x @ A[slot]) @ B[slot] for every sequence.
 
     x: [batch, seq, in]; a: [slots, in, rank]; b: [slots, rank, out] -> [batch, seq, out].
+    A grouped adapter reads each distinct slot's arrays once (what decode wants: per-row
+    gathers read one copy of every adapter per row); otherwise each row gathers its own.
     """
+    if adapter.group_slots is not None:
+        h = lora_hidden(x, a[adapter.group_slots], adapter)
+        return h @ b[adapter.group_slots].reshape(-1, b.shape[-1])
     a_rows = a[adapter.slot_ids]
     b_rows = b[adapter.slot_ids]
     h = jnp.einsum("bsi,bir->bsr", x, a_rows)

@@ -30,7 +30,7 @@ from tinker_jax.batching import token_ids
 from tinker_jax.buckets import batch_bucket, chunk_size, kv_bucket, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import target_logprobs, topk_logprobs
-from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout
+from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer
 from tinker_jax.sampling import (
@@ -523,13 +523,19 @@ class Sampler:
         # Attend over the cache prefix that this call's rows can reach, not all of max_len.
         reach = int(self._rows.position[self._rows.active].max()) + self.steps_per_call
         kv_len = kv_bucket(reach, self.max_len)
+        # Each distinct adapter of the active rows is read once per step, not once per row.
+        host = self._rows.device_args()
+        host["scale"] = np.where(self._rows.active, host["scale"], 0).astype(np.float32)
+        host["group_slots"], host["row_group"] = slot_groups(host["slot"], host["scale"])
+        groups = host["group_slots"].size
         fn = self._jit(
-            f"decode_{kv_len}",
+            f"decode_{kv_len}_{groups}",
             functools.partial(self._decode_fn, kv_len=kv_len),
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding, self._replicated, self._replicated),
         )
-        args = {k: self._put(v) for k, v in self._rows.device_args().items()}
+        group_slots = jax.device_put(host.pop("group_slots"), self._replicated)
+        args = {**{k: self._put(v) for k, v in host.items()}, "group_slots": group_slots}
         self.cache, out_tokens, out_lp = fn(self.lora, self.base, self.cache, args)
         out_tokens, out_lp = jax.device_get((out_tokens, out_lp))
         rows = self._rows
@@ -553,7 +559,7 @@ class Sampler:
         steps = self.steps_per_call
         max_len = cache.k.shape[2]
         model = nnx.merge(self.graphdef, lora, base)
-        adapter = AdapterBatch(rows["slot"], rows["scale"])
+        adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
         base_keys = sequence_keys(rows["seed"], rows["sample"])
         n = rows["token"].shape[0]
 

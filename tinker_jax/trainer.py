@@ -288,7 +288,10 @@ class Trainer:
 
         def compute(lora, base, batch):
             model = nnx.merge(self.graphdef, lora, base)
-            adapter = AdapterBatch(
+            # The layers gather adapters per row: grouped, XLA CPU transposes the activations
+            # for every A gradient (slower); the lm head joins its groups into its matmul.
+            adapter = AdapterBatch(batch["slot_ids"], batch["scale"])
+            grouped = AdapterBatch(
                 batch["slot_ids"], batch["scale"], batch["group_slots"], batch["row_group"]
             )
             hidden, aux = model(batch["tokens"], batch["positions"], adapter, return_aux=True)
@@ -300,7 +303,7 @@ class Trainer:
             loss_inputs = {"inputs": batch["inputs"], "mask": batch["mask"]}
             if with_grad:
                 total, (loss, terms, logp) = fused_head_loss(
-                    model, hidden, batch["targets"], adapter, chunk, token_loss, loss_inputs
+                    model, hidden, batch["targets"], grouped, chunk, token_loss, loss_inputs
                 )
             else:
                 logp = target_logprobs(model, hidden, batch["targets"], adapter, chunk)
