@@ -15,6 +15,7 @@ under it does), and nothing can be renamed atomically.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import stat
 from etils import epath
 
 from tinker_jax.errors import ValidationError
+
+log = logging.getLogger("tinker_jax.storage")
 
 GCS_SCHEME = "gs://"
 # Bucket names: 3-63 characters (222 with dots), lowercase letters, digits, -, _ and .
@@ -66,15 +69,16 @@ def _no_listing_cache() -> None:
 
 def remove_tree(location: str | os.PathLike) -> None:
     """Deletes the folder at `location` and everything under it; nothing if it is absent.
-    Errors are swallowed (a folder left behind is removed at the next start-up's sweep)."""
+    Errors are logged, not raised: the caller has already forgotten the folder, and one left
+    behind is removed at the next start-up's sweep."""
     path = resolve(location)
     try:
         if is_local(path):
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():
             path.rmtree()
-    except OSError:
-        pass
+    except Exception as e:  # noqa: BLE001 - object-store clients raise many types
+        log.warning("could not remove %s: %s", path, e)
 
 
 def tree_size(path: epath.Path) -> int:
