@@ -348,39 +348,18 @@ class Unembed(nnx.Module):
             self.head.kernel = None
 
     def __call__(self, x: jax.Array, embedding: jax.Array, adapter: AdapterBatch | None):
-        """x: [batch, seq, embed], embedding: [vocab, embed] -> logits [batch, seq, vocab]."""
-        a, b = self.head.lora_a, self.head.lora_b
-        return unembed(
-            x,
-            self.weight(embedding),
-            self.tied,
-            None if a is None else a[...],
-            None if b is None else b[...],
-            adapter,
-        )
+        """x: [batch, seq, embed], embedding: [vocab, embed] -> logits [batch, seq, vocab],
+        plus the adapter's delta when the head has LoRA and `adapter` is given."""
+        weight = self.weight(embedding)
+        y = x @ weight.T if self.tied else x @ weight
+        if adapter is not None and self.head.lora_a is not None:
+            y = y + lora_delta(x, self.head.lora_a[...], self.head.lora_b[...], adapter)
+        return y
 
     def weight(self, embedding: jax.Array) -> jax.Array:
-        """The head's weight as `unembed` takes it: the embedding [vocab, embed] when tied,
-        else the kernel [embed, vocab]."""
+        """The head's weight: the embedding [vocab, embed] when tied, else the kernel
+        [embed, vocab]."""
         return embedding if self.tied else self.head.kernel[...]
-
-
-def unembed(
-    x: jax.Array,
-    weight: jax.Array,
-    tied: bool,
-    lora_a: jax.Array | None,
-    lora_b: jax.Array | None,
-    adapter: AdapterBatch | None,
-) -> jax.Array:
-    """The lm head as a function of its arrays (what `Unembed` computes; `head_loss` takes its
-    gradient in the adapter arrays): x: [batch, seq, embed] @ weight (the embedding
-    [vocab, embed] transposed when tied, else [embed, vocab]) plus the adapter's delta when
-    both lora arrays and `adapter` are given -> logits [batch, seq, vocab]."""
-    y = x @ weight.T if tied else x @ weight
-    if adapter is not None and lora_a is not None:
-        y = y + lora_delta(x, lora_a, lora_b, adapter)
-    return y
 
 
 class Transformer(nnx.Module):
