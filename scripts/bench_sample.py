@@ -237,6 +237,7 @@ def main() -> None:
                     verdict = "met" if got >= need else "NOT met"
                     print(f"target batch {batch}: >= {need:.0f}x, got {got:.2f}x: {verdict}")
             report_matmul_ceiling(args, results, max(batches))
+            report_peak_bound(args, results)
 
         if accelerator or args.hbm_gbps is not None:
             report_roofline(args, results, device.device_kind)
@@ -284,6 +285,50 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
         ratio, share = tps / r["torch_tps"], r["ours_tps"] / tps
         line += f" = {ratio:.2f}x torch; ours reaches {share:.0%} of it"
     print(line)
+
+
+def decode_flops(args: argparse.Namespace, context: int) -> int:
+    """FLOPs of one generated token at `context` attended positions (module docstring)."""
+    n_layers, n_head = weight_counts(args)
+    return 2 * (n_layers + n_head) + 4 * args.layers * context * args.heads * args.head_dim
+
+
+def machine_peak_gflops(dtype: str) -> tuple[float, str]:
+    """The fastest dense matmul rate this machine reaches: a large square matmul ([2048,
+    2048] @ [2048, 2048], best of 5), by XLA and by NumPy's BLAS, whichever is faster."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
+    square = jax.jit(lambda x: x @ x)
+    on_device = jnp.asarray(a)
+    square(on_device).block_until_ready()
+    xla = min(timed(lambda: square(on_device).block_until_ready())[0] for _ in range(5))
+    blas = min(timed(lambda: a @ a)[0] for _ in range(5)) if dtype == "float32" else np.inf
+    best, source = min((xla, "XLA"), (blas, "NumPy BLAS"))
+    return 2 * n**3 / best / 1e9, source
+
+
+def report_peak_bound(args: argparse.Namespace, results: dict) -> None:
+    """The most any sampler could do on this machine: every FLOP of every generated token at
+    the machine's peak matmul rate, and nothing else. A CPU target above the ratio printed
+    here asks for more arithmetic per second than the cores can do."""
+    peak, source = machine_peak_gflops(args.dtype)
+    flops = decode_flops(args, args.prompt_len + args.new_tokens // 2)
+    tps = peak * 1e9 / flops
+    print(
+        f"peak bound: a [2048, 2048] matmul runs at {peak:.0f} GFLOP/s here ({source}); a "
+        f"token is {flops / 1e6:.1f} MFLOP, so at most {tps:.0f} tok/s at any batch"
+    )
+    for batch, need in CPU_TARGETS.items():
+        r = results.get(batch, {})
+        if batch > 1 and "torch_tps" in r:  # batch 1 is bound by memory, not arithmetic
+            wanted = need * r["torch_tps"] * flops / 1e9
+            print(
+                f"  batch {batch}: {need:.0f}x torch needs {wanted:.0f} GFLOP/s = "
+                f"{wanted / peak:.0%} of that peak; the peak is {tps / r['torch_tps']:.2f}x torch"
+            )
 
 
 def report_roofline(args: argparse.Namespace, results: dict, device_kind: str) -> None:

@@ -53,6 +53,7 @@ def test_bench_sample():
         "bench_sample.py", *TINY, "--batches", "2", "--new-tokens", "8", "--repeats", "1"
     )
     assert "ratio ours/torch" in out and "greedy tokens equal in 100% of rows" in out
+    assert "ceiling batch 2:" in out and "peak bound:" in out
 
 
 def test_bench_service():
