@@ -257,6 +257,8 @@ def test_continuous_batching_more_requests_than_rows(engine):
     ]
     together = sampler.sample(requests)
     assert any(name.endswith("_2") for name in sampler.trace_counts if "decode" in name)
+    # Prompts of several adapters are prefilled with per-prompt gathers, of one grouped.
+    assert any(name.endswith(":False") for name in sampler.trace_counts if "prefill" in name)
     for request, result in zip(requests, together):
         assert len(result.sequences) == request.num_samples
         for seq in result.sequences:
@@ -266,6 +268,7 @@ def test_continuous_batching_more_requests_than_rows(engine):
     for request, result in list(zip(requests, together))[:3]:
         alone = sampler.sample([request])[0]
         assert [s.tokens for s in alone.sequences] == [s.tokens for s in result.sequences]
+    assert any(name.endswith(":True") for name in sampler.trace_counts if "prefill" in name)
     assert not sampler.has_work()
     sampler.free_adapter(doubled)
 

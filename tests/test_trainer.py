@@ -108,6 +108,13 @@ def test_mixed_batch_equals_each_slot_alone(fresh):
         assert m.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-6)
         for lm, la in zip(m.logprobs, a.logprobs):
             np.testing.assert_allclose(lm, la, atol=1e-6)
+    # The forward's head (groups' adapters, then log-softmax) equals the training step's
+    # fused head (joined matmul, explicit backward) on the same mixed batch.
+    trained = fresh.forward_backward([RunBatch(s0, d0), RunBatch(s1, d1)], "cross_entropy")
+    for m, t in zip(mixed, trained):
+        assert m.metrics["loss:sum"] == pytest.approx(t.metrics["loss:sum"], rel=1e-6)
+        for lm, lt in zip(m.logprobs, t.logprobs):
+            np.testing.assert_allclose(lm, lt, atol=1e-6)
     # The slots really differ: the same data under the other adapter gives other logprobs.
     swapped = fresh.forward([RunBatch(s1, d0)], "cross_entropy")[0]
     assert not np.allclose(swapped.logprobs[0], mixed[0].logprobs[0], atol=1e-4)

@@ -407,13 +407,18 @@ class Sampler:
                 seeds[i] = seed_words(self._pending[rid].seed)
                 temperature[i], top_k[i], top_p[i] = params.temperature, params.top_k, params.top_p
                 i += 1
+        # Prompts of one adapter (or none) read its arrays once, in plain matmuls. Prompts of
+        # several keep per-prompt gathers: a grouped product would multiply every prompt
+        # token by every group's A, and prefill is bound by compute, not by those reads.
+        group_slots, row_group = slot_groups(slot, scale)
+        grouped = group_slots.size == 1
         want_lp = any(self._pending[rid].request.include_prompt_logprobs for rid, _, _ in groups)
         want_topk = max(self._pending[rid].request.topk_prompt_logprobs for rid, _, _ in groups)
         topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
         chunk = chunk_size(seq, self.logprob_chunk)
         fn = self._jit(
-            f"prefill:{want_lp}:{topk}:{chunk}",
-            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk),
+            f"prefill:{want_lp}:{topk}:{chunk}:{grouped}",
+            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk, grouped),
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding,) + (self._replicated,) * 4,
         )
@@ -422,6 +427,7 @@ class Sampler:
             lengths,
             slot,
             scale,
+            row_group,
             dst,
             src,
             sample_idx,
@@ -431,7 +437,11 @@ class Sampler:
             top_p,
         ]
         self.cache, first, first_lp, prompt_lp, topk_out = fn(
-            self.lora, self.base, self.cache, *(self._put(a) for a in args)
+            self.lora,
+            self.base,
+            self.cache,
+            jax.device_put(group_slots, self._replicated),
+            *(self._put(a) for a in args),
         )
         first, first_lp, prompt_lp, topk_out = jax.device_get(
             (first, first_lp, prompt_lp, topk_out)
@@ -474,15 +484,17 @@ class Sampler:
         rows.active[r] = not stopped and rows.remaining[r] > 0
         self._check_stop_strings(r)
 
-    def _prefill_fn(self, want_lp: bool, topk: int, chunk: int):
+    def _prefill_fn(self, want_lp: bool, topk: int, chunk: int, grouped: bool):
         def prefill(
             lora,
             base,
             cache,
+            group_slots,
             tokens,
             lengths,
             slot,
             scale,
+            row_group,
             dst,
             src,
             sample_idx,
@@ -492,7 +504,11 @@ class Sampler:
             top_p,
         ):
             model = nnx.merge(self.graphdef, lora, base)
-            adapter = AdapterBatch(slot, scale)
+            adapter = (
+                AdapterBatch(slot, scale, group_slots, row_group)
+                if grouped
+                else AdapterBatch(slot, scale)
+            )
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
             width = min(tokens.shape[1], cache.k.shape[2])

@@ -289,7 +289,8 @@ class Trainer:
         def compute(lora, base, batch):
             model = nnx.merge(self.graphdef, lora, base)
             # The layers gather adapters per row: grouped, XLA CPU transposes the activations
-            # for every A gradient (slower); the lm head joins its groups into its matmul.
+            # for every A gradient (slower). The lm head reads each group's adapter once (with
+            # a gradient, joined into its matmul): per row, B alone is [rank, vocab].
             adapter = AdapterBatch(batch["slot_ids"], batch["scale"])
             grouped = AdapterBatch(
                 batch["slot_ids"], batch["scale"], batch["group_slots"], batch["row_group"]
@@ -306,7 +307,7 @@ class Trainer:
                     model, hidden, batch["targets"], grouped, chunk, token_loss, loss_inputs
                 )
             else:
-                logp = target_logprobs(model, hidden, batch["targets"], adapter, chunk)
+                logp = target_logprobs(model, hidden, batch["targets"], grouped, chunk)
                 loss, terms = token_loss(logp, loss_inputs)
                 total = loss.sum()
             row_loss = loss.sum(axis=1)
