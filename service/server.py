@@ -33,11 +33,15 @@ def _plan_memory(config: ServerConfig) -> None:
     a configuration that cannot fit the accelerator (no limit is known on CPU)."""
     import jax
 
-    from tinker_jax.memory import check_fits, device_memory_bytes, plan_memory
+    from tinker_jax.memory import DTYPES, check_fits, device_memory_bytes, plan_memory
     from tinker_jax.models.config import load_config
+    from tinker_jax.models.decoder import auto_attention_kernel
     from tinker_jax.weights import resolve_model_dir
 
     limit, planned = device_memory_bytes(jax.local_devices()[0]), 0
+    attention = config.attention
+    if attention == "auto":
+        attention = auto_attention_kernel(DTYPES[config.dtype])
     for name in config.base_models:
         plan = plan_memory(
             load_config(resolve_model_dir(name)),
@@ -50,6 +54,7 @@ def _plan_memory(config: ServerConfig) -> None:
             sampler_rows=config.sampler_rows,
             max_seq_len=config.max_seq_len,
             train_batch_tokens=config.max_seq_len or 4096,
+            attention=attention,
         )
         log.info("memory plan for %s:\n%s", name, plan.format())
         if limit is not None:

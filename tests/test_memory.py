@@ -118,6 +118,33 @@ def test_attention_term_is_quadratic_in_sequence_length():
     assert long.training_step > 8 * short.training_step
 
 
+def test_attention_kernel_decides_the_quadratic_terms():
+    """Only "einsum" saves every layer's [B, H, S, S] softmax; "xla" holds one layer's for
+    its backward pass; cuDNN's flash attention none, so its step grows linearly."""
+    at = {
+        (kernel, seq): plan(
+            QWEN3_8B,
+            dtype="bfloat16",
+            max_seq_len=seq,
+            train_batch_tokens=seq,
+            attention=kernel,
+        )
+        for kernel in ("einsum", "xla", "cudnn")
+        for seq in (1024, 4096)
+    }
+    B, H, S = 1, 32, 4096
+    saved = 36 * B * H * S * S * (4 + 2)  # L x (fp32 softmax + bf16 weights)
+    einsum, xla = at["einsum", S].training_step, at["xla", S].training_step
+    assert einsum - xla == saved - 2 * B * H * S * S * 4  # xla: 2 more transient arrays
+    assert xla - at["cudnn", S].training_step == 4 * B * H * S * S * 4
+    # cuDNN: 4x the tokens, a little over 4x the step (the sequence-independent terms).
+    assert at["cudnn", S].training_step < 4.2 * at["cudnn", 1024].training_step
+    prefill = at["einsum", S].sampler_prefill - at["cudnn", S].sampler_prefill
+    assert prefill == at["xla", S].sampler_prefill - at["cudnn", S].sampler_prefill > 0
+    with pytest.raises(ValidationError, match="attention"):
+        plan(HAND, attention="flash")
+
+
 # ------------------------------------------------------------------ sharding
 
 
@@ -196,12 +223,17 @@ def test_plan_equals_allocated_bytes(model, mesh_shape, dtype, hf_model_dir, tmp
 # ------------------------------------------------------------------ estimates against XLA
 
 
-def test_training_estimate_is_close_to_xla_memory_analysis(tmp_path):
+@pytest.mark.parametrize("kernel", ["einsum", "xla"])
+def test_training_estimate_is_close_to_xla_memory_analysis(tmp_path, kernel):
     """On CPU in fp32 (CPU computes bf16 in fp32, so only fp32 is comparable): the estimate
-    stays within [0.7, 1.4] of what XLA allocates for temporaries of the same step."""
+    stays within [0.7, 1.4] of what XLA allocates for temporaries of the same step, for the
+    kernel that saves its softmax and for the one that recomputes it."""
     folder = write_tiny_model(tmp_path)
     model, cfg = load_model(
-        str(folder), lora=LoRASpec(4, 8), mesh=make_mesh(devices=jax.devices()[:1])
+        str(folder),
+        lora=LoRASpec(4, 8),
+        mesh=make_mesh(devices=jax.devices()[:1]),
+        attention=kernel,
     )
     graphdef, lora, base = nnx.split(model, LoRAParam, ...)
     B, S = 4, 256
@@ -233,6 +265,7 @@ def test_training_estimate_is_close_to_xla_memory_analysis(tmp_path):
         sampler_rows=1,
         max_seq_len=S,
         train_batch_tokens=B * S,
+        attention=kernel,
     )
     assert 0.7 <= p.training_step / measured <= 1.4, (p.training_step, measured)
 

@@ -34,6 +34,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GIB = 1 << 30
 MIB = 1 << 20
 LOGPROB_CHUNK = 256  # the trainer's and sampler's default lm-head chunk
+# [B, H, S, S] fp32 arrays that the backward pass of one layer's attention holds, by kernel:
+# "einsum" the gradients of its saved weights and of the scores; "xla" (its softmax is
+# recomputed, not saved) the scores and softmax again and both their gradients; cuDNN's flash
+# attention works in tiles and holds none.
+ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +181,7 @@ def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def training_step_terms(
-    cfg: ModelConfig, batch: int, seq: int, rank: int, itemsize: int
+    cfg: ModelConfig, batch: int, seq: int, rank: int, itemsize: int, attention: str = "einsum"
 ) -> list[Term]:
     """What one forward_backward holds at its peak (no rematerialisation; an estimate).
 
@@ -184,7 +189,8 @@ def training_step_terms(
       both RMSNorm inputs (fp32) and outputs     2·B·S·E·(4 + c)
       q, k, v after RoPE                         B·S·(H + 2K)·D·c
       with QK norm, its fp32 inputs              B·S·(H + K)·D·4
-      attention weights: fp32 softmax + cast     B·H·S²·(4 + c)   <- quadratic in S
+      "einsum" attention only: fp32 softmax + weights cast back
+                                                 B·H·S²·(4 + c)   <- quadratic in S
       attention output (o_proj input)            B·S·H·D·c
       SwiGLU: gate, up, sigmoid, silu, product, down input   6·B·S·k·F·c
       MoE only: router softmax (fp32), tokens copied to and back from their experts
@@ -193,7 +199,8 @@ def training_step_terms(
       adapter rows gathered per sequence         B·r·W·c   (W from `_dims`)
     (k = 1 and F = intermediate_size for a dense MLP.)
     Transient, once: the final norm (B·S·E·(4 + c)); the backward of one layer's attention
-    (gradients of the weights and scores, 2·B·H·S²·4); the lm head fused with the loss
+    (`attention_backward_floats`·B·H·S²·4: the kernel's [B, H, S, S] fp32 arrays, none for
+    cuDNN's flash attention); the lm head fused with the loss
     (`head_loss`), a chunk at a time (logits, their gradient and softmax as 3·B·chunk·V·4),
     the head's weight joined with the adapter groups' B, (E + G·r)·V·c, and their A, G·r·E·c
     (at most G = B groups), and the gradient of the hidden states it keeps for the backward
@@ -214,6 +221,7 @@ def training_step_terms(
     act = ("layers", "act_batch", "act_seq")
     weights_axes = ("layers", "act_batch", "act_heads", "act_seq", None)
     qk_norm = int(cfg.qk_norm)
+    saved = int(attention == "einsum")
     terms = [
         Term("norm inputs (fp32)", (L, B, S, E), (*act, "act_embed"), 4, 2),
         Term("norm outputs", (L, B, S, E), (*act, "act_embed"), c, 2),
@@ -221,15 +229,21 @@ def training_step_terms(
         Term("k, v", (L, B, S, K, D), (*act, "act_kv_heads", "act_head_dim"), c, 2),
         Term("q-norm input (fp32)", (L, B, S, H, D), (*act, "act_heads", None), 4, qk_norm),
         Term("k-norm input (fp32)", (L, B, S, K, D), (*act, "act_kv_heads", None), 4, qk_norm),
-        Term("attention softmax (fp32)", (L, B, H, S, S), weights_axes, 4),
-        Term("attention weights", (L, B, H, S, S), weights_axes, c),
+        Term("attention softmax (fp32)", (L, B, H, S, S), weights_axes, 4, saved),
+        Term("attention weights", (L, B, H, S, S), weights_axes, c, saved),
         Term("attention output", (L, B, S, H * D), (*act, "act_heads"), c),
         Term("swiglu", (L, B, S * k, F), (*act, "act_mlp"), c, 6),
         Term("lora x@A", (L, B, S, 7 * rank), (*act, None), c),
         Term("lora rows", (L, B, rank * W), ("layers", "act_batch", None), c),
         Term("final norm (fp32)", (B, S, E), ("act_batch", "act_seq", "act_embed"), 4),
         Term("final norm", (B, S, E), ("act_batch", "act_seq", "act_embed"), c),
-        Term("attention backward (fp32)", (B, H, S, S), weights_axes[1:], 4, 2),
+        Term(
+            "attention backward (fp32)",
+            (B, H, S, S),
+            weights_axes[1:],
+            4,
+            ATTENTION_BACKWARD_FLOATS[attention],
+        ),
         Term("lm-head chunk (fp32)", (B, chunk, V), ("act_batch", "act_seq", "act_vocab"), 4, 3),
         Term("lm-head adapter groups", (B, rank * (E + V)), (None, None), c),
         Term("lm-head weight joined with B", (E, V), ("embed", "vocab"), c),
@@ -243,14 +257,17 @@ def training_step_terms(
     return terms
 
 
-def prefill_terms(cfg: ModelConfig, rows: int, seq: int, rank: int, itemsize: int) -> list[Term]:
+def prefill_terms(
+    cfg: ModelConfig, rows: int, seq: int, rank: int, itemsize: int, attention: str = "einsum"
+) -> list[Term]:
     """What one sampler prefill of `rows` prompts of `seq` positions holds (an estimate).
 
     Every layer's new keys and values (2·L·B·S·K·D·c, returned to be copied into the cache);
-    one layer's attention at a time: masked scores and softmax in fp32, weights cast back
-    (B·H·S²·(8 + c)); the hidden states (B·S·E·(4 + c)); one layer's gate and up outputs
-    (2·B·S·k·F·c, MoE: plus the dispatched tokens 2·B·S·k·E·c); the adapter rows gathered per
-    prompt for one layer (B·r·W·c); the prompt-logprob lm head over one chunk (2·B·chunk·V·4).
+    one layer's attention at a time, except with cuDNN's flash attention: masked scores and
+    softmax in fp32, weights cast back (B·H·S²·(8 + c)); the hidden states (B·S·E·(4 + c));
+    one layer's gate and up outputs (2·B·S·k·F·c, MoE: plus the dispatched tokens
+    2·B·S·k·E·c); the adapter rows gathered per prompt for one layer (B·r·W·c); the
+    prompt-logprob lm head over one chunk (2·B·chunk·V·4).
     """
     E, H, K, D, V = (
         cfg.hidden_size,
@@ -264,10 +281,11 @@ def prefill_terms(cfg: ModelConfig, rows: int, seq: int, rank: int, itemsize: in
     chunk = chunk_size(S, LOGPROB_CHUNK)
     act = ("act_batch", "act_seq")
     weights_axes = ("act_batch", "act_heads", "act_seq", None)
+    quadratic = int(attention != "cudnn")
     return [
         Term("new keys, values", (cfg.num_layers, B, S, K, D), CACHE_AXES, c, 2),
-        Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2),
-        Term("attention weights", (B, H, S, S), weights_axes, c),
+        Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2 * quadratic),
+        Term("attention weights", (B, H, S, S), weights_axes, c, quadratic),
         Term("hidden (fp32)", (B, S, E), (*act, "act_embed"), 4),
         Term("hidden", (B, S, E), (*act, "act_embed"), c),
         Term("swiglu", (B, S * k, F), (*act, "act_mlp"), c, 2),
@@ -290,15 +308,22 @@ def plan_memory(
     max_seq_len: int | None,
     train_batch_tokens: int,
     train_seq_len: int | None = None,
+    attention: str = "einsum",
 ) -> MemoryPlan:
     """Per-device bytes of a server for `cfg` under these settings (nothing is allocated).
 
     `max_seq_len` None means the model's context, as the sampler does. The training step is
     sized for `train_batch_tokens` tokens in sequences of `train_seq_len` (default: as long as
-    allowed, the worst case for attention), padded to the trainer's buckets.
+    allowed, the worst case for attention), padded to the trainer's buckets. `attention` is
+    the self-attention kernel (an ATTENTION_KERNELS name): what it keeps of the [batch, heads,
+    seq, seq] scores is most of a long sequence's activations.
     """
     if dtype not in DTYPES:
         raise ValidationError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    if attention not in ATTENTION_BACKWARD_FLOATS:
+        raise ValidationError(
+            "attention", f"{attention!r} is not one of {', '.join(ATTENTION_BACKWARD_FLOATS)}"
+        )
     for name, value in (
         ("n_devices", n_devices),
         ("max_adapters", max_adapters),
@@ -340,11 +365,12 @@ def plan_memory(
     seq = seq_bucket(seq_len)
     batch = batch_bucket(-(-train_batch_tokens // seq_len), multiple)
     training = adapters + _terms_bytes(
-        training_step_terms(cfg, batch, seq, max_lora_rank, itemsize), mesh
+        training_step_terms(cfg, batch, seq, max_lora_rank, itemsize, attention), mesh
     )
     prefill_rows = batch_bucket(sampler_rows, multiple)
     prefill = _terms_bytes(
-        prefill_terms(cfg, prefill_rows, seq_bucket(max_len), max_lora_rank, itemsize), mesh
+        prefill_terms(cfg, prefill_rows, seq_bucket(max_len), max_lora_rank, itemsize, attention),
+        mesh,
     )
     return MemoryPlan(
         base_weights=base,
