@@ -6,8 +6,10 @@
 #   2. the same with our einsum attention (what the fused kernel buys);
 #   3. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
 #      the same GPU as the peer;
-#   4. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model;
-#   5. LoRA training of the Qwen3-30B-A3B MoE shape.
+#   4. where a batch-1 decode step's GPU time goes, per kernel (the last profile found a
+#      quarter of it in copies of each layer's weights out of the stacked arrays);
+#   5. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model;
+#   6. LoRA training of the Qwen3-30B-A3B MoE shape.
 # Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
 #   bash scripts/bench_accelerator.sh
 # MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
@@ -43,6 +45,8 @@ step train_einsum 110 "$py" scripts/bench_train.py "${model_args[@]}" --model-di
     --batch 8 --seq 1024 --steps 5 --attention einsum --no-torch
 step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
     --batches 1,64 --torch-device "$torch_device"
+step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batch 1 --new-tokens 32 --top 25
 step logprobs 60 "$py" scripts/measure_logprob_agreement.py --hidden 512 --layers 8 --heads 8 \
     --kv-heads 4 --head-dim 64 --intermediate 1536 --vocab 32000
 # The MoE shape needs ~61 GB of bf16 weights: an H200 (or a mesh of several chips).
