@@ -273,6 +273,33 @@ def test_continuous_batching_more_requests_than_rows(engine):
     sampler.free_adapter(doubled)
 
 
+def test_a_freed_row_takes_a_waiting_request_at_once(engine):
+    """While a request waits for a row, the decode call returns as soon as a row stops, so the
+    waiting request starts after one decode step, not after the call's `steps_per_call`."""
+    _, sampler, _, snapshot, _ = engine
+    rng = np.random.default_rng(7)
+
+    def request(max_tokens: int) -> SampleRequest:
+        params = SamplingParams(max_tokens=max_tokens, seed=1, stop=[])
+        return SampleRequest(rng.integers(0, VOCAB, 6), 1, params, slot=snapshot)
+
+    short, longs, waiting = request(2), [request(30) for _ in range(3)], request(3)
+    assert sampler.rows == 4 and sampler.steps_per_call == 5
+    ids = [sampler.submit(r) for r in (short, *longs, waiting)]
+    start, results, finished_at = sampler.decode_steps, {}, {}
+    while len(results) < len(ids):
+        for rid, result in sampler.step().items():
+            results[rid] = result
+            finished_at[rid] = sampler.decode_steps - start
+    # 1 step until `short` frees its row, then one full call of 5 with `waiting` in it
+    # (without the early return: 5 + 5).
+    assert finished_at[ids[0]] == 1 and finished_at[ids[-1]] == 6
+    assert finished_at[ids[1]] == 29  # the long ones lose no step to the early return
+    alone = sampler.sample([waiting])[0]
+    assert results[ids[-1]].sequences[0].tokens == alone.sequences[0].tokens
+    assert [len(results[i].sequences[0].tokens) for i in ids] == [2, 30, 30, 30, 3]
+
+
 def test_snapshots_are_immutable(engine):
     trainer, sampler, slot, snapshot, _ = engine
     before = trainer.slot_arrays(slot)

@@ -4,8 +4,9 @@ The cache has a fixed number of rows (decode slots), each `max_len` positions lo
 waits in a queue until rows are free; its prompt is prefilled once and its keys and values are
 copied into one row per sample (`num_samples > 1` shares the prefill). Every call to `step`
 admits what fits, then runs up to `steps_per_call` decode steps for all rows in one jitted
-`while_loop` that exits early when every row has stopped. Rows of different requests may use
-different sampler adapters (or none): each row carries its adapter slot.
+`while_loop` that exits early when every row has stopped, or, while requests wait for rows,
+as soon as one row stops (so that the next call admits a waiting request into it). Rows of
+different requests may use different sampler adapters (or none): each row carries its slot.
 
 Sampler weights live in the sampler's own stacked LoRA arrays, loaded from a snapshot of a
 training slot (or a checkpoint). They are immutable: nothing here writes a training slot, and
@@ -191,6 +192,7 @@ class Sampler:
         self._ids = itertools.count()
         self.batch_multiple = batch_multiple(mesh)
         self.trace_counts: dict[str, int] = {}
+        self.decode_steps = 0  # decode steps run so far (every active row advances in each)
         self._compiled: dict = {}
 
     @classmethod
@@ -550,10 +552,16 @@ class Sampler:
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding, self._replicated, self._replicated),
         )
-        group_slots = jax.device_put(host.pop("group_slots"), self._replicated)
-        args = {**{k: self._put(v) for k, v in host.items()}, "group_slots": group_slots}
+        replicated = {
+            "group_slots": host.pop("group_slots"),
+            # Requests wait for rows: return when one frees instead of idling it until the end.
+            "refill": np.bool_(bool(self._queue)),
+        }
+        args = {k: self._put(v) for k, v in host.items()}
+        args.update(jax.device_put(replicated, self._replicated))
         self.cache, out_tokens, out_lp = fn(self.lora, self.base, self.cache, args)
         out_tokens, out_lp = jax.device_get((out_tokens, out_lp))
+        self.decode_steps += int((out_tokens >= 0).any(axis=0).sum())
         rows = self._rows
         for r in np.flatnonzero(rows.active):
             pending = self._pending[rows.request[r]]
@@ -605,7 +613,9 @@ class Sampler:
             )
 
         def cond(carry):
-            return (carry[0] < steps) & carry[6].any()
+            active = carry[6]
+            freed = (rows["active"] & ~active).any()
+            return (carry[0] < steps) & active.any() & ~(rows["refill"] & freed)
 
         init = (
             jnp.int32(0),
