@@ -95,6 +95,18 @@ def _export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_database(args: argparse.Namespace) -> int:
+    """Puts the database copy that a server keeps beside its checkpoints back as the
+    database of --storage (a new disk after the old one was lost)."""
+    from tinker_jax.service.checkpoint_storage import restore
+
+    folder = Path(args.storage).expanduser().resolve()
+    store = restore(folder, args.checkpoint_storage)
+    print(f"restored database {store.database_id} into {folder}")
+    store.close()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tinker_jax.service.demo import run_demo
 
@@ -161,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--storage", required=True)
     export.add_argument("--out", required=True, help="a new folder or gs://BUCKET/PATH")
     export.set_defaults(func=_export_peft)
+
+    restore = sub.add_parser(
+        "restore-database",
+        help="restore the database from the copy a server keeps in its checkpoint storage",
+    )
+    restore.add_argument("--storage", required=True, help="a folder without a database")
+    restore.add_argument(
+        "--checkpoint-storage", required=True, help="the server's checkpoint storage (gs:// too)"
+    )
+    restore.set_defaults(func=_restore_database)
 
     demo = sub.add_parser("demo", help="serve the built-in tiny model and train on it")
     demo.add_argument("--steps", type=int, default=20)

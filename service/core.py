@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from tinker_jax import checkpoints, storage
 from tinker_jax.errors import ValidationError
 from tinker_jax.sampler import SampleRequest, SampleResult
-from tinker_jax.service import wire
+from tinker_jax.service import checkpoint_storage, wire
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import (
     FailedPrecondition,
@@ -59,8 +59,6 @@ log = logging.getLogger("tinker_jax.core")
 MAX_LONG_POLL_SECONDS = 30.0
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_ID_LENGTH = 128
-# In the checkpoint storage's root: the id of the database that lists its checkpoints.
-DATABASE_MARK = "tinker_database_id"
 
 
 class ServiceCore:
@@ -77,31 +75,25 @@ class ServiceCore:
         )
         if lost:
             log.warning("%d requests were in flight when the server stopped: failed them", lost)
-        self._claim_checkpoint_root()
+        checkpoint_storage.claim(self.checkpoint_root, store, config.storage)
         orphans = self._remove_orphan_checkpoints()
         if orphans:
             log.warning("removed %d checkpoint folders no checkpoint refers to", orphans)
+        self._copied_at: tuple[int, int] | None = None  # Store.change_count of the last copy
+        # Set when the checkpoint listing changed: the copy should follow without waiting
+        # (and at start, when this process has written none).
+        self.copy_due = threading.Event()
+        self.copy_due.set()
 
-    def _claim_checkpoint_root(self) -> None:
-        """Marks the checkpoint storage as this database's, or refuses to start when another
-        database's mark is there. The orphan sweep deletes every folder the database does not
-        list, so a fresh database (a new TPU VM's disk) pointed at a bucket full of another
-        one's checkpoints would otherwise delete them all."""
-        mark = self.checkpoint_root / DATABASE_MARK
-        if mark.exists():
-            owner = mark.read_text().strip()
-            if owner != self.store.database_id:
-                raise ValidationError(
-                    "checkpoint_storage",
-                    f"{self.checkpoint_root} holds the checkpoints of another database "
-                    f"({owner}; this one, in {self.config.storage}, is "
-                    f"{self.store.database_id}): start with that database's --storage, or "
-                    "give a checkpoint storage of its own",
-                )
-            return
-        if storage.is_local(self.checkpoint_root):  # object storage has no folders to make
-            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
-        mark.write_text(self.store.database_id)
+    def copy_database(self) -> bool:
+        """Refreshes the database copy beside the checkpoints (`checkpoint_storage`) if the
+        database changed since the last one. Returns whether it wrote a copy."""
+        changes = self.store.change_count()
+        if changes == self._copied_at:
+            return False
+        checkpoint_storage.write_copy(self.checkpoint_root, self.store)
+        self._copied_at = changes
+        return True
 
     def _remove_orphan_checkpoints(self) -> int:
         """At start: deletes the checkpoint folders the store does not refer to (a save cut
@@ -624,6 +616,7 @@ class ServiceCore:
             )
             if old is not None:
                 storage.remove_tree(old.location)
+            self.copy_due.set()
             return str(path)
 
         def start(complete, fail):
@@ -872,6 +865,7 @@ class ServiceCore:
         record = self._owned_checkpoint(user, tinker_path)
         self.store.delete_checkpoint(record.tinker_path)
         storage.remove_tree(record.location)
+        self.copy_due.set()
 
     def set_public(self, user: str, tinker_path: str, public: bool) -> None:
         self.store.set_public(self._owned_checkpoint(user, tinker_path).tinker_path, public)

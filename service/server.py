@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from tinker_jax.distributed import MessageStream, is_multiprocess
 from tinker_jax.service.config import ServerConfig
@@ -120,7 +121,7 @@ class Server:
                 self.core, config.host, config.http_port, config.http_max_body_bytes
             )
         self._stopped = threading.Event()
-        self._janitor = threading.Thread(target=self._sweep_loop, name="janitor", daemon=True)
+        self._janitor = threading.Thread(target=self._housekeeping, name="janitor", daemon=True)
         self._janitor.start()
         log.info(
             "serving %s on %s:%d (storage %s)",
@@ -130,12 +131,23 @@ class Server:
             config.storage,
         )
 
-    def _sweep_loop(self) -> None:
-        while not self._stopped.wait(self.config.sweep_interval_seconds):
+    def _housekeeping(self) -> None:
+        """Every sweep_interval_seconds the sweep, then the database copy beside the
+        checkpoints; a checkpoint saved or deleted brings the copy forward (`copy_due`)."""
+        interval = self.config.sweep_interval_seconds
+        next_sweep = time.monotonic() + interval
+        while True:
+            self.core.copy_due.wait(max(0.0, next_sweep - time.monotonic()))
+            self.core.copy_due.clear()
+            if self._stopped.is_set():
+                return
             try:
-                self.core.sweep()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + interval
+                    self.core.sweep()
+                self.core.copy_database()
             except Exception:  # noqa: BLE001 - housekeeping must never stop the server
-                log.exception("sweep failed")
+                log.exception("housekeeping failed")
 
     @property
     def http_port(self) -> int | None:
@@ -147,6 +159,7 @@ class Server:
 
     def stop(self) -> None:
         self._stopped.set()
+        self.core.copy_due.set()  # wakes the janitor to return
         if self.http is not None:
             self.http.stop()
         self.grpc.stop(grace=2).wait()
@@ -154,4 +167,9 @@ class Server:
             worker.close()
         if self.stream is not None:
             publish_stop(self.stream)
+        self._janitor.join()
+        try:
+            self.core.copy_database()
+        except Exception:  # noqa: BLE001 - the database itself is intact; say so and stop
+            log.exception("the last database copy failed")
         self.store.close()

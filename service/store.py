@@ -299,6 +299,22 @@ class Store:
             # Names this database; the checkpoint storage it writes to records it.
             self.database_id: str = conn.execute("SELECT database_id FROM instance").fetchone()[0]
 
+    def change_count(self) -> tuple[int, int]:
+        """A value that changes with every commit, this connection's or another process's
+        (an admin command adding a user): a copy taken at another value is out of date."""
+        with self._lock:
+            others = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            return others, self._conn.total_changes
+
+    def backup(self, path: Path) -> None:
+        """Writes a consistent copy of the whole database to the local file `path`."""
+        with self._lock:
+            target = sqlite3.connect(path)
+            try:
+                self._conn.backup(target)
+            finally:
+                target.close()
+
     def close(self) -> None:
         """Closes the database; the store cannot be used afterwards."""
         with self._lock:

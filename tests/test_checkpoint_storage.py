@@ -4,14 +4,19 @@ database does not list."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from tests.test_store import RUN, checkpoint, run_record
 from tinker_jax import storage
 from tinker_jax.checkpoints import INFO_FILE
 from tinker_jax.errors import ValidationError
+from tinker_jax.service.checkpoint_storage import DATABASE_COPY, DATABASE_MARK, restore
+from tinker_jax.service.cli import main as cli
 from tinker_jax.service.config import ServerConfig
-from tinker_jax.service.core import DATABASE_MARK, ServiceCore
-from tinker_jax.service.store import Store
+from tinker_jax.service.core import ServiceCore
+from tinker_jax.service.store import DB_NAME, Store
 
 
 def _config(db, checkpoints: str | None) -> ServerConfig:
@@ -71,3 +76,57 @@ def test_start_up_removes_folders_the_database_does_not_list(tmp_path, checkpoin
     for folder in orphans:
         assert not folder.exists(), folder
     assert (root / DATABASE_MARK).exists()
+
+
+def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_path, checkpoint_root):
+    """The copy beside the checkpoints is refreshed when the database changes (by the server
+    or by another process); restored into an empty folder it is the same database, so a
+    server on the new disk lists and keeps the storage's checkpoints."""
+    store = Store(tmp_path / "old")
+    core = ServiceCore(_config(tmp_path / "old", checkpoint_root), store, {})
+    assert core.copy_due.is_set()  # this process has written no copy yet
+    assert core.copy_database() and not core.copy_database()  # unchanged: not copied again
+    user, key = store.create_user("alice")
+    session = store.create_session(
+        user, user_metadata={}, project_id=None, display_name=None, tags=[]
+    )
+    store.create_run(run_record(user, session))
+    root = storage.resolve(checkpoint_root)
+    folder = root / RUN / "weights" / "step1-0a1b2c3d"
+    (folder / "state").mkdir(parents=True, exist_ok=True)
+    (folder / INFO_FILE).write_text("{}")
+    store.put_checkpoint(checkpoint(user, location=os.fspath(folder)))
+    assert core.copy_database()
+    admin = Store(tmp_path / "old")  # `tinker-jax keys create` while the server runs
+    admin.create_user("bob")
+    admin.close()
+    assert core.copy_database() and not core.copy_database()
+    store.close()
+
+    # The old disk is gone. A fresh database is refused (it would sweep the checkpoints) ...
+    fresh = Store(tmp_path / "fresh")
+    with pytest.raises(ValidationError, match="restore-database"):
+        ServiceCore(_config(tmp_path / "fresh", checkpoint_root), fresh, {})
+    # ... the restored one is the old one.
+    assert cli(["restore-database", "--storage", str(tmp_path / "new"),
+                "--checkpoint-storage", checkpoint_root]) == 0  # fmt: skip
+    restored = Store(tmp_path / "new")
+    assert restored.database_id == store.database_id
+    assert restored.authenticate(key) == user and restored.user_name(user) == "alice"
+    listed, _ = restored.list_checkpoints(owner=user)
+    assert [c.location for c in listed] == [os.fspath(folder)]
+    ServiceCore(_config(tmp_path / "new", checkpoint_root), restored, {})
+    assert (folder / INFO_FILE).exists()  # listed, so the start-up sweep kept it
+
+    # Refusals: a folder that has a database; a storage without a copy; a foreign copy.
+    with pytest.raises(ValidationError, match="exists") as e:
+        restore(tmp_path / "new", checkpoint_root)
+    assert e.value.field == "storage"
+    with pytest.raises(ValidationError, match="no database copy") as e:
+        restore(tmp_path / "other", checkpoint_root + "-empty")
+    assert e.value.field == "checkpoint_storage"
+    fresh.backup(tmp_path / "foreign.sqlite")
+    (root / DATABASE_COPY).write_bytes((tmp_path / "foreign.sqlite").read_bytes())
+    with pytest.raises(ValidationError, match="belongs to") as e:
+        restore(tmp_path / "other", checkpoint_root)
+    assert not (tmp_path / "other" / DB_NAME).exists()

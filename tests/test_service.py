@@ -3,6 +3,9 @@ SFT and RL-style loops, save / resume / sample from a path, REST listings, two u
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import numpy as np
 import pytest
 
@@ -265,6 +268,25 @@ def test_export_peft_from_the_cli(server, tmp_path):
     )
     config = (out / "adapter_config.json").read_text()
     assert '"r": 4' in config and (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_database_copy_follows_a_saved_checkpoint(server, tmp_path):
+    """A saved checkpoint brings the database copy beside the checkpoints up to date at once
+    (not at the next sweep, 30 s away): restored, it lists the checkpoint."""
+    from tinker_jax.service.checkpoint_storage import restore
+
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=12)
+        path = tc.save_weights_for_sampler("copied").result(timeout=300).path
+    deadline = time.monotonic() + 10
+    for attempt in itertools.count():
+        store = restore(tmp_path / f"restored-{attempt}", str(server.storage / "checkpoints"))
+        listed = store.get_checkpoint(path) is not None
+        store.close()
+        if listed:
+            break
+        assert time.monotonic() < deadline, "the copy does not list the new checkpoint"
+        time.sleep(0.2)
 
 
 def test_attention_kernel_setting_is_validated(tmp_path):
