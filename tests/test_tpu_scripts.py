@@ -169,6 +169,17 @@ def test_serve_without_distributed_runs_the_cli_directly():
     assert "--host 0.0.0.0" in script and "--distributed" not in script
 
 
+def test_restore_database_on_worker_0():
+    (cmd,) = dry_run("restore-database", "t", ZONE, "--checkpoint-storage", "gs://my-bucket/tinker")
+    assert cmd[4:8] == ["ssh", "t", "--zone=us-east5-a", "--worker=0"]
+    script = remote_script(cmd)
+    assert_valid_bash(script)
+    assert (
+        "venv/bin/tinker-jax restore-database --storage '~/tinker-jax/db' "
+        "--checkpoint-storage gs://my-bucket/tinker"
+    ) in script
+
+
 def test_stop_and_delete():
     (stop,) = dry_run("stop", "t", ZONE)
     assert stop[4:8] == ["ssh", "t", "--zone=us-east5-a", "--worker=all"]
@@ -268,6 +279,9 @@ def test_missing_gcloud_says_how_to_get_it():
         (["serve", "t", ZONE, "--base-model=m", "--storage=/s", "--mesh=pipeline=2"], "--mesh"),
         (["serve", "t", ZONE, "--base-model=m", "--storage=/s", "--port=0"], "--port"),
         (["stop", "t", ZONE, "--", "--extra"], "only serve takes arguments after --"),
+        (["restore-database", "t", ZONE, "--checkpoint-storage=gs://B"], "--checkpoint"),
+        (["restore-database", "t", ZONE, "--checkpoint-storage=gs://b-1", "--storage=gs://b"],
+         "--storage"),
     ],
 )  # fmt: skip
 def test_bad_input_is_refused(args, message, fake_gcloud):

@@ -7,6 +7,8 @@
         --checkpoint-storage gs://BUCKET/tinker --mesh fsdp=-1 [-- --http-port 8000 ...]
     python scripts/tpu/launch.py stop    NAME --zone us-east5-a
     python scripts/tpu/launch.py delete  NAME --zone us-east5-a
+    python scripts/tpu/launch.py restore-database NAME --zone us-east5-a \
+        --checkpoint-storage gs://BUCKET/tinker    # a new VM, before its first serve
 
 Every subcommand takes --dry-run (print each gcloud command, run nothing) and --project.
 `install`, `serve` and `stop` run on all workers of the slice (`--worker=all`). Every worker
@@ -16,7 +18,9 @@ metadata; worker 0 (process 0) is the front end and the only one listening on th
 and the others execute the engine calls it broadcasts. On a worker, everything lives in
 ~/tinker-jax (venv, serve.log, serve.pid); the server's database in --storage on worker 0
 (default ~/tinker-jax/db), and checkpoints in --checkpoint-storage, which every worker must
-see: a gs:// bucket (all workers write their shards of each checkpoint through Orbax).
+see: a gs:// bucket (all workers write their shards of each checkpoint through Orbax). The
+server keeps a copy of its database there too; `restore-database` puts it back on worker 0 of
+a new VM (after `delete`), so users, keys and checkpoints carry over.
 
 Python (standard library only) rather than bash: the remote commands carry user values through
 two shells (local, then ssh), which `shlex.quote` gets right where hand-quoting in bash is
@@ -263,6 +267,27 @@ def serve_commands(args: argparse.Namespace) -> list[list[str]]:
     return [on_all_workers(args, script)]
 
 
+def restore_database_commands(args: argparse.Namespace) -> list[list[str]]:
+    check_storage(args.storage)
+    check_checkpoint_storage(args.checkpoint_storage)
+    program = [
+        "venv/bin/tinker-jax",
+        "restore-database",
+        "--storage",
+        args.storage,
+        "--checkpoint-storage",
+        args.checkpoint_storage,
+    ]
+    script = "; ".join(
+        [
+            f"cd ~/{REMOTE_DIR} || {{ echo 'tinker-jax is not installed: run install'; exit 1; }}",
+            shlex.join(program),
+        ]
+    )
+    # The database is worker 0's alone.
+    return [gcloud_tpu(args, "ssh", "--worker=0", f"--command={script}")]
+
+
 def stop_commands(args: argparse.Namespace) -> list[list[str]]:
     script = "; ".join(
         [
@@ -337,6 +362,19 @@ def parser() -> argparse.ArgumentParser:
         help="skip jax.distributed.initialize() (single-host slices only)",
     )
     serve.set_defaults(build=serve_commands)
+
+    restore = sub.add_parser(
+        "restore-database",
+        parents=[common],
+        help="put the database copy kept in the checkpoint storage back on worker 0",
+    )
+    restore.add_argument(
+        "--storage", default=DEFAULT_DATABASE, help="database folder on worker 0 (%(default)s)"
+    )
+    restore.add_argument(
+        "--checkpoint-storage", required=True, help="the server's gs://BUCKET/PATH"
+    )
+    restore.set_defaults(build=restore_database_commands)
 
     stop = sub.add_parser("stop", parents=[common], help="stop the server on all workers")
     stop.set_defaults(build=stop_commands)
