@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from etils import epath
 
-from tinker_jax import storage
+from tinker_jax import checkpoints, storage
 from tinker_jax.errors import ValidationError
-from tinker_jax.service.store import DB_NAME, Store
+from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath
+from tinker_jax.service.store import DB_NAME, CheckpointRecord, Store
 
 # The id of the database that lists the checkpoints.
 DATABASE_MARK = "tinker_database_id"
@@ -64,11 +66,11 @@ def write_copy(root: epath.Path, store: Store) -> None:
         target.write_bytes(data)
 
 
-def restore(storage_dir: Path, location: str) -> Store:
+def restore(storage_dir: Path, location: str) -> tuple[Store, int]:
     """Writes the database copy found in the checkpoint storage `location` (a folder or
-    gs://) as the database of `storage_dir`, and returns it opened. Refuses a `storage_dir`
-    that already has a database, a storage without a copy, and a copy that is not the
-    database the storage's mark names."""
+    gs://) as the database of `storage_dir`; returns it opened, and how many checkpoints it
+    lists again (`relist`). Refuses a `storage_dir` that already has a database, a storage
+    without a copy, and a copy that is not the database the storage's mark names."""
     root = storage.resolve(location, "checkpoint_storage")
     if (storage_dir / DB_NAME).exists():
         raise ValidationError(
@@ -95,4 +97,43 @@ def restore(storage_dir: Path, location: str) -> Store:
         os.replace(staging / DB_NAME, storage_dir / DB_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Store(storage_dir)
+    store = Store(storage_dir)
+    return store, relist(root, store)
+
+
+def relist(root: epath.Path, store: Store) -> int:
+    """Lists the complete checkpoints under `root` that the database does not, for runs it
+    knows: saved after the copy was taken. Without this the server's start-up sweep would
+    delete them. A folder without a readable info file (a cut-off save) or whose tinker://
+    path is listed elsewhere (an overwritten checkpoint) is left to that sweep. Returns how
+    many it listed."""
+    listed = 0
+    for kind_dir in root.glob("*/*"):
+        run = store.get_run(kind_dir.parent.name)
+        if kind_dir.name not in CHECKPOINT_KINDS or run is None or not kind_dir.is_dir():
+            continue
+        for folder in kind_dir.iterdir():
+            name = folder.name.rpartition("-")[0]
+            try:
+                path = TinkerPath(run.run_id, kind_dir.name, name)
+                checkpoints.read_info(os.fspath(folder))
+            except ValidationError:
+                continue
+            if store.get_checkpoint(str(path)) is not None:
+                continue
+            store.put_checkpoint(
+                CheckpointRecord(
+                    tinker_path=str(path),
+                    run_id=run.run_id,
+                    kind=kind_dir.name,
+                    name=name,
+                    owner=run.user_id,
+                    location=os.fspath(folder),
+                    created=time.time(),
+                    expires_at=None,
+                    size_bytes=storage.tree_size(folder),
+                    public=False,
+                )
+            )
+            listed += 1
+    return listed

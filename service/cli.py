@@ -101,8 +101,11 @@ def _restore_database(args: argparse.Namespace) -> int:
     from tinker_jax.service.checkpoint_storage import restore
 
     folder = Path(args.storage).expanduser().resolve()
-    store = restore(folder, args.checkpoint_storage)
-    print(f"restored database {store.database_id} into {folder}")
+    store, relisted = restore(folder, args.checkpoint_storage)
+    print(
+        f"restored database {store.database_id} into {folder}; listed {relisted} checkpoints "
+        "saved after the copy was taken"
+    )
     store.close()
     return 0
 

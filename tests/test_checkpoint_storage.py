@@ -4,19 +4,31 @@ database does not list."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from tests.test_store import RUN, checkpoint, run_record
 from tinker_jax import storage
-from tinker_jax.checkpoints import INFO_FILE
+from tinker_jax.checkpoints import FORMAT, FORMAT_VERSION, INFO_FILE
 from tinker_jax.errors import ValidationError
 from tinker_jax.service.checkpoint_storage import DATABASE_COPY, DATABASE_MARK, restore
 from tinker_jax.service.cli import main as cli
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.core import ServiceCore
 from tinker_jax.service.store import DB_NAME, Store
+
+# A complete checkpoint's info file (`checkpoints.read_info` accepts it).
+INFO = {
+    "format": FORMAT,
+    "version": FORMAT_VERSION,
+    "base_model": "m",
+    "lora": {"rank": 4, "seed": 0, "train_attn": True, "train_mlp": True, "train_unembed": True},
+    "lora_alpha": 32.0,
+    "has_optimizer": False,
+    "step": 3,
+}
 
 
 def _config(db, checkpoints: str | None) -> ServerConfig:
@@ -102,6 +114,13 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_pat
     admin.close()
     assert core.copy_database() and not core.copy_database()
     store.close()
+    # Saved after the last copy: a complete checkpoint, and one cut off before its info file.
+    late = root / RUN / "sampler_weights" / "late-1a2b3c4d"
+    (late / "state").mkdir(parents=True, exist_ok=True)
+    (late / INFO_FILE).write_text(json.dumps(INFO))
+    cut = root / RUN / "weights" / "cut-5e6f7a8b"
+    (cut / "state").mkdir(parents=True, exist_ok=True)
+    (cut / "state" / "array").write_text("written before the disk was lost")
 
     # The old disk is gone. A fresh database is refused (it would sweep the checkpoints) ...
     fresh = Store(tmp_path / "fresh")
@@ -114,9 +133,12 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_pat
     assert restored.database_id == store.database_id
     assert restored.authenticate(key) == user and restored.user_name(user) == "alice"
     listed, _ = restored.list_checkpoints(owner=user)
-    assert [c.location for c in listed] == [os.fspath(folder)]
+    assert {c.location for c in listed} == {os.fspath(folder), os.fspath(late)}
+    relisted = restored.get_checkpoint(f"tinker://{RUN}/sampler_weights/late")
+    assert relisted.owner == user and relisted.size_bytes == len(json.dumps(INFO))
     ServiceCore(_config(tmp_path / "new", checkpoint_root), restored, {})
-    assert (folder / INFO_FILE).exists()  # listed, so the start-up sweep kept it
+    assert (folder / INFO_FILE).exists() and (late / INFO_FILE).exists()  # listed: kept
+    assert not cut.exists()  # the cut-off save is swept
 
     # Refusals: a folder that has a database; a storage without a copy; a foreign copy.
     with pytest.raises(ValidationError, match="exists") as e:

@@ -272,15 +272,19 @@ def test_export_peft_from_the_cli(server, tmp_path):
 
 def test_the_database_copy_follows_a_saved_checkpoint(server, tmp_path):
     """A saved checkpoint brings the database copy beside the checkpoints up to date at once
-    (not at the next sweep, 30 s away): restored, it lists the checkpoint."""
-    from tinker_jax.service.checkpoint_storage import restore
+    (not at the next sweep, 30 s away): the copy lists the checkpoint."""
+    from tinker_jax.service.checkpoint_storage import DATABASE_COPY
+    from tinker_jax.service.store import DB_NAME, Store
 
     with _client(server) as client:
         tc = client.create_lora_training_client(server.model, rank=4, seed=12)
         path = tc.save_weights_for_sampler("copied").result(timeout=300).path
     deadline = time.monotonic() + 10
     for attempt in itertools.count():
-        store = restore(tmp_path / f"restored-{attempt}", str(server.storage / "checkpoints"))
+        copy = tmp_path / f"copy-{attempt}"
+        copy.mkdir()
+        (copy / DB_NAME).write_bytes((server.storage / "checkpoints" / DATABASE_COPY).read_bytes())
+        store = Store(copy)
         listed = store.get_checkpoint(path) is not None
         store.close()
         if listed:
