@@ -66,11 +66,12 @@ def write_copy(root: epath.Path, store: Store) -> None:
         target.write_bytes(data)
 
 
-def restore(storage_dir: Path, location: str) -> tuple[Store, int]:
+def restore(storage_dir: Path, location: str) -> tuple[Store, int, int]:
     """Writes the database copy found in the checkpoint storage `location` (a folder or
-    gs://) as the database of `storage_dir`; returns it opened, and how many checkpoints it
-    lists again (`relist`). Refuses a `storage_dir` that already has a database, a storage
-    without a copy, and a copy that is not the database the storage's mark names."""
+    gs://) as the database of `storage_dir`; returns it opened, and how many checkpoints
+    `reconcile` listed again and dropped. Refuses a `storage_dir` that already has a
+    database, a storage without a copy, and a copy that is not the database the storage's
+    mark names."""
     root = storage.resolve(location, "checkpoint_storage")
     if (storage_dir / DB_NAME).exists():
         raise ValidationError(
@@ -98,15 +99,21 @@ def restore(storage_dir: Path, location: str) -> tuple[Store, int]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     store = Store(storage_dir)
-    return store, relist(root, store)
+    return store, *reconcile(root, store)
 
 
-def relist(root: epath.Path, store: Store) -> int:
-    """Lists the complete checkpoints under `root` that the database does not, for runs it
-    knows: saved after the copy was taken. Without this the server's start-up sweep would
-    delete them. A folder without a readable info file (a cut-off save) or whose tinker://
-    path is listed elsewhere (an overwritten checkpoint) is left to that sweep. Returns how
-    many it listed."""
+def reconcile(root: epath.Path, store: Store) -> tuple[int, int]:
+    """Brings a restored database's checkpoint listing up to what `root` holds, as the copy
+    may be older than the checkpoints. Drops the checkpoints whose folder is gone (deleted
+    after the copy was taken). Lists the complete checkpoints it does not list, of runs it
+    knows (saved after the copy): without this the server's start-up sweep would delete them.
+    A folder without a readable info file (a cut-off save) or whose tinker:// path is listed
+    elsewhere (an overwritten checkpoint) is left to that sweep. Returns (listed, dropped)."""
+    dropped = 0
+    for record in _all_checkpoints(store):
+        if not (storage.resolve(record.location) / checkpoints.INFO_FILE).exists():
+            store.delete_checkpoint(record.tinker_path)
+            dropped += 1
     listed = 0
     for kind_dir in root.glob("*/*"):
         run = store.get_run(kind_dir.parent.name)
@@ -136,4 +143,13 @@ def relist(root: epath.Path, store: Store) -> int:
                 )
             )
             listed += 1
-    return listed
+    return listed, dropped
+
+
+def _all_checkpoints(store: Store) -> list[CheckpointRecord]:
+    records: list[CheckpointRecord] = []
+    while True:
+        page, total = store.list_checkpoints(limit=100, offset=len(records))
+        records += page
+        if not page or len(records) >= total:
+            return records

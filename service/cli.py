@@ -101,10 +101,10 @@ def _restore_database(args: argparse.Namespace) -> int:
     from tinker_jax.service.checkpoint_storage import restore
 
     folder = Path(args.storage).expanduser().resolve()
-    store, relisted = restore(folder, args.checkpoint_storage)
+    store, listed, dropped = restore(folder, args.checkpoint_storage)
     print(
-        f"restored database {store.database_id} into {folder}; listed {relisted} checkpoints "
-        "saved after the copy was taken"
+        f"restored database {store.database_id} into {folder}; since the copy was taken, "
+        f"{listed} checkpoints were saved (now listed) and {dropped} deleted (now unlisted)"
     )
     store.close()
     return 0

@@ -90,7 +90,9 @@ def test_start_up_removes_folders_the_database_does_not_list(tmp_path, checkpoin
     assert (root / DATABASE_MARK).exists()
 
 
-def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_path, checkpoint_root):
+def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(
+    tmp_path, checkpoint_root, capsys
+):
     """The copy beside the checkpoints is refreshed when the database changes (by the server
     or by another process); restored into an empty folder it is the same database, so a
     server on the new disk lists and keeps the storage's checkpoints."""
@@ -108,6 +110,10 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_pat
     (folder / "state").mkdir(parents=True, exist_ok=True)
     (folder / INFO_FILE).write_text("{}")
     store.put_checkpoint(checkpoint(user, location=os.fspath(folder)))
+    gone = root / RUN / "weights" / "gone-9c8d7e6f"
+    gone.mkdir(parents=True, exist_ok=True)
+    (gone / INFO_FILE).write_text("{}")
+    store.put_checkpoint(checkpoint(user, name="gone", location=os.fspath(gone)))
     assert core.copy_database()
     admin = Store(tmp_path / "old")  # `tinker-jax keys create` while the server runs
     admin.create_user("bob")
@@ -121,6 +127,7 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_pat
     cut = root / RUN / "weights" / "cut-5e6f7a8b"
     (cut / "state").mkdir(parents=True, exist_ok=True)
     (cut / "state" / "array").write_text("written before the disk was lost")
+    storage.remove_tree(gone)  # deleted after the last copy
 
     # The old disk is gone. A fresh database is refused (it would sweep the checkpoints) ...
     fresh = Store(tmp_path / "fresh")
@@ -129,6 +136,7 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(tmp_pat
     # ... the restored one is the old one.
     assert cli(["restore-database", "--storage", str(tmp_path / "new"),
                 "--checkpoint-storage", checkpoint_root]) == 0  # fmt: skip
+    assert "1 checkpoints were saved (now listed) and 1 deleted" in capsys.readouterr().out
     restored = Store(tmp_path / "new")
     assert restored.database_id == store.database_id
     assert restored.authenticate(key) == user and restored.user_name(user) == "alice"
