@@ -34,6 +34,7 @@ from tinker_jax.logprobs import target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer
+from tinker_jax.programs import Programs
 from tinker_jax.sampling import (
     SamplingParams,
     resolve_seed,
@@ -191,9 +192,9 @@ class Sampler:
         self._queue: collections.deque[int] = collections.deque()
         self._ids = itertools.count()
         self.batch_multiple = batch_multiple(mesh)
-        self.trace_counts: dict[str, int] = {}
+        self._programs = Programs()
+        self.trace_counts = self._programs.trace_counts  # program name -> times traced
         self.decode_steps = 0  # decode steps run so far (every active row advances in each)
-        self._compiled: dict = {}
 
     @classmethod
     def sharing_base(cls, model: Transformer, mesh: Mesh, *, slots: int, **kwargs) -> Sampler:
@@ -223,7 +224,7 @@ class Sampler:
             )
         values = self.layout.fit(self.lora, arrays)
         slot = free[0]
-        fn = self._jit(
+        fn = self._programs.get(
             "load_adapter",
             lambda lora, slot, values: self.layout.put(lora, slot, values),
             donate_argnums=(0,),
@@ -349,16 +350,6 @@ class Sampler:
 
     # ---------------------------------------------------------------- internals
 
-    def _jit(self, name: str, fn, **kwargs):
-        if name not in self._compiled:
-
-            def counted(*args):
-                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
-                return fn(*args)
-
-            self._compiled[name] = jax.jit(counted, **kwargs)
-        return self._compiled[name]
-
     def _put(self, x: np.ndarray) -> jax.Array:
         names = ("act_batch",) + (None,) * (x.ndim - 1)
         return jax.device_put(
@@ -418,7 +409,7 @@ class Sampler:
         want_topk = max(self._pending[rid].request.topk_prompt_logprobs for rid, _, _ in groups)
         topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
         chunk = chunk_size(seq, self.logprob_chunk)
-        fn = self._jit(
+        fn = self._programs.get(
             f"prefill:{want_lp}:{topk}:{chunk}:{grouped}",
             self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk, grouped),
             donate_argnums=(2,),
@@ -546,7 +537,7 @@ class Sampler:
         host["scale"] = np.where(self._rows.active, host["scale"], 0).astype(np.float32)
         host["group_slots"], host["row_group"] = slot_groups(host["slot"], host["scale"])
         groups = host["group_slots"].size
-        fn = self._jit(
+        fn = self._programs.get(
             f"decode_{kv_len}_{groups}",
             functools.partial(self._decode_fn, kv_len=kv_len),
             donate_argnums=(2,),

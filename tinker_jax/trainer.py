@@ -28,6 +28,7 @@ from tinker_jax.losses import token_losses
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.models.moe import expert_load, load_metrics
 from tinker_jax.optim import AdamParams, adamw_step
+from tinker_jax.programs import Programs
 from tinker_jax.sharding import batch_multiple, logical_to_spec
 
 
@@ -100,8 +101,8 @@ class Trainer:
         self.counts = jnp.zeros((self.num_slots,), jnp.int32)
         self.slots: dict[int, SlotInfo] = {}
         self.batch_multiple = batch_multiple(mesh)
-        self.trace_counts: dict[str, int] = {}
-        self._compiled: dict = {}
+        self._programs = Programs()
+        self.trace_counts = self._programs.trace_counts  # program name -> times traced
 
     # ---------------------------------------------------------------- slots
 
@@ -153,7 +154,7 @@ class Trainer:
                 for leaf, x in zip(self.layout.leaves, self.layout.take(tree, slot))
             ]
 
-        fn = self._jit(f"sharded_slot:{rank}", cut)
+        fn = self._programs.get(f"sharded_slot:{rank}", cut)
 
         def named(tree) -> dict[str, jax.Array]:
             return dict(zip((leaf.name for leaf in self.layout.leaves), fn(tree, jnp.int32(slot))))
@@ -173,7 +174,7 @@ class Trainer:
         nu = self.layout.fit(self.lora, state.nu) if with_optimizer else zeros
         count = state.step if with_optimizer else 0
         slot = self.create_slot(state.lora)
-        fn = self._jit("import_slot", self._import_slot_fn, donate_argnums=(0, 1, 2, 3))
+        fn = self._programs.get("import_slot", self._import_slot_fn, donate_argnums=(0, 1, 2, 3))
         self.lora, self.mu, self.nu, self.counts = fn(
             self.lora,
             self.mu,
@@ -206,7 +207,7 @@ class Trainer:
         [layers, in, max_rank]); `which` is "lora" (the adapter), "grads", "mu" or "nu"."""
         self._check_slot(slot)
         tree = {"lora": self.lora, "grads": self.grads, "mu": self.mu, "nu": self.nu}[which]
-        take = self._jit("take_slot", self.layout.take, out_shardings=self._replicated)
+        take = self._programs.get("take_slot", self.layout.take, out_shardings=self._replicated)
         values = take(tree, jnp.int32(slot))
         return {leaf.name: np.asarray(x) for leaf, x in zip(self.layout.leaves, values)}
 
@@ -216,7 +217,7 @@ class Trainer:
         return self.slots[slot]
 
     def _reset_slot(self, slot: int, seed: int, rank: int, flags: np.ndarray) -> None:
-        fn = self._jit("init_slot", self._init_slot_fn, donate_argnums=(0, 1, 2, 3, 4))
+        fn = self._programs.get("init_slot", self._init_slot_fn, donate_argnums=(0, 1, 2, 3, 4))
         self.lora, self.grads, self.mu, self.nu, self.counts = fn(
             self.lora,
             self.grads,
@@ -259,16 +260,6 @@ class Trainer:
         return (jnp.arange(shape[axis]) < rank).reshape(index_shape)
 
     # ---------------------------------------------------------------- compute
-
-    def _jit(self, name: str, fn, **kwargs):
-        if name not in self._compiled:
-
-            def counted(*args):
-                self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
-                return fn(*args)
-
-            self._compiled[name] = jax.jit(counted, **kwargs)
-        return self._compiled[name]
 
     def _batch_to_device(self, batch: HostBatch) -> dict:
         def put(x: np.ndarray, names: tuple[str | None, ...]):
@@ -340,7 +331,7 @@ class Trainer:
                     (_, aux), g = jax.value_and_grad(compute, has_aux=True)(lora, base, batch)
                     return jax.tree.map(jnp.add, grads, g), aux
 
-                fn = self._jit(
+                fn = self._programs.get(
                     f"forward_backward:{loss_fn}:{chunk}",
                     step,
                     donate_argnums=(2,),
@@ -348,7 +339,7 @@ class Trainer:
                 )
                 self.grads, aux = fn(self.lora, self.base, self.grads, batch)
             else:
-                fn = self._jit(
+                fn = self._programs.get(
                     f"forward:{loss_fn}:{chunk}",
                     lambda *a: compute(*a)[1],
                     out_shardings=self._replicated,
@@ -396,10 +387,10 @@ class Trainer:
         # Two programs: computing the update reads the slot, writing it back (donated) is an
         # in-place update. In one program XLA copies every slot's arrays, a cost that grows
         # with the number of adapter slots.
-        update = self._jit(
+        update = self._programs.get(
             "optim_update", self._optim_update_fn, out_shardings=(None,) * 4 + (self._replicated,)
         )
-        write = self._jit(
+        write = self._programs.get(
             "optim_write",
             self._optim_write_fn,
             donate_argnums=(0, 1, 2, 3, 4),
