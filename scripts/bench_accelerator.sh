@@ -46,7 +46,7 @@ step train_einsum 110 "$py" scripts/bench_train.py "${model_args[@]}" --model-di
 step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
     --batches 1,64 --torch-device "$torch_device"
 step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
-    --batch 1 --new-tokens 32 --top 25
+    --batch 1 --new-tokens 32 --top 25 --by-op
 step logprobs 60 "$py" scripts/measure_logprob_agreement.py --hidden 512 --layers 8 --heads 8 \
     --kv-heads 4 --head-dim 64 --intermediate 1536 --vocab 32000
 # The MoE shape needs ~61 GB of bf16 weights: an H200 (or a mesh of several chips).

@@ -8,6 +8,11 @@ decode step should be bound by reading the weights once; many short kernels per 
 mean launch overhead dominates.
 
     python scripts/profile_decode.py --preset qwen3-1.7b --batch 1 --out /tmp/trace
+
+With `--by-op`, XLA also dumps the optimised HLO of every program, and the decode programs'
+kernel time is summed per JAX operation each kernel came from (its HLO metadata: a
+`dot_general`, a `reduce_sum`, a `dynamic_slice` copying a layer's weights out of the stacked
+arrays), with the kernels that take the most time and their shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import argparse
 import collections
 import gzip
 import json
+import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +41,56 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top", type=int, default=20, help="events listed per process")
     p.add_argument("--out", default=None, help="keep the trace folder here")
+    p.add_argument(
+        "--by-op", action="store_true", help="also sum the decode kernels per JAX operation"
+    )
     return parse_with_preset(p)
+
+
+# `  %name = shape op(...), ..., metadata={op_name="jit(f)/.../dot_general" ...` in a dump.
+HLO_INSTRUCTION = re.compile(r'^\s+%?([\w.\-]+) = (\S+) .*?metadata=\{op_name="([^"]+)"', re.M)
+
+
+def hlo_instructions(dump_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """(module, instruction) -> (result shape, the JAX operation it came from), over the
+    optimised HLO of every module in an XLA dump (`module_0007.jit_NAME.<backend>...txt`)."""
+    found = {}
+    for path in dump_dir.glob("*after_optimizations.txt"):
+        module = path.name.split(".")[1]
+        for m in HLO_INSTRUCTION.finditer(path.read_text()):
+            found[(module, m.group(1))] = (m.group(2), m.group(3).rsplit("/", 1)[-1])
+    return found
+
+
+def summarise_by_op(trace_file: Path, dump_dir: Path, tokens: int, top: int) -> None:
+    """The decode programs' kernel time per JAX operation, then per kernel, per token."""
+    with gzip.open(trace_file, "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    instructions = hlo_instructions(dump_dir)
+    per_op: dict[str, float] = collections.defaultdict(float)
+    per_kernel: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for e in events:
+        args = e.get("args") or {}
+        key = (args.get("hlo_module", ""), args.get("hlo_op", ""))
+        # A while loop's or call's event spans the kernels inside it, which have their own.
+        container = key[1].startswith(("while", "conditional", "call"))
+        decode = key[0].startswith("jit_decode") and key in instructions and not container
+        if e.get("ph") == "X" and decode:
+            per_op[instructions[key][1]] += e["dur"]
+            per_kernel[key].append(e["dur"])
+    total = sum(per_op.values())
+    print(f"\ndecode kernels by JAX operation: {total / 1e3 / tokens:.3f} ms per token")
+    for op, dur in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {dur / 1e3 / tokens:9.3f} ms  {dur / max(total, 1):6.1%}  {op}")
+    print("decode kernels:")
+    ranked = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:top]
+    for (module, name), durs in ranked:
+        shape, op = instructions[(module, name)]
+        print(
+            f"  {sum(durs) / 1e3 / tokens:9.3f} ms  {len(durs) / tokens:6.1f}x  "
+            f"{name[:40]:40s} {op:16s} {shape[:50]}"
+        )
 
 
 def summarise(trace_file: Path, tokens: int, top: int) -> None:
@@ -70,6 +126,11 @@ def summarise(trace_file: Path, tokens: int, top: int) -> None:
 
 def main() -> None:
     args = parse_args()
+    dump_dir = Path(tempfile.mkdtemp(prefix="hlo-")) if args.by_op else None
+    if dump_dir is not None:  # read when JAX starts its backend, below
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+        )
     import jax
     import jax.numpy as jnp
 
@@ -113,9 +174,13 @@ def main() -> None:
         trace_dir = Path(args.out or Path(tmp) / "trace")
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             sampler.sample(requests)
-        (trace_file,) = trace_dir.rglob("perfetto_trace.json.gz")
+        # The newest: an --out folder may hold the traces of earlier runs.
+        trace_file = max(trace_dir.rglob("perfetto_trace.json.gz"), key=os.path.getmtime)
         print(f"trace: {trace_file} ({trace_file.stat().st_size / 1e6:.1f} MB)")
         summarise(trace_file, args.new_tokens, args.top)
+        if dump_dir is not None:
+            print(f"HLO dump: {dump_dir}")
+            summarise_by_op(trace_file, dump_dir, args.new_tokens, args.top)
 
 
 if __name__ == "__main__":

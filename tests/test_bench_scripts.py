@@ -8,6 +8,7 @@ refactor that breaks a script fails CI instead of the next device session.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,11 @@ def test_bench_service():
 
 
 def test_profile_decode():
-    out = run_script("profile_decode.py", *TINY, "--new-tokens", "8", "--top", "3")
+    out = run_script("profile_decode.py", *TINY, "--new-tokens", "8", "--top", "3", "--by-op")
     assert "per decode step" in out and "ms per token" in out
+    # Kernels of the named decode programs, traced back to the JAX operations they run.
+    by_op = out.split("decode kernels by JAX operation")[1].split("decode kernels:")[0]
+    assert len(re.findall(r"^\s+[\d.]+ ms\s+[\d.]+%\s+[a-z_]+$", by_op, re.M)) == 3
 
 
 def test_measure_logprob_agreement():
