@@ -199,7 +199,7 @@ def training_step_terms(
       adapter rows gathered per sequence         B·r·W·c   (W from `_dims`)
     (k = 1 and F = intermediate_size for a dense MLP.)
     Transient, once: the final norm (B·S·E·(4 + c)); the backward of one layer's attention
-    (`attention_backward_floats`·B·H·S²·4: the kernel's [B, H, S, S] fp32 arrays, none for
+    (`ATTENTION_BACKWARD_FLOATS`·B·H·S²·4: the kernel's [B, H, S, S] fp32 arrays, none for
     cuDNN's flash attention); the lm head fused with the loss
     (`head_loss`), a chunk at a time (logits, their gradient and softmax as 3·B·chunk·V·4),
     the head's weight joined with the adapter groups' B, (E + G·r)·V·c, and their A, G·r·E·c
