@@ -53,6 +53,8 @@ class EngineSettings:
     attention: str = "auto"
     lora_alpha: float = 32.0
     max_queue: int = 1024
+    # Padded tokens of one training step: what the memory plan sized (None: unbounded).
+    max_step_tokens: int | None = None
 
 
 class Engine:
@@ -77,7 +79,9 @@ class Engine:
                 auto_attention_kernel(dtype) if settings.attention == "auto" else settings.attention
             ),
         )
-        self.trainer = Trainer(model, mesh, lora_alpha=settings.lora_alpha)
+        self.trainer = Trainer(
+            model, mesh, lora_alpha=settings.lora_alpha, max_step_tokens=settings.max_step_tokens
+        )
         self.tokenizer = _tokenizer(self.model_dir)
         self.sampler = Sampler.sharing_base(
             model,

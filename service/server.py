@@ -54,13 +54,19 @@ def _plan_memory(config: ServerConfig) -> None:
             sampler_slots=config.sampler_slots,
             sampler_rows=config.sampler_rows,
             max_seq_len=config.max_seq_len,
-            train_batch_tokens=config.max_seq_len or 4096,
+            train_batch_tokens=step_tokens(config),
             attention=attention,
         )
         log.info("memory plan for %s:\n%s", name, plan.format())
         if limit is not None:
             check_fits(plan, limit, reserved=planned)
         planned += plan.total
+
+
+def step_tokens(config: ServerConfig) -> int:
+    """Padded tokens of one training step: the memory plan sizes the step for this many, and
+    the trainer runs a larger forward_backward as several such steps."""
+    return config.max_seq_len or 4096
 
 
 def _engine_settings(config: ServerConfig) -> EngineSettings:
@@ -75,6 +81,7 @@ def _engine_settings(config: ServerConfig) -> EngineSettings:
         attention=config.attention,
         lora_alpha=config.lora_alpha,
         max_queue=config.max_queue,
+        max_step_tokens=step_tokens(config),
     )
 
 

@@ -13,6 +13,12 @@ The result is exact for the gradient of the summed loss (the value `jax.grad` of
 takes): the backward pass scales the stored gradients by the cotangent of that sum. The per-token
 outputs (logprobs, losses, metric terms) are reported values, not differentiated: a cotangent on
 them is ignored.
+
+The adapter gradients sum over the rows of a batch, which belong to different runs: a row whose
+hidden states or logit gradients are not finite (its run diverged, or its loss inputs overflow)
+would turn every other group's sum into NaN through `0 * NaN`. Those values enter the sums as
+zeros, and the row is reported as not finite, so the trainer refuses that run's next step
+instead of applying a gradient without it.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def fused_head_loss(
     seq; loss_inputs: a pytree of [batch, seq, ...] arrays that `token_loss` reads, cut into the
     same chunks; `adapter` grouped (`AdapterBatch.group_slots`) when the head has LoRA. Returns
     (total loss, (per-token loss [batch, seq], metric terms [batch, seq], target logprobs
-    [batch, seq] or [batch, seq, K] float32)); logprobs equal `target_logprobs`'s.
+    [batch, seq] or [batch, seq, K] float32, finite [batch] bool: whether the row's losses,
+    logprobs and gradient into the hidden states are all finite)); logprobs equal
+    `target_logprobs`'s.
 
     The adapter joins the head's matmul: [hidden | lora_hidden] @ [weight ; B[groups]], one
     matmul of depth embed + groups * rank instead of a second pass over [batch, seq, vocab].
@@ -81,7 +89,9 @@ def fused_head_loss(
             if a is None:
                 x_in = h_c
             else:
-                u, lora_pullback = jax.vjp(lambda h, a: lora_hidden(h, a, adapter), h_c, a)
+                # The adapter's input enters a sum over rows (A's gradient): finite only.
+                h_safe = jnp.where(jnp.isfinite(h_c), h_c, 0)
+                u, lora_pullback = jax.vjp(lambda h, a: lora_hidden(h, a, adapter), h_safe, a)
                 x_in = jnp.concatenate([h_c, u], axis=-1)  # [batch, chunk, embed + G * r]
             logits = x_in @ w
             x = logits.astype(jnp.float32)
@@ -95,10 +105,18 @@ def fused_head_loss(
             (_, (loss, terms)), dlogp = jax.value_and_grad(summed, has_aux=True)(logp)
             # d logp[k] / d logits = onehot(target k) - softmax(logits)
             vocab = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-            dx = -dlogp.sum(axis=-1, keepdims=True) * jnp.exp(x - lse)
+            dlogp_sum = dlogp.sum(axis=-1, keepdims=True)
+            dx = -dlogp_sum * jnp.exp(x - lse)
             for k in range(t_c.shape[-1]):
                 dx = dx + jnp.where(vocab == t_c[..., k : k + 1], dlogp[..., k : k + 1], 0.0)
-            dx = dx.astype(logits.dtype)
+            # B's gradient sums dx over rows: a token whose normaliser or loss gradient is not
+            # finite gives none (selected in the same pass as dx), and its row is flagged.
+            token_ok = (
+                jnp.isfinite(lse)
+                & jnp.isfinite(dlogp_sum)
+                & jnp.isfinite(dlogp).all(axis=-1, keepdims=True)
+            )  # [batch, chunk, 1]
+            dx = jnp.where(token_ok, dx, 0.0).astype(logits.dtype)
             d_in = dx @ w.T  # [batch, chunk, embed + G * r]
             dh = d_in[..., :embed]
             if a is not None:
@@ -106,13 +124,19 @@ def fused_head_loss(
                 dh = dh + dh_lora
                 db = jnp.einsum("bcr,bcv->rv", u, dx).reshape(b.shape)
                 acc = (acc[0] + da, acc[1] + db)
-            return acc, (logp if two_d else logp[..., 0], loss, terms, dh)
+            finite = (
+                token_ok.all(axis=(1, 2))
+                & jnp.isfinite(dh).all(axis=(1, 2))
+                & jnp.isfinite(loss).all(axis=1)
+                & jnp.isfinite(logp).reshape(bsz, -1).all(axis=1)
+            )
+            return acc, (logp if two_d else logp[..., 0], loss, terms, dh, finite)
 
         acc = None if a is None else (jnp.zeros_like(a), jnp.zeros_like(b))
         xs = (split(h), split(t), jax.tree.map(split, loss_inputs))
-        acc, (logp, loss, terms, dh) = jax.lax.scan(one_chunk, acc, xs)
+        acc, (logp, loss, terms, dh, finite) = jax.lax.scan(one_chunk, acc, xs)
         da, db = (None, None) if acc is None else acc
-        out = (loss.sum(), (join(loss), jax.tree.map(join, terms), join(logp)))
+        out = (loss.sum(), (join(loss), jax.tree.map(join, terms), join(logp), finite.all(0)))
         return out, (join(dh), da, db)
 
     @jax.custom_vjp

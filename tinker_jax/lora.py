@@ -6,6 +6,12 @@ PEFT (`lora_alpha / r`). Ranks are padded to the engine's max rank with zero col
 zero rows of B, which contribute nothing and receive zero gradient. Each sequence of a batch
 names its slot, so one jitted call serves many runs; a row whose scale is 0 (no adapter) gets
 the base output bitwise.
+
+Rows of different users share these products, so one row's values must never reach another's:
+wherever a product would be multiplied by zero to drop it, it is selected away instead
+(`0 * NaN` is NaN, a select of 0 is 0). Stored adapters are always finite (the trainer refuses
+a non-finite update, loads check what they read), so the grouped product below, which
+multiplies a row's zeros by every group's B, stays exact.
 """
 
 from __future__ import annotations
@@ -135,7 +141,8 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, adapter: AdapterBatch) 
     b_rows = b[adapter.slot_ids]
     h = jnp.einsum("bsi,bir->bsr", x, a_rows)
     delta = jnp.einsum("bsr,bro->bso", h, b_rows)
-    return delta * adapter.scale.astype(delta.dtype)[:, None, None]
+    scale = adapter.scale[:, None, None]
+    return jnp.where(scale != 0, delta * scale.astype(delta.dtype), 0)
 
 
 def lora_hidden(x: jax.Array, a_groups: jax.Array, adapter: AdapterBatch) -> jax.Array:
@@ -151,8 +158,9 @@ def lora_hidden(x: jax.Array, a_groups: jax.Array, adapter: AdapterBatch) -> jax
     else:
         h = jnp.einsum("bsi,gir->bsgr", x, a_groups)
     own = adapter.row_group[:, None] == jnp.arange(groups)[None, :]  # [batch, groups]
-    weight = jnp.where(own, adapter.scale[:, None], 0).astype(h.dtype)
-    h = h * weight[:, None, :, None]
+    own = own & (adapter.scale[:, None] != 0)
+    scale = adapter.scale.astype(h.dtype)[:, None, None, None]
+    h = jnp.where(own[:, None, :, None], h * scale, 0)
     return h.reshape(*x.shape[:2], groups * rank)
 
 
@@ -224,6 +232,35 @@ class SlotLayout:
             ]
         )
 
+    def take_groups(self, tree, group_slots: jax.Array):
+        """The tree with only the slots `group_slots` ([groups] int32), in that order: what
+        one batch reads and differentiates (works under jit)."""
+        return self.treedef.unflatten(
+            [
+                jnp.take(x, group_slots, axis=leaf.slot_axis)
+                for leaf, x in zip(self.leaves, self.treedef.flatten_up_to(tree))
+            ]
+        )
+
+    def add_groups(self, tree, group_slots: jax.Array, values):
+        """The tree with `values` (shaped as `take_groups` returns) added into the slots
+        `group_slots`; a slot named twice receives both (works under jit)."""
+
+        def add(leaf: LoRALeaf, x: jax.Array, v: jax.Array) -> jax.Array:
+            index = (slice(None),) * leaf.slot_axis + (group_slots,)
+            return x.at[index].add(v.astype(x.dtype))
+
+        return self.treedef.unflatten(
+            [
+                add(leaf, x, v)
+                for leaf, x, v in zip(
+                    self.leaves,
+                    self.treedef.flatten_up_to(tree),
+                    self.treedef.flatten_up_to(values),
+                )
+            ]
+        )
+
     def slot_shapes(self, tree) -> list[tuple[int, ...]]:
         """Shape of one slot's array of every leaf."""
         return [
@@ -234,7 +271,8 @@ class SlotLayout:
     def fit(self, tree, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Named host arrays of one slot (e.g. from `Trainer.slot_arrays` or a checkpoint) in
         leaf order, the rank axis zero-padded (or trimmed, if the extra rank is all zeros) to
-        this layout's max rank. Raises ValidationError naming the array that does not fit."""
+        this layout's max rank. Raises ValidationError naming the array that does not fit or
+        holds a value that is not finite (no slot ever stores one: other rows read it)."""
         values = []
         for leaf, shape in zip(self.leaves, self.slot_shapes(tree)):
             if leaf.name not in arrays:
@@ -256,6 +294,10 @@ class SlotLayout:
             if value.shape != tuple(shape):
                 raise ValidationError(
                     "weights", f"{leaf.name} has shape {value.shape}, expected {tuple(shape)}"
+                )
+            if not np.isfinite(value).all():
+                raise ValidationError(
+                    "weights", f"{leaf.name} holds values that are not finite (NaN or inf)"
                 )
             values.append(value)
         return values

@@ -37,6 +37,12 @@ Metrics = dict[str, jax.Array]
 PerTokenFn = Callable[[jax.Array, Inputs, Config], tuple[jax.Array, Metrics]]
 
 _CLIP_KEYS = ("clip_low_threshold", "clip_high_threshold")
+# Every float loss input and config value is at most this in magnitude: the per-token terms
+# (and their sums over K targets and a whole batch) then stay far inside float32, where a
+# finite 3e38 weight would overflow to inf. Values that still overflow (an importance ratio
+# exp(logp - logq) of a far-off sampler logprob) only make their own run's step non-finite,
+# which the trainer refuses.
+MAX_INPUT_MAGNITUDE = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +166,12 @@ def resolve_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str
         # bool is an int subclass, but `True` as a threshold is surely a client bug.
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise ValidationError(f"loss_fn_config.{key}", f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValidationError(f"loss_fn_config.{key}", f"must be finite, got {value!r}")
+        if not math.isfinite(value) or abs(value) > MAX_INPUT_MAGNITUDE:
+            raise ValidationError(
+                f"loss_fn_config.{key}",
+                f"must be finite and within [-{MAX_INPUT_MAGNITUDE:g}, {MAX_INPUT_MAGNITUDE:g}], "
+                f"got {value!r}",
+            )
     for key in spec.required_config:
         if key not in config:
             raise ValidationError(f"loss_fn_config.{key}", f"is required by {loss_fn}")
@@ -250,8 +260,9 @@ def validate_datum_inputs(
     Raises:
       ValidationError: with `field="loss_fn_inputs.<key>"` and `datum=datum_index`, for a
         missing or unknown key, a wrong dtype or shape (e.g. "has length 17, expected 16
-        (model_input length)"), a non-finite value or out-of-vocabulary target (naming the first
-        bad position), or a per-token clip threshold that is negative or not below the high one.
+        (model_input length)"), a non-finite value or one above MAX_INPUT_MAGNITUDE, or an
+        out-of-vocabulary target (naming the first bad position), or a per-token clip threshold
+        that is negative or not below the high one.
     """
     spec = _spec(loss_fn)
 
@@ -299,10 +310,14 @@ def validate_datum_inputs(
         ):
             fail(key, f"must be real numbers, got dtype {values.dtype}")
         check_shape(key, targets.shape if key == "weights" else (length,))
-        bad = np.argwhere(~np.isfinite(values))
+        bad = np.argwhere(~np.isfinite(values) | (np.abs(values) > MAX_INPUT_MAGNITUDE))
         if bad.size:
             index = tuple(bad[0])
-            fail(key, f"is {values[index]} at position {_position(index)}; must be finite")
+            fail(
+                key,
+                f"is {values[index]} at position {_position(index)}; must be finite and within "
+                f"[-{MAX_INPUT_MAGNITUDE:g}, {MAX_INPUT_MAGNITUDE:g}]",
+            )
 
     if "clip_low_threshold" in arrays:
         negative = np.flatnonzero(arrays["clip_low_threshold"] < 0)

@@ -184,8 +184,8 @@ class Sampler:
         # replicated, so every process of a multi-host mesh can read it whole.
         self._cache_sharding = sharding
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        self.cache = KVCache(zeros(), zeros())
+        self._zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        self.cache = KVCache(self._zeros(), self._zeros())
         self.kv_cache_bytes = 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
         self._rows = _Rows(rows)
         self._pending: dict[int, _Pending] = {}
@@ -316,11 +316,15 @@ class Sampler:
         return bool(self._pending)
 
     def reset(self) -> None:
-        """Drops every queued and running request (after a failed step); the cache rows are
-        rewritten by the next prefill, so they need no clearing."""
+        """Drops every queued and running request (after a failed step). The cache rows are
+        rewritten by the next prefill and never read past a row's own positions, so they need
+        no clearing; but a failed call may have consumed the donated cache, which is then made
+        anew, so that the next request can run."""
         self._pending.clear()
         self._queue.clear()
         self._rows = _Rows(self.rows)
+        if self.cache.k.is_deleted() or self.cache.v.is_deleted():
+            self.cache = KVCache(self._zeros(), self._zeros())
 
     def step(self) -> dict[int, SampleResult]:
         """Admits waiting requests into free rows, decodes up to `steps_per_call` tokens for

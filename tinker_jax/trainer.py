@@ -2,13 +2,20 @@
 
 One base model is shared by every run; each run owns a slot of the stacked LoRA arrays, its
 accumulated gradients and its AdamW moments. A forward_backward call batches the datums of
-many runs into one jitted step (gradients land only in the slots the batch names); an
-optim_step updates exactly one slot and copies every other slot through unchanged.
+many runs into jitted steps of at most `max_step_tokens` padded tokens each (gradients land
+only in the slots the batch names, and accumulate across steps); an optim_step updates exactly
+one slot and copies every other slot through unchanged.
+
+Runs share steps, so one run's values must never reach another's: a run whose rows are not
+finite (a diverged adapter, loss inputs that overflow) sees its own losses as such, and its
+next optim_step is refused, leaving its adapter and optimizer state as they were. Every stored
+adapter is therefore finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 from collections.abc import Sequence
 
@@ -19,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import HostBatch, RunBatch, build_batch
-from tinker_jax.buckets import chunk_size
+from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.head_loss import fused_head_loss
 from tinker_jax.logprobs import target_logprobs
@@ -67,6 +74,22 @@ class SlotState:
     step: int = 0
 
 
+class NonFiniteStep(ValidationError):
+    """An optim_step refused because the run's gradients or its update are not finite."""
+
+
+@dataclasses.dataclass
+class _Row:
+    """What one step returns for one datum: logprobs [n] or [n, K], summed loss, clipped-token
+    count (losses that clip), tokens per expert [layers, experts] (MoE), all values finite."""
+
+    logprobs: np.ndarray
+    loss: float
+    clipped: float | None
+    load: np.ndarray | None
+    finite: bool
+
+
 @dataclasses.dataclass
 class ForwardBackwardOutput:
     """Result for one run: per-datum logprobs ([N] or [N, K]) and `name:reduction` metrics
@@ -80,9 +103,24 @@ class Trainer:
     """Holds the frozen base weights and every run's adapter, gradients and optimizer state."""
 
     def __init__(
-        self, model: Transformer, mesh: Mesh, *, lora_alpha: float = 32.0, logprob_chunk: int = 256
+        self,
+        model: Transformer,
+        mesh: Mesh,
+        *,
+        lora_alpha: float = 32.0,
+        logprob_chunk: int = 256,
+        max_step_tokens: int | None = None,
     ):
+        """`max_step_tokens` bounds the padded tokens (rows x positions) of one jitted step,
+        what the server's memory plan sized: a larger request runs as several steps, and a
+        datum longer than it is refused. None: one step per call, any length the model takes."""
         self.config = model.config
+        self.max_step_tokens = max_step_tokens
+        # The longest datum a request may hold.
+        self.max_length = min(
+            self.config.max_position_embeddings,
+            max_step_tokens or self.config.max_position_embeddings,
+        )
         self.mesh = mesh
         self.lora_alpha = float(lora_alpha)
         self.logprob_chunk = logprob_chunk
@@ -100,6 +138,9 @@ class Trainer:
         self.grads, self.mu, self.nu = zeros(lora), zeros(lora), zeros(lora)
         self.counts = jnp.zeros((self.num_slots,), jnp.int32)
         self.slots: dict[int, SlotInfo] = {}
+        # Slots whose accumulated gradients include rows that were not finite.
+        self._nonfinite: set[int] = set()
+        self.steps_run = 0  # jitted forward(_backward) steps executed so far
         self.batch_multiple = batch_multiple(mesh)
         self._programs = Programs()
         self.trace_counts = self._programs.trace_counts  # program name -> times traced
@@ -201,6 +242,7 @@ class Trainer:
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
         del self.slots[slot]
+        self._nonfinite.discard(slot)
 
     def slot_arrays(self, slot: int, which: str = "lora") -> dict[str, np.ndarray]:
         """One slot's arrays by parameter name (e.g. `layers.self_attn.q_proj.lora_a`:
@@ -294,50 +336,92 @@ class Trainer:
 
             loss_inputs = {"inputs": batch["inputs"], "mask": batch["mask"]}
             if with_grad:
-                total, (loss, terms, logp) = fused_head_loss(
+                total, (loss, terms, logp, finite) = fused_head_loss(
                     model, hidden, batch["targets"], grouped, chunk, token_loss, loss_inputs
                 )
             else:
                 logp = target_logprobs(model, hidden, batch["targets"], grouped, chunk)
                 loss, terms = token_loss(logp, loss_inputs)
                 total = loss.sum()
+                finite = jnp.isfinite(loss).all(axis=1)
             row_loss = loss.sum(axis=1)
             row_terms = {k: v.sum(axis=1) for k, v in terms.items()}
             load = None  # MoE: tokens per expert [layers, batch, experts], for router metrics
             if "experts" in aux:
                 moe = self.config.moe
                 load = expert_load(aux["experts"], batch["mask"], moe.num_experts)
-            return total, (row_loss, row_terms, logp, load)
+            return total, (row_loss, row_terms, logp, load, finite)
 
         return compute
 
     def _run(self, runs: Sequence[RunBatch], loss_fn: str, with_grad: bool):
         slot_scale = {s: info.scale for s, info in self.slots.items()}
-        host = build_batch(
-            runs,
-            loss_fn,
-            slot_scale=slot_scale,
-            vocab_size=self.config.vocab_size,
-            max_length=self.config.max_position_embeddings,
-            batch_multiple=self.batch_multiple,
-        )
+
+        def build(part: Sequence[RunBatch]) -> HostBatch:
+            return build_batch(
+                part,
+                loss_fn,
+                slot_scale=slot_scale,
+                vocab_size=self.config.vocab_size,
+                max_length=self.max_length,
+                batch_multiple=self.batch_multiple,
+            )
+
+        build(runs)  # validates every datum before any step runs
+        rows: list[_Row] = []  # every datum's outputs, in request order
+        for part in self._steps(runs):
+            rows += self._step(build(part), loss_fn, with_grad)
+        outputs, start = [], 0
+        for run in runs:
+            mine, start = rows[start : start + len(run.datums)], start + len(run.datums)
+            if with_grad and not all(r.finite for r in mine):
+                self._nonfinite.add(run.slot)
+            outputs.append(self._output(run, mine))
+        return outputs
+
+    def _steps(self, runs: Sequence[RunBatch]) -> list[list[RunBatch]]:
+        """The runs' datums, in order, cut into steps of at most `max_step_tokens` padded
+        tokens (a step of one datum may hold more: `max_length` bounds it)."""
+        if self.max_step_tokens is None:
+            return [list(runs)]
+        steps: list[list[RunBatch]] = []
+        parts: dict[int, RunBatch] = {}  # run index -> its datums in the current step
+        count = longest = 0
+        for i, run in enumerate(runs):
+            for datum in run.datums:
+                n = np.asarray(datum.tokens).size
+                size = batch_bucket(count + 1, self.batch_multiple) * seq_bucket(max(longest, n))
+                if count and size > self.max_step_tokens:
+                    steps.append(list(parts.values()))
+                    parts, count, longest = {}, 0, 0
+                parts.setdefault(i, RunBatch(run.slot, [], run.loss_fn_config)).datums.append(datum)
+                count, longest = count + 1, max(longest, n)
+        steps.append(list(parts.values()))
+        return steps
+
+    def _step(self, host: HostBatch, loss_fn: str, with_grad: bool) -> list[_Row]:
+        """One jitted step over a padded batch; the outputs of its real rows."""
         chunk = chunk_size(host.tokens.shape[1], self.logprob_chunk)
         compute = self._loss_fn(loss_fn, chunk, with_grad)
         batch = self._batch_to_device(host)
         with jax.set_mesh(self.mesh):
             if with_grad:
-
-                def step(lora, base, grads, batch):
-                    (_, aux), g = jax.value_and_grad(compute, has_aux=True)(lora, base, batch)
-                    return jax.tree.map(jnp.add, grads, g), aux
-
+                # The step reads and differentiates only the batch's slots and changes nothing:
+                # if it fails (out of memory, say), every run's gradients are as they were.
+                # Adding its gradients into the accumulator is a program of its own.
                 fn = self._programs.get(
                     f"forward_backward:{loss_fn}:{chunk}",
-                    step,
-                    donate_argnums=(2,),
-                    out_shardings=(self._state_sharding, self._replicated),
+                    functools.partial(self._grad_step, compute),
+                    out_shardings=(None, self._replicated),
                 )
-                self.grads, aux = fn(self.lora, self.base, self.grads, batch)
+                grads, aux = fn(self.lora, self.base, batch)
+                add = self._programs.get(
+                    "add_grads",
+                    self.layout.add_groups,
+                    donate_argnums=(0,),
+                    out_shardings=self._state_sharding,
+                )
+                self.grads = add(self.grads, batch["group_slots"], grads)
             else:
                 fn = self._programs.get(
                     f"forward:{loss_fn}:{chunk}",
@@ -345,30 +429,45 @@ class Trainer:
                     out_shardings=self._replicated,
                 )
                 aux = fn(self.lora, self.base, batch)
-        row_loss, row_terms, logp, load = jax.device_get(aux)
-        return self._split_outputs(runs, host, row_loss, row_terms, logp, load)
+        self.steps_run += 1
+        row_loss, row_terms, logp, load, finite = jax.device_get(aux)
+        return [
+            _Row(
+                logprobs=logp[r, :n],
+                loss=float(row_loss[r]),
+                clipped=float(row_terms["clipped"][r]) if "clipped" in row_terms else None,
+                load=None if load is None else load[:, r],
+                finite=bool(finite[r]),
+            )
+            for r, n in enumerate(host.lengths)
+        ]
 
-    def _split_outputs(self, runs, host: HostBatch, row_loss, row_terms, logp, load):
-        outputs, row = [], 0
-        for run in runs:
-            rows = range(row, row + len(run.datums))
-            row += len(run.datums)
-            logprobs = []
-            for r, datum in zip(rows, run.datums):
-                n = host.lengths[r]
-                k = np.asarray(datum.loss_fn_inputs["target_tokens"]).shape[1:]
-                lp = logp[r, :n]
-                logprobs.append(lp[:, : k[0]] if k else (lp if lp.ndim == 1 else lp[:, 0]))
-            metrics = {"loss:sum": float(row_loss[list(rows)].sum())}
-            if "clipped" in row_terms:
-                tokens = sum(host.lengths[r] for r in rows)
-                metrics["clip_fraction:mean"] = float(
-                    row_terms["clipped"][list(rows)].sum() / max(tokens, 1)
-                )
-            if load is not None:
-                metrics.update(load_metrics(load[:, list(rows)].sum(axis=1)))
-            outputs.append(ForwardBackwardOutput(logprobs, metrics))
-        return outputs
+    def _grad_step(self, compute, lora, base, batch):
+        """The batch's loss outputs and its gradient with respect to its groups' slots,
+        `layout.take_groups(lora, batch["group_slots"])`; rows address their group."""
+        groups = batch["group_slots"].shape[0]
+        local = dict(
+            batch, slot_ids=batch["row_group"], group_slots=jnp.arange(groups, dtype=jnp.int32)
+        )
+        picked = self.layout.take_groups(lora, batch["group_slots"])
+        (_, aux), grads = jax.value_and_grad(compute, has_aux=True)(picked, base, local)
+        return grads, aux
+
+    @staticmethod
+    def _output(run: RunBatch, rows: list[_Row]) -> ForwardBackwardOutput:
+        """One run's result from the outputs of its datums' rows."""
+        logprobs = []
+        for row, datum in zip(rows, run.datums):
+            k = np.asarray(datum.loss_fn_inputs["target_tokens"]).shape[1:]
+            lp = row.logprobs
+            logprobs.append(lp[:, : k[0]] if k else (lp if lp.ndim == 1 else lp[:, 0]))
+        metrics = {"loss:sum": float(sum(r.loss for r in rows))}
+        if rows and rows[0].clipped is not None:
+            tokens = sum(len(r.logprobs) for r in rows)
+            metrics["clip_fraction:mean"] = float(sum(r.clipped for r in rows) / max(tokens, 1))
+        if rows and rows[0].load is not None:
+            metrics.update(load_metrics(sum(r.load for r in rows)))
+        return ForwardBackwardOutput(logprobs, metrics)
 
     def forward(self, runs: Sequence[RunBatch], loss_fn: str) -> list[ForwardBackwardOutput]:
         """Losses and logprobs without gradients; one output per run."""
@@ -381,14 +480,24 @@ class Trainer:
         return self._run(runs, loss_fn, with_grad=True)
 
     def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]:
-        """Applies AdamW to one slot with its accumulated gradients, then clears them."""
+        """Applies AdamW to one slot with its accumulated gradients, then clears them. A step
+        whose gradients or update are not finite is refused (NonFiniteStep): the adapter,
+        moments and step count stay as they were, and the gradients are cleared."""
         info = self._check_slot(slot)
         params.validate()
+        if slot in self._nonfinite:
+            self._refuse_step(
+                slot,
+                "forward_backward produced values that are not finite for this run since its "
+                "last step (loss inputs too large, or a diverged adapter)",
+            )
         # Two programs: computing the update reads the slot, writing it back (donated) is an
         # in-place update. In one program XLA copies every slot's arrays, a cost that grows
         # with the number of adapter slots.
         update = self._programs.get(
-            "optim_update", self._optim_update_fn, out_shardings=(None,) * 4 + (self._replicated,)
+            "optim_update",
+            self._optim_update_fn,
+            out_shardings=(None,) * 4 + (self._replicated, self._replicated),
         )
         write = self._programs.get(
             "optim_write",
@@ -398,7 +507,7 @@ class Trainer:
         )
         with jax.set_mesh(self.mesh):
             slot_index = jnp.int32(slot)
-            new_params, m, v, count, norm = update(
+            new_params, m, v, count, norm, finite = update(
                 self.lora,
                 self.grads,
                 self.mu,
@@ -409,6 +518,12 @@ class Trainer:
                 jnp.int32(info.lora.rank),
                 jnp.asarray(info.lora.flags()),
             )
+            if not bool(finite):
+                self._refuse_step(
+                    slot,
+                    f"the gradient (norm {float(norm):.3g}) or the update is not finite "
+                    f"(learning_rate {params.learning_rate:.3g})",
+                )
             self.lora, self.grads, self.mu, self.nu, self.counts = write(
                 self.lora,
                 self.grads,
@@ -432,7 +547,30 @@ class Trainer:
             (self._rank_mask(leaf, x.shape, rank) * flags[leaf.group]).astype(x.dtype)
             for leaf, x in zip(layout.leaves, params)
         ]
-        return adamw_step(params, g, m, v, counts[slot], hparams, masks)
+        new_params, m, v, count, norm = adamw_step(params, g, m, v, counts[slot], hparams, masks)
+        finite = jnp.isfinite(norm) & jnp.all(
+            jnp.stack([jnp.isfinite(x).all() for x in (*new_params, *m, *v)])
+        )
+        return new_params, m, v, count, norm, finite
+
+    def _refuse_step(self, slot: int, why: str) -> None:
+        """Clears the slot's gradients and raises NonFiniteStep; nothing else changes."""
+        clear = self._programs.get(
+            "clear_grads",
+            lambda grads, slot: self.layout.put(
+                grads, slot, [jnp.zeros(shape) for shape in self.layout.slot_shapes(grads)]
+            ),
+            donate_argnums=(0,),
+            out_shardings=self._state_sharding,
+        )
+        with jax.set_mesh(self.mesh):
+            self.grads = clear(self.grads, jnp.int32(slot))
+        self._nonfinite.discard(slot)
+        raise NonFiniteStep(
+            "optim_step",
+            f"refused: {why}; the adapter and optimizer state are unchanged and the "
+            "accumulated gradients were cleared",
+        )
 
     def _optim_write_fn(self, lora, grads, mu, nu, counts, slot, params, m, v, count):
         """Writes one slot's step results back; the step consumes the slot's gradients."""

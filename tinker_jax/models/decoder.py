@@ -212,6 +212,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
 
     q: [rows, 1, heads, head_dim]; k, v: [rows, max_len, kv_heads, head_dim] (one layer of
     the cache); positions: [rows, 1] -> [rows, 1, heads, head_dim]. In fp32.
+
+    Positions past a row's own hold whatever an earlier request left there (a request of
+    another user, possibly non-finite): both keys and values are selected away, never
+    multiplied by a zero probability.
     """
     b, _, h, d = q.shape
     kvh = k.shape[2]
@@ -220,7 +224,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     visible = jnp.arange(k.shape[1])[None, :] <= positions  # [rows, max_len]
     scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=1)  # [rows, max_len, kv_heads, group]
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    v = jnp.where(visible[:, :, None, None], v.astype(jnp.float32), 0)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
