@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from tests.engine_helpers import make_trainer, sft_datum
 from tinker_jax.batching import Datum, RunBatch, build_batch
 from tinker_jax.errors import ValidationError
 from tinker_jax.optim import AdamParams
+from tinker_jax.programs import Programs
 from tinker_jax.sampler import Sampler, SampleRequest
 from tinker_jax.sampling import SamplingParams
 from tinker_jax.trainer import LoraConfig, NonFiniteStep, SlotState
@@ -269,3 +271,38 @@ def test_a_sampler_whose_failed_call_consumed_its_cache_serves_again(runs):
     sampler.reset()
     (after,) = sampler.sample([request])
     assert after == before
+
+
+def test_a_step_that_fails_while_it_runs_leaves_every_run_as_it_was(runs, monkeypatch):
+    """A step can fail while it runs (out of memory, say), when donated buffers are already
+    consumed: afterwards every run's gradients and adapter are as they were, and the next step
+    runs. (The step used to donate the gradients of every run.)"""
+    runs.forward_backward([RunBatch(VICTIM_A, _data(0))], "cross_entropy")
+    before = {slot: _state(runs, slot) for slot in (VICTIM_A, HEALTHY)}
+    loss_fn = runs._loss_fn
+
+    def failing_loss_fn(*args):
+        compute = loss_fn(*args)
+
+        def fail(total):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
+
+        def compute_and_fail(lora, base, batch):
+            total, (row_loss, *rest) = compute(lora, base, batch)
+            shape = jax.ShapeDtypeStruct(row_loss.shape, row_loss.dtype)
+            failed = jax.pure_callback(fail, shape, jax.lax.stop_gradient(row_loss))
+            return total, (row_loss + failed, *rest)  # in a result, so that it runs
+
+        return compute_and_fail
+
+    monkeypatch.setattr(runs, "_loss_fn", failing_loss_fn)
+    monkeypatch.setattr(runs, "_programs", Programs())  # compiled afresh with the failure
+    with pytest.raises(Exception, match="out of memory"):
+        runs.forward_backward(
+            [RunBatch(VICTIM_A, _data(1)), RunBatch(HEALTHY, _data(2))], "cross_entropy"
+        )
+    monkeypatch.undo()
+    for slot, state in before.items():
+        _same_state(state, _state(runs, slot))
+    runs.forward_backward([RunBatch(HEALTHY, _data(2))], "cross_entropy")
+    runs.optim_step(VICTIM_A, AdamParams(learning_rate=1e-3))

@@ -90,23 +90,22 @@ def token_ids(
     return arr.astype(np.int32)
 
 
-def build_batch(
+def check_runs(
     runs: Sequence[RunBatch],
     loss_fn: str,
     *,
     slot_scale: Mapping[int, float],
     vocab_size: int,
     max_length: int,
-    batch_multiple: int = 1,
-) -> HostBatch:
-    """Validates every datum of every run and pads them into one bucketed batch.
+) -> list[tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float]]]:
+    """Validates every datum of every run (errors name the datum and field); returns one
+    (slot, tokens, loss inputs, resolved loss config) per datum, run 0's datums first.
 
     `slot_scale` maps each slot in use to its LoRA scale (alpha / rank); a slot outside it is
-    an error. Rows are datums in order: run 0's datums first.
+    an error.
     """
     if loss_fn not in LOSS_FNS:
         resolve_config(loss_fn, None)  # raises the precise unknown-loss error
-    spec = LOSS_FNS[loss_fn]
     rows: list[tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float]]] = []
     for run in runs:
         if run.slot not in slot_scale:
@@ -120,6 +119,24 @@ def build_batch(
             rows.append((run.slot, tokens, inputs, config))
     if not rows:
         raise ValidationError("data", "no datums to process")
+    return rows
+
+
+def build_batch(
+    runs: Sequence[RunBatch],
+    loss_fn: str,
+    *,
+    slot_scale: Mapping[int, float],
+    vocab_size: int,
+    max_length: int,
+    batch_multiple: int = 1,
+) -> HostBatch:
+    """Validates every datum of every run (`check_runs`) and pads them into one bucketed
+    batch. Rows are datums in order: run 0's datums first."""
+    rows = check_runs(
+        runs, loss_fn, slot_scale=slot_scale, vocab_size=vocab_size, max_length=max_length
+    )
+    spec = LOSS_FNS[loss_fn]
 
     lengths = [r[1].size for r in rows]
     b = batch_bucket(len(rows), batch_multiple)

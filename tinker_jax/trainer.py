@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tinker_jax.batching import HostBatch, RunBatch, build_batch
+from tinker_jax.batching import HostBatch, RunBatch, build_batch, check_runs
 from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.head_loss import fused_head_loss
@@ -367,7 +367,14 @@ class Trainer:
                 batch_multiple=self.batch_multiple,
             )
 
-        build(runs)  # validates every datum before any step runs
+        # Every datum is checked before any step runs: a bad one changes no run's gradients.
+        check_runs(
+            runs,
+            loss_fn,
+            slot_scale=slot_scale,
+            vocab_size=self.config.vocab_size,
+            max_length=self.max_length,
+        )
         rows: list[_Row] = []  # every datum's outputs, in request order
         for part in self._steps(runs):
             rows += self._step(build(part), loss_fn, with_grad)
