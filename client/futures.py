@@ -337,6 +337,13 @@ class _Poll:
             self.fail(APIConnectionError("the client is closed"))
             return
         code = error.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Too many of this user's polls are open at once (max_long_polls_per_user): the
+            # request itself is fine, so poll again later, however long it takes to finish.
+            delay = self.retry.delay(self.attempt)
+            self.attempt += 1
+            self.poller.call_later(delay, self.issue)
+            return
         if self.retry.enable_retry_logic and code in _POLL_RETRY_CODES:
             now = time.monotonic()
             if self.failing_since is None:
@@ -355,7 +362,6 @@ class _Poll:
 _POLL_RETRY_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )

@@ -11,6 +11,9 @@ import hmac
 import secrets
 
 KEY_PREFIX = "tml-"
+# How much of a key the store keeps in clear to tell keys apart (`tinker-jax keys list`): the
+# `tml-` and 8 random characters, 48 of the key's 256 bits, useless for guessing the rest.
+DISPLAY_PREFIX_LENGTH = 12
 # Weights access tokens grant others read access to one training run's checkpoints.
 WEIGHTS_TOKEN_PREFIX = "tmlw-"
 
@@ -23,6 +26,17 @@ def new_api_key() -> str:
 def new_weights_token() -> str:
     """A fresh weights access token: `tmlw-` + 32 random bytes, stored hashed like a key."""
     return WEIGHTS_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def display_prefix(key: str) -> str:
+    """The non-secret start of a key that `tinker-jax keys list` shows and `revoke` takes."""
+    return key[:DISPLAY_PREFIX_LENGTH]
+
+
+def legacy_key_id(key_hash: str) -> str:
+    """What stands for a key created before prefixes were stored (only its hash is known):
+    `sha256:` and the hash's first 12 hex digits, as non-secret as the prefix."""
+    return "sha256:" + key_hash[:DISPLAY_PREFIX_LENGTH]
 
 
 def hash_key(key: str) -> str:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tinker_jax.service.store import KeyRecord, Store
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.xla_flags import apply_xla_flags
@@ -78,6 +83,55 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_store(storage: str) -> Store:
+    """The store in `storage`, which must hold a database already: listing or revoking keys in
+    a mistyped folder must fail, not create an empty database there."""
+    from tinker_jax.service.store import DB_NAME, Store
+
+    folder = Path(storage).expanduser().resolve()
+    if not (folder / DB_NAME).is_file():
+        raise ValidationError("storage", f"{folder} holds no tinker-jax database ({DB_NAME})")
+    return Store(folder)
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key_line(key: KeyRecord, name_width: int = 0) -> str:
+    """One key as `keys list` and `keys revoke` print it: user, key id, created, state."""
+    state = "active" if key.revoked is None else f"revoked {_utc(key.revoked)}"
+    return f"{key.user_name:<{name_width}}  {key.key_id}  created {_utc(key.created)}  {state}"
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    """Prints every API key (never the key: a prefix that tells keys apart), one a line."""
+    store = _existing_store(args.storage)
+    keys = store.list_keys()
+    store.close()
+    width = max((len(k.user_name) for k in keys), default=0)
+    for key in keys:
+        print(_key_line(key, width))
+    if not keys:
+        print(f"no API keys in {args.storage}", file=sys.stderr)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    """Revokes a user's keys or one key (by prefix); a running server refuses them from its
+    next call on. Nothing matched, or an ambiguous prefix, is an error (exit status 2)."""
+    store = _existing_store(args.storage)
+    try:
+        revoked, before = store.revoke_keys(args.name_or_prefix)
+    finally:
+        store.close()
+    for key in revoked:
+        print(f"revoked {_key_line(key)}")
+    for key in before:
+        print(f"already revoked {_key_line(key)}")
+    return 0
+
+
 def _export_peft(args: argparse.Namespace) -> int:
     """Writes a checkpoint's adapter as a PEFT folder (loads in PEFT and vLLM)."""
     from tinker_jax import checkpoints
@@ -119,6 +173,12 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     apply_xla_flags()  # before any subcommand imports JAX
     parser = argparse.ArgumentParser(prog="tinker-jax", description=__doc__)
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="our own log lines at this level; 'debug' also shows the libraries' (JAX, Orbax)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
@@ -170,6 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("name")
     create.add_argument("--storage", required=True)
     create.set_defaults(func=_keys_create)
+    listing = keys_sub.add_parser(
+        "list", help="list every API key: user, key prefix, created, revoked or active"
+    )
+    listing.add_argument("--storage", required=True)
+    listing.set_defaults(func=_keys_list)
+    revoke = keys_sub.add_parser(
+        "revoke", help="revoke all keys of a user, or the one key a prefix (from list) names"
+    )
+    revoke.add_argument("name_or_prefix", help="a user name, or a key prefix (8+ characters)")
+    revoke.add_argument("--storage", required=True)
+    revoke.set_defaults(func=_keys_revoke)
 
     export = sub.add_parser("export-peft", help="write a checkpoint as a PEFT adapter folder")
     export.add_argument("path", help="tinker://<run>/weights/<name> or .../sampler_weights/...")
@@ -192,16 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.log_level)
     try:
         return args.func(args)
     except ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _configure_logging(level: str) -> None:
+    """Our own lines (start-up, listening, memory plan, errors, one per checkpoint) at `level`;
+    the libraries' chatter (Orbax's many lines per checkpoint, JAX's backend probing) only
+    with "debug", and their warnings always."""
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    logging.getLogger("tinker_jax").setLevel(level.upper())
 
 
 if __name__ == "__main__":

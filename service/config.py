@@ -9,6 +9,7 @@ from typing import Any
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.models.decoder import ATTENTION_KERNELS
+from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.sharding import MESH_AXES
 from tinker_jax.storage import resolve as resolve_location
 
@@ -43,12 +44,26 @@ class ServerConfig:
     attention: str = "auto"
     lora_alpha: float = 32.0
     max_queue: int = 1024
+    # Per user and base model, so no user takes every place, slot or row (validated by
+    # service.scheduler.TenantLimits): operations queued or in flight, sampled sequences
+    # queued or in flight, live training runs, live sampling sessions.
+    max_queued_per_user: int = 512
+    max_sequences_in_flight_per_user: int = 4096
+    max_runs_per_user: int = 32
+    max_samplers_per_user: int = 64
+    # Operations of a run that may wait behind a missing seq_id, and for how long it may be
+    # missing before they fail.
+    max_parked_per_run: int = 64
+    parked_timeout_seconds: float = 300.0
     max_batch_size: int = 1024
     result_ttl_seconds: float = 3600.0
     session_ttl_seconds: float = 600.0
     # How often the janitor expires checkpoints, purges delivered results and releases the
     # slots of sessions silent for session_ttl_seconds.
     sweep_interval_seconds: float = 30.0
+    # Long-polls (RetrieveFuture) one user may hold at once; beyond it, RESOURCE_EXHAUSTED at
+    # once, so one user's polls cannot occupy the server's request threads.
+    max_long_polls_per_user: int = 16
 
     def __post_init__(self):
         if not self.base_models:
@@ -63,6 +78,7 @@ class ServerConfig:
             "max_queue",
             "max_batch_size",
             "http_max_body_bytes",
+            "max_long_polls_per_user",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -70,6 +86,7 @@ class ServerConfig:
         for name in ("result_ttl_seconds", "session_ttl_seconds", "sweep_interval_seconds"):
             if not getattr(self, name) > 0:
                 raise ValidationError(name, f"{getattr(self, name)} must be > 0")
+        TenantLimits.from_config(self)  # refuses a per-user limit out of range, naming it
         if not 0 <= self.port < 65536:
             raise ValidationError("port", f"{self.port} is outside [0, 65535]")
         if self.http_port is not None and not 0 <= self.http_port < 65536:

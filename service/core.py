@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -27,10 +28,13 @@ from tinker_jax.service.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    ServiceError,
     SessionFinished,
     Unauthenticated,
 )
+from tinker_jax.service.limits import PerKeyLimit
 from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath, validate_name
+from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.service.store import (
     CheckpointRecord,
     RunRecord,
@@ -59,6 +63,20 @@ log = logging.getLogger("tinker_jax.core")
 MAX_LONG_POLL_SECONDS = 30.0
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_ID_LENGTH = 128
+# Tries of a store write on the engine's completion path, each waiting out the store's busy
+# timeout (another process holding SQLite's write lock) before the next.
+STORE_ATTEMPTS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """A request's outcome the store could not record (yet): a serialised result, or an
+    error with Tinker's category."""
+
+    result: bytes | None
+    error: str | None = None
+    category: str | None = None
+    retryable: bool = False
 
 
 class ServiceCore:
@@ -70,6 +88,18 @@ class ServiceCore:
         self.workers = workers
         self.checkpoint_root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
         self._completed = threading.Condition()
+        limits = TenantLimits.from_config(config)
+        for worker in workers.values():
+            worker.limits = limits
+        self._long_polls = PerKeyLimit(
+            config.max_long_polls_per_user,
+            "max_long_polls_per_user",
+            "long-polls (retrieve with a timeout > 0)",
+        )
+        # Outcomes the store could not write (its database locked by another process): kept
+        # here, delivered by `retrieve`, written by `sweep` once the store takes writes again.
+        self._unsaved: dict[str, _Outcome] = {}
+        self._delivered_unsaved: set[str] = set()
         lost = store.fail_pending(
             "the server restarted while this request was in flight; submit it again"
         )
@@ -248,32 +278,41 @@ class ServiceCore:
         run_id: str | None,
         worker: EngineWorker,
         start: Callable[[Callable, Callable], None],
+        sequences: int = 0,
     ) -> str:
         """Creates the future and starts the work, once per request id (a resubmission with
-        the same id returns the existing future and runs nothing)."""
+        the same id returns the existing future and runs nothing). The work holds a place in
+        the worker's queue (`sequences`: sampled sequences) from here until its outcome is
+        recorded; every path that ends sooner returns it."""
         request_id = _id(request_id, "request_id") if request_id else str(uuid.uuid4())
-        worker.reserve()
-        if not self.store.create_future(request_id, user, kind, run_id):
-            worker.unreserve()
+        place = worker.reserve(user, sequences)
+        try:
+            created = self.store.create_future(request_id, user, kind, run_id)
+        except BaseException:
+            place.release()
+            raise
+        if not created:
+            place.release()
             existing = self.store.get_future(request_id)
             if existing is None or existing.user_id != user:
                 raise PermissionDenied(f"request id {request_id} is in use")
             return request_id
 
+        def complete(response: pb.RetrieveFutureResponse) -> None:
+            try:
+                self._complete(request_id, response)
+            finally:
+                place.release()
+
         def fail(error: Exception) -> None:
-            user_error = isinstance(error, ValidationError)
-            self.store.fail_future(
-                request_id,
-                str(error) if user_error else f"internal error: {type(error).__name__}: {error}",
-                category="user" if user_error else "server",
-                retryable=not user_error,
-            )
-            self._notify()
+            try:
+                self._fail(request_id, error)
+            finally:
+                place.release()
 
         try:
-            start(lambda response: self._complete(request_id, response), fail)
+            start(complete, fail)
         except Exception as e:  # noqa: BLE001 - a failed start fails the future, not the call
-            worker.unreserve()
             fail(e)
         return request_id
 
@@ -292,15 +331,99 @@ class ServiceCore:
 
     def _complete(self, request_id: str, response: pb.RetrieveFutureResponse) -> None:
         response.request_id = request_id
-        self.store.complete_future(request_id, response.SerializeToString())
+        self._settle(request_id, _Outcome(response.SerializeToString()))
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """Records a failure: bad input as the user's, a refusal (a limit) as retryable with
+        its own message, anything else as a retryable internal error."""
+        if isinstance(error, ValidationError):
+            outcome = _Outcome(None, str(error), "user", False)
+        elif isinstance(error, ServiceError):
+            outcome = _Outcome(None, str(error), "server", True)
+        else:
+            message = f"internal error: {type(error).__name__}: {error}"
+            outcome = _Outcome(None, message, "server", True)
+        self._settle(request_id, outcome)
+
+    def _settle(self, request_id: str, outcome: _Outcome) -> None:
+        """Writes a request's outcome to the store, trying again while another process holds
+        the database's write lock; if it still cannot, keeps the outcome in memory (`retrieve`
+        delivers it, `sweep` writes it later), so it is never lost while this server runs."""
+        try:
+            self._write(self._store_outcome, request_id, outcome)
+        except sqlite3.Error as e:
+            log.error("cannot record the outcome of %s (%s); kept in memory", request_id, e)
+            with self._completed:
+                self._unsaved.setdefault(request_id, outcome)
         self._notify()
+
+    def _store_outcome(self, request_id: str, outcome: _Outcome) -> None:
+        if outcome.result is not None:
+            self.store.complete_future(request_id, outcome.result)
+        else:
+            self.store.fail_future(
+                request_id, outcome.error or "", outcome.category or "server", outcome.retryable
+            )
+
+    def _write(self, fn: Callable, *args) -> object:
+        """fn(*args), a store write, tried STORE_ATTEMPTS times while SQLite reports the
+        database busy or locked; the last error propagates."""
+        for _ in range(STORE_ATTEMPTS - 1):
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as e:
+                log.warning("the database is busy (%s); writing again", e)
+        return fn(*args)
+
+    def _save_unsaved(self) -> None:
+        """Writes the outcomes kept in memory to the store, oldest first, stopping at the
+        first the store still refuses."""
+        with self._completed:
+            pending = list(self._unsaved.items())
+        for request_id, outcome in pending:
+            try:
+                self._store_outcome(request_id, outcome)
+                if request_id in self._delivered_unsaved:
+                    self.store.mark_delivered(request_id)
+            except sqlite3.Error as e:
+                log.warning("%d outcomes still wait for the database: %s", len(pending), e)
+                return
+            with self._completed:
+                del self._unsaved[request_id]
+                self._delivered_unsaved.discard(request_id)
+
+    def health(self) -> str | None:
+        """None while every base model's engine thread runs; otherwise what cannot be served
+        (for the front ends' health checks)."""
+        stopped = [name for name, worker in self.workers.items() if not worker.alive()]
+        if stopped:
+            return f"the engine thread of {', '.join(stopped)} stopped; restart the server"
+        return None
 
     def _notify(self) -> None:
         with self._completed:
             self._completed.notify_all()
 
     def retrieve(self, user: str, request_id: str, timeout: float) -> pb.RetrieveFutureResponse:
-        """The result of a submitted call, waiting up to `timeout` (long-poll) for it."""
+        """The result of a submitted call, waiting up to `timeout` (long-poll) for it.
+
+        A long-poll holds a request thread of its front end, so one user holds at most
+        `max_long_polls_per_user` at once, over both front ends; beyond that a poll is answered
+        at once: a settled result is delivered, a pending one refused (ResourceExhausted
+        naming the limit; clients poll again after a pause)."""
+        if timeout > 0:
+            if self._long_polls.acquire(user):
+                try:
+                    return self._retrieve(user, request_id, timeout)
+                finally:
+                    self._long_polls.release(user)
+            answer = self._retrieve(user, request_id, 0.0)
+            if answer.HasField("try_again"):
+                raise self._long_polls.refusal()
+            return answer
+        return self._retrieve(user, request_id, 0.0)
+
+    def _retrieve(self, user: str, request_id: str, timeout: float) -> pb.RetrieveFutureResponse:
         record = self.store.get_future(_id(request_id, "request_id"))
         if record is None or record.user_id != user:
             raise NotFound(
@@ -309,22 +432,26 @@ class ServiceCore:
             )
         deadline = time.monotonic() + min(max(timeout, 0.0), MAX_LONG_POLL_SECONDS)
         with self._completed:
-            while record.state == "pending" and time.monotonic() < deadline:
+            while (
+                record.state == "pending"
+                and request_id not in self._unsaved
+                and time.monotonic() < deadline
+            ):
                 self._completed.wait(timeout=min(1.0, deadline - time.monotonic()))
                 record = self.store.get_future(request_id)
+            unsaved = self._unsaved.get(request_id) if record.state == "pending" else None
+        if unsaved is not None:
+            with self._completed:
+                self._delivered_unsaved.add(request_id)
+            return _response(request_id, unsaved)
         if record.state == "pending":
             return pb.RetrieveFutureResponse(
                 request_id=request_id, try_again=pb.TryAgain(queue_state="active")
             )
         self.store.mark_delivered(request_id)
         if record.state == "failed":
-            return pb.RetrieveFutureResponse(
-                request_id=request_id,
-                error=pb.RequestError(
-                    message=record.error or "",
-                    category=record.category or "server",
-                    retryable=record.retryable,
-                ),
+            return _response(
+                request_id, _Outcome(None, record.error, record.category, record.retryable)
             )
         return pb.RetrieveFutureResponse.FromString(record.result)
 
@@ -346,17 +473,19 @@ class ServiceCore:
         worker = self._worker(base_model)
         _check_lora(lora, self.config.max_lora_rank)
         run_id = self._new_run_id(session.session_id, model_seq_id)
-        worker.check_run_capacity()
+        worker.check_run_capacity(user)
         metadata = wire.metadata(user_metadata)
 
         def start(complete, fail):
             def done(_slot):
-                self.store.create_run(_run_record(run_id, session, base_model, lora, metadata))
+                self._write(
+                    self.store.create_run, _run_record(run_id, session, base_model, lora, metadata)
+                )
                 complete(
                     pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
                 )
 
-            worker.submit(CreateRun(done=done, fail=fail, run_id=run_id, lora=lora))
+            worker.submit(CreateRun(done=done, fail=fail, run_id=run_id, lora=lora, user=user))
 
         return self._submit(user, request_id, "create_model", run_id, worker, start), run_id
 
@@ -388,18 +517,19 @@ class ServiceCore:
         parsed, ckpt = self._readable_checkpoint(user, path, "path", weights_access_token)
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
-        info = checkpoints.read_info(ckpt.location)
+        info = checkpoints.read_info(ckpt.location, name=str(parsed))
         worker = self._worker(info.base_model, "path")
         run_id = self._new_run_id(session.session_id, model_seq_id)
-        worker.check_run_capacity()
+        worker.check_run_capacity(user)
         metadata = wire.metadata(user_metadata)
 
         def start(complete, fail):
             def done(state):
-                self.store.create_run(
+                self._write(
+                    self.store.create_run,
                     _run_record(
                         run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
-                    )
+                    ),
                 )
                 complete(
                     pb.RetrieveFutureResponse(
@@ -414,6 +544,7 @@ class ServiceCore:
                     run_id=run_id,
                     location=ckpt.location,
                     with_optimizer=optimizer,
+                    user=user,
                 )
             )
 
@@ -432,7 +563,7 @@ class ServiceCore:
         parsed, ckpt = self._readable_checkpoint(user, path)
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
-        info = checkpoints.read_info(ckpt.location)
+        info = checkpoints.read_info(ckpt.location, name=str(parsed))
         if info.base_model != run.base_model:
             raise ValidationError(
                 "path", f"{path} was trained on {info.base_model}, this run on {run.base_model}"
@@ -617,6 +748,7 @@ class ServiceCore:
             if old is not None:
                 storage.remove_tree(old.location)
             self.copy_due.set()
+            log.info("saved checkpoint %s (%.1f MiB)", path, size / (1 << 20))
             return str(path)
 
         def start(complete, fail):
@@ -645,14 +777,16 @@ class ServiceCore:
         run, worker = self._loaded_run(user, model_id)
         session = self._session(user, run.session_id)
         sampler_id = self._new_sampler_id(session.session_id, sampling_session_seq_id)
+        worker.check_sampler_capacity(user)
         worker.check_seq(model_id, seq_id)
 
         def start(complete, fail):
             def done(_slot):
-                self.store.create_sampler(
+                self._write(
+                    self.store.create_sampler,
                     SamplerRecord(
                         sampler_id, session.session_id, user, run.base_model, None, time.time()
-                    )
+                    ),
                 )
                 complete(
                     pb.RetrieveFutureResponse(
@@ -661,7 +795,9 @@ class ServiceCore:
                 )
 
             worker.submit_run_op(
-                model_id, seq_id, SnapshotForSampler(done=done, fail=fail, sampler_id=sampler_id)
+                model_id,
+                seq_id,
+                SnapshotForSampler(done=done, fail=fail, sampler_id=sampler_id, user=user),
             )
 
         return self._submit(user, request_id, "save_weights_for_sampler", model_id, worker, start)
@@ -696,28 +832,52 @@ class ServiceCore:
             _, ckpt = self._readable_checkpoint(
                 user, model_path, "model_path", weights_access_token
             )
-            info = checkpoints.read_info(ckpt.location)
+            info = checkpoints.read_info(ckpt.location, name=model_path, field="model_path")
             base_model = info.base_model
             location = ckpt.location
 
         worker = self._worker(base_model)
         sampler_id = self._new_sampler_id(session.session_id, seq)
+        worker.check_sampler_capacity(user)
         opened: concurrent.futures.Future = concurrent.futures.Future()
-        worker.reserve()
-        worker.submit(
-            OpenSampler(
-                done=opened.set_result,
-                fail=opened.set_exception,
-                sampler_id=sampler_id,
-                location=location,
+        place = worker.reserve(user)
+
+        def settled(set_outcome: Callable) -> Callable:
+            def settle(value):
+                place.release()
+                set_outcome(value)
+
+            return settle
+
+        try:
+            worker.submit(
+                OpenSampler(
+                    done=settled(opened.set_result),
+                    fail=settled(opened.set_exception),
+                    sampler_id=sampler_id,
+                    location=location,
+                    user=user,
+                )
             )
-        )
+        except BaseException:
+            place.release()
+            raise
         opened.result(timeout=600)
-        self.store.create_sampler(
-            SamplerRecord(
-                sampler_id, session.session_id, user, base_model, model_path or None, time.time()
+        try:
+            self._write(
+                self.store.create_sampler,
+                SamplerRecord(
+                    sampler_id,
+                    session.session_id,
+                    user,
+                    base_model,
+                    model_path or None,
+                    time.time(),
+                ),
             )
-        )
+        except BaseException:
+            worker.release([], [sampler_id])  # unrecorded, it would hold its slot forever
+            raise
         return sampler_id
 
     def sample(
@@ -775,7 +935,10 @@ class ServiceCore:
                 Sample(done=done, fail=fail, sampler_id=sampler_id, request=request, user=user)
             )
 
-        return self._submit(user, request_id, "sample", None, worker, start), sequence_ids
+        return (
+            self._submit(user, request_id, "sample", None, worker, start, num_samples),
+            sequence_ids,
+        )
 
     def get_sampler(self, user: str, sampler_id: str) -> pb.GetSamplerResponse:
         record = self.store.get_sampler(_id(sampler_id, "sampler_id"))
@@ -876,7 +1039,7 @@ class ServiceCore:
 
     def weights_info(self, user: str, tinker_path: str) -> pb.WeightsInfoResponse:
         _, record = self._readable_checkpoint(user, tinker_path, "tinker_path")
-        info = checkpoints.read_info(record.location)
+        info = checkpoints.read_info(record.location, name=tinker_path, field="tinker_path")
         return pb.WeightsInfoResponse(
             base_model=info.base_model,
             is_lora=True,
@@ -904,9 +1067,16 @@ class ServiceCore:
     # ---------------------------------------------------------------- housekeeping
 
     def sweep(self, now: float | None = None) -> None:
-        """Deletes expired checkpoints and delivered results past their TTL, and releases the
-        slots of sessions that stopped heartbeating."""
+        """Writes the outcomes kept in memory while the database was locked, fails the
+        operations waiting longer than parked_timeout_seconds for a missing seq_id, deletes
+        expired checkpoints and delivered results past their TTL, and releases the slots of
+        sessions that stopped heartbeating."""
         now = time.time() if now is None else now
+        self._save_unsaved()
+        for worker in self.workers.values():
+            expired = worker.expire_parked(now)
+            if expired:
+                log.warning("%d operations waited too long for a missing seq_id", expired)
         for record in self.store.expired_checkpoints(now):
             self.store.delete_checkpoint(record.tinker_path)
             storage.remove_tree(record.location)
@@ -920,6 +1090,20 @@ def _id(value: str, field: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
         raise ValidationError(field, f"must be 1..{MAX_ID_LENGTH} printable characters")
     return value
+
+
+def _response(request_id: str, outcome: _Outcome) -> pb.RetrieveFutureResponse:
+    """The RetrieveFuture answer that delivers a settled outcome."""
+    if outcome.result is not None:
+        return pb.RetrieveFutureResponse.FromString(outcome.result)
+    return pb.RetrieveFutureResponse(
+        request_id=request_id,
+        error=pb.RequestError(
+            message=outcome.error or "",
+            category=outcome.category or "server",
+            retryable=outcome.retryable,
+        ),
+    )
 
 
 def _last_prompt_logprobs(result: SampleResult, n: int) -> SampleResult:

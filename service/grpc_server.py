@@ -2,7 +2,8 @@
 
 No logic lives here beyond the translation: errors map to status codes with the core's
 message (INVALID_ARGUMENT names the field), and an unexpected failure becomes INTERNAL
-without taking the server down.
+without taking the server down. A long-poll holds a thread of the pool: the core lets one
+user hold at most `max_long_polls_per_user` of them, and the pool is eight users' worth.
 """
 
 from __future__ import annotations
@@ -298,13 +299,19 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         return pb.Empty()
 
 
-def start_grpc(
-    core: ServiceCore, host: str, port: int, max_workers: int = 64
-) -> tuple[grpc.Server, int]:
-    """Starts the gRPC server; returns it and the bound port (port 0 picks a free one).
-    Long-polls hold a worker thread each, hence a generous pool."""
+def pool_size(max_long_polls_per_user: int) -> int:
+    """Request threads of the gRPC server: long-polls hold one each, so the pool takes 8 users
+    at their long-poll limit, and one user can never occupy more than an eighth of it. The
+    executor starts threads only as calls need them, so a large pool costs nothing idle."""
+    return max(128, 8 * max_long_polls_per_user)
+
+
+def start_grpc(core: ServiceCore, host: str, port: int) -> tuple[grpc.Server, int]:
+    """Starts the gRPC server; returns it and the bound port (port 0 picks a free one)."""
     server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=pool_size(core.config.max_long_polls_per_user)
+        ),
         interceptors=[LenientDecoding()],
         options=CHANNEL_OPTIONS,
     )

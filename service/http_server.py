@@ -13,7 +13,9 @@ field; FastAPI's additions (pydantic models per route, OpenAPI, dependency injec
 duplicate those checks and add a dependency the server needs nowhere else. Starlette gives the
 routing (including checkpoint ids with a slash), requests and responses, and uvicorn the
 HTTP/1.1 server, both small and well kept. The core's calls block (SQLite, long-polls), so
-they run on thread pools (long-polls on their own), never on the event loop.
+they run on thread pools (long-polls on their own), never on the event loop; so do body
+decompression and parsing, which take seconds for a large body. The key is checked before
+the body is read: a caller without one never makes the server read, decompress or parse.
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-import gzip
 import hashlib
-import io
 import json
 import logging
 import re
 import socket
 import threading
 import traceback
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import uvicorn
@@ -87,6 +88,16 @@ UNSUPPORTED = {
     "unload_model": "unloading models",
 }
 
+
+# Deeper JSON is refused before parsing (Tinker's bodies nest fewer than 10 levels).
+MAX_JSON_DEPTH = 100
+# A JSON string, escapes included; dropped before the brackets are counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Objects count as arrays when counting depth; every other byte is deleted.
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 20  # bytes of decompressed output per step
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip format (header and trailer)
 
 # A JSON escape of a UTF-16 surrogate (`\ud800`..`\udfff`): the only way a body that is
 # valid UTF-8 can decode to a string that is not text (a lone surrogate).
@@ -230,19 +241,21 @@ class TinkerHTTP:
         return Route("/api/v1" + path, self._wrap(handler, body, pool), methods=[method])
 
     def _wrap(self, handler: Callable[[Call], Any], body: str = "json", pool=None):
-        """An async endpoint: read the body, then authenticate and run the handler on the
-        pool; the handler's dict becomes a JSON response, errors become status codes."""
+        """An async endpoint: authenticate, read the (still compressed) body, then decode it
+        and run the handler on the pool; the handler's dict becomes a JSON response, errors
+        become status codes. The key is checked before the body is read, so a caller without
+        one costs nothing but the lookup; decompressing and parsing run on the pool, so a large
+        body never holds the event loop that answers everyone else."""
 
         async def endpoint(request: Request) -> Response:
             try:
-                raw = await self._read_body(request)
-                content_type = request.headers.get("content-type", "").split(";")[0].strip()
-                parsed = _parse(raw, content_type, body)
                 loop = asyncio.get_running_loop()
                 key = request.headers.get("x-api-key") or _bearer(request)
+                user = await loop.run_in_executor(pool or self.pool, self.core.authenticate, key)
+                chunks = await self._read_body(request)
                 result = await loop.run_in_executor(
                     pool or self.pool,
-                    functools.partial(self._run, handler, key, request, parsed, content_type),
+                    functools.partial(self._run, handler, user, request, chunks, body),
                 )
             except Exception as e:  # noqa: BLE001 - every failure becomes a response
                 return self._failure(e, request)
@@ -250,27 +263,36 @@ class TinkerHTTP:
 
         return endpoint
 
-    def _run(self, handler, key, request, parsed, content_type):
-        user = self.core.authenticate(key)
-        return handler(Call(user, request, parsed, content_type))
+    def _run(
+        self,
+        handler: Callable[[Call], Any],
+        user: str,
+        request: Request,
+        chunks: list[bytes],
+        body: str,
+    ) -> Any:
+        """On a pool thread: decompresses and parses the body, then runs the handler."""
+        raw = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity") and raw:
+            raw = _decompress(raw, encoding, self.max_body_bytes)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        return handler(Call(user, request, _parse(raw, content_type, body), content_type))
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, decompressed, refusing anything over the size limit (413)."""
+    async def _read_body(self, request: Request) -> list[bytes]:
+        """The body as received (still compressed, not joined: that is left to the pool),
+        refusing anything over the size limit (413)."""
         limit = self.max_body_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
-            raise ProtocolError(413, f"request body of {length} bytes exceeds {limit} bytes")
+            raise ProtocolError(413, f"request body of {length} bytes exceeds {_limit(limit)}")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ProtocolError(413, f"request body exceeds {limit} bytes")
+                raise ProtocolError(413, f"request body exceeds {_limit(limit)}")
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("", "identity") or not raw:
-            return raw
-        return _decompress(raw, encoding, limit)
+        return chunks
 
     def _failure(self, e: Exception, request: Request) -> Response:
         if isinstance(e, ProtocolError):
@@ -291,6 +313,11 @@ class TinkerHTTP:
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
     async def _healthz(self, request: Request) -> Response:
+        """200 while every engine can serve; 503 naming what cannot (a stopped engine thread),
+        so a load balancer or an operator sees a server that accepts work it cannot do."""
+        problem = self.core.health()
+        if problem is not None:
+            return _json({"status": "unavailable", "detail": problem}, status=503)
         return _json({"status": "ok"})
 
     # ------------------------------------------------------------------ sessions
@@ -665,9 +692,14 @@ def _bearer(request: Request) -> str | None:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
 
 
+def _limit(limit: int) -> str:
+    """The body size limit as error messages name it: its value and the setting."""
+    return f"the limit of {limit} bytes (http_max_body_bytes)"
+
+
 def _parse(raw: bytes, content_type: str, body: str) -> Any:
     """JSON routes take an object (an empty body reads as `{}`); forward_backward takes
-    protobuf or JSON. Another content type is 415, malformed JSON 400."""
+    protobuf or JSON. Another content type is 415, malformed or too deeply nested JSON 400."""
     if body == "fwdbwd" and content_type == PROTOBUF:
         return raw
     if not raw.strip():
@@ -675,15 +707,38 @@ def _parse(raw: bytes, content_type: str, body: str) -> Any:
     if content_type not in ("", JSON) and not content_type.endswith("+json"):
         accepted = f"{JSON} or {PROTOBUF}" if body == "fwdbwd" else JSON
         raise ProtocolError(415, f"content type {content_type!r} is not accepted; send {accepted}")
+    too_deep = ProtocolError(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if not _depth_at_most(raw, MAX_JSON_DEPTH):
+        raise too_deep
     try:
         value = json.loads(raw)
     except ValueError as e:  # also an integer of more digits than Python converts
         raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # unbalanced brackets, which `_depth_at_most` leaves to the parser
+        raise too_deep from None
     if not isinstance(value, dict):
         raise ProtocolError(400, "request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw):
         _check_text(value, "")
     return hw.Fields(value)
+
+
+def _depth_at_most(raw: bytes, depth: int) -> bool:
+    """Whether the JSON text's arrays and objects nest at most `depth` deep, checked on the
+    bytes before parsing (the parser recurses once per level and would overflow the stack).
+    Strings are dropped and every other byte but the brackets deleted; each pass then removes
+    the innermost pairs, one level. Unbalanced brackets count as shallow enough: the parser
+    refuses them. C-speed passes over the brackets alone, which Tinker's flat bodies have few of.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(depth):
+        if not brackets:
+            return True
+        inner = brackets.replace(b"[]", b"")
+        if inner == brackets:
+            return True
+        brackets = inner
+    return not brackets
 
 
 def _check_text(value: Any, field: str) -> None:
@@ -706,29 +761,58 @@ def _check_text(value: Any, field: str) -> None:
 
 
 def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The decompressed body. Streaming: decompression stops as soon as the output passes
+    `limit` (413), so a small body that would expand to gigabytes costs only `limit`."""
     if encoding == "gzip":
         try:
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-                out = f.read(limit + 1)
-        except (OSError, EOFError) as e:
+            return _gunzip(raw, limit)
+        except zlib.error as e:
             raise ProtocolError(400, f"body is not valid gzip: {e}") from None
-    elif encoding == "zstd":
+    if encoding == "zstd":
         try:
             import zstandard
         except ImportError:
             raise ProtocolError(415, "zstd bodies need the zstandard package") from None
         try:
             with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-                out = b""
-                while len(out) <= limit and (chunk := reader.read(1 << 20)):
-                    out += chunk
+                return _bounded(iter(functools.partial(reader.read, _CHUNK), b""), limit)
         except zstandard.ZstdError as e:
             raise ProtocolError(400, f"body is not valid zstd: {e}") from None
-    else:
-        raise ProtocolError(415, f"content encoding {encoding!r} is not supported")
-    if len(out) > limit:
-        raise ProtocolError(413, f"decompressed request body exceeds {limit} bytes")
-    return out
+    raise ProtocolError(415, f"content encoding {encoding!r} is not supported")
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """A gzip body (one member or several) decompressed, refusing more than `limit` bytes of
+    output before producing them; raises zlib.error for a damaged or truncated stream."""
+
+    def chunks():
+        stream, pending = zlib.decompressobj(_GZIP_WBITS), raw
+        while True:
+            chunk = stream.decompress(pending, _CHUNK)
+            yield chunk
+            if stream.eof:
+                # Another member may follow; zero bytes after the last are padding.
+                pending = stream.unused_data.lstrip(b"\0")
+                if not pending:
+                    return
+                stream = zlib.decompressobj(_GZIP_WBITS)
+            else:
+                pending = stream.unconsumed_tail
+                if not pending and not chunk:
+                    raise zlib.error("the stream ends early (truncated body)")
+
+    return _bounded(chunks(), limit)
+
+
+def _bounded(chunks: Iterable[bytes], limit: int) -> bytes:
+    """The chunks joined, refusing (413) as soon as they pass `limit` bytes."""
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(413, f"decompressed request body exceeds {_limit(limit)}")
+        out.append(chunk)
+    return b"".join(out)
 
 
 class HTTPServer:

@@ -1,6 +1,7 @@
 """The server's durable state: one SQLite database (WAL) at `<storage root>/tinker.db`.
 
-It holds users and their hashed API keys, sessions, training runs, samplers, checkpoints
+It holds users and their hashed API keys (with a non-secret prefix and, once revoked, the time
+of revocation), sessions, training runs, samplers, checkpoints
 (tinker:// path -> location, owner, public flag, expiry) and the outcomes of submitted
 requests, so a restart loses no run, checkpoint or finished result. The store records; it does
 not decide who may see what (the service core does), and it imports neither JAX nor gRPC.
@@ -25,10 +26,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service.auth import hash_key, keys_match, new_api_key, new_weights_token
+from tinker_jax.service.auth import (
+    display_prefix,
+    hash_key,
+    keys_match,
+    legacy_key_id,
+    new_api_key,
+    new_weights_token,
+)
 from tinker_jax.service.paths import TinkerPath
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 lacked api_keys.key_prefix and api_keys.revoked; `Store` adds them (a v1 key shows
+# as `legacy_key_id`). An older tinker-jax refuses a v2 database rather than ignore revocation.
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE api_keys ADD COLUMN key_prefix TEXT",
+        "ALTER TABLE api_keys ADD COLUMN revoked REAL",
+    ),
+}
+# `tinker-jax keys revoke` takes a key prefix only from this length on, so that a typo in a user
+# name does not become a prefix of some key.
+MIN_REVOKE_PREFIX = 8
 DB_NAME = "tinker.db"
 MAX_USER_NAME_LENGTH = 128
 ACCESS_SCOPES = ("owned", "accessible")
@@ -44,7 +63,9 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY,
     user_id TEXT NOT NULL REFERENCES users(user_id),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    key_prefix TEXT,
+    revoked REAL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
@@ -136,6 +157,18 @@ _JSON_FIELDS = frozenset({"user_metadata", "tags"})
 _BOOL_FIELDS = frozenset(
     {"finished", "train_mlp", "train_attn", "train_unembed", "public", "retryable"}
 )
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key as an administrator sees it: whose, a non-secret id (the key's first
+    characters, `auth.display_prefix`, or `auth.legacy_key_id` for a key made before those were
+    stored), when it was created and revoked (None: it still works). Never the key itself."""
+
+    key_id: str
+    user_name: str
+    created: float
+    revoked: float | None
 
 
 @dataclass(frozen=True)
@@ -258,6 +291,32 @@ def _from_row(cls: type[_Record], row: sqlite3.Row | None) -> _Record | None:
     return cls(**values)
 
 
+def _key_row(key: str, user_id: str, now: float) -> dict[str, Any]:
+    """The api_keys row of a new key: its hash and its non-secret display prefix."""
+    return {
+        "key_hash": hash_key(key),
+        "user_id": user_id,
+        "created": now,
+        "key_prefix": display_prefix(key),
+    }
+
+
+_KEYS_QUERY = (
+    "SELECT k.key_hash, k.key_prefix, k.created, k.revoked, u.name AS user_name"
+    " FROM api_keys AS k JOIN users AS u USING (user_id) ORDER BY u.name, k.created, k.rowid"
+)
+
+
+def _key_record(row: sqlite3.Row) -> KeyRecord:
+    """A row of `_KEYS_QUERY` as the administrator sees it."""
+    return KeyRecord(
+        key_id=row["key_prefix"] or legacy_key_id(row["key_hash"]),
+        user_name=row["user_name"],
+        created=row["created"],
+        revoked=row["revoked"],
+    )
+
+
 def _check_page(limit: int, offset: int) -> None:
     for name, value in (("limit", limit), ("offset", offset)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -285,11 +344,17 @@ class Store:
             # Check the version before touching the tables: a newer schema may differ.
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
-            if row is not None and row["version"] != SCHEMA_VERSION:
+            version = SCHEMA_VERSION if row is None else row["version"]
+            if version != SCHEMA_VERSION and version not in _MIGRATIONS:
                 raise RuntimeError(
-                    f"{self.root / DB_NAME} has schema version {row['version']}; "
+                    f"{self.root / DB_NAME} has schema version {version}; "
                     f"this tinker-jax reads version {SCHEMA_VERSION}"
                 )
+            while version != SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
             for statement in _SCHEMA.split(";"):
                 conn.execute(statement)
             if row is None:
@@ -411,7 +476,7 @@ class Store:
                 {"user_id": user_id, "name": name, "created": now},
                 duplicate=ValidationError("name", f"a user named {name!r} already exists"),
             )
-            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?)", (hash_key(key), user_id, now))
+            self._insert(conn, "api_keys", _key_row(key, user_id, now))
         return user_id, key
 
     def add_key(self, user_id: str) -> str:
@@ -421,7 +486,7 @@ class Store:
             self._insert(
                 conn,
                 "api_keys",
-                {"key_hash": hash_key(key), "user_id": user_id, "created": time.time()},
+                _key_row(key, user_id, time.time()),
                 missing=ValidationError("user_id", f"no user {user_id!r}"),
             )
         return key
@@ -430,16 +495,85 @@ class Store:
         """The user an API key belongs to, or None for an unknown, empty or missing key.
 
         The lookup is by the key's hash, so its timing reveals nothing about stored keys; the
-        match is then confirmed with a constant-time comparison.
+        match is then confirmed with a constant-time comparison, and a revoked key is unknown.
+        Every call reads the database (no cache), so a key revoked by `tinker-jax keys revoke`,
+        another process, stops working on the next call.
         """
         if not isinstance(api_key, str) or not api_key:
             return None
         row = self._row(
-            "SELECT user_id, key_hash FROM api_keys WHERE key_hash = ?", hash_key(api_key)
+            "SELECT user_id, key_hash FROM api_keys WHERE key_hash = ? AND revoked IS NULL",
+            hash_key(api_key),
         )
         if row is None or not keys_match(api_key, row["key_hash"]):
             return None
         return row["user_id"]
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Every API key, revoked ones included, by user name and then creation time."""
+        return [_key_record(row) for row in self._rows(_KEYS_QUERY)]
+
+    def revoke_keys(
+        self, name_or_prefix: str, now: float | None = None
+    ) -> tuple[list[KeyRecord], list[KeyRecord]]:
+        """Revokes every key of the user named `name_or_prefix`, or else the one key whose id
+        (see `KeyRecord`) starts with it or which it is in full. Returns (the keys revoked now,
+        the matched keys that were revoked before), as they are after the call.
+
+        ValidationError, naming `name_or_prefix`, when nothing matches, when a prefix matches
+        several keys (listing them) or when it names a user and is a key prefix too: a
+        revocation must hit exactly what the administrator meant.
+        """
+        field_name = "name_or_prefix"
+        if (
+            not isinstance(name_or_prefix, str)
+            or not 0 < len(name_or_prefix) <= MAX_USER_NAME_LENGTH
+        ):
+            raise ValidationError(
+                field_name, f"expected a user name or key prefix, got {name_or_prefix!r:.80}"
+            )
+        target, target_hash, now = name_or_prefix, hash_key(name_or_prefix), _now(now)
+        with self._transaction() as conn:
+            rows = conn.execute(_KEYS_QUERY).fetchall()
+            of_user = [row for row in rows if row["user_name"] == target]
+            by_key = [
+                row
+                for row in rows
+                if row["key_hash"] == target_hash
+                or (len(target) >= MIN_REVOKE_PREFIX and _key_record(row).key_id.startswith(target))
+            ]
+            if of_user and by_key:
+                raise ValidationError(
+                    field_name,
+                    f"{target!r} is a user name and starts key "
+                    f"{_key_record(by_key[0]).key_id} too; revoke each key by a longer prefix",
+                )
+            if len(by_key) > 1:
+                listed = ", ".join(f"{k.key_id} ({k.user_name})" for k in map(_key_record, by_key))
+                raise ValidationError(
+                    field_name,
+                    f"key prefix {target!r} matches {len(by_key)} keys: {listed}; give more "
+                    "characters",
+                )
+            matched = of_user or by_key
+            if not matched:
+                short = (
+                    f" (a key prefix needs at least {MIN_REVOKE_PREFIX} characters)"
+                    if len(target) < MIN_REVOKE_PREFIX
+                    else ""
+                )
+                raise ValidationError(
+                    field_name,
+                    f"no user named {target!r} has a key and no key starts with it{short}; "
+                    "see `tinker-jax keys list`",
+                )
+            fresh = [row for row in matched if row["revoked"] is None]
+            conn.executemany(
+                "UPDATE api_keys SET revoked = ? WHERE key_hash = ?",
+                [(now, row["key_hash"]) for row in fresh],
+            )
+        revoked = [dataclasses.replace(_key_record(row), revoked=now) for row in fresh]
+        return revoked, [_key_record(row) for row in matched if row["revoked"] is not None]
 
     def user_name(self, user_id: str) -> str | None:
         """A user's name, or None if there is no such user."""

@@ -1,33 +1,48 @@
 """One base model's engine on its own thread: the trainer, the sampler and their work queues.
 
-The service core submits operations; this thread executes them. Per training run, operations
-run in seq_id order (an operation waits until its predecessor has arrived and finished). Each
-tick takes the next ready operation of every run, so forward(_backward) calls of different runs
-with the same loss function execute as one batched engine call, then the sampler advances all
-sampling requests by a few decode steps: training and sampling interleave, and no run or user
-can hold the thread for long. Sampling requests wait here, one queue per user, and enter the
-sampler round-robin across users only as its rows free up: one user's flood of requests
-delays another user's request by about one request of each user, not by the whole flood.
+The service core reserves a place (`reserve`: the queue's and the user's bounds), then submits
+operations; this thread executes them. Per training run, operations run in seq_id order (an
+operation waits until its predecessor has arrived and finished); at most `max_parked_per_run`
+may wait behind a missing seq_id, and they fail when the gap stays open past
+`parked_timeout_seconds` or the run ends. Each tick takes the next ready operation of every
+run, so forward(_backward) calls of different runs with the same loss function execute as one
+batched engine call, then the sampler advances all sampling requests by a few decode steps:
+training and sampling interleave, and no run or user can hold the thread for long.
+
+Sampling requests wait here and enter the sampler by sequence (`scheduler.SequenceAdmission`):
+a request of many samples goes in as sub-requests of at most the sampler's rows, users in
+turn, so one user's large request or flood delays another user's request by about one
+sampler's worth of rows, not by the whole of it. No failure of one operation, nor of its
+completion callbacks, stops the thread (`alive` says whether it runs).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from tinker_jax.batching import Datum, RunBatch, build_batch
+from tinker_jax.batching import Datum, RunBatch, check_runs
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.optim import AdamParams
-from tinker_jax.sampler import SampleRequest
+from tinker_jax.sampler import SampleRequest, SampleResult
 from tinker_jax.service.engine import Engine, EngineSettings
-from tinker_jax.service.errors import ResourceExhausted
+from tinker_jax.service.errors import ResourceExhausted, ServiceError
+from tinker_jax.service.scheduler import (
+    Chunk,
+    SequenceAdmission,
+    SlotHolder,
+    TenantLimits,
+    choose_eviction,
+)
 from tinker_jax.trainer import LoraConfig
 
 log = logging.getLogger("tinker_jax.worker")
@@ -48,6 +63,7 @@ class Op:
 class CreateRun(Op):
     run_id: str
     lora: LoraConfig
+    user: str = ""  # the run's owner: runs are counted per user (max_runs_per_user)
 
 
 @dataclasses.dataclass
@@ -57,6 +73,7 @@ class LoadRun(Op):
     run_id: str
     location: str
     with_optimizer: bool
+    user: str = ""  # the run's owner (max_runs_per_user)
 
 
 @dataclasses.dataclass
@@ -104,19 +121,26 @@ class SnapshotForSampler(Op):
     """Copies the run's adapter into a sampler slot (an ephemeral sampler)."""
 
     sampler_id: str
+    user: str = ""  # the sampler's owner (max_samplers_per_user, eviction)
 
 
 @dataclasses.dataclass
 class OpenSampler(Op):
     sampler_id: str
     location: str | None  # a checkpoint folder of sampler weights; None = the base model
+    user: str = ""  # the sampler's owner (max_samplers_per_user, eviction)
 
 
 @dataclasses.dataclass
 class Sample(Op):
     sampler_id: str
     request: SampleRequest
-    user: str = ""  # whose request: sampling is admitted round-robin across users
+    user: str = ""  # whose request: sampling is admitted by sequence, users in turn
+
+
+@dataclasses.dataclass
+class _Callback(Op):
+    fn: Callable[[], None]
 
 
 @dataclasses.dataclass
@@ -128,38 +152,83 @@ class _Sampler:
     slot: int | None
     location: str | None
     last_used: int
+    user: str = ""
     evicted: bool = False
+    # Its session ended while a request of it was in the sampler: its slot is freed (and the
+    # record dropped) once that request leaves.
+    closing: bool = False
 
 
 @dataclasses.dataclass
 class _Run:
     slot: int
+    user: str = ""
     next_seq: int = 1
     pending: dict[int, Op] = dataclasses.field(default_factory=dict)
+    # When the run began waiting for a missing seq_id (None: nothing waits behind a gap).
+    gap_since: float | None = None
+
+
+@dataclasses.dataclass
+class _SampleJob:
+    """A sampling request on its way through the sampler in chunks (sub-requests)."""
+
+    op: Sample
+    remaining: int  # sequences without a result yet
+    results: dict[int, SampleResult] = dataclasses.field(default_factory=dict)  # by start
+    failed: bool = False
+
+
+class Place:
+    """One reserved place in a worker's bounded queue, counted against the queue and its user
+    from `EngineWorker.reserve` until `release` (the operation's outcome is recorded, or it was
+    never submitted). Releasing twice is harmless."""
+
+    def __init__(self, worker: EngineWorker, user: str, sequences: int):
+        self._worker = worker
+        self.user = user
+        self.sequences = sequences
+        self._held = True
+
+    def release(self) -> None:
+        """Returns the place (and the user's sampled sequences) to the worker."""
+        self._worker._give_back(self)
 
 
 class EngineWorker:
     """The engine thread of one base model. Every engine call goes through `engine.call`,
-    which on host 0 of a multi-host server (`stream` given) also runs it on every host."""
+    which on host 0 of a multi-host server (`stream` given) also runs it on every host.
+    `limits` are the per-user bounds (the service core sets them from the server config);
+    `clock` (unix seconds) times seq_id gaps."""
 
     def __init__(
-        self, base_model: str, settings: EngineSettings, stream: MessageStream | None = None
+        self,
+        base_model: str,
+        settings: EngineSettings,
+        stream: MessageStream | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.base_model = base_model
         self.settings = settings
+        self.limits = TenantLimits()
         self.engine = Engine(base_model, settings, stream)
         self.config = self.engine.config
         self.sampler = self.engine.sampler  # read-only uses: validation, has_work
         self.max_context = self.sampler.max_len
+        self._clock = clock
         self._runs: dict[str, _Run] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._uses = itertools.count()  # the clock of _Sampler.last_used
         self._unordered: collections.deque[Op] = collections.deque()
-        self._in_flight: dict[int, Sample] = {}  # sampler request id -> op
-        self._waiting: collections.OrderedDict[str, collections.deque[Sample]] = (
-            collections.OrderedDict()
-        )  # user -> sampling requests not yet in the sampler, in the order the user sent them
-        self._queued = 0
+        # The sampler is given its rows' worth of sequences at a time, and as many again
+        # queued inside it so that a freed row refills without waiting for this thread.
+        self._admission: SequenceAdmission[_SampleJob] = SequenceAdmission(
+            chunk=self.sampler.rows, capacity=2 * self.sampler.rows
+        )
+        self._in_flight: dict[int, tuple[_SampleJob, Chunk[_SampleJob]]] = {}  # by sampler id
+        self._held = 0  # places reserved and not released
+        self._user_held: collections.Counter[str] = collections.Counter()
+        self._user_sequences: collections.Counter[str] = collections.Counter()
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"engine:{base_model}", daemon=True)
@@ -167,23 +236,53 @@ class EngineWorker:
 
     # ---------------------------------------------------------------- submission (any thread)
 
-    def reserve(self) -> None:
-        """Takes one place in the bounded queue (before a future is created for the op), or
-        raises ResourceExhausted; `submit*` consumes the place, `unreserve` returns it.
-        Sampling requests count until they finish: the engine moves them from the queue into
-        the sampler at once, where they would otherwise pile up without bound."""
+    def reserve(self, user: str, sequences: int = 0) -> Place:
+        """Takes one place in the bounded queue for an operation of `user` (before a future
+        is created for it), or raises ResourceExhausted naming the limit: the queue's
+        (max_queue), the user's operations queued or in flight (max_queued_per_user), the
+        user's sampled sequences queued or in flight (`sequences` more:
+        max_sequences_in_flight_per_user). The place is held until `Place.release`."""
+        limits = self.limits
         with self._cond:
-            waiting = sum(map(len, self._waiting.values()))
-            if self._queued + waiting + len(self._in_flight) >= self.settings.max_queue:
+            if self._held >= self.settings.max_queue:
                 raise ResourceExhausted(
                     f"the queue of {self.base_model} holds "
-                    f"{self.settings.max_queue} operations; retry shortly"
+                    f"{self.settings.max_queue} operations (max_queue); retry shortly"
                 )
-            self._queued += 1
+            if self._user_held[user] >= limits.max_queued_per_user:
+                raise ResourceExhausted(
+                    f"you have {self._user_held[user]} operations queued or in flight on "
+                    f"{self.base_model}, the most allowed (max_queued_per_user = "
+                    f"{limits.max_queued_per_user}); wait for some to finish"
+                )
+            if self._user_sequences[user] + sequences > limits.max_sequences_in_flight_per_user:
+                raise ResourceExhausted(
+                    f"{sequences} more sampled sequences would put yours queued or in flight on "
+                    f"{self.base_model} at {self._user_sequences[user] + sequences}, above "
+                    "max_sequences_in_flight_per_user = "
+                    f"{limits.max_sequences_in_flight_per_user}; wait for some to finish"
+                )
+            self._held += 1
+            self._user_held[user] += 1
+            self._user_sequences[user] += sequences
+        return Place(self, user, sequences)
 
-    def unreserve(self) -> None:
+    def _give_back(self, place: Place) -> None:
         with self._cond:
-            self._queued -= 1
+            if not place._held:
+                return
+            place._held = False
+            self._held -= 1
+            self._user_held[place.user] -= 1
+            self._user_sequences[place.user] -= place.sequences
+            for counter in (self._user_held, self._user_sequences):
+                if counter[place.user] <= 0:
+                    del counter[place.user]
+
+    def held(self, user: str | None = None) -> int:
+        """Places held: all of them, or `user`'s."""
+        with self._cond:
+            return self._held if user is None else self._user_held[user]
 
     def submit(self, op: Op) -> None:
         """Queues an operation that does not belong to a run's ordered stream (after
@@ -193,7 +292,8 @@ class EngineWorker:
             self._cond.notify()
 
     def check_seq(self, run_id: str, seq_id: int) -> None:
-        """Refuses a seq_id this run has used or cannot reach."""
+        """Refuses a seq_id this run has used or cannot reach, and one that would wait behind
+        a missing seq_id when `max_parked_per_run` operations already do."""
         with self._cond:
             self._check_seq(run_id, seq_id)
 
@@ -209,14 +309,62 @@ class EngineWorker:
             )
         if seq_id > run.next_seq + 4096:
             raise ValidationError("seq_id", f"{seq_id} is too far ahead of {run.next_seq}")
+        missing = run.next_seq
+        while missing in run.pending:
+            missing += 1
+        parked = sum(s > missing for s in run.pending)
+        if seq_id > missing and parked >= self.limits.max_parked_per_run:
+            raise ResourceExhausted(
+                f"{parked} operations of training run {run_id} already wait for its seq_id "
+                f"{missing} (max_parked_per_run = {self.limits.max_parked_per_run}); send "
+                f"seq_id {missing} first"
+            )
         return run
 
     def submit_run_op(self, run_id: str, seq_id: int, op: Op) -> None:
         """Queues a run's operation (after `reserve`); it executes after every lower seq_id
         of the run."""
         with self._cond:
-            self._check_seq(run_id, seq_id).pending[seq_id] = op
+            run = self._check_seq(run_id, seq_id)
+            run.pending[seq_id] = op
+            self._note_gap(run, progressed=False)
             self._cond.notify()
+
+    def _note_gap(self, run: _Run, progressed: bool) -> None:
+        """Starts (or, after progress, restarts) the gap timer of a run whose next seq_id is
+        missing while later ones wait; stops it when nothing waits behind a gap."""
+        if not run.pending or run.next_seq in run.pending:
+            run.gap_since = None
+        elif progressed or run.gap_since is None:
+            run.gap_since = self._clock()
+
+    def expire_parked(self, now: float | None = None) -> int:
+        """Fails the operations of every run whose missing seq_id has not arrived within
+        `parked_timeout_seconds` (their places return), and moves the run past them so that
+        it carries on with new seq_ids. Returns how many operations failed."""
+        now = self._clock() if now is None else now
+        timeout = self.limits.parked_timeout_seconds
+        expired: list[tuple[str, int, int, list[Op]]] = []
+        with self._cond:
+            for run_id, run in self._runs.items():
+                if run.gap_since is None or now - run.gap_since < timeout:
+                    continue
+                missing = run.next_seq
+                ops = [op for _, op in sorted(run.pending.items())]
+                run.next_seq = max(run.pending) + 1
+                run.pending.clear()
+                run.gap_since = None
+                expired.append((run_id, missing, run.next_seq, ops))
+        for run_id, missing, next_seq, ops in expired:
+            error = ValidationError(
+                "seq_id",
+                f"seq_id {missing} of training run {run_id} did not arrive within "
+                f"{timeout:g} s (parked_timeout_seconds); the {len(ops)} operations waiting "
+                f"for it failed, and the run continues from seq_id {next_seq}",
+            )
+            for op in ops:
+                self._fail(op, error)
+        return sum(len(ops) for *_, ops in expired)
 
     def has_run(self, run_id: str) -> bool:
         with self._cond:
@@ -224,36 +372,67 @@ class EngineWorker:
 
     def has_sampler(self, sampler_id: str) -> bool:
         """Whether the sampler is open here (not after a restart or its session's end)."""
-        return sampler_id in self._samplers
+        sampler = self._samplers.get(sampler_id)
+        return sampler is not None and not sampler.closing
 
-    def check_run_capacity(self) -> None:
+    def check_run_capacity(self, user: str) -> None:
         """Refuses a new training run at once, naming the limit, while every adapter slot is
-        held or promised (runs loaded or queued for creation): a full server answers
-        RESOURCE_EXHAUSTED instead of failing the run later."""
+        held or promised (runs loaded or queued for creation), or `user` holds
+        `max_runs_per_user` of them: a full server answers RESOURCE_EXHAUSTED instead of
+        failing the run later."""
         with self._cond:
-            queued = sum(isinstance(op, (CreateRun, LoadRun)) for op in self._unordered)
-            if len(self._runs) + queued >= self.settings.max_adapters:
+            queued = [op for op in self._unordered if isinstance(op, (CreateRun, LoadRun))]
+            if len(self._runs) + len(queued) >= self.settings.max_adapters:
                 raise ResourceExhausted(
                     f"all {self.settings.max_adapters} adapter slots of {self.base_model} are "
                     "in use (max_adapters); retry when a session finishes or expires"
                 )
+            mine = sum(r.user == user for r in self._runs.values())
+            mine += sum(op.user == user for op in queued)
+            if mine >= self.limits.max_runs_per_user:
+                raise ResourceExhausted(
+                    f"you have {mine} live training runs on {self.base_model}, the most "
+                    f"allowed (max_runs_per_user = {self.limits.max_runs_per_user}); end a "
+                    "session (or let it expire) first"
+                )
+
+    def check_sampler_capacity(self, user: str) -> None:
+        """Refuses a new sampling session of `user` at once when they hold
+        `max_samplers_per_user` sampler slots and every one of those has requests waiting or
+        running. Otherwise the new weights take a free slot or, at the limit, the slot of the
+        user's own least recently used idle sampler (`_into_sampler_slot`): an RL loop opens a
+        sampler per iteration and rarely closes the old ones."""
+        own = [h for h in self._slot_holders() if h.user == user]
+        if len(own) >= self.limits.max_samplers_per_user and all(h.busy for h in own):
+            raise self._samplers_limit(user, len(own))
+
+    def _samplers_limit(self, user: str, held: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"your {held} sampler slots on {self.base_model} all have requests in flight, the "
+            f"most allowed (max_samplers_per_user = {self.limits.max_samplers_per_user}); wait "
+            "for them, or close a sampling session"
+        )
 
     def check_forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
     ) -> None:
         """Validates a forward(_backward) request on the calling thread, so a bad request is
         refused at once (and never reaches a batch shared with other runs)."""
-        build_batch(
+        check_runs(
             [RunBatch(0, data, loss_fn_config)],
             loss_fn,
             slot_scale={0: 1.0},
             vocab_size=self.config.vocab_size,
-            max_length=self.config.max_position_embeddings,
+            max_length=self.engine.trainer.max_length,
         )
 
     def check_sample(self, request: SampleRequest) -> None:
         """Validates a sampling request on the calling thread (slot checked on execution)."""
         self.sampler.validate(request)
+
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it stops only by `close`)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         with self._cond:
@@ -265,31 +444,40 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while (
-                    not self._stop
-                    and not self._has_ready()
-                    and not self.sampler.has_work()
-                    and not self._admissible()
-                ):
-                    self._cond.wait()
-                if self._stop:
+            try:
+                if not self._tick():
                     return
-                unordered = list(self._unordered)
-                self._unordered.clear()
-                ready = []
-                for run_id, run in self._runs.items():
-                    op = run.pending.pop(run.next_seq, None)
-                    if op is not None:
-                        run.next_seq += 1
-                        ready.append((run_id, op))
-                self._queued -= len(unordered) + len(ready)
-            for op in unordered:
-                self._guard(op, self._execute_unordered, op)
-            self._execute_ready(ready)
-            self._admit_samples()
-            if self.sampler.has_work():
-                self._guard(None, self._sample_step)
+            except Exception:  # noqa: BLE001 - a bug in one tick must not stop every user
+                log.error("engine tick failed; carrying on: %s", traceback.format_exc())
+
+    def _tick(self) -> bool:
+        """Executes the ready work once; False when the worker is closed."""
+        with self._cond:
+            while (
+                not self._stop
+                and not self._has_ready()
+                and not self.sampler.has_work()
+                and not self._admission.admissible()
+            ):
+                self._cond.wait()
+            if self._stop:
+                return False
+            unordered = list(self._unordered)
+            self._unordered.clear()
+            ready = []
+            for run_id, run in self._runs.items():
+                op = run.pending.pop(run.next_seq, None)
+                if op is not None:
+                    run.next_seq += 1
+                    self._note_gap(run, progressed=True)
+                    ready.append((run_id, op))
+        for op in unordered:
+            self._guard(op, self._execute_unordered, op)
+        self._execute_ready(ready)
+        self._admit_samples()
+        if self.sampler.has_work():
+            self._guard(None, self._sample_step)
+        return True
 
     def _has_ready(self) -> bool:
         return bool(self._unordered) or any(r.next_seq in r.pending for r in self._runs.values())
@@ -298,49 +486,75 @@ class EngineWorker:
         """Runs fn; a failure fails the op (user errors as such) and never the thread."""
         try:
             fn(*args)
-        except ValidationError as e:
+        except (ValidationError, ServiceError) as e:
             if op is not None:
-                op.fail(e)
+                self._fail(op, e)
         except Exception as e:  # noqa: BLE001 - the engine thread must survive any op
             log.error("engine operation failed: %s", traceback.format_exc())
             if op is not None:
-                op.fail(e)
+                self._fail(op, e)
             else:
                 self._fail_in_flight(e)
+
+    def _done(self, op: Op, result: Any) -> None:
+        """Delivers an op's result; if its callback raises, the op fails with that error."""
+        try:
+            op.done(result)
+        except Exception as e:  # noqa: BLE001 - a callback's failure is the op's, not the thread's
+            log.error("completing %s failed: %s", type(op).__name__, traceback.format_exc())
+            self._fail(op, e)
+
+    def _fail(self, op: Op, error: Exception) -> None:
+        """Delivers an op's failure; a callback that raises is logged, never propagated."""
+        try:
+            op.fail(error)
+        except Exception:  # noqa: BLE001 - the engine thread must survive its callbacks
+            log.error(
+                "recording the failure of %s (%s) failed: %s",
+                type(op).__name__,
+                error,
+                traceback.format_exc(),
+            )
 
     def _execute_unordered(self, op: Op) -> None:
         if isinstance(op, CreateRun):
             slot = self.engine.call("create_slot", op.lora)
             with self._cond:
-                self._runs[op.run_id] = _Run(slot)
-            op.done(slot)
+                self._runs[op.run_id] = _Run(slot, op.user)
+            self._done(op, slot)
         elif isinstance(op, LoadRun):
             slot, state = self.engine.call("load_slot", op.location, op.with_optimizer)
             with self._cond:
-                self._runs[op.run_id] = _Run(slot)
-            op.done(state)
+                self._runs[op.run_id] = _Run(slot, op.user)
+            self._done(op, state)
         elif isinstance(op, OpenSampler):
-            slot = self._into_sampler_slot("open_sampler", op.location)
-            self._samplers[op.sampler_id] = _Sampler(slot, op.location, next(self._uses))
-            op.done(slot)
+            slot = self._into_sampler_slot(op.user, "open_sampler", op.location)
+            with self._cond:
+                self._samplers[op.sampler_id] = _Sampler(
+                    slot, op.location, next(self._uses), op.user
+                )
+            self._done(op, slot)
         elif isinstance(op, _Callback):
             op.fn()
-            op.done(None)
+            self._done(op, None)
         elif isinstance(op, Sample):
+            n = op.request.num_samples
             with self._cond:
-                self._waiting.setdefault(op.user, collections.deque()).append(op)
+                self._admission.add(op.user, _SampleJob(op, n), n)
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
     def _execute_ready(self, ready: list[tuple[str, Op]]) -> None:
         groups: dict[tuple[str, bool], list[tuple[str, ForwardBackward]]] = {}
         for run_id, op in ready:
-            if isinstance(op, ForwardBackward):
+            if run_id not in self._runs:  # its session ended in this tick's release
+                self._fail(op, ValidationError("model_id", f"training run {run_id} ended"))
+            elif isinstance(op, ForwardBackward):
                 groups.setdefault((op.loss_fn, op.forward_only), []).append((run_id, op))
         for (loss_fn, forward_only), items in groups.items():
             self._guard_group(items, loss_fn, forward_only)
         for run_id, op in ready:
-            if not isinstance(op, ForwardBackward):
+            if run_id in self._runs and not isinstance(op, ForwardBackward):
                 self._guard(op, self._execute_run_op, run_id, op)
 
     def _guard_group(self, items, loss_fn: str, forward_only: bool) -> None:
@@ -357,70 +571,89 @@ class EngineWorker:
                 log.warning("batched %s failed; retrying per run", loss_fn)
             else:
                 for (_, op), out in zip(items, outputs):
-                    op.done(out)
+                    self._done(op, out)
                 return
         for (_, op), run in zip(items, runs):
             self._guard(
-                op, lambda op=op, run=run: op.done(self.engine.call(name, [run], loss_fn)[0])
+                op, lambda op=op, run=run: self._done(op, self.engine.call(name, [run], loss_fn)[0])
             )
 
     def _execute_run_op(self, run_id: str, op: Op) -> None:
         slot = self._runs[run_id].slot
         if isinstance(op, OptimStep):
-            op.done(self.engine.call("optim_step", slot, op.params))
+            self._done(op, self.engine.call("optim_step", slot, op.params))
         elif isinstance(op, SaveState):
             size = self.engine.call("save_state", slot, op.with_optimizer, op.location)
-            op.done(op.record(size))
+            self._done(op, op.record(size))
         elif isinstance(op, Refused):
             raise op.error
         elif isinstance(op, LoadIntoRun):
             new_slot, state = self.engine.call("replace_slot", slot, op.location, op.with_optimizer)
             with self._cond:
                 self._runs[run_id].slot = new_slot
-            op.done(state)
+            self._done(op, state)
         elif isinstance(op, SnapshotForSampler):
-            sampler_slot = self._into_sampler_slot("snapshot", slot)
-            self._samplers[op.sampler_id] = _Sampler(sampler_slot, None, next(self._uses))
-            op.done(sampler_slot)
+            sampler_slot = self._into_sampler_slot(op.user, "snapshot", slot)
+            with self._cond:
+                self._samplers[op.sampler_id] = _Sampler(
+                    sampler_slot, None, next(self._uses), op.user
+                )
+            self._done(op, sampler_slot)
         else:
             raise TypeError(f"unexpected operation {type(op).__name__}")
 
     # ---------------------------------------------------------------- fair sampling admission
 
-    def _admissible(self) -> bool:
-        """Whether a waiting sampling request could enter the sampler now."""
-        return bool(self._waiting) and self._rows_in_flight() < self._admit_rows()
-
-    def _admit_rows(self) -> int:
-        """How many sequences the sampler is given at once: its rows, and as many again
-        queued inside it so that a freed row refills without waiting for this thread."""
-        return 2 * self.sampler.rows
-
-    def _rows_in_flight(self) -> int:
-        return sum(op.request.num_samples for op in self._in_flight.values())
-
     def _admit_samples(self) -> None:
-        """Moves waiting sampling requests into the sampler, one per user in turn (users
-        rotate: whoever was served goes to the back), while it has room."""
-        while True:
+        """Puts the chunks that the admission policy picks into the sampler, in its order."""
+        with self._cond:
+            chunks = self._admission.admit()
+        for chunk in chunks:
+            job = chunk.item
+            try:
+                if not job.failed:  # (an earlier chunk of it may have failed just now)
+                    rid = self.engine.call("submit", self._chunk_request(job.op, chunk))
+                    self._in_flight[rid] = (job, chunk)
+                    continue
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                if not isinstance(e, (ValidationError, ServiceError)):
+                    log.error("submitting a sample failed: %s", traceback.format_exc())
+                self._fail_job(job, e)
             with self._cond:
-                if not self._admissible():
-                    return
-                user, queue = next(iter(self._waiting.items()))
-                op = queue.popleft()
-                if queue:
-                    self._waiting.move_to_end(user)  # to the back of the rotation
-                else:
-                    del self._waiting[user]
-            self._guard(op, self._submit_sample, op)
+                self._admission.finished(chunk)
 
-    def _submit_sample(self, op: Sample) -> None:
-        request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id))
-        self._in_flight[self.engine.call("submit", request)] = op
+    def _chunk_request(self, op: Sample, chunk: Chunk[_SampleJob]) -> SampleRequest:
+        """The sub-request of sequences [start, start + count) of `op`'s request. Only the
+        first computes prompt logprobs. A seeded request's later chunks draw from seeds
+        derived from (seed, start), so its samples stay distinct and reproducible."""
+        request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id, op.user))
+        if chunk.count == request.num_samples:
+            return request
+        params = request.params
+        if chunk.start and params.seed is not None:
+            digest = hashlib.blake2b(f"{params.seed}:{chunk.start}".encode(), digest_size=8)
+            params = dataclasses.replace(params, seed=int.from_bytes(digest.digest(), "big"))
+        first = chunk.start == 0
+        return dataclasses.replace(
+            request,
+            num_samples=chunk.count,
+            params=params,
+            include_prompt_logprobs=request.include_prompt_logprobs and first,
+            topk_prompt_logprobs=request.topk_prompt_logprobs if first else 0,
+        )
+
+    def _fail_job(self, job: _SampleJob, error: Exception) -> None:
+        """Fails a sampling request once; its chunks not yet admitted are dropped."""
+        if job.failed:
+            return
+        job.failed = True
+        with self._cond:
+            self._admission.discard(lambda other: other is not job)
+        self._fail(job.op, error)
 
     # ---------------------------------------------------------------- sampler slots
 
-    def _sampler_slot(self, sampler_id: str) -> int | None:
+    def _sampler_slot(self, sampler_id: str, user: str) -> int | None:
         """The slot a sampling request of `sampler_id` runs in, reloading its weights if they
         were evicted; marks the sampler as just used."""
         sampler = self._samplers.get(sampler_id)
@@ -435,69 +668,139 @@ class EngineWorker:
                     "weights for the sampler and open a sampling client on the saved path to "
                     "keep weights loadable",
                 )
-            sampler.slot = self._into_sampler_slot("open_sampler", sampler.location)
+            sampler.slot = self._into_sampler_slot(user, "open_sampler", sampler.location)
             sampler.evicted = False
         sampler.last_used = next(self._uses)
         return sampler.slot
 
-    def _into_sampler_slot(self, name: str, *args: Any) -> int | None:
-        """Runs the engine call `name` that loads an adapter into a free sampler slot, first
-        evicting the least recently used sampler with no request waiting or in flight if
-        every slot is taken (RL loops open a new sampler per iteration and rarely close the
-        old ones)."""
+    def _into_sampler_slot(self, user: str, name: str, *args: Any) -> int | None:
+        """Runs the engine call `name` that loads `user`'s adapter into a free sampler slot.
+        If every slot is taken, first evicts the sampler `scheduler.choose_eviction` picks
+        (an idle one of `user`'s own, else another user's idle one that can be reloaded; RL
+        loops open a new sampler per iteration and rarely close the old ones); when `user`
+        holds max_samplers_per_user slots, the victim is one of their own. Refuses with
+        RESOURCE_EXHAUSTED naming the limit (or sampler_slots) when there is none."""
         if name == "open_sampler" and args[0] is None:
             return self.engine.call(name, *args)  # the base model takes no slot
-        if not self.sampler.free_slots():
-            with self._cond:
-                waiting = [op for queue in self._waiting.values() for op in queue]
-            busy = {op.sampler_id for op in [*self._in_flight.values(), *waiting]}
-            idle = [
-                (s.last_used, sid)
-                for sid, s in self._samplers.items()
-                if s.slot is not None and not s.evicted and sid not in busy
-            ]
-            if not idle:
+        holders = self._slot_holders()
+        own = [h for h in holders if h.user == user]
+        at_limit = len(own) >= self.limits.max_samplers_per_user
+        if at_limit or not self.sampler.free_slots():
+            victim_id = choose_eviction(user, own if at_limit else holders)
+            if victim_id is None and at_limit:
+                raise self._samplers_limit(user, len(own))
+            if victim_id is None:
                 raise ResourceExhausted(
                     f"all {self.settings.sampler_slots} sampler slots of {self.base_model} "
-                    "hold weights with requests in flight (sampler_slots); retry shortly"
+                    "hold weights with requests in flight or other users' weights that cannot "
+                    "be reloaded (sampler_slots); retry shortly, or close an idle sampler"
                 )
-            victim = self._samplers[min(idle)[1]]
+            victim = self._samplers[victim_id]
             self.engine.call("free_adapter", victim.slot)
             victim.slot, victim.evicted = None, True
         return self.engine.call(name, *args)
 
+    def _slot_holders(self) -> list[SlotHolder]:
+        """Every sampler that holds a sampler slot, as eviction sees it."""
+        with self._cond:
+            # A failed request's chunk still in the sampler keeps its slot in use there.
+            busy = {job.op.sampler_id for job in self._admission.waiting() if not job.failed}
+            busy |= {job.op.sampler_id for job, _ in self._in_flight.values()}
+            return [
+                SlotHolder(sid, s.user, s.last_used, s.location is not None, sid in busy)
+                for sid, s in self._samplers.items()
+                if s.slot is not None and not s.evicted and not s.closing
+            ]
+
     def _sample_step(self) -> None:
         for rid, result in self.engine.call("step").items():
-            op = self._in_flight.pop(rid)
-            self._guard(op, op.done, result)
+            job, chunk = self._in_flight.pop(rid)
+            with self._cond:
+                self._admission.finished(chunk)
+            if job.failed:
+                continue
+            job.results[chunk.start] = result
+            job.remaining -= chunk.count
+            if not job.remaining:
+                self._done(job.op, _merged(job.results))
+        closing = [sid for sid, sampler in self._samplers.items() if sampler.closing]
+        for sid in closing:
+            self._close_sampler(sid)
 
     def _fail_in_flight(self, error: Exception) -> None:
         """A failed sampler step loses its batch: fail those requests (retryable)."""
-        for op in self._in_flight.values():
-            op.fail(error)
+        lost = list(self._in_flight.values())
         self._in_flight.clear()
-        self.engine.call("reset")
+        for job, chunk in lost:
+            with self._cond:
+                self._admission.finished(chunk)
+            self._fail_job(job, error)
+        try:
+            self.engine.call("reset")
+        except Exception:  # noqa: BLE001 - logged; the next step tries again
+            log.error("resetting the sampler failed: %s", traceback.format_exc())
 
     # ---------------------------------------------------------------- lifecycle of slots
 
     def release(self, run_ids: list[str], sampler_ids: list[str]) -> None:
-        """Frees the slots of finished sessions (saved checkpoints stay on disk)."""
+        """Frees the slots of finished sessions (saved checkpoints stay on disk). Operations
+        of the runs still waiting for their turn fail, and their places return."""
 
         def free():
-            for run_id in run_ids:
-                run = self._runs.pop(run_id, None)
-                if run is not None:
-                    self.engine.call("free_slot", run.slot)
+            dropped: list[tuple[str, int, Op]] = []
+            slots = []
+            with self._cond:
+                for run_id in run_ids:
+                    run = self._runs.pop(run_id, None)
+                    if run is not None:
+                        slots.append(run.slot)
+                        dropped += [(run_id, s, op) for s, op in sorted(run.pending.items())]
+            for run_id, seq_id, op in dropped:
+                self._fail(
+                    op,
+                    ValidationError(
+                        "seq_id",
+                        f"training run {run_id} ended (its session finished) while seq_id "
+                        f"{seq_id} waited for its turn",
+                    ),
+                )
+            for slot in slots:
+                self.engine.call("free_slot", slot)
             for sid in sampler_ids:
-                sampler = self._samplers.pop(sid, None)
-                if sampler is not None and sampler.slot is not None and not sampler.evicted:
-                    self.engine.call("free_adapter", sampler.slot)
+                with self._cond:
+                    if sid not in self._samplers:
+                        continue
+                    self._samplers[sid].closing = True
+                    jobs = [*self._admission.waiting(), *(j for j, _ in self._in_flight.values())]
+                for job in jobs:
+                    if job.op.sampler_id == sid:
+                        self._fail_job(
+                            job,
+                            ValidationError(
+                                "sampling_session_id",
+                                f"{sid} was closed (its session finished) before this request "
+                                "finished",
+                            ),
+                        )
+                self._close_sampler(sid)
 
-        with self._cond:
-            self._queued += 1
         self.submit(_Callback(done=lambda _: None, fail=lambda e: None, fn=free))
 
+    def _close_sampler(self, sid: str) -> None:
+        """Frees a closing sampler's slot and drops it, unless a request of it is still in the
+        sampler (its result is discarded; `_sample_step` calls this again when it leaves)."""
+        if any(job.op.sampler_id == sid for job, _ in self._in_flight.values()):
+            return
+        with self._cond:
+            sampler = self._samplers.pop(sid)
+        if sampler.slot is not None and not sampler.evicted:
+            self.engine.call("free_adapter", sampler.slot)
 
-@dataclasses.dataclass
-class _Callback(Op):
-    fn: Callable[[], None]
+
+def _merged(results: dict[int, SampleResult]) -> SampleResult:
+    """One request's result from its chunks' (keyed by first sequence): sequences in order,
+    prompt logprobs from the first chunk."""
+    first = results[0]
+    return dataclasses.replace(
+        first, sequences=[seq for start in sorted(results) for seq in results[start].sequences]
+    )

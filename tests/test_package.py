@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -11,13 +12,31 @@ def test_importing_the_package_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_demo_serves_trains_saves_and_samples(capsys):
+def test_demo_serves_trains_saves_and_samples(capsys, caplog):
     from tinker_jax.service.cli import main
 
     assert main(["demo", "--steps", "6"]) == 0
     out = capsys.readouterr().out
     assert "loss/token fell from" in out
     assert "sampler_weights/demo" in out and "sample:" in out
+    # A quiet server: our own lines, and none of Orbax's (absl) or JAX's chatter.
+    ours = [r for r in caplog.records if r.name.startswith("tinker_jax")]
+    assert any("serving" in r.getMessage() for r in ours)
+    chatter = [r for r in caplog.records if not r.name.startswith("tinker_jax")]
+    assert all(r.levelno >= logging.WARNING for r in chatter), [r.name for r in chatter][:5]
+
+
+def test_debug_logging_shows_the_libraries_lines():
+    from tinker_jax.service.cli import main
+
+    try:
+        assert main(["--log-level", "debug", "keys", "list", "--storage", "/nonexistent"]) == 2
+        assert logging.getLogger("absl").isEnabledFor(logging.INFO)
+        assert main(["keys", "list", "--storage", "/nonexistent"]) == 2
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+        assert logging.getLogger("tinker_jax.server").isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def test_engine_xla_flags_are_appended_unless_the_user_set_them():

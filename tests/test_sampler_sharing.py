@@ -1,12 +1,11 @@
-"""The sampler shared by users, through the real server. Slots under an RL loop's churn: a new
+"""The sampler shared by users. Slots under an RL loop's churn, through the real server: a new
 sampler evicts the least recently used idle one instead of failing; weights opened from a
 saved path come back transparently, an evicted ephemeral snapshot says so by name. Rows under
-a flood: one user's many requests do not queue another user's request behind them."""
+a flood, on the admission policy itself (`service.scheduler.SequenceAdmission`, scripted
+arrivals, no threads): one user's large request or many requests do not queue another user's
+request behind them."""
 
 from __future__ import annotations
-
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from tests.server_process import ServerProcess
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.client.errors import RequestFailedError
+from tinker_jax.service.scheduler import SequenceAdmission
 
 SAMPLER_SLOTS = 2
 SAMPLER_ROWS = 2
@@ -68,34 +68,64 @@ def test_an_rl_loop_outlives_the_sampler_slots(server):
         assert len(_greedy(snapshots[-1])) == GREEDY.max_tokens
 
 
-def test_a_flood_from_one_user_does_not_queue_another(server):
-    """Alice submits 40 requests at once, then Bob one: with requests admitted round-robin
-    by user, Bob's overtakes all but the few of Alice's already in the sampler (under FIFO it
-    would finish after every one of hers still waiting)."""
-    params = T.SamplingParams(max_tokens=48, temperature=0.0, stop=[])
-    finished: dict[str, float] = {}
+def _admitted(chunks) -> list[tuple[str, str, int, int]]:
+    return [(c.user, c.item, c.start, c.count) for c in chunks]
 
-    def wait(name: str, future) -> None:
-        future.result(timeout=600)
-        finished[name] = time.monotonic()
 
-    with (
-        ServiceClient(base_url=server.address, api_key=server.keys["alice"]) as alice,
-        ServiceClient(base_url=server.address, api_key=server.keys["bob"]) as bob,
-    ):
-        alice_sampler = alice.create_sampling_client(base_model=server.model)
-        bob_sampler = bob.create_sampling_client(base_model=server.model)
-        futures = {f"alice{i}": alice_sampler.sample(PROMPT, 1, params) for i in range(40)}
-        waiters = [threading.Thread(target=wait, args=item) for item in futures.items()]
-        for t in waiters:
-            t.start()
-        bob_sent = time.monotonic()
-        wait("bob", bob_sampler.sample(PROMPT, 1, params))
-        for t in waiters:
-            t.join()
-    alice_times = [t for name, t in finished.items() if name != "bob"]
-    waiting = [t for t in alice_times if t > bob_sent]
-    assert len(waiting) >= 20, "the flood finished before Bob asked: nothing was measured"
-    overtaken = sum(t < finished["bob"] for t in waiting)
-    # In the sampler ahead of Bob: at most 2 x rows requests (one row each), plus a turn.
-    assert overtaken <= 2 * SAMPLER_ROWS + 2, f"{overtaken} of {len(waiting)} went first"
+def test_a_large_request_enters_the_sampler_a_chunk_at_a_time_and_others_go_between():
+    """Scripted arrivals, no threads: Alice asks for 2048 samples, then Bob for 4. Alice's
+    request enters a sampler of 32 rows 32 sequences at a time (two chunks fill it: its rows
+    and as many queued); Bob's request goes in as soon as the first chunk leaves, ahead of
+    the rest of Alice's (under per-request admission it waited for all 2048)."""
+    rows = 32
+    admission = SequenceAdmission(chunk=rows, capacity=2 * rows)
+    admission.add("alice", "big", 2048)
+    first = admission.admit()
+    assert _admitted(first) == [("alice", "big", 0, 32), ("alice", "big", 32, 32)]
+    admission.add("bob", "small", 4)
+    assert admission.admit() == []  # the sampler holds its capacity
+    admission.finished(first[0])
+    assert _admitted(admission.admit()) == [("bob", "small", 0, 4), ("alice", "big", 64, 32)]
+    assert admission.in_flight == 32 + 4 + 32
+
+
+def test_a_flood_of_requests_waits_its_turn_behind_another_users_request():
+    """Alice sends 40 one-sample requests, then Bob one: Bob's enters the sampler at the
+    first freed row, ahead of the 36 of Alice's still waiting."""
+    admission = SequenceAdmission(chunk=SAMPLER_ROWS, capacity=2 * SAMPLER_ROWS)
+    for i in range(40):
+        admission.add("alice", f"a{i}", 1)
+    first = admission.admit()
+    assert [c.item for c in first] == ["a0", "a1", "a2", "a3"]
+    admission.add("bob", "b", 1)
+    assert admission.admit() == []
+    admission.finished(first[0])
+    assert [c.item for c in admission.admit()] == ["b"]
+    admission.finished(first[1])
+    assert [c.item for c in admission.admit()] == ["a4"]
+    assert len(admission.waiting()) == 35
+
+
+def test_users_take_turns_by_sequences_in_the_sampler_and_failed_requests_leave():
+    """The turn goes to the waiting user with the fewest sequences in the sampler; among
+    equals, to whoever was served longest ago. A failed request's waiting part is dropped."""
+    admission = SequenceAdmission(chunk=2, capacity=6)
+    admission.add("alice", "a", 6)
+    admission.add("bob", "b", 6)
+    admission.add("carol", "c", 1)
+    chunks = admission.admit()
+    assert [(c.user, c.count) for c in chunks] == [
+        ("alice", 2),
+        ("bob", 2),
+        ("carol", 1),
+        ("alice", 2),
+    ]
+    for chunk in chunks:
+        admission.finished(chunk)
+    assert admission.in_flight == 0
+    assert admission.discard(lambda item: item != "a") == ["a"]
+    assert [(c.user, c.start, c.count) for c in admission.admit()] == [
+        ("bob", 2, 2),
+        ("bob", 4, 2),
+    ]
+    assert not admission.admissible() and admission.waiting() == []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import threading
 import uuid
@@ -45,6 +46,8 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.lora import TARGET_GROUPS
 from tinker_jax.models.family import DENSE_HF_KEYS
 from tinker_jax.trainer import LoraConfig, SlotState
+
+log = logging.getLogger("tinker_jax.checkpoints")
 
 FORMAT = "tinker-jax-checkpoint"
 FORMAT_VERSION = 1
@@ -215,13 +218,20 @@ def save_state(
     return storage.tree_size(directory)
 
 
-def read_info(directory: str | os.PathLike) -> CheckpointInfo:
-    """The checkpoint's metadata; ValidationError("path") when it is missing or unreadable."""
+def read_info(
+    directory: str | os.PathLike, *, name: str = "the folder", field: str = "path"
+) -> CheckpointInfo:
+    """The checkpoint's metadata; ValidationError(`field`) when it is missing or unreadable.
+
+    Errors call the checkpoint `name` (the service passes its tinker:// path) and never
+    hold `directory`: they reach clients, who must not learn where the server stores files.
+    The location of a damaged one is logged, for the operator."""
     directory = storage.resolve(directory)
     path = directory / INFO_FILE
     if not path.is_file():
-        what = "is not a checkpoint" if directory.is_dir() else "does not exist"
-        raise ValidationError("path", f"{directory} {what}")
+        if directory.is_dir():
+            raise ValidationError(field, f"{name} is not a checkpoint (it has no metadata file)")
+        raise ValidationError(field, f"{name} does not exist in checkpoint storage")
     try:
         meta = json.loads(path.read_text())
         if meta.get("format") != FORMAT:
@@ -238,8 +248,13 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
             has_optimizer=bool(meta["has_optimizer"]),
             step=int(meta["step"]),
         )
+    except OSError as e:  # its text names the file
+        log.warning("cannot read %s: %s", path, e)
+        reason = e.strerror or type(e).__name__
+        raise ValidationError(field, f"{name}: unreadable checkpoint metadata ({reason})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValidationError("path", f"{directory}: corrupt checkpoint metadata ({e})") from None
+        log.warning("corrupt checkpoint metadata in %s: %s", path, e)
+        raise ValidationError(field, f"{name}: corrupt checkpoint metadata ({e})") from None
 
 
 def load_state(
@@ -250,11 +265,12 @@ def load_state(
     the moments are not read and the state has mu = nu = None, step 0.
 
     Raises ValidationError("path") when the folder is missing or corrupt, or when the
-    optimizer is asked for and the checkpoint was saved without it."""
+    optimizer is asked for and the checkpoint was saved without it; like `read_info`'s, its
+    messages never hold `directory`."""
     directory = storage.resolve(directory)
     info = read_info(directory)
     if with_optimizer and not info.has_optimizer:
-        raise ValidationError("path", f"{directory} was saved without optimizer state")
+        raise ValidationError("path", "the checkpoint was saved without optimizer state")
     try:
         with _orbax_lock:
             # Every array comes back whole, as numpy, whatever sharding it was saved from.
@@ -272,17 +288,20 @@ def load_state(
             mu = _flatten(restored["optimizer"]["mu"])
             nu = _flatten(restored["optimizer"]["nu"])
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files
-        raise ValidationError("path", f"{directory}: cannot read checkpoint arrays ({e})") from None
+        log.warning("cannot read the checkpoint arrays in %s: %s", directory, e)
+        raise ValidationError(
+            "path", f"cannot read checkpoint arrays ({type(e).__name__}; damaged files?)"
+        ) from None
     for arrays in (adapter, mu, nu):
         for name, value in (arrays or {}).items():
             if value.ndim < 2 or value.shape[_rank_axis(name)] != info.lora.rank:
                 raise ValidationError(
                     "path",
-                    f"{directory}: {name} has shape {value.shape}, "
-                    f"not rank {info.lora.rank} as the metadata says",
+                    f"the checkpoint's {name} has shape {value.shape}, "
+                    f"not rank {info.lora.rank} as its metadata says",
                 )
     if mu is not None and not (mu.keys() == nu.keys() == adapter.keys()):
-        raise ValidationError("path", f"{directory}: optimizer arrays do not match the adapter")
+        raise ValidationError("path", "the checkpoint's optimizer arrays do not match its adapter")
     step = info.step if with_optimizer else 0
     return SlotState(info.lora, adapter, mu, nu, step), info
 

@@ -1,0 +1,475 @@
+"""One tenant never harms another, on an in-process service core over a real engine worker
+(the tiny model): operations parked behind a missing seq_id are bounded and fail (returning
+their queue places) when the run ends or the gap stays open; the engine thread survives a
+database it cannot write; every queue place comes back; a large sampling request enters the
+sampler a few sequences at a time; sampler-slot eviction never destroys another user's
+ephemeral snapshot; per-user limits refuse with RESOURCE_EXHAUSTED naming the limit.
+
+Nothing here asserts on time: only on counts, order and the futures' outcomes (a helper waits
+for an outcome, generously, so that a future that never settles fails the test)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from tinker_jax.errors import ValidationError
+from tinker_jax.service.config import ServerConfig
+from tinker_jax.service.core import ServiceCore
+from tinker_jax.service.engine import EngineSettings
+from tinker_jax.service.errors import ResourceExhausted
+from tinker_jax.service.scheduler import SlotHolder, choose_eviction
+from tinker_jax.service.store import DB_NAME, Store
+from tinker_jax.service.worker import EngineWorker
+from tinker_jax.trainer import LoraConfig
+from tinker_jax.v1 import tinker_pb2 as pb
+
+SAMPLER_SLOTS = 2
+SAMPLER_ROWS = 2
+MAX_QUEUE = 16
+LIMITS = {
+    "max_parked_per_run": 4,
+    "parked_timeout_seconds": 100.0,
+    "max_runs_per_user": 2,
+    "max_samplers_per_user": 3,
+    "max_queued_per_user": 6,
+    "max_sequences_in_flight_per_user": 32,
+}
+USERS = ("alice", "bob", "carol", "dave", "erin")
+WAIT_SECONDS = 120.0  # how long an outcome may take before the test calls it lost
+
+
+@dataclasses.dataclass
+class Env:
+    core: ServiceCore
+    worker: EngineWorker
+    model: str
+    users: dict[str, str]  # name -> user id
+
+    def session(self, user: str) -> str:
+        return self.core.create_session(self.users[user], {}, "", "", [])
+
+    def run(self, user: str, session: str, seq: int = 0) -> str:
+        rid, run_id = self.core.create_model(
+            self.users[user], "", session, seq, self.model, LoraConfig(rank=4, seed=1), {}
+        )
+        _ok(self.outcome(user, rid))
+        return run_id
+
+    def optim(self, user: str, run_id: str, seq_id: int) -> str:
+        return self.core.optim_step(
+            self.users[user],
+            "",
+            run_id,
+            seq_id,
+            pb.AdamParams(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8),
+        )
+
+    def sample(self, user: str, sampler: str, n: int = 1, tokens=(3, 1, 4)) -> str:
+        params = pb.SamplingParams(
+            max_tokens=3, seed=7, temperature=1.0, top_k=-1, top_p=1.0, stop_tokens=pb.StopTokens()
+        )
+        prompt = pb.ModelInput(chunks=[pb.ModelInputChunk(encoded_text={"tokens": list(tokens)})])
+        rid, _ = self.core.sample(self.users[user], "", sampler, prompt, n, params, False, 0)
+        return rid
+
+    def outcome(self, user: str, request_id: str) -> pb.RetrieveFutureResponse:
+        """The settled outcome of a request; AssertionError if it stays pending."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            response = self.core.retrieve(self.users[user], request_id, 5.0)
+            if not response.HasField("try_again"):
+                return response
+        raise AssertionError(f"request {request_id} never settled")
+
+    def pending(self, user: str, request_id: str) -> bool:
+        return self.core.retrieve(self.users[user], request_id, 0.0).HasField("try_again")
+
+
+def _ok(response: pb.RetrieveFutureResponse) -> pb.RetrieveFutureResponse:
+    assert not response.HasField("error"), response.error.message
+    return response
+
+
+def _error(response: pb.RetrieveFutureResponse) -> str:
+    assert response.HasField("error"), response
+    return response.error.message
+
+
+@pytest.fixture(scope="module")
+def env(hf_model_dir, tmp_path_factory):
+    model = str(hf_model_dir("qwen3"))
+    storage = tmp_path_factory.mktemp("tenants")
+    config = ServerConfig.from_dict(
+        {
+            "base_models": [model],
+            "storage": storage,
+            "sampler_slots": SAMPLER_SLOTS,
+            "sampler_rows": SAMPLER_ROWS,
+            "max_queue": MAX_QUEUE,
+            "max_lora_rank": 8,
+            "max_adapters": 8,
+            "max_seq_len": 64,
+            **LIMITS,
+        }
+    )
+    settings = EngineSettings(
+        max_adapters=config.max_adapters,
+        max_lora_rank=config.max_lora_rank,
+        sampler_slots=SAMPLER_SLOTS,
+        sampler_rows=SAMPLER_ROWS,
+        max_seq_len=config.max_seq_len,
+        mesh=config.mesh,
+        max_queue=MAX_QUEUE,
+    )
+    store = Store(storage)
+    worker = EngineWorker(model, settings)
+    core = ServiceCore(config, store, {model: worker})
+    users = {name: store.create_user(name)[0] for name in USERS}
+    yield Env(core, worker, model, users)
+    worker.close()
+    store.close()
+
+
+def _settled(env: Env) -> None:
+    """Every queue place is back (nothing of this test is queued or in flight)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while env.worker.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.worker.held() == 0
+
+
+# ------------------------------------------------------------------ 1. parked operations
+
+
+def test_parked_operations_are_bounded_per_run(env):
+    session = env.session("alice")
+    run_id = env.run("alice", session)
+    parked = [env.optim("alice", run_id, seq) for seq in range(2, 2 + LIMITS["max_parked_per_run"])]
+    with pytest.raises(ResourceExhausted, match="max_parked_per_run = 4") as refused:
+        env.optim("alice", run_id, 2 + LIMITS["max_parked_per_run"])
+    assert "seq_id 1" in str(refused.value)
+    # The missing seq_id itself is never refused, and fills the gap: everything runs.
+    first = env.optim("alice", run_id, 1)
+    for rid in [first, *parked]:
+        _ok(env.outcome("alice", rid))
+    env.core.finish_session(env.users["alice"], session, "")
+    _settled(env)
+
+
+def test_ending_the_session_fails_parked_operations_and_returns_their_places(env):
+    session = env.session("alice")
+    run_id = env.run("alice", session)
+    parked = [env.optim("alice", run_id, seq) for seq in (2, 3, 4)]
+    assert all(env.pending("alice", rid) for rid in parked)
+    env.core.finish_session(env.users["alice"], session, "")
+    for seq, rid in zip((2, 3, 4), parked):
+        assert f"{run_id} ended" in _error(env.outcome("alice", rid))
+        assert f"seq_id {seq}" in _error(env.outcome("alice", rid))
+    _settled(env)
+
+
+def test_a_gap_left_open_past_the_timeout_fails_what_waits_behind_it(env):
+    session = env.session("bob")
+    run_id = env.run("bob", session)
+    parked = [env.optim("bob", run_id, seq) for seq in (2, 3)]
+    env.core.sweep(time.time() + 1)  # well within parked_timeout_seconds: nothing happens
+    assert all(env.pending("bob", rid) for rid in parked)
+    env.core.sweep(time.time() + LIMITS["parked_timeout_seconds"] + 1)
+    for rid in parked:
+        message = _error(env.outcome("bob", rid))
+        assert "seq_id 1 " in message and "parked_timeout_seconds" in message
+    # The run carries on after the abandoned seq_ids; the missing one is spent.
+    _ok(env.outcome("bob", env.optim("bob", run_id, 4)))
+    with pytest.raises(ValidationError, match="already used"):
+        env.optim("bob", run_id, 1)
+    env.core.finish_session(env.users["bob"], session, "")
+    _settled(env)
+
+
+# ------------------------------------------------------------------ 2. the engine thread survives
+
+
+def test_the_engine_thread_survives_a_database_it_cannot_write(env, monkeypatch):
+    """While every outcome write fails as under another process's write lock, a failing
+    operation and a succeeding one both settle (delivered from memory), the engine thread
+    keeps serving, and the outcomes reach the database once it takes writes again."""
+    session = env.session("carol")
+    run_id = env.run("carol", session)
+    store = env.core.store
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "fail_future", locked)
+    monkeypatch.setattr(store, "complete_future", locked)
+    refused = env.core.refuse_in_order(
+        env.users["carol"], "", run_id, 1, ValidationError("data", "refused for the test")
+    )
+    assert "refused for the test" in _error(env.outcome("carol", refused))
+    done = env.optim("carol", run_id, 2)
+    _ok(env.outcome("carol", done))
+    assert env.worker.alive() and env.core.health() is None
+    monkeypatch.undo()
+    env.core.sweep()
+    assert store.get_future(refused).state == "failed"
+    assert store.get_future(done).state == "done"
+    _ok(env.outcome("carol", env.optim("carol", run_id, 3)))
+    env.core.finish_session(env.users["carol"], session, "")
+    _settled(env)
+
+
+def test_health_names_a_stopped_engine_thread(env, monkeypatch):
+    monkeypatch.setattr(env.worker, "alive", lambda: False)
+    assert env.model in env.core.health()
+
+
+# ------------------------------------------------------------------ 3. queue places
+
+
+def test_a_submission_the_database_refuses_returns_its_queue_place(env, monkeypatch):
+    """More submissions than the queue holds fail at create_future; none keeps its place, so
+    the next one is accepted (and the engine's queue is not full for everyone)."""
+    session = env.session("dave")
+    sampler = env.core.create_sampling_session(env.users["dave"], session, 0, env.model, "")
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(env.core.store, "create_future", locked)
+    for _ in range(MAX_QUEUE + 1):
+        with pytest.raises(sqlite3.OperationalError):
+            env.sample("dave", sampler)
+    monkeypatch.undo()
+    assert env.worker.held() == 0
+    _ok(env.outcome("dave", env.sample("dave", sampler)))
+    env.core.finish_session(env.users["dave"], session, "")
+    _settled(env)
+
+
+def test_a_real_write_lock_on_the_database_returns_the_queue_place(env):
+    """Another process's write lock (a second connection holding BEGIN IMMEDIATE on the
+    server's database file): the submission fails once the store's busy timeout passes, and
+    its queue place comes back."""
+    session = env.session("dave")
+    sampler = env.core.create_sampling_session(env.users["dave"], session, 0, env.model, "")
+    other = sqlite3.connect(env.core.store.root / DB_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            env.sample("dave", sampler)
+        assert env.worker.held() == 0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    env.core.finish_session(env.users["dave"], session, "")
+
+
+# ------------------------------------------------------------------ 4. sampling by sequence
+
+
+def test_a_large_sample_request_enters_the_sampler_by_chunks_and_lets_others_in(env, monkeypatch):
+    """Alice asks for 16 samples, Bob (while Alice's first chunk is being submitted) for
+    one: Alice's request enters the sampler in sub-requests of at most its rows, Bob's right
+    after the first two (the sampler's capacity), and both results come back whole."""
+    sessions = {user: env.session(user) for user in ("alice", "bob")}
+    samplers = {
+        user: env.core.create_sampling_session(env.users[user], s, 0, env.model, "")
+        for user, s in sessions.items()
+    }
+    entered, go = threading.Event(), threading.Event()
+    submitted = []  # (first prompt token, num_samples, seed) in the order they entered
+    call = env.worker.engine.call
+
+    def recording_call(name, *args):
+        if name == "submit":
+            request = args[0]
+            submitted.append((int(request.prompt[0]), request.num_samples, request.params.seed))
+            entered.set()
+            go.wait(WAIT_SECONDS)
+        return call(name, *args)
+
+    monkeypatch.setattr(env.worker.engine, "call", recording_call)
+    big = env.sample("alice", samplers["alice"], n=16, tokens=(3, 1, 4))
+    assert entered.wait(WAIT_SECONDS)
+    small = env.sample("bob", samplers["bob"], n=1, tokens=(9, 2, 6))
+    go.set()
+    assert len(_ok(env.outcome("alice", big)).sample.sequences) == 16
+    assert len(_ok(env.outcome("bob", small)).sample.sequences) == 1
+    alice = [(n, seed) for token, n, seed in submitted if token == 3]
+    assert [token for token, _, _ in submitted].index(9) == 2, submitted
+    assert all(n <= SAMPLER_ROWS for n, _ in alice) and sum(n for n, _ in alice) == 16
+    assert alice[0][1] == 7 and len({seed for _, seed in alice}) == len(alice)  # distinct draws
+    for user, session in sessions.items():
+        env.core.finish_session(env.users[user], session, "")
+    _settled(env)
+
+
+def test_sequences_in_flight_are_bounded_per_user(env):
+    session = env.session("erin")
+    sampler = env.core.create_sampling_session(env.users["erin"], session, 0, env.model, "")
+    limit = LIMITS["max_sequences_in_flight_per_user"]
+    with pytest.raises(ResourceExhausted, match=f"max_sequences_in_flight_per_user = {limit}"):
+        env.sample("erin", sampler, n=limit + 1)
+    _ok(env.outcome("erin", env.sample("erin", sampler, n=limit)))
+    env.core.finish_session(env.users["erin"], session, "")
+    _settled(env)
+
+
+# ------------------------------------------------------------------ 5. sampler-slot eviction
+
+
+def test_eviction_prefers_own_idle_samplers_then_reloadable_ones_of_others():
+    holders = [
+        SlotHolder("alice-snapshot", "alice", 0, reloadable=False, busy=False),
+        SlotHolder("bob-path", "bob", 1, reloadable=True, busy=False),
+        SlotHolder("carol-busy", "carol", 2, reloadable=False, busy=True),
+        SlotHolder("carol-idle", "carol", 3, reloadable=True, busy=False),
+    ]
+    assert choose_eviction("carol", holders) == "carol-idle"
+    assert choose_eviction("dave", holders) == "bob-path"
+    assert choose_eviction("dave", [h for h in holders if h.reloadable is False]) is None
+
+
+def test_sampler_slots_never_evict_another_users_ephemeral_snapshot(env):
+    """Two slots. Alice's ephemeral snapshot is the least recently used, yet Bob's and Carol's
+    new samplers take the slots of idle samplers that can be reloaded; when only snapshots of
+    others are left, Carol is refused, naming sampler_slots, and Alice's snapshot still
+    samples."""
+    ids = {u: env.users[u] for u in ("alice", "bob", "carol")}
+    sessions = {user: env.session(user) for user in ids}
+    alice_run = env.run("alice", sessions["alice"])
+    rid = env.core.snapshot_for_sampler(ids["alice"], "", alice_run, 1, 0)
+    alice_snapshot = _ok(env.outcome("alice", rid)).save_weights.sampling_session_id
+    bob_run = env.run("bob", sessions["bob"])
+    rid = env.core.save_weights(
+        ids["bob"], "", bob_run, 1, "shared", None, False, {}, kind="sampler_weights"
+    )
+    path = _ok(env.outcome("bob", rid)).save_weights.path
+    env.core.set_public(ids["bob"], path, True)
+
+    def open_path(user: str, seq: int) -> str:
+        return env.core.create_sampling_session(ids[user], sessions[user], seq, "", path)
+
+    bob_first = open_path("bob", 1)  # the second slot
+    bob_second = open_path("bob", 2)  # evicts bob_first (Bob's own), not Alice's older one
+    _ok(env.outcome("alice", env.sample("alice", alice_snapshot)))
+    open_path("carol", 1)  # evicts bob_second: another user's, but it reloads
+    _ok(env.outcome("bob", env.sample("bob", bob_second)))  # reloads, evicting Carol's
+    _ok(env.outcome("alice", env.sample("alice", alice_snapshot)))
+    rid = env.core.snapshot_for_sampler(ids["bob"], "", bob_run, 2, 3)  # evicts Bob's own
+    _ok(env.outcome("bob", rid))
+    with pytest.raises(ResourceExhausted, match="sampler_slots"):
+        open_path("carol", 2)  # left: Alice's and Bob's snapshots
+    _ok(env.outcome("alice", env.sample("alice", alice_snapshot)))
+    _ok(env.outcome("bob", env.sample("bob", bob_first)))  # reloads in place of Bob's own
+    for user, session in sessions.items():
+        env.core.finish_session(ids[user], session, "")
+    _settled(env)
+
+
+# ------------------------------------------------------------------ 6. per-user limits
+
+
+def test_live_runs_are_bounded_per_user(env):
+    sessions = [env.session("dave"), env.session("erin")]
+    for seq in range(LIMITS["max_runs_per_user"]):
+        env.run("dave", sessions[0], seq)
+    with pytest.raises(ResourceExhausted, match="max_runs_per_user = 2"):
+        env.run("dave", sessions[0], 99)
+    env.run("erin", sessions[1])  # another user is not held back
+    for user, session in zip(("dave", "erin"), sessions):
+        env.core.finish_session(env.users[user], session, "")
+    _settled(env)
+
+
+def test_sampler_slots_are_bounded_per_user(env, monkeypatch):
+    """At max_samplers_per_user slots, a user's new sampler weights take the slot of their own
+    least recently used idle sampler (an RL loop opens one per iteration), never another
+    user's; only when all of theirs are busy is a new one refused, naming the limit."""
+    monkeypatch.setattr(
+        env.worker, "limits", dataclasses.replace(env.worker.limits, max_samplers_per_user=1)
+    )
+    ids = {u: env.users[u] for u in ("dave", "erin")}
+    sessions = {user: env.session(user) for user in ids}
+    runs = {user: env.run(user, sessions[user]) for user in ids}
+
+    def snapshot(user: str, seq_id: int, sampler_seq: int) -> str:
+        rid = env.core.snapshot_for_sampler(ids[user], "", runs[user], seq_id, sampler_seq)
+        return _ok(env.outcome(user, rid)).save_weights.sampling_session_id
+
+    dave = snapshot("dave", 1, 0)
+    first = snapshot("erin", 1, 0)
+    second = snapshot("erin", 2, 1)  # a free slot is left, yet erin is at her limit
+    assert "evicted" in _error(env.outcome("erin", env.sample("erin", first)))
+    _ok(env.outcome("erin", env.sample("erin", second)))
+    _ok(env.outcome("dave", env.sample("dave", dave)))  # another user's snapshot stays
+    assert len(env.worker.sampler.free_slots()) == SAMPLER_SLOTS - 2
+
+    busy = [SlotHolder(second, ids["erin"], 0, reloadable=False, busy=True)]
+    monkeypatch.setattr(env.worker, "_slot_holders", lambda: busy)
+    with pytest.raises(ResourceExhausted, match="max_samplers_per_user = 1"):
+        env.worker.check_sampler_capacity(ids["erin"])
+    env.worker.check_sampler_capacity(ids["dave"])  # dave holds none of those
+    monkeypatch.undo()
+    for user, session in sessions.items():
+        env.core.finish_session(ids[user], session, "")
+    _settled(env)
+
+
+def test_queued_operations_are_bounded_per_user(env):
+    session = env.session("dave")
+    runs = [env.run("dave", session, seq) for seq in range(2)]
+    parked = [env.optim("dave", runs[0], seq) for seq in range(2, 6)]
+    parked += [env.optim("dave", runs[1], seq) for seq in (2, 3)]
+    with pytest.raises(ResourceExhausted, match="max_queued_per_user = 6"):
+        env.optim("dave", runs[1], 1)
+    assert env.worker.held(env.users["dave"]) == LIMITS["max_queued_per_user"]
+    other = env.session("erin")
+    _ok(env.outcome("erin", env.optim("erin", env.run("erin", other), 1)))
+    env.core.finish_session(env.users["dave"], session, "")
+    for rid in parked:
+        _error(env.outcome("dave", rid))
+    env.core.finish_session(env.users["erin"], other, "")
+    _settled(env)
+
+
+def test_a_session_ending_while_its_request_decodes_frees_its_sampler_slot(env, monkeypatch):
+    """The session ends while a request of its sampler is in the sampler: the request fails
+    naming the closed sampler, and its slot is freed once the request leaves the sampler
+    (before, freeing it failed and the slot stayed taken for good)."""
+    user = env.users["carol"]
+    session = env.session("carol")
+    run = env.run("carol", session)
+    free_before = len(env.worker.sampler.free_slots())
+    rid = env.core.snapshot_for_sampler(user, "", run, 1, 0)
+    sampler = _ok(env.outcome("carol", rid)).save_weights.sampling_session_id
+    assert len(env.worker.sampler.free_slots()) == free_before - 1
+    entered, go = threading.Event(), threading.Event()
+    call = env.worker.engine.call
+
+    def held_step(name, *args):
+        if name == "step" and not go.is_set():
+            entered.set()
+            go.wait(WAIT_SECONDS)
+        return call(name, *args)
+
+    monkeypatch.setattr(env.worker.engine, "call", held_step)
+    params = pb.SamplingParams(max_tokens=40, seed=1, temperature=1.0, top_k=-1, top_p=1.0)
+    prompt = pb.ModelInput(chunks=[pb.ModelInputChunk(encoded_text={"tokens": [3, 1, 4]})])
+    request, _ = env.core.sample(user, "", sampler, prompt, 1, params, False, 0)
+    assert entered.wait(WAIT_SECONDS)  # the request is in the sampler, mid-decode
+    env.core.finish_session(user, session, "")
+    go.set()
+    assert "was closed" in _error(env.outcome("carol", request))
+    _settled(env)
+    for _ in range(int(WAIT_SECONDS / 0.05)):  # the slot frees when the request leaves
+        if len(env.worker.sampler.free_slots()) == free_before:
+            break
+        time.sleep(0.05)
+    assert len(env.worker.sampler.free_slots()) == free_before
+    assert not env.worker.has_sampler(sampler)
