@@ -182,26 +182,15 @@ def _checkpoint(rest, run_id, path):
 
 
 def _legacy_sdk() -> Path:
-    """tinker==0.16.1 in its own folder (cached across runs); its dependencies are the venv's."""
-    target = Path.home() / ".cache" / "tinker_jax_tests_sdk" / f"tinker-{LEGACY_SDK}"
-    if not (target / "tinker" / "__init__.py").is_file():
-        partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--target",
-                str(partial),
-                f"tinker=={LEGACY_SDK}",
-            ],
-            check=True,
+    """The folder holding tinker==0.16.1 alone (its dependencies are the venv's): installed
+    by .ci/run, the README's test command, and named by $TINKER_JAX_LEGACY_SDK."""
+    folder = Path(os.environ.get("TINKER_JAX_LEGACY_SDK", "/nonexistent"))
+    if not (folder / "tinker" / "__init__.py").is_file():
+        pytest.fail(
+            f"tinker=={LEGACY_SDK} is not installed in $TINKER_JAX_LEGACY_SDK ({folder}): "
+            "run the tests with .ci/run, which installs it"
         )
-        partial.replace(target)
-    return target
+    return folder
 
 
 def test_legacy_sdk_flow(server):
