@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tinker_jax import checkpoints, storage
 from tinker_jax.errors import ValidationError
@@ -44,10 +45,13 @@ from tinker_jax.service.store import (
 )
 from tinker_jax.service.worker import (
     CreateRun,
+    Done,
     EngineWorker,
+    Fail,
     ForwardBackward,
     LoadIntoRun,
     LoadRun,
+    Op,
     OpenSampler,
     OptimStep,
     Refused,
@@ -316,6 +320,35 @@ class ServiceCore:
             fail(e)
         return request_id
 
+    def _start(
+        self,
+        user: str,
+        request_id: str,
+        kind: str,
+        worker: EngineWorker,
+        op: Callable[[Done, Fail], Op],
+        respond: Callable[[Any], pb.RetrieveFutureResponse],
+        *,
+        run_id: str | None = None,
+        seq_id: int | None = None,
+        sequences: int = 0,
+    ) -> str:
+        """What every engine operation does once its request is checked: the future is
+        created (`_submit`) and `op(done, fail)` queued, in the run's seq_id order when
+        `seq_id` is given (checked first), else as it comes; the operation's result becomes
+        the future's response through `respond`."""
+        if seq_id is not None:
+            worker.check_seq(run_id, seq_id)
+
+        def start(complete, fail):
+            queued = op(lambda result: complete(respond(result)), fail)
+            if seq_id is None:
+                worker.submit(queued)
+            else:
+                worker.submit_run_op(run_id, seq_id, queued)
+
+        return self._submit(user, request_id, kind, run_id, worker, start, sequences)
+
     def _replayed(self, user: str, request_id: str) -> str | None:
         """The run id of an already-submitted request (a client's resubmission after a lost
         answer), checked before anything else so that a replay never fails on its own seq_id;
@@ -476,18 +509,21 @@ class ServiceCore:
         worker.check_run_capacity(user)
         metadata = wire.metadata(user_metadata)
 
-        def start(complete, fail):
-            def done(_slot):
-                self._write(
-                    self.store.create_run, _run_record(run_id, session, base_model, lora, metadata)
-                )
-                complete(
-                    pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
-                )
+        def respond(_slot) -> pb.RetrieveFutureResponse:
+            self._write(
+                self.store.create_run, _run_record(run_id, session, base_model, lora, metadata)
+            )
+            return pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
 
-            worker.submit(CreateRun(done=done, fail=fail, run_id=run_id, lora=lora, user=user))
-
-        return self._submit(user, request_id, "create_model", run_id, worker, start), run_id
+        return self._start(
+            user,
+            request_id,
+            "create_model",
+            worker,
+            lambda done, fail: CreateRun(done, fail, run_id=run_id, lora=lora, user=user),
+            respond,
+            run_id=run_id,
+        ), run_id
 
     def _new_run_id(self, session_id: str, model_seq_id: int) -> str:
         if not 0 <= model_seq_id < 1 << 30:
@@ -523,32 +559,28 @@ class ServiceCore:
         worker.check_run_capacity(user)
         metadata = wire.metadata(user_metadata)
 
-        def start(complete, fail):
-            def done(state):
-                self._write(
-                    self.store.create_run,
-                    _run_record(
-                        run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
-                    ),
-                )
-                complete(
-                    pb.RetrieveFutureResponse(
-                        load_weights=pb.LoadWeightsResult(model_id=run_id, path=str(parsed))
-                    )
-                )
-
-            worker.submit(
-                LoadRun(
-                    done=done,
-                    fail=fail,
-                    run_id=run_id,
-                    location=ckpt.location,
-                    with_optimizer=optimizer,
-                    user=user,
-                )
+        def respond(state) -> pb.RetrieveFutureResponse:
+            record = _run_record(
+                run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
+            )
+            self._write(self.store.create_run, record)
+            return pb.RetrieveFutureResponse(
+                load_weights=pb.LoadWeightsResult(model_id=run_id, path=str(parsed))
             )
 
-        return self._submit(user, request_id, "load_weights", run_id, worker, start), run_id
+        def op(done: Done, fail: Fail) -> LoadRun:
+            return LoadRun(
+                done,
+                fail,
+                run_id=run_id,
+                location=ckpt.location,
+                with_optimizer=optimizer,
+                user=user,
+            )
+
+        return self._start(
+            user, request_id, "load_weights", worker, op, respond, run_id=run_id
+        ), run_id
 
     def load_state(
         self, user: str, request_id: str, model_id: str, seq_id: int, path: str, optimizer: bool
@@ -568,26 +600,19 @@ class ServiceCore:
             raise ValidationError(
                 "path", f"{path} was trained on {info.base_model}, this run on {run.base_model}"
             )
-        worker.check_seq(model_id, seq_id)
         location = ckpt.location
-
-        def start(complete, fail):
-            worker.submit_run_op(
-                model_id,
-                seq_id,
-                LoadIntoRun(
-                    done=lambda _state: complete(
-                        pb.RetrieveFutureResponse(
-                            load_weights=pb.LoadWeightsResult(model_id=model_id, path=str(parsed))
-                        )
-                    ),
-                    fail=fail,
-                    location=location,
-                    with_optimizer=optimizer,
-                ),
-            )
-
-        return self._submit(user, request_id, "load_weights", model_id, worker, start)
+        return self._start(
+            user,
+            request_id,
+            "load_weights",
+            worker,
+            lambda done, fail: LoadIntoRun(done, fail, location=location, with_optimizer=optimizer),
+            lambda _state: pb.RetrieveFutureResponse(
+                load_weights=pb.LoadWeightsResult(model_id=model_id, path=str(parsed))
+            ),
+            run_id=model_id,
+            seq_id=seq_id,
+        )
 
     def refuse_in_order(
         self, user: str, request_id: str, model_id: str, seq_id: int, error: ValidationError
@@ -605,12 +630,16 @@ class ServiceCore:
         except (ValidationError, FailedPrecondition, NotFound):
             raise error from None
 
-        def start(complete, fail):
-            worker.submit_run_op(
-                model_id, seq_id, Refused(done=lambda _: None, fail=fail, error=error)
-            )
-
-        return self._submit(user, request_id, "refused", model_id, worker, start)
+        return self._start(
+            user,
+            request_id,
+            "refused",
+            worker,
+            lambda done, fail: Refused(done, fail, error=error),
+            lambda _: pb.RetrieveFutureResponse(),  # never: the operation only fails
+            run_id=model_id,
+            seq_id=seq_id,
+        )
 
     def get_info(self, user: str, model_id: str) -> pb.GetInfoResponse:
         run = self._run(user, model_id)
@@ -647,33 +676,28 @@ class ServiceCore:
         datums = wire.datums(data)
         config = dict(loss_fn_config) or None
         worker.check_forward_backward(datums, loss_fn, config)
-        worker.check_seq(model_id, seq_id)
 
-        def start(complete, fail):
-            worker.submit_run_op(
-                model_id,
-                seq_id,
-                ForwardBackward(
-                    done=lambda out: complete(
-                        pb.RetrieveFutureResponse(
-                            forward_backward=wire.forward_backward_result(out)
-                        )
-                    ),
-                    fail=fail,
-                    data=datums,
-                    loss_fn=loss_fn,
-                    loss_fn_config=config,
-                    forward_only=forward_only,
-                ),
+        def op(done: Done, fail: Fail) -> ForwardBackward:
+            return ForwardBackward(
+                done,
+                fail,
+                data=datums,
+                loss_fn=loss_fn,
+                loss_fn_config=config,
+                forward_only=forward_only,
             )
 
-        return self._submit(
+        return self._start(
             user,
             request_id,
             "forward" if forward_only else "forward_backward",
-            model_id,
             worker,
-            start,
+            op,
+            lambda out: pb.RetrieveFutureResponse(
+                forward_backward=wire.forward_backward_result(out)
+            ),
+            run_id=model_id,
+            seq_id=seq_id,
         )
 
     def optim_step(
@@ -683,22 +707,18 @@ class ServiceCore:
             return request_id
         _, worker = self._loaded_run(user, model_id)
         adam = wire.adam_params(params).validate()
-        worker.check_seq(model_id, seq_id)
-
-        def start(complete, fail):
-            worker.submit_run_op(
-                model_id,
-                seq_id,
-                OptimStep(
-                    done=lambda metrics: complete(
-                        pb.RetrieveFutureResponse(optim_step=pb.OptimStepResult(metrics=metrics))
-                    ),
-                    fail=fail,
-                    params=adam,
-                ),
-            )
-
-        return self._submit(user, request_id, "optim_step", model_id, worker, start)
+        return self._start(
+            user,
+            request_id,
+            "optim_step",
+            worker,
+            lambda done, fail: OptimStep(done, fail, params=adam),
+            lambda metrics: pb.RetrieveFutureResponse(
+                optim_step=pb.OptimStepResult(metrics=metrics)
+            ),
+            run_id=model_id,
+            seq_id=seq_id,
+        )
 
     def save_weights(
         self,
@@ -722,7 +742,6 @@ class ServiceCore:
         if not overwrite and self.store.get_checkpoint(str(path)) is not None:
             raise ValidationError("name", f"checkpoint {path} exists; pass overwrite=True")
         metadata = wire.metadata(user_metadata)
-        worker.check_seq(model_id, seq_id)
         folder = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
         location = os.fspath(folder)
         with_optimizer = kind == "weights"
@@ -751,22 +770,21 @@ class ServiceCore:
             log.info("saved checkpoint %s (%.1f MiB)", path, size / (1 << 20))
             return str(path)
 
-        def start(complete, fail):
-            worker.submit_run_op(
-                model_id,
-                seq_id,
-                SaveState(
-                    done=lambda p: complete(
-                        pb.RetrieveFutureResponse(save_weights=pb.SaveWeightsResult(path=p))
-                    ),
-                    fail=fail,
-                    with_optimizer=with_optimizer,
-                    location=location,
-                    record=record,
-                ),
+        def op(done: Done, fail: Fail) -> SaveState:
+            return SaveState(
+                done, fail, with_optimizer=with_optimizer, location=location, record=record
             )
 
-        return self._submit(user, request_id, "save_weights", model_id, worker, start)
+        return self._start(
+            user,
+            request_id,
+            "save_weights",
+            worker,
+            op,
+            lambda p: pb.RetrieveFutureResponse(save_weights=pb.SaveWeightsResult(path=p)),
+            run_id=model_id,
+            seq_id=seq_id,
+        )
 
     def snapshot_for_sampler(
         self, user: str, request_id: str, model_id: str, seq_id: int, sampling_session_seq_id: int
@@ -778,29 +796,26 @@ class ServiceCore:
         session = self._session(user, run.session_id)
         sampler_id = self._new_sampler_id(session.session_id, sampling_session_seq_id)
         worker.check_sampler_capacity(user)
-        worker.check_seq(model_id, seq_id)
 
-        def start(complete, fail):
-            def done(_slot):
-                self._write(
-                    self.store.create_sampler,
-                    SamplerRecord(
-                        sampler_id, session.session_id, user, run.base_model, None, time.time()
-                    ),
-                )
-                complete(
-                    pb.RetrieveFutureResponse(
-                        save_weights=pb.SaveWeightsResult(sampling_session_id=sampler_id)
-                    )
-                )
-
-            worker.submit_run_op(
-                model_id,
-                seq_id,
-                SnapshotForSampler(done=done, fail=fail, sampler_id=sampler_id, user=user),
+        def respond(_slot) -> pb.RetrieveFutureResponse:
+            record = SamplerRecord(
+                sampler_id, session.session_id, user, run.base_model, None, time.time()
+            )
+            self._write(self.store.create_sampler, record)
+            return pb.RetrieveFutureResponse(
+                save_weights=pb.SaveWeightsResult(sampling_session_id=sampler_id)
             )
 
-        return self._submit(user, request_id, "save_weights_for_sampler", model_id, worker, start)
+        return self._start(
+            user,
+            request_id,
+            "save_weights_for_sampler",
+            worker,
+            lambda done, fail: SnapshotForSampler(done, fail, sampler_id=sampler_id, user=user),
+            respond,
+            run_id=model_id,
+            seq_id=seq_id,
+        )
 
     # ---------------------------------------------------------------- sampling
 
@@ -925,20 +940,22 @@ class ServiceCore:
         request_id = request_id or str(uuid.uuid4())
         sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
 
-        def start(complete, fail):
-            def done(result):
-                if last_n is not None:
-                    result = _last_prompt_logprobs(result, last_n)
-                complete(pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids)))
+        def respond(result: SampleResult) -> pb.RetrieveFutureResponse:
+            if last_n is not None:
+                result = _last_prompt_logprobs(result, last_n)
+            return pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids))
 
-            worker.submit(
-                Sample(done=done, fail=fail, sampler_id=sampler_id, request=request, user=user)
-            )
-
-        return (
-            self._submit(user, request_id, "sample", None, worker, start, num_samples),
-            sequence_ids,
-        )
+        return self._start(
+            user,
+            request_id,
+            "sample",
+            worker,
+            lambda done, fail: Sample(
+                done, fail, sampler_id=sampler_id, request=request, user=user
+            ),
+            respond,
+            sequences=num_samples,
+        ), sequence_ids
 
     def get_sampler(self, user: str, sampler_id: str) -> pb.GetSamplerResponse:
         record = self.store.get_sampler(_id(sampler_id, "sampler_id"))
