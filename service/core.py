@@ -675,7 +675,7 @@ class ServiceCore:
             )
         datums = wire.datums(data)
         config = dict(loss_fn_config) or None
-        worker.check_forward_backward(datums, loss_fn, config)
+        datums = worker.check_forward_backward(datums, loss_fn, config)
 
         def op(done: Done, fail: Fail) -> ForwardBackward:
             return ForwardBackward(

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from tinker_jax.batching import Datum, RunBatch, check_runs
+from tinker_jax.batching import Datum, RunBatch, check_datums
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.optim import AdamParams
@@ -95,6 +95,8 @@ class Refused(Op):
 
 @dataclasses.dataclass
 class ForwardBackward(Op):
+    """A run's forward(_backward); `data` as `check_forward_backward` returned it."""
+
     data: list[Datum]
     loss_fn: str
     loss_fn_config: dict[str, float]
@@ -415,13 +417,14 @@ class EngineWorker:
 
     def check_forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
-    ) -> None:
+    ) -> list[Datum]:
         """Validates a forward(_backward) request on the calling thread, so a bad request is
-        refused at once (and never reaches a batch shared with other runs)."""
-        check_runs(
-            [RunBatch(0, data, loss_fn_config)],
+        refused at once (and never reaches a batch shared with other runs); returns the
+        datums in checked form, which the engine thread does not check again."""
+        return check_datums(
+            data,
             loss_fn,
-            slot_scale={0: 1.0},
+            loss_fn_config,
             vocab_size=self.config.vocab_size,
             max_length=self.engine.trainer.max_length,
         )
@@ -561,7 +564,8 @@ class EngineWorker:
         """One engine call for the group; if it fails, each op runs alone so that only the
         failing one fails."""
         runs = [
-            RunBatch(self._runs[run_id].slot, op.data, op.loss_fn_config) for run_id, op in items
+            RunBatch(self._runs[run_id].slot, op.data, op.loss_fn_config, checked=True)
+            for run_id, op in items
         ]
         name = "forward" if forward_only else "forward_backward"
         if len(items) > 1:

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from tinker_jax.errors import ValidationError
@@ -473,3 +474,39 @@ def test_a_session_ending_while_its_request_decodes_frees_its_sampler_slot(env, 
         time.sleep(0.05)
     assert len(env.worker.sampler.free_slots()) == free_before
     assert not env.worker.has_sampler(sampler)
+
+
+def test_a_forward_backward_is_validated_once(env, monkeypatch):
+    """Its datums are checked where the request arrives; the engine thread, which every user
+    shares, runs them without checking them again."""
+    from tinker_jax import batching
+    from tinker_jax.service.wire import numpy_to_tensor
+
+    checked = []
+    validate = batching.validate_datum_inputs
+
+    def counting(loss_fn, datum_index, *args, **kwargs):
+        checked.append(datum_index)
+        return validate(loss_fn, datum_index, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "validate_datum_inputs", counting)
+    session = env.session("bob")
+    run = env.run("bob", session)
+    tokens = np.arange(1, 9)
+    data = [
+        pb.Datum(
+            model_input=pb.ModelInput(
+                chunks=[pb.ModelInputChunk(encoded_text={"tokens": tokens[:-1].tolist()})]
+            ),
+            loss_fn_inputs={
+                "target_tokens": numpy_to_tensor(tokens[1:]),
+                "weights": numpy_to_tensor(np.ones(7, np.float32)),
+            },
+        )
+        for _ in range(3)
+    ]
+    rid = env.core.forward_backward(env.users["bob"], "", run, 1, data, "cross_entropy", {}, False)
+    assert len(_ok(env.outcome("bob", rid)).forward_backward.loss_fn_outputs) == 3
+    assert checked == [0, 1, 2]
+    env.core.finish_session(env.users["bob"], session, "")
+    _settled(env)

@@ -28,11 +28,14 @@ class Datum:
 
 @dataclasses.dataclass(frozen=True)
 class RunBatch:
-    """The data one run submits in a single forward(_backward) call."""
+    """The data one run submits in a single forward(_backward) call. `checked`: the datums
+    come from `check_datums` (validated where the request arrived), so they are not checked
+    again on the engine's thread."""
 
     slot: int
     datums: Sequence[Datum]
     loss_fn_config: Mapping[str, float] | None = None
+    checked: bool = False
 
 
 @dataclasses.dataclass
@@ -112,6 +115,9 @@ def check_runs(
             raise ValidationError("slot", f"slot {run.slot} holds no adapter")
         config = resolve_config(loss_fn, run.loss_fn_config)
         for datum in run.datums:
+            if run.checked:
+                rows.append((run.slot, datum.tokens, datum.loss_fn_inputs, config))
+                continue
             i = len(rows)
             tokens = token_ids(datum.tokens, "model_input", vocab_size, max_length, datum=i)
             inputs = {k: np.asarray(v) for k, v in datum.loss_fn_inputs.items()}
@@ -120,6 +126,27 @@ def check_runs(
     if not rows:
         raise ValidationError("data", "no datums to process")
     return rows
+
+
+def check_datums(
+    datums: Sequence[Datum],
+    loss_fn: str,
+    loss_fn_config: Mapping[str, float] | None,
+    *,
+    vocab_size: int,
+    max_length: int,
+) -> list[Datum]:
+    """One request's datums validated (`check_runs`) and in the form the engine pads: int32
+    tokens, numpy loss inputs. A RunBatch of them is `checked`: validated once, where the
+    request arrived."""
+    rows = check_runs(
+        [RunBatch(0, datums, loss_fn_config)],
+        loss_fn,
+        slot_scale={0: 1.0},
+        vocab_size=vocab_size,
+        max_length=max_length,
+    )
+    return [Datum(tokens, inputs) for _, tokens, inputs, _ in rows]
 
 
 def build_batch(

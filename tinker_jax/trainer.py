@@ -401,7 +401,8 @@ class Trainer:
                 if count and size > self.max_step_tokens:
                     steps.append(list(parts.values()))
                     parts, count, longest = {}, 0, 0
-                parts.setdefault(i, RunBatch(run.slot, [], run.loss_fn_config)).datums.append(datum)
+                part = RunBatch(run.slot, [], run.loss_fn_config, checked=run.checked)
+                parts.setdefault(i, part).datums.append(datum)
                 count, longest = count + 1, max(longest, n)
         steps.append(list(parts.values()))
         return steps
