@@ -220,8 +220,8 @@ LossFnOutput = dict[str, TensorData]
 
 @dataclass
 class SamplingParams:
-    """How to sample. `stop`: None stops at EOS; a string or list of strings stops at those
-    strings; a list of token ids stops at those tokens; [] disables every stop, EOS too.
+    """How to sample. `stop`: EOS always stops, except with [] (which disables every stop);
+    a string or list of strings also stops at those strings, a list of token ids at those.
     `max_tokens` None lets the server pick its default; `top_k=-1` / `top_p=1` disable them."""
 
     max_tokens: int | None = None

@@ -132,16 +132,21 @@ def test_stop_empty_list_disables_everything():
     assert SamplingParams(stop=[]).stop_strings() == ()
 
 
-def test_stop_ints_replace_eos():
-    assert SamplingParams(stop=[5, 9]).stop_token_ids(EOS) == (5, 9)
+def test_stop_ints_add_to_eos():
+    """Only [] turns EOS off (the SDK: "None keeps implicit EOS stopping; [] disables all stop
+    tokens, including EOS")."""
+    assert SamplingParams(stop=[5, 9]).stop_token_ids(EOS) == (2, 7, 5, 9)
+    assert SamplingParams(stop=[9, 7]).stop_token_ids(EOS) == (2, 7, 9)  # no repeats
     assert SamplingParams(stop=[5, 9]).stop_strings() == ()
 
 
-def test_stop_strings():
+def test_stop_strings_keep_eos():
+    """tinker-cookbook's role_colon renderer stops on strings and parses replies that end in
+    EOS: the EOS ids stay stops beside the strings."""
     assert SamplingParams(stop="\n\n").stop_strings() == ("\n\n",)
-    assert SamplingParams(stop="\n\n").stop_token_ids(EOS) == ()
+    assert SamplingParams(stop="\n\n").stop_token_ids(EOS) == EOS
     assert SamplingParams(stop=["a", "b"]).stop_strings() == ("a", "b")
-    assert SamplingParams(stop=["a", "b"]).stop_token_ids(EOS) == ()
+    assert SamplingParams(stop=["a", "b"]).stop_token_ids(EOS) == EOS
 
 
 def ref_keep(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:

@@ -288,7 +288,8 @@ class Sampler:
         stop_ids = params.stop_token_ids(self.config.eos_token_ids)
         if len(stop_ids) > MAX_STOP_TOKENS:
             raise ValidationError(
-                "sampling_params.stop", f"{len(stop_ids)} stop tokens, at most {MAX_STOP_TOKENS}"
+                "sampling_params.stop",
+                f"{len(stop_ids)} stop tokens with the model's EOS ids, at most {MAX_STOP_TOKENS}",
             )
         strings = params.stop_strings()
         if len(strings) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in strings):

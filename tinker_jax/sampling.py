@@ -47,8 +47,11 @@ def _is_real(x: object) -> bool:
 class SamplingParams:
     """Tinker's SamplingParams.
 
-    stop: None keeps the model's EOS tokens as stops; [] disables every stop, EOS included;
-    a str or list of str stops on decoded text; a list of ints stops on those token ids.
+    stop: EOS is an implicit stop, which only [] turns off (with every other stop); a str or
+    list of str also stops on decoded text, a list of ints also on those token ids. As the
+    official SDK documents it ("None keeps implicit EOS stopping; [] disables all stop tokens,
+    including EOS"), and as tinker-cookbook relies on: its role_colon renderer passes stop
+    strings and parses replies that end in EOS.
     """
 
     max_tokens: int | None = None
@@ -106,14 +109,15 @@ class SamplingParams:
         raise ValidationError(field, "must be all strings or all integer token ids, not a mix")
 
     def stop_token_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
-        """Token ids that end a sequence: stop=None -> the EOS ids; stop=[] -> () (no stop at all,
-        not even EOS); a list of ints -> those ids; a str / list of str -> () (the caller matches
-        strings on decoded text)."""
-        if self.stop is None:
-            return tuple(int(t) for t in eos_token_ids)
-        if isinstance(self.stop, str):
+        """Token ids that end a sequence: the EOS ids, then a list of ints' ids (without
+        repeats); stop=[] -> () (no stop at all, not even EOS). Stop strings are matched on
+        decoded text by the caller."""
+        if isinstance(self.stop, Sequence) and not isinstance(self.stop, str) and not self.stop:
             return ()
-        return tuple(int(t) for t in self.stop if _is_int(t))
+        ids = [int(t) for t in eos_token_ids]
+        if self.stop is not None and not isinstance(self.stop, str):
+            ids += [int(t) for t in self.stop if _is_int(t)]
+        return tuple(dict.fromkeys(ids))
 
     def stop_strings(self) -> tuple[str, ...]:
         """The stop strings (a single str becomes a 1-tuple), else ()."""
