@@ -29,6 +29,14 @@ def _rl_datum(rng, length):
     )
 
 
+def _gspo_datum(rng, length):
+    """An RL datum whose first quarter (the prompt) is outside the sequence ratio."""
+    datum = _rl_datum(rng, length)
+    mask = np.ones(length, np.float32)
+    mask[: length // 4] = 0.0
+    return Datum(datum.tokens, {**datum.loss_fn_inputs, "sequence_ratio_mask": mask})
+
+
 def _two_d_datum(rng, length, k=3):
     return Datum(
         rng.integers(0, VOCAB, length),
@@ -79,6 +87,7 @@ CASES = {
     "ppo": ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, _rl_datum),
     "cispo": ("cispo", None, _rl_datum),
     "dro": ("dro", {"beta": 0.1}, _rl_datum),
+    "gspo": ("gspo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}, _gspo_datum),
 }
 # Every loss on the untied head; the tied head (its gradient reaches the adapter through the
 # transposed embedding) with two of them, to keep the compile count down.

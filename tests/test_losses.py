@@ -171,8 +171,58 @@ def test_dro_beta_is_a_traced_argument():
         check_against_reference("dro", logp, inputs, mask, resolve_config("dro", {"beta": beta}))
 
 
+def test_gspo_gradient_is_the_sequence_level_objectives():
+    """GSPO written from the paper, independently of losses.py: per sequence the ratio
+    s = exp(mean over the marked tokens of logp - logq) and the objective
+    min(s * A, clip(s) * A); the summed per-token loss and its gradient with respect to every
+    token's logprob equal those of -sum over sequences of that objective."""
+    rng = np.random.default_rng(4)
+    batch, seq = 4, 12
+    logp = jnp.asarray(-rng.uniform(0.5, 3.0, (batch, seq)), jnp.float32)
+    logq = logp + jnp.asarray(rng.normal(0.0, 0.3, (batch, seq)), jnp.float32)
+    advantage = np.array([1.5, -0.7, 2.0, -1.2], np.float32)
+    marked = np.ones((batch, seq), np.float32)
+    marked[:, :3] = 0.0  # the prompt
+    mask = np.ones((batch, seq), np.float32)
+    mask[3, 9:] = 0.0  # padding of the last sequence
+    marked *= mask
+    low, high = 0.95, 1.05
+
+    def reference(lp):
+        n = marked.sum(axis=1)
+        s = jnp.exp(((lp - logq) * marked).sum(axis=1) / n)
+        objective = jnp.minimum(s * advantage, jnp.clip(s, low, high) * advantage)
+        return -objective.sum()
+
+    inputs = {
+        "logprobs": logq,
+        "advantages": jnp.asarray(np.broadcast_to(advantage[:, None], (batch, seq))),
+        "sequence_ratio_mask": jnp.asarray(marked),
+    }
+    config = resolve_config("gspo", {"clip_low_threshold": low, "clip_high_threshold": high})
+
+    def ours(lp):
+        extra = LOSS_FNS["gspo"].sequence_inputs(lp, inputs, jnp.asarray(mask))
+        loss, metrics = token_losses("gspo", lp, {**inputs, **extra}, jnp.asarray(mask), config)
+        return loss.sum(), metrics
+
+    (value, metrics), grad = jax.value_and_grad(ours, has_aux=True)(logp)
+    np.testing.assert_allclose(value, reference(logp), rtol=1e-5)
+    np.testing.assert_allclose(grad, jax.grad(reference)(logp), rtol=1e-4, atol=1e-6)
+    clipped = np.asarray(metrics["clipped"]).max(axis=1)
+    assert 0 < clipped.sum() < batch  # both branches: some sequences clipped, some not
+    assert np.all(np.asarray(grad)[clipped > 0] == 0)  # a clipped sequence gets no gradient
+
+
 def test_loss_table():
-    assert set(LOSS_FNS) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+    assert set(LOSS_FNS) == {
+        "cross_entropy",
+        "importance_sampling",
+        "ppo",
+        "cispo",
+        "dro",
+        "gspo",
+    }
     assert LOSS_FNS["ppo"].config_defaults == {
         "clip_low_threshold": 0.8,
         "clip_high_threshold": 1.2,
@@ -197,7 +247,7 @@ def test_resolve_config_fills_defaults_and_overrides():
 @pytest.mark.parametrize(
     "loss_fn, config, field, fragment",
     [
-        ("gspo", None, "loss_fn", "supported: cross_entropy, importance_sampling, ppo"),
+        ("stable_reinforce", None, "loss_fn", "supported: cross_entropy, importance_sampling"),
         ("ppo", {"clip_epsilon": 0.2}, "loss_fn_config.clip_epsilon", "allowed: clip_low"),
         ("importance_sampling", {"beta": 1.0}, "loss_fn_config.beta", "allowed: none"),
         ("dro", {}, "loss_fn_config.beta", "is required by dro"),

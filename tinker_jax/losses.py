@@ -12,6 +12,17 @@ length, so users fold any normalisation into `weights` or `advantages`. Notation
 | `ppo`                 | `-min(r * A, clip(r, low, high) * A)`   |
 | `cispo`               | `-sg(clip(r, low, high)) * logp * A`    |
 | `dro`                 | `-(logp * A - beta/2 * (logp - logq)²)` |
+| `gspo`                | `-(m / n) * min(s_t * A, clip(s_t, low, high) * A)` |
+
+`gspo` is GSPO-token (Zheng et al., 2025, "Group Sequence Policy Optimization"): one importance
+ratio per sequence, the geometric mean of the token ratios over the tokens its
+`sequence_ratio_mask` `m` marks, `s = exp(Σ m (logp - logq) / n)` with `n = Σ m`; each marked
+token carries `s_t = sg(s) * exp(logp - sg(logp))`, worth `s` with the gradient of its own
+logprob. With one advantage per sequence, the summed loss is the sequence-level objective
+`-min(s * A, clip(s) * A)` and so is its gradient; the paper's clip range is narrow (its defaults
+here: 1 - 3e-4, 1 + 4e-4). The sequence sums need every token's logprob before any token's
+loss, so the trainer computes them in a first pass (`sequence_inputs`) and hands them in as
+inputs; the per-token terms then stay per token, as the fused lm-head loss requires.
 
 `LOSS_FNS` is the one table of which inputs and config keys each loss takes; `resolve_config`
 and `validate_datum_inputs` check a request against it on the host, so `token_losses` (jitted)
@@ -62,6 +73,11 @@ class LossSpec:
     required_config: tuple[str, ...]
     # (logp, inputs, config) -> (unmasked per-token loss, unmasked per-token metric terms)
     per_token: PerTokenFn = dataclasses.field(repr=False)
+    # (learner logprobs [batch, seq], loss inputs, mask) -> more per-token inputs that
+    # `per_token` reads: what depends on a whole sequence's logprobs (gspo), computed before.
+    sequence_inputs: Callable[[jax.Array, Inputs, jax.Array], Inputs] | None = dataclasses.field(
+        default=None, repr=False
+    )
 
     @property
     def config_keys(self) -> tuple[str, ...]:
@@ -119,6 +135,32 @@ def _dro(logp: jax.Array, inputs: Inputs, config: Config) -> tuple[jax.Array, Me
     return -(logp * inputs["advantages"] - 0.5 * config["beta"] * jnp.square(log_ratio)), {}
 
 
+def _gspo_sequence_inputs(logp: jax.Array, inputs: Inputs, mask: jax.Array) -> Inputs:
+    """Per sequence, the log of its ratio `s` and its marked-token count `n`, broadcast to
+    every position ([batch, seq]); constants of the loss (no gradient flows through them)."""
+    m = inputs["sequence_ratio_mask"] * mask
+    n = jnp.maximum(m.sum(axis=-1, keepdims=True), 1.0)
+    diff = jnp.where(m > 0, logp - inputs["logprobs"], 0.0)
+    log_ratio = jax.lax.stop_gradient(diff.sum(axis=-1, keepdims=True) / n)
+    return {
+        "sequence_log_ratio": jnp.broadcast_to(log_ratio, m.shape),
+        "sequence_tokens": jnp.broadcast_to(n, m.shape),
+    }
+
+
+def _gspo(logp: jax.Array, inputs: Inputs, config: Config) -> tuple[jax.Array, Metrics]:
+    m = inputs["sequence_ratio_mask"]
+    ratio = jnp.exp(inputs["sequence_log_ratio"]) * jnp.exp(logp - jax.lax.stop_gradient(logp))
+    advantages = inputs["advantages"]
+    low, high = _clip_bounds(inputs, config)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, low, high) * advantages
+    weight = m / jnp.maximum(inputs["sequence_tokens"], 1.0)
+    is_clipped = (clipped < unclipped) & (m > 0)
+    loss = jnp.where(m > 0, -weight * jnp.minimum(unclipped, clipped), 0.0)
+    return loss, {"clipped": is_clipped.astype(jnp.float32)}
+
+
 _RL_INPUTS = ("logprobs", "advantages")
 _CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 
@@ -130,6 +172,15 @@ LOSS_FNS: dict[str, LossSpec] = {
         LossSpec("ppo", _RL_INPUTS, _CLIP_KEYS, dict(_CLIP_DEFAULTS), (), _ppo),
         LossSpec("cispo", _RL_INPUTS, _CLIP_KEYS, dict(_CLIP_DEFAULTS), (), _cispo),
         LossSpec("dro", _RL_INPUTS, (), {}, ("beta",), _dro),
+        LossSpec(
+            "gspo",
+            (*_RL_INPUTS, "sequence_ratio_mask"),
+            _CLIP_KEYS,
+            {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
+            (),
+            _gspo,
+            _gspo_sequence_inputs,
+        ),
     )
 }
 

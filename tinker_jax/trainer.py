@@ -31,7 +31,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.head_loss import fused_head_loss
 from tinker_jax.logprobs import target_logprobs
 from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
-from tinker_jax.losses import token_losses
+from tinker_jax.losses import LOSS_FNS, token_losses
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.models.moe import expert_load, load_metrics
 from tinker_jax.optim import AdamParams, adamw_step
@@ -334,7 +334,12 @@ class Trainer:
             def token_loss(logp, inputs):
                 return token_losses(loss_fn, logp, inputs["inputs"], inputs["mask"], config)
 
-            loss_inputs = {"inputs": batch["inputs"], "mask": batch["mask"]}
+            inputs = batch["inputs"]
+            sequence_inputs = LOSS_FNS[loss_fn].sequence_inputs
+            if sequence_inputs is not None:  # a first pass for what spans a sequence (gspo)
+                first = target_logprobs(model, hidden, batch["targets"], grouped, chunk)
+                inputs = {**inputs, **sequence_inputs(first, inputs, batch["mask"])}
+            loss_inputs = {"inputs": inputs, "mask": batch["mask"]}
             if with_grad:
                 total, (loss, terms, logp, finite) = fused_head_loss(
                     model, hidden, batch["targets"], grouped, chunk, token_loss, loss_inputs
