@@ -51,12 +51,14 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> APIFuture[types.SampleResponse]:
         """Submits a sampling request; `num_samples` completions of `prompt`.
 
         `include_prompt_logprobs` adds the logprob of every prompt token given the ones
         before it (None at position 0); `topk_prompt_logprobs=k` adds the k most likely
-        tokens at each prompt position. A request that fails retryably (e.g. the server
+        tokens at each prompt position; `prompt_logprobs_last_n=n` keeps them for the last n
+        positions only (the others None). A request that fails retryably (e.g. the server
         restarted) is submitted once more.
         """
         prompt_msg = convert.model_input_to_proto(prompt)
@@ -72,6 +74,7 @@ class SamplingClient:
                 sampling_params=params_msg,
                 include_prompt_logprobs=include_prompt_logprobs,
                 topk_prompt_logprobs=topk_prompt_logprobs,
+                prompt_logprobs_last_n=prompt_logprobs_last_n,
             )
 
         def result(response: pb.RetrieveFutureResponse, submit: pb.SubmitResponse):
@@ -95,6 +98,7 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> types.SampleResponse:
         future = await asyncio.to_thread(
             self.sample,
@@ -103,18 +107,28 @@ class SamplingClient:
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            prompt_logprobs_last_n,
         )
         return await future
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
-        """The logprob of each prompt token given the ones before it (None at position 0)."""
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> APIFuture[list[float | None]]:
+        """The logprob of each prompt token given the ones before it (None at position 0;
+        with `prompt_logprobs_last_n=n`, None but for the last n)."""
         future = self.sample(
-            prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True
+            prompt,
+            1,
+            types.SamplingParams(max_tokens=1),
+            include_prompt_logprobs=True,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
         return future.map(lambda response: response.prompt_logprobs)
 
-    async def compute_logprobs_async(self, prompt: types.ModelInput) -> list[float | None]:
-        future = await asyncio.to_thread(self.compute_logprobs, prompt)
+    async def compute_logprobs_async(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
+        future = await asyncio.to_thread(self.compute_logprobs, prompt, prompt_logprobs_last_n)
         return await future
 
     def get_base_model(self) -> str:

@@ -837,6 +837,11 @@ def test_sampling(server, service):
     assert logprobs[0] is None and logprobs[1] == pytest.approx(-1.0)
     last = server.requests["Sample"][-1]
     assert last.include_prompt_logprobs and last.sampling_params.max_tokens == 1
+    assert not last.HasField("prompt_logprobs_last_n")
+    sc.compute_logprobs(types.ModelInput.from_ints([5, 10]), prompt_logprobs_last_n=1).result(
+        timeout=10
+    )
+    assert server.requests["Sample"][-1].prompt_logprobs_last_n == 1
     assert sc.get_base_model() == "tiny"
 
     async def main():

@@ -17,11 +17,8 @@ from tinker_jax.client.errors import BadRequestError, NotFoundError, PermissionD
 
 
 @pytest.fixture(scope="module")
-def server(hf_model_dir, tmp_path_factory):
-    model = hf_model_dir("qwen3")
-    proc = ServerProcess(model, tmp_path_factory.mktemp("storage"), users=("alice", "bob"))
-    yield proc
-    proc.stop()
+def server(shared_server) -> ServerProcess:
+    return shared_server.with_users("service", "alice", "bob")
 
 
 def _client(server, user="alice") -> ServiceClient:
@@ -119,6 +116,8 @@ def test_sample_from_saved_path_matches_ephemeral_snapshot(server):
         assert list(a) == list(b)
         logprobs = from_path.compute_logprobs(prompt).result(timeout=300)
         assert logprobs[0] is None and len(logprobs) == 3
+        last = from_path.compute_logprobs(prompt, prompt_logprobs_last_n=1).result(timeout=300)
+        assert last == [None, None, logprobs[2]]
 
 
 def test_rest_listings_publish_ttl_delete(server):

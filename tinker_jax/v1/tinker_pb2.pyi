@@ -362,7 +362,7 @@ class CreateSamplingSessionResponse(_message.Message):
     def __init__(self, sampling_session_id: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs")
+    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +371,7 @@ class SampleRequest(_message.Message):
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_LAST_N_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling_session_id: str
     seq_id: int
@@ -379,7 +380,8 @@ class SampleRequest(_message.Message):
     sampling_params: SamplingParams
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
-    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ...) -> None: ...
+    prompt_logprobs_last_n: int
+    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ...) -> None: ...
 
 class RetrieveFutureRequest(_message.Message):
     __slots__ = ("request_id", "timeout_seconds")
