@@ -63,7 +63,8 @@ class ServerConfig:
     sweep_interval_seconds: float = 30.0
     # Long-polls (RetrieveFuture) one user may hold at once; beyond it, RESOURCE_EXHAUSTED at
     # once, so one user's polls cannot occupy the server's request threads.
-    max_long_polls_per_user: int = 16
+    # The default covers tinker-cookbook's RL batch (128 sampling requests awaited together).
+    max_long_polls_per_user: int = 128
 
     def __post_init__(self):
         if not self.base_models:

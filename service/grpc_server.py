@@ -20,6 +20,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.service import wire
 from tinker_jax.service.core import ServiceCore
 from tinker_jax.service.errors import ServiceError
+from tinker_jax.service.limits import poll_threads
 from tinker_jax.v1 import tinker_pb2 as pb
 from tinker_jax.v1 import tinker_pb2_grpc
 
@@ -300,18 +301,11 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         return pb.Empty()
 
 
-def pool_size(max_long_polls_per_user: int) -> int:
-    """Request threads of the gRPC server: long-polls hold one each, so the pool takes 8 users
-    at their long-poll limit, and one user can never occupy more than an eighth of it. The
-    executor starts threads only as calls need them, so a large pool costs nothing idle."""
-    return max(128, 8 * max_long_polls_per_user)
-
-
 def start_grpc(core: ServiceCore, host: str, port: int) -> tuple[grpc.Server, int]:
     """Starts the gRPC server; returns it and the bound port (port 0 picks a free one)."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(
-            max_workers=pool_size(core.config.max_long_polls_per_user)
+            max_workers=poll_threads(core.config.max_long_polls_per_user)
         ),
         interceptors=[LenientDecoding()],
         options=CHANNEL_OPTIONS,

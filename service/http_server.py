@@ -48,6 +48,7 @@ from tinker_jax.service import http_wire as hw
 from tinker_jax.service import wire
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
+from tinker_jax.service.limits import poll_threads
 from tinker_jax.service.paths import validate_name
 from tinker_jax.wire import tinker_public_pb2 as tp
 
@@ -173,7 +174,7 @@ class TinkerHTTP:
         # Long-polls hold a thread each for up to MAX_LONG_POLL_SECONDS: their own (lazily
         # grown) pool, so that waiting clients never delay submissions.
         self.poll_pool = concurrent.futures.ThreadPoolExecutor(
-            1024, thread_name_prefix="tinker-http-poll"
+            poll_threads(core.config.max_long_polls_per_user), thread_name_prefix="tinker-http-poll"
         )
         v1 = "/api/v1"
         ckpt = v1 + "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}"

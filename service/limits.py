@@ -2,13 +2,15 @@
 
 `PerKeyLimit` is a counting semaphore per key (a user id) that never blocks: a caller over
 the limit is refused at once with `ResourceExhausted` naming the setting, rather than queued
-on a thread that other users need. It has no threads of its own; each front end guards the
-calls that hold a request thread for long (long-polls) with one:
+on a thread that other users need. It has no threads of its own; the service core guards the
+calls that hold a request thread for long (long-polls, over both front ends) with one:
 
     long_polls = PerKeyLimit(config.max_long_polls_per_user, "max_long_polls_per_user",
                              "long-polls (RetrieveFuture)")
     with long_polls.hold(user):  # ResourceExhausted when `user` holds the limit already
         ...  # wait for the result
+
+`poll_threads` sizes the front ends' thread pools for long-polls to match.
 
 `acquire`/`release` are the same without the context manager, for a caller that does
 something else than fail when refused.
@@ -22,6 +24,13 @@ from contextlib import contextmanager
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.service.errors import ResourceExhausted
+
+
+def poll_threads(max_long_polls_per_user: int) -> int:
+    """Request threads a front end keeps for long-polls, which hold one each: eight users at
+    their limit, so one user never occupies more than an eighth of them. Thread pools start
+    threads only as calls need them, so a large pool costs nothing idle."""
+    return max(256, 8 * max_long_polls_per_user)
 
 
 class PerKeyLimit:

@@ -20,8 +20,7 @@ from tests.server_process import ServerProcess
 from tinker_jax.errors import ValidationError
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import ResourceExhausted
-from tinker_jax.service.grpc_server import pool_size
-from tinker_jax.service.limits import PerKeyLimit
+from tinker_jax.service.limits import PerKeyLimit, poll_threads
 from tinker_jax.v1 import tinker_pb2 as pb
 from tinker_jax.v1 import tinker_pb2_grpc
 
@@ -85,18 +84,18 @@ def test_a_limit_below_one_or_not_an_integer_is_refused(bad):
         PerKeyLimit(bad, SETTING, "long-polls")
 
 
-def test_the_config_setting_defaults_to_16_and_is_validated(tmp_path):
+def test_the_config_setting_defaults_to_128_and_is_validated(tmp_path):
     values = {"base_models": ["m"], "storage": tmp_path}
-    assert ServerConfig.from_dict(values).max_long_polls_per_user == 16
+    assert ServerConfig.from_dict(values).max_long_polls_per_user == 128
     with pytest.raises(ValidationError, match=f"^{SETTING}: 0 must be >= 1"):
         ServerConfig.from_dict({**values, SETTING: 0})
 
 
-def test_the_grpc_pool_is_much_larger_than_one_users_long_polls():
+def test_the_poll_pools_are_much_larger_than_one_users_long_polls():
     default = next(f.default for f in dataclasses.fields(ServerConfig) if f.name == SETTING)
     for limit in (1, default, 64, 1000):
-        assert pool_size(limit) >= 8 * limit
-    assert pool_size(default) >= 64  # never below the pool the server had before the limit
+        assert poll_threads(limit) >= 8 * limit
+    assert poll_threads(default) >= 64  # never below the pool the server had before the limit
 
 
 # ------------------------------------------------------------------ through a real server
