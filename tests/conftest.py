@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random HF model folders made on the spot, 8 CPU devices, compile cache.
+"""Shared fixtures: tiny random HF model folders made on the spot, 8 CPU devices, compile cache,
+one server process that the modules needing no server settings of their own share, and the
+`slow` marker's tests left out unless asked for (`-m slow`).
 
 XLA_FLAGS must be set before JAX is imported anywhere, hence at the top of conftest.
 """
@@ -54,3 +56,36 @@ def gcs(tmp_path_factory):
     in_this_process(emulator)
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(hf_model_dir, tmp_path_factory):
+    """One real `tinker-jax serve` (gRPC and the Tinker HTTP front end, body limit
+    SHARED_MAX_BODY) on the tiny qwen3, shared by the modules that need no other settings: its
+    start-up and compiled programs are paid once. Each module takes a view with users of its
+    own (`ServerProcess.with_users`). 16 adapter slots: room for the runs every sharing module
+    leaves loaded (the official SDK's sessions stay open until their process ends)."""
+    from tests.server_process import SHARED_MAX_BODY, ServerProcess
+
+    proc = ServerProcess(
+        hf_model_dir("qwen3"),
+        tmp_path_factory.mktemp("shared") / "storage",
+        "--http-max-body-bytes",
+        str(SHARED_MAX_BODY),
+        "--max-adapters",
+        "16",
+        http=True,
+    )
+    yield proc
+    proc.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (multi-host serving, sustained load) run only when a marker
+    expression is given: CI runs them in a step of their own (`pytest -m slow`)."""
+    if config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

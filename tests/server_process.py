@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+SHARED_MAX_BODY = 4 * 1024 * 1024  # the shared server's HTTP body limit (conftest.py)
 
 
 class ServerProcess:
@@ -41,7 +44,18 @@ class ServerProcess:
         self._launches = 0
         self._launch(port, 0 if http else None)
         self.model = str(base_model)
+        self.users = {user: user for user in users}
         self.keys = {user: self.create_key(user) for user in users}
+
+    def with_users(self, prefix: str, *users: str) -> ServerProcess:
+        """This server as one of the modules that share it sees it: a copy whose `keys` hold
+        only `users`, each created as the user `<prefix>-<user>` (the copy's `users` maps the
+        short name to that), so that no module sees another's runs, sessions, checkpoints or
+        keys. The copy is a view: whoever started the server stops it."""
+        view = copy.copy(self)
+        view.users = {user: f"{prefix}-{user}" for user in users}
+        view.keys = {user: self.create_key(name) for user, name in view.users.items()}
+        return view
 
     def _launch(self, port: int, http_port: int | None) -> None:
         base_model, extra, http = self._args

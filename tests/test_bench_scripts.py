@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -25,13 +26,19 @@ MOE += ["--moe-intermediate", "32"]
 
 
 def run_script(name: str, *args: str) -> str:
+    """Runs scripts/`name` on one CPU device with the suite's persistent compilation cache
+    (JAX reads it from the environment), so that a warm run compiles nothing; returns stdout."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**env, "JAX_PLATFORMS": "cpu"},
+        env={**env, **cache, "JAX_PLATFORMS": "cpu"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -61,6 +68,7 @@ def test_bench_service():
     out = run_script(
         "bench_service.py", *TINY, "--seq", "16", "--batch", "2", "--runs", "2", "--rank", "4",
         "--steps", "1", "--steps-b", "1", "--repeats", "1",
+        "--compilation-cache", jax.config.jax_compilation_cache_dir,
     )  # fmt: skip
     assert "ratio 2 runs / 1 run" in out and "overhead" in out
 

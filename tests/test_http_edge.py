@@ -11,35 +11,28 @@ from __future__ import annotations
 import gzip
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import SHARED_MAX_BODY, ServerProcess
 from tinker_jax.checkpoints import INFO_FILE
 from tinker_jax.service import http_server
+from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import Unauthenticated
 
 tinker = pytest.importorskip("tinker")
 httpx = pytest.importorskip("httpx")
 
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = SHARED_MAX_BODY  # the shared server's; the in-process front end here uses it too
 TIMEOUT = 300
 GZIP_JSON = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 KEY = "tml-good"  # the stand-in core's one key
 
 
 @pytest.fixture(scope="module")
-def server(hf_model_dir, tmp_path_factory):
-    proc = ServerProcess(
-        hf_model_dir("qwen3"),
-        tmp_path_factory.mktemp("edge-storage"),
-        "--http-max-body-bytes",
-        str(MAX_BODY),
-        http=True,
-        users=("alice",),
-    )
-    yield proc
-    proc.stop()
+def server(shared_server) -> ServerProcess:
+    return shared_server.with_users("http-edge", "alice")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +47,7 @@ class _Core:
     (the routes used here touch nothing else)."""
 
     problem: str | None = None  # what `health` reports
+    config = ServerConfig(base_models=("tiny",), storage=Path("/nonexistent"))
 
     def authenticate(self, api_key: str | None) -> str:
         if api_key != KEY:

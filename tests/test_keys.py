@@ -174,15 +174,8 @@ def test_a_version_1_database_is_migrated_and_its_keys_can_be_revoked(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def server(hf_model_dir, tmp_path_factory):
-    proc = ServerProcess(
-        hf_model_dir("qwen3"),
-        tmp_path_factory.mktemp("keys-storage"),
-        http=True,
-        users=("alice", "bob"),
-    )
-    yield proc
-    proc.stop()
+def server(shared_server) -> ServerProcess:
+    return shared_server.with_users("keys", "alice", "bob")
 
 
 def grpc_status(server: ServerProcess, key: str) -> grpc.StatusCode:
@@ -216,8 +209,9 @@ def test_a_revoked_key_is_refused_by_the_next_call_on_both_front_ends(server, ca
         assert grpc_status(server, key) == grpc.StatusCode.OK
         assert http_status(server, key) == 200
 
-    status, out, _ = keys_cli(capsys, "revoke", "alice", "--storage", str(server.storage))
-    assert status == 0 and out.startswith("revoked alice")
+    name = server.users["alice"]
+    status, out, _ = keys_cli(capsys, "revoke", name, "--storage", str(server.storage))
+    assert status == 0 and out.startswith(f"revoked {name}")
 
     assert grpc_status(server, alice) == grpc.StatusCode.UNAUTHENTICATED
     assert http_status(server, alice) == 401

@@ -46,6 +46,7 @@ def server(hf_model_dir, tmp_path_factory):
     proc.stop()
 
 
+@pytest.mark.slow  # 20 s of load plus the drain: CI runs it in its `-m slow` step
 def test_concurrent_training_and_sampling_under_overload(server):
     soak = _soak()
     report = soak.run_load(

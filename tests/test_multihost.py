@@ -24,6 +24,9 @@ from tinker_jax.checkpoints import INFO_FILE
 from tinker_jax.storage import resolve as resolve_location
 
 MESH = "data=2,fsdp=2,tensor=2"
+# The serving comparison starts three servers, and process 1 compiles every program afresh
+# each time (only process 0 writes the persistent cache): CI runs it in its `-m slow` step.
+SLOW = pytest.mark.slow
 CACHE = Path.home() / ".cache" / "tinker_jax_tests_xla"
 
 
@@ -150,6 +153,7 @@ def _saved_state(root: Path):
     return checkpoints.load_state(folder, with_optimizer=True)[0]
 
 
+@SLOW
 def test_two_processes_match_one(results):
     one, two, *_ = results
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
@@ -165,6 +169,7 @@ def test_two_processes_match_one(results):
     np.testing.assert_allclose(two["token_logprobs"], one["token_logprobs"], atol=1e-5)
 
 
+@SLOW
 def test_same_gradients_and_adapter(results):
     """The AdamW moments are running averages of the gradients (and their squares)."""
     *_, one_storage, two_storage = results
@@ -176,6 +181,7 @@ def test_same_gradients_and_adapter(results):
     assert any(np.abs(one.mu[name]).max() > 0 for name in one.mu)
 
 
+@SLOW
 def test_resumed_run_continues_where_it_was_saved(results):
     one, two, *_ = results
     for run in (one, two):
@@ -183,6 +189,7 @@ def test_resumed_run_continues_where_it_was_saved(results):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@SLOW
 def test_checkpoints_are_complete_folders(results, gcs):
     objects = gcs.list("two")
     folders = sorted(o.rpartition("/")[0] for o in objects if o.endswith(f"/{INFO_FILE}"))

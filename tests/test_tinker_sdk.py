@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import SHARED_MAX_BODY, ServerProcess
 from tests.sft_data import VOCAB, sft_data
 
 tinker = pytest.importorskip("tinker")  # the dev extra pins tinker==0.38.0
@@ -24,23 +24,13 @@ httpx = pytest.importorskip("httpx")
 from tinker import types as T  # noqa: E402
 
 LEGACY_SDK = "0.16.1"
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = SHARED_MAX_BODY
 TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def server(hf_model_dir, tmp_path_factory):
-    model = hf_model_dir("qwen3")
-    proc = ServerProcess(
-        model,
-        tmp_path_factory.mktemp("sdk-storage"),
-        "--http-max-body-bytes",
-        str(MAX_BODY),
-        http=True,
-        users=("alice", "bob"),
-    )
-    yield proc
-    proc.stop()
+def server(shared_server) -> ServerProcess:
+    return shared_server.with_users("sdk", "alice", "bob")
 
 
 def _service(server, user="alice") -> tinker.ServiceClient:
