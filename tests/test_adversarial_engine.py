@@ -306,3 +306,37 @@ def test_a_step_that_fails_while_it_runs_leaves_every_run_as_it_was(runs, monkey
         _same_state(state, _state(runs, slot))
     runs.forward_backward([RunBatch(HEALTHY, _data(2))], "cross_entropy")
     runs.optim_step(VICTIM_A, AdamParams(learning_rate=1e-3))
+
+
+def test_a_request_whose_later_step_fails_leaves_its_gradients_as_they_were(runs, monkeypatch):
+    """A request cut into steps whose second step fails (its first already added gradients)
+    changes no gradient: a retry of it would otherwise count the first step twice."""
+    runs.forward_backward([RunBatch(VICTIM_A, _data(0))], "cross_entropy")
+    before = _state(runs, VICTIM_A)
+    loss_fn, calls = runs._loss_fn, []
+
+    def failing_loss_fn(*args):
+        compute = loss_fn(*args)
+
+        def fail(row_loss):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
+            return np.zeros_like(row_loss)
+
+        def compute_and_fail(lora, base, batch):
+            total, (row_loss, *rest) = compute(lora, base, batch)
+            shape = jax.ShapeDtypeStruct(row_loss.shape, row_loss.dtype)
+            failed = jax.pure_callback(fail, shape, jax.lax.stop_gradient(row_loss))
+            return total, (row_loss + failed, *rest)
+
+        return compute_and_fail
+
+    monkeypatch.setattr(runs, "_loss_fn", failing_loss_fn)
+    monkeypatch.setattr(runs, "_programs", Programs())
+    monkeypatch.setattr(runs, "max_step_tokens", 64)  # 2 datums of 24 tokens per step
+    with pytest.raises(Exception, match="out of memory"):
+        runs.forward_backward([RunBatch(VICTIM_A, _data(1, n=4))], "cross_entropy")
+    assert len(calls) == 2  # the first step ran and added its gradients
+    monkeypatch.undo()
+    _same_state(before, _state(runs, VICTIM_A))

@@ -261,6 +261,25 @@ class SlotLayout:
             ]
         )
 
+    def set_groups(self, tree, group_slots: jax.Array, values):
+        """The tree with the slots `group_slots` replaced by `values` (shaped as `take_groups`
+        returns; works under jit)."""
+
+        def set_(leaf: LoRALeaf, x: jax.Array, v: jax.Array) -> jax.Array:
+            index = (slice(None),) * leaf.slot_axis + (group_slots,)
+            return x.at[index].set(v.astype(x.dtype))
+
+        return self.treedef.unflatten(
+            [
+                set_(leaf, x, v)
+                for leaf, x, v in zip(
+                    self.leaves,
+                    self.treedef.flatten_up_to(tree),
+                    self.treedef.flatten_up_to(values),
+                )
+            ]
+        )
+
     def slot_shapes(self, tree) -> list[tuple[int, ...]]:
         """Shape of one slot's array of every leaf."""
         return [

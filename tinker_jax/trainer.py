@@ -381,8 +381,17 @@ class Trainer:
             max_length=self.max_length,
         )
         rows: list[_Row] = []  # every datum's outputs, in request order
-        for part in self._steps(runs):
-            rows += self._step(build(part), loss_fn, with_grad)
+        steps = self._steps(runs)
+        # A call of several steps changes the runs' gradients only if every step succeeds:
+        # their accumulators are kept and put back if a later step fails.
+        kept = self._keep_grads(runs) if with_grad and len(steps) > 1 else None
+        try:
+            for part in steps:
+                rows += self._step(build(part), loss_fn, with_grad)
+        except BaseException:
+            if kept is not None:
+                self._restore_grads(*kept)
+            raise
         outputs, start = [], 0
         for run in runs:
             mine, start = rows[start : start + len(run.datums)], start + len(run.datums)
@@ -390,6 +399,23 @@ class Trainer:
                 self._nonfinite.add(run.slot)
             outputs.append(self._output(run, mine))
         return outputs
+
+    def _keep_grads(self, runs: Sequence[RunBatch]) -> tuple[jax.Array, object]:
+        """(slots, a copy of their gradient accumulators) of the runs' slots."""
+        slots = jnp.asarray(sorted({run.slot for run in runs}), jnp.int32)
+        take = self._programs.get("keep_grads", self.layout.take_groups)
+        with jax.set_mesh(self.mesh):
+            return slots, take(self.grads, slots)
+
+    def _restore_grads(self, slots: jax.Array, kept) -> None:
+        put = self._programs.get(
+            "restore_grads",
+            self.layout.set_groups,
+            donate_argnums=(0,),
+            out_shardings=self._state_sharding,
+        )
+        with jax.set_mesh(self.mesh):
+            self.grads = put(self.grads, slots, kept)
 
     def _steps(self, runs: Sequence[RunBatch]) -> list[list[RunBatch]]:
         """The runs' datums, in order, cut into steps of at most `max_step_tokens` padded
