@@ -149,6 +149,30 @@ def _export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_merged(args: argparse.Namespace) -> int:
+    """Writes the checkpoint's base model with its adapter merged in, as a HF folder."""
+    from tinker_jax import checkpoints
+    from tinker_jax.merge import export_merged
+    from tinker_jax.service.paths import TinkerPath
+    from tinker_jax.service.store import Store
+    from tinker_jax.weights import resolve_model_dir
+
+    store = Store(Path(args.storage).expanduser().resolve())
+    record = store.get_checkpoint(str(TinkerPath.parse(args.checkpoint, "checkpoint")))
+    store.close()
+    if record is None:
+        raise ValidationError("checkpoint", f"{args.checkpoint} not found in {args.storage}")
+    state, info = checkpoints.load_state(record.location, with_optimizer=False)
+    out = export_merged(
+        args.out_dir,
+        state,
+        base_model_dir=resolve_model_dir(info.base_model),
+        lora_alpha=info.lora_alpha,
+    )
+    print(out)
+    return 0
+
+
 def _restore_database(args: argparse.Namespace) -> int:
     """Puts the database copy that a server keeps beside its checkpoints back as the
     database of --storage (a new disk after the old one was lost)."""
@@ -247,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--storage", required=True)
     export.add_argument("--out", required=True, help="a new folder or gs://BUCKET/PATH")
     export.set_defaults(func=_export_peft)
+
+    merged = sub.add_parser(
+        "export-merged",
+        help="write a checkpoint's base model with its adapter merged in, as a HF folder",
+    )
+    merged.add_argument(
+        "checkpoint", help="tinker://<run>/weights/<name> or .../sampler_weights/..."
+    )
+    merged.add_argument("out_dir", help="a new folder")
+    merged.add_argument("--storage", required=True)
+    merged.set_defaults(func=_export_merged)
 
     restore = sub.add_parser(
         "restore-database",

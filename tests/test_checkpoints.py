@@ -26,6 +26,7 @@ from tinker_jax.checkpoints import (
 )
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import AdapterBatch
+from tinker_jax.merge import export_merged
 from tinker_jax.optim import AdamParams
 from tinker_jax.trainer import LoraConfig, SlotState
 
@@ -325,3 +326,42 @@ def test_peft_export_gives_the_same_logits(trainers, hf_model_dir, tmp_path, nam
     with torch.no_grad(), peft_model.disable_adapter():
         plain = peft_model(torch.from_numpy(tokens)).logits.numpy()
     assert np.abs(plain - theirs).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "name, lora",
+    [
+        ("qwen3", LoraConfig(rank=RANK, seed=1)),
+        # Tied embeddings with a trained head: the merged folder unties it.
+        ("llama", LoraConfig(rank=RANK, seed=3)),
+        # Shared-outer expert LoRA: each expert's weight gets its own product.
+        ("qwen3_moe", LoraConfig(rank=RANK, seed=5)),
+    ],
+)
+def test_merged_export_loads_in_transformers_with_the_same_logits(
+    trainers, hf_model_dir, tmp_path, name, lora
+):
+    trainer = trainers(name)
+    slot = trainer.create_slot(lora)
+    rng = np.random.default_rng(2)
+    _train(trainer, slot, [sft_datum(rng, 20, VOCAB), sft_datum(rng, 14, VOCAB)], steps=3)
+    out = export_merged(
+        tmp_path / "merged",
+        trainer.export_slot(slot, with_optimizer=False),
+        base_model_dir=hf_model_dir(name),
+        lora_alpha=trainer.lora_alpha,
+        progress=False,
+    )
+    assert (out / "tokenizer.json").is_file()
+    tied = json.loads((hf_model_dir(name) / "config.json").read_text())["tie_word_embeddings"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False or not tied
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = rng.integers(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        theirs = merged(torch.from_numpy(tokens)).logits.numpy()
+    ours = _our_logits(trainer, slot, tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(hf_model_dir(name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(torch.from_numpy(tokens)).logits.numpy()
+    assert np.abs(plain - theirs).max() > 1e-3  # the adapter is in the weights

@@ -269,6 +269,43 @@ def test_export_peft_from_the_cli(server, tmp_path):
     assert '"r": 4' in config and (out / "adapter_model.safetensors").is_file()
 
 
+def test_export_merged_from_the_cli_gives_the_servers_logprobs(server, tmp_path):
+    """`tinker-jax export-merged`: the base model with the adapter in its weights, a HF folder
+    that transformers loads and that scores a prompt as the server's sampler does."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [5, 17, 3, 99, 42, 7, 11]
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=12)
+        _train(tc, _sft_data(seed=12), steps=2)
+        path = tc.save_weights_for_sampler("merge-me").result(timeout=300).path
+        sampler = client.create_sampling_client(model_path=path)
+        served = sampler.compute_logprobs(T.ModelInput.from_ints(prompt)).result(timeout=300)
+    out = tmp_path / "merged"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinker_jax.service.cli",
+            "export-merged",
+            path,
+            str(out),
+            "--storage",
+            str(server.storage),
+        ],
+        check=True,
+    )
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = merged(torch.tensor([prompt])).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None])
+    np.testing.assert_allclose(served[1:], logprobs[:, 0].numpy(), atol=1e-4)
+
+
 def test_the_database_copy_follows_a_saved_checkpoint(server, tmp_path):
     """A saved checkpoint brings the database copy beside the checkpoints up to date at once
     (not at the next sweep, 30 s away): the copy lists the checkpoint."""
