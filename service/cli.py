@@ -173,6 +173,91 @@ def _export_merged(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_peft(args: argparse.Namespace) -> int:
+    """Stores a PEFT adapter folder made elsewhere as a user's `weights/` checkpoint of a new
+    (finished) run, which create_training_client_from_state and create_sampling_client load."""
+    import os
+    import time
+    import uuid
+
+    from tinker_jax import checkpoints, storage
+    from tinker_jax.service.config import ServerConfig
+    from tinker_jax.service.paths import TinkerPath, validate_name
+    from tinker_jax.service.store import CheckpointRecord, RunRecord
+    from tinker_jax.weights import resolve_model_dir
+
+    store = _existing_store(args.storage)
+    try:
+        user = store.user_id(args.user)
+        if user is None:
+            raise ValidationError("user", f"no user named {args.user!r} (tinker-jax keys list)")
+        state = checkpoints.import_peft(
+            args.adapter_dir,
+            base_model_dir=resolve_model_dir(args.base_model),
+            base_model=args.base_model,
+            max_rank=args.max_lora_rank,
+            lora_alpha=args.lora_alpha,
+        )
+        name = validate_name(args.name or Path(args.adapter_dir).resolve().name)
+        session = store.create_session(
+            user, user_metadata={}, project_id=None, display_name="import-peft", tags=[]
+        )
+        store.finish_session(session, "success")
+        run_id, now = f"{session}:train:0", time.time()
+        lora = state.lora
+        store.create_run(
+            RunRecord(
+                run_id=run_id,
+                session_id=session,
+                user_id=user,
+                base_model=args.base_model,
+                lora_rank=lora.rank,
+                train_mlp=lora.train_mlp,
+                train_attn=lora.train_attn,
+                train_unembed=lora.train_unembed,
+                seed=None,
+                created=now,
+                last_request_time=now,
+                user_metadata={},
+                source_path=None,
+            )
+        )
+        config = ServerConfig(
+            base_models=(args.base_model,),
+            storage=Path(args.storage).expanduser().resolve(),
+            checkpoint_storage=args.checkpoint_storage,
+        )
+        root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
+        location = os.fspath(root / run_id / "weights" / f"{name}-{uuid.uuid4().hex[:8]}")
+        size = checkpoints.save_state(
+            location,
+            state,
+            base_model=args.base_model,
+            lora_alpha=args.lora_alpha,
+            with_optimizer=False,
+        )
+        path = str(TinkerPath(run_id, "weights", name))
+        store.put_checkpoint(
+            CheckpointRecord(
+                tinker_path=path,
+                run_id=run_id,
+                kind="weights",
+                name=name,
+                owner=user,
+                location=location,
+                created=now,
+                expires_at=None,
+                size_bytes=size,
+                public=False,
+                user_metadata={},
+            )
+        )
+    finally:
+        store.close()
+    print(path)
+    return 0
+
+
 def _restore_database(args: argparse.Namespace) -> int:
     """Puts the database copy that a server keeps beside its checkpoints back as the
     database of --storage (a new disk after the old one was lost)."""
@@ -282,6 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     merged.add_argument("out_dir", help="a new folder")
     merged.add_argument("--storage", required=True)
     merged.set_defaults(func=_export_merged)
+
+    imported = sub.add_parser(
+        "import-peft",
+        help="store a PEFT adapter folder as a user's tinker://<run>/weights/<name> checkpoint",
+    )
+    imported.add_argument("adapter_dir", help="adapter_config.json + adapter_model.safetensors")
+    imported.add_argument("--user", required=True, help="the owner's name (tinker-jax keys list)")
+    imported.add_argument("--base-model", required=True, help="as the server serves it")
+    imported.add_argument("--name", help="the checkpoint's name (default: the folder's)")
+    imported.add_argument("--storage", required=True)
+    imported.add_argument("--checkpoint-storage", help="the server's, if not <storage>/checkpoints")
+    imported.add_argument("--max-lora-rank", type=int, default=32, help="the server's")
+    imported.add_argument("--lora-alpha", type=float, default=32.0, help="the server's")
+    imported.set_defaults(func=_import_peft)
 
     restore = sub.add_parser(
         "restore-database",

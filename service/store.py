@@ -575,6 +575,11 @@ class Store:
         revoked = [dataclasses.replace(_key_record(row), revoked=now) for row in fresh]
         return revoked, [_key_record(row) for row in matched if row["revoked"] is not None]
 
+    def user_id(self, name: str) -> str | None:
+        """The id of the user called `name`, or None."""
+        row = self._row("SELECT user_id FROM users WHERE name = ?", name)
+        return None if row is None else row["user_id"]
+
     def user_name(self, user_id: str) -> str | None:
         """A user's name, or None if there is no such user."""
         row = self._row("SELECT name FROM users WHERE user_id = ?", user_id)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flax import nnx
 from peft import PeftModel
+from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.engine_helpers import make_trainer, sft_datum
@@ -20,6 +21,7 @@ from tinker_jax.batching import RunBatch
 from tinker_jax.checkpoints import (
     INFO_FILE,
     export_peft,
+    import_peft,
     load_state,
     read_info,
     save_state,
@@ -365,3 +367,80 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(
     with torch.no_grad():
         plain = base(torch.from_numpy(tokens)).logits.numpy()
     assert np.abs(plain - theirs).max() > 1e-3  # the adapter is in the weights
+
+
+def test_a_peft_adapter_imports_as_the_same_run(trainers, hf_model_dir, tmp_path):
+    """export_peft then import_peft gives back the adapter exactly; an adapter with another
+    lora_alpha (its B scaled to match) computes the same logits once imported."""
+    trainer = trainers("qwen3")
+    slot = trainer.create_slot(LoraConfig(rank=RANK, seed=4, train_unembed=False))
+    rng = np.random.default_rng(5)
+    _train(trainer, slot, [sft_datum(rng, 20, VOCAB)], steps=2)
+    folder = tmp_path / "peft"
+    base = str(hf_model_dir("qwen3"))
+    export_peft(folder, trainer.export_slot(slot, False), base_model=base, lora_alpha=ALPHA)
+
+    def imported(path) -> int:
+        state = import_peft(
+            path, base_model_dir=base, base_model=base, max_rank=MAX_RANK, lora_alpha=ALPHA
+        )
+        assert (state.lora.rank, *state.lora.flags()) == (RANK, 1, 1, 0)
+        return trainer.import_slot(state, with_optimizer=False)
+
+    tokens = rng.integers(0, VOCAB, (2, 16))
+    again = imported(folder)
+    np.testing.assert_array_equal(
+        _our_logits(trainer, again, tokens), _our_logits(trainer, slot, tokens)
+    )
+    trainer.free_slot(again)
+    # The same adapter as PEFT would save it with lora_alpha 16: B twice as large.
+    halved = tmp_path / "alpha16"
+    halved.mkdir()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (halved / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16.0}))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors = {k: v * 2 if "lora_B" in k else v for k, v in tensors.items()}
+    save_file(tensors, halved / "adapter_model.safetensors")
+    np.testing.assert_allclose(
+        _our_logits(trainer, imported(halved), tokens),
+        _our_logits(trainer, slot, tokens),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"r": 64}, "r"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules"),
+        ({"use_dora": True}, "use_dora"),
+        ({"base_model_name_or_path": "meta-llama/Llama-3.2-1B"}, "base_model"),
+    ],
+)
+def test_an_adapter_that_does_not_fit_is_refused_naming_the_field(
+    trainers, hf_model_dir, tmp_path, change, field
+):
+    trainer = trainers("qwen3")
+    slot = trainer.create_slot(LoraConfig(rank=RANK, seed=6))
+    folder = tmp_path / "peft"
+    base = str(hf_model_dir("qwen3"))
+    export_peft(folder, trainer.export_slot(slot, False), base_model=base, lora_alpha=ALPHA)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValidationError, match=field):
+        import_peft(
+            folder, base_model_dir=base, base_model=base, max_rank=MAX_RANK, lora_alpha=ALPHA
+        )
+
+
+def test_an_adapter_of_another_shape_is_refused(trainers, hf_model_dir, tmp_path):
+    """qwen3's adapter onto llama (another hidden size), under llama's name: the shapes say no."""
+    trainer = trainers("qwen3")
+    slot = trainer.create_slot(LoraConfig(rank=RANK, seed=7))
+    folder = tmp_path / "peft"
+    llama = str(hf_model_dir("llama"))
+    export_peft(folder, trainer.export_slot(slot, False), base_model=llama, lora_alpha=ALPHA)
+    with pytest.raises(ValidationError, match="adapter_model: .* has shape"):
+        import_peft(
+            folder, base_model_dir=llama, base_model=llama, max_rank=MAX_RANK, lora_alpha=ALPHA
+        )

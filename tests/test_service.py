@@ -306,6 +306,65 @@ def test_export_merged_from_the_cli_gives_the_servers_logprobs(server, tmp_path)
     np.testing.assert_allclose(served[1:], logprobs[:, 0].numpy(), atol=1e-4)
 
 
+def test_an_adapter_made_elsewhere_imports_and_trains_on(server, tmp_path):
+    """Round trip through files: alice's run exported as PEFT, imported for bob with
+    `tinker-jax import-peft`; bob's run from it computes alice's logprobs, trains on, and
+    samples."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tinker_jax.service.cli",
+                *args,
+                "--storage",
+                str(server.storage),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    data = _sft_data(seed=13)
+    with _client(server) as alice:
+        tc = alice.create_lora_training_client(server.model, rank=4, seed=13)
+        _train(tc, data, steps=2)
+        theirs = tc.forward(data, "cross_entropy").result(timeout=300)
+        path = tc.save_state("to-export").result(timeout=300).path
+    cli("export-peft", path, "--out", str(tmp_path / "peft"))
+    imported = cli(
+        "import-peft",
+        str(tmp_path / "peft"),
+        "--user",
+        server.users["bob"],
+        "--base-model",
+        server.model,
+        "--name",
+        "from-alice",
+        "--max-lora-rank",
+        "8",
+    )
+    assert imported.endswith("/weights/from-alice")
+    with _client(server, "bob") as bob:
+        run = bob.create_training_client_from_state(imported)
+        ours = run.forward(data, "cross_entropy").result(timeout=300)
+        for a, b in zip(ours.loss_fn_outputs, theirs.loss_fn_outputs, strict=True):
+            np.testing.assert_allclose(
+                a["logprobs"].to_numpy(), b["logprobs"].to_numpy(), atol=1e-5
+            )
+        losses = _train(run, data, steps=2)
+        assert losses[1] < losses[0]
+        sampler = bob.create_sampling_client(model_path=imported)
+        sampled = sampler.sample(
+            T.ModelInput.from_ints([3, 4, 5]), 1, T.SamplingParams(max_tokens=4)
+        )
+        assert len(sampled.result(timeout=300).sequences[0].tokens) >= 1
+
+
 def test_the_database_copy_follows_a_saved_checkpoint(server, tmp_path):
     """A saved checkpoint brings the database copy beside the checkpoints up to date at once
     (not at the next sweep, 30 s away): the copy lists the checkpoint."""

@@ -34,6 +34,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -44,6 +45,7 @@ from safetensors.numpy import save as safetensors_bytes
 from tinker_jax import storage
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import TARGET_GROUPS
+from tinker_jax.models import FAMILIES
 from tinker_jax.models.family import DENSE_HF_KEYS
 from tinker_jax.trainer import LoraConfig, SlotState
 
@@ -376,3 +378,104 @@ def export_peft(
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     _atomic_folder(directory, write)
+
+
+def import_peft(
+    directory: str | os.PathLike,
+    *,
+    base_model_dir: os.PathLike,
+    base_model: str,
+    max_rank: int,
+    lora_alpha: float,
+) -> SlotState:
+    """A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`, as
+    `export_peft` writes and PEFT saves) as a run's state on the base model of
+    `base_model_dir`: ours A [layers, in, r] and B [layers, r, out] from PEFT's
+    `lora_A.weight` [r, in] and `lora_B.weight` [out, r], B scaled by the adapter's
+    `lora_alpha` over the server's (`lora_alpha`), so the run computes what PEFT computes.
+
+    The run trains the groups the adapter targets (train_attn / train_mlp / train_unembed);
+    modules of a targeted group that the adapter leaves out start at zero. Raises
+    ValidationError naming the field when the adapter does not fit: its rank above
+    `max_rank`, target modules the base model has no LoRA layer for, tensors whose shapes
+    differ from the base model's, another base model, or PEFT options we do not compute
+    (DoRA, rsLoRA, biases, fan_in_fan_out, modules_to_save)."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from tinker_jax.lora import LoRAParam, LoRASpec, SlotLayout
+    from tinker_jax.models.config import load_config
+    from tinker_jax.models.decoder import Transformer
+
+    folder = Path(directory)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(folder / "adapter_model.safetensors")
+    except (OSError, ValueError) as e:
+        raise ValidationError("adapter_dir", f"not a PEFT adapter folder ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValidationError("peft_type", f"{config.get('peft_type')!r} is not LORA")
+    for option in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if config.get(option):
+            raise ValidationError(option, "is not supported (plain LoRA only)")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise ValidationError("modules_to_save", "biases and saved modules are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValidationError("rank_pattern", "per-module ranks or alphas are not supported")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValidationError("r", f"rank {rank!r} is outside [1, {max_rank}] (max_lora_rank)")
+    theirs = Path(str(config.get("base_model_name_or_path") or base_model)).name
+    if theirs != Path(base_model).name:
+        raise ValidationError(
+            "base_model", f"the adapter was trained on {theirs}, not on {Path(base_model).name}"
+        )
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValidationError("target_modules", f"{targets!r} must be a list of module names")
+    ours = {m for modules in TARGET_GROUPS.values() for m in modules}
+    if set(targets) - ours:
+        raise ValidationError(
+            "target_modules",
+            f"{sorted(set(targets) - ours)} have no LoRA layer here; allowed: {sorted(ours)}",
+        )
+    cfg = load_config(Path(base_model_dir))
+    hf_keys = FAMILIES[cfg.family].hf_keys
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, lora=LoRASpec(1, rank), rngs=nnx.Rngs(0)))
+    lora_state = nnx.split(abstract, LoRAParam, ...)[1]
+    layout = SlotLayout(lora_state)
+    scale_b = float(config.get("lora_alpha", lora_alpha)) / lora_alpha
+    adapter: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    for leaf, shape in zip(layout.leaves, layout.slot_shapes(lora_state)):
+        module = _peft_module(leaf.name, hf_keys)
+        short = module.rsplit(".", 1)[-1]
+        if short not in targets:
+            adapter[leaf.name] = np.zeros(shape, np.float32)
+            continue
+        if "{expert}" in module:
+            raise ValidationError(
+                "target_modules", "adapters of MoE experts have no PEFT layout; leave out the MLP"
+            )
+        kind = "lora_A" if leaf.is_a else "lora_B"
+        layers = range(shape[0]) if "{layer}" in module else [None]
+        parts = []
+        for layer in layers:
+            key = f"base_model.model.{module.format(layer=layer)}.{kind}.weight"
+            if key not in tensors:
+                raise ValidationError("adapter_model", f"tensor {key} is missing")
+            parts.append(np.asarray(tensors[key], np.float32).T)  # torch [out, in] -> ours
+            used.add(key)
+        value = np.stack(parts) if "{layer}" in module else parts[0]
+        if value.shape != tuple(shape):
+            raise ValidationError(
+                "adapter_model",
+                f"{leaf.name} has shape {value.shape}, the base model's is {tuple(shape)}",
+            )
+        adapter[leaf.name] = value if leaf.is_a else value * scale_b
+    if set(tensors) - used:
+        extra = sorted(set(tensors) - used)
+        raise ValidationError("adapter_model", f"tensors of no target module: {extra[:3]}")
+    flags = {g: any(m in targets for m in modules) for g, modules in TARGET_GROUPS.items()}
+    lora = LoraConfig(rank, None, flags["attn"], flags["mlp"], flags["unembed"])
+    return SlotState(lora, adapter)
