@@ -4,23 +4,15 @@
 the limit is refused at once with `ResourceExhausted` naming the setting, rather than queued
 on a thread that other users need. It has no threads of its own; the service core guards the
 calls that hold a request thread for long (long-polls, over both front ends) with one:
-
-    long_polls = PerKeyLimit(config.max_long_polls_per_user, "max_long_polls_per_user",
-                             "long-polls (RetrieveFuture)")
-    with long_polls.hold(user):  # ResourceExhausted when `user` holds the limit already
-        ...  # wait for the result
-
-`poll_threads` sizes the front ends' thread pools for long-polls to match.
-
-`acquire`/`release` are the same without the context manager, for a caller that does
-something else than fail when refused.
+`acquire` a place (False at once when the user holds them all: answer without waiting, or
+raise `refusal()`), `release` it when done. `poll_threads` sizes the front ends' thread pools
+for long-polls to match.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Hashable
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.service.errors import ResourceExhausted
@@ -80,14 +72,3 @@ class PerKeyLimit:
             f"at most {self.limit} concurrent {self.what} per user ({self.setting}); "
             "wait for one to return, then retry"
         )
-
-    @contextmanager
-    def hold(self, key: Hashable) -> Iterator[None]:
-        """One of `key`'s places for the `with` block; `refusal()` raised at once if none is
-        free."""
-        if not self.acquire(key):
-            raise self.refusal()
-        try:
-            yield
-        finally:
-            self.release(key)
