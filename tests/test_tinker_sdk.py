@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -534,3 +535,36 @@ def test_other_users_checkpoints_are_not_found(server):
     with pytest.raises(tinker.NotFoundError):
         bob.delete_checkpoint_from_tinker_path(path).result()
     alice.close("success").result()
+
+
+def test_a_sampling_client_works_pickled_and_by_handle_in_another_process(server):
+    """tinker-cookbook sends samplers to worker processes: a pickled SamplingClient and one
+    rebuilt from `get_sampler_handle()` sample from the same weights in a new process."""
+    service = _service(server)
+    training = service.create_lora_training_client(server.model, rank=4, seed=21).result()
+    training.forward_backward(_sft_data(seed=21), "cross_entropy")
+    training.optim_step(T.AdamParams(learning_rate=1e-2)).result(timeout=TIMEOUT)
+    sampler = training.save_weights_and_get_sampling_client().result(timeout=TIMEOUT)
+    prompt = [3, 4, 5, 6, 7]
+    here = sampler.compute_logprobs(T.ModelInput.from_ints(prompt)).result(timeout=TIMEOUT)
+    code = (
+        "import json, pickle, sys, tinker\n"
+        "from tinker import types as T\n"
+        "blob, handle, key, prompt = pickle.loads(sys.stdin.buffer.read())\n"
+        "rebuilt = [pickle.loads(blob), tinker.SamplingClient.from_sampler_handle(handle, "
+        "api_key=key)]\n"
+        "print(json.dumps([s.compute_logprobs(T.ModelInput.from_ints(prompt)).result() "
+        "for s in rebuilt]))\n"
+    )
+    payload = pickle.dumps(
+        (pickle.dumps(sampler), sampler.get_sampler_handle(), server.keys["alice"], prompt)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=payload,
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=dict(os.environ, TINKER_BASE_URL=server.http_url, TINKER_TELEMETRY="0"),
+        check=True,
+    )
+    assert json.loads(out.stdout.decode().strip().splitlines()[-1]) == [here, here]
