@@ -787,9 +787,18 @@ class ServiceCore:
         )
 
     def snapshot_for_sampler(
-        self, user: str, request_id: str, model_id: str, seq_id: int, sampling_session_seq_id: int
+        self,
+        user: str,
+        request_id: str,
+        model_id: str,
+        seq_id: int,
+        sampling_session_seq_id: int,
+        inflight: bool = False,
     ) -> str:
-        """save_weights_and_get_sampling_client: an ephemeral, immutable sampler snapshot."""
+        """save_weights_and_get_sampling_client: an ephemeral, immutable sampler snapshot; with
+        `inflight` (kind="inflight"), a sampler of the run's inflight target, whose weights
+        every later inflight save of the run updates (for this and every earlier inflight
+        sampler of the run)."""
         if self._replayed(user, request_id) is not None:
             return request_id
         run, worker = self._loaded_run(user, model_id)
@@ -811,7 +820,9 @@ class ServiceCore:
             request_id,
             "save_weights_for_sampler",
             worker,
-            lambda done, fail: SnapshotForSampler(done, fail, sampler_id=sampler_id, user=user),
+            lambda done, fail: SnapshotForSampler(
+                done, fail, sampler_id=sampler_id, user=user, inflight=inflight
+            ),
             respond,
             run_id=model_id,
             seq_id=seq_id,

@@ -101,6 +101,7 @@ class Engine:
             "optim_step": self.trainer.optim_step,
             "save_state": self._save_state,
             "snapshot": self._snapshot,
+            "refresh_snapshot": self._refresh_snapshot,
             "open_sampler": self._open_sampler,
             "free_adapter": self.sampler.free_adapter,
             "submit": self.sampler.submit,
@@ -178,6 +179,12 @@ class Engine:
         """The training slot's adapter copied into a new sampler slot."""
         state = self.trainer.export_slot(slot, with_optimizer=False)
         return self.sampler.load_adapter(state.adapter, self.trainer.slots[slot].scale)
+
+    def _refresh_snapshot(self, sampler_slot: int, slot: int) -> None:
+        """The training slot's current adapter written into the sampler slot of its inflight
+        sampling target."""
+        state = self.trainer.export_slot(slot, with_optimizer=False)
+        self.sampler.replace_adapter(sampler_slot, state.adapter, self.trainer.slots[slot].scale)
 
     def _open_sampler(self, location: str | None) -> int | None:
         """A sampler slot holding a checkpoint's adapter (None: the base model)."""

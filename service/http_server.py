@@ -477,10 +477,8 @@ class TinkerHTTP:
 
         def submit(model_id: str, seq_id: int) -> str:
             kind = f.str("kind", "snapshot")
-            if kind != "snapshot":
-                raise ValidationError(
-                    "kind", f"{kind!r} sampling clients are not supported; use snapshot"
-                )
+            if kind not in ("snapshot", "inflight"):
+                raise ValidationError("kind", f"{kind!r} is not snapshot or inflight")
             if f.value.get("path") is None:
                 return self.core.snapshot_for_sampler(
                     call.user,
@@ -488,7 +486,10 @@ class TinkerHTTP:
                     model_id,
                     seq_id,
                     f.int("sampling_session_seq_id", required=True),
+                    inflight=kind == "inflight",
                 )
+            if kind == "inflight":
+                raise ValidationError("kind", "inflight weights have no path; save without one")
             return self.core.save_weights(
                 call.user,
                 call.request_id,

@@ -120,10 +120,13 @@ class SaveState(Op):
 
 @dataclasses.dataclass
 class SnapshotForSampler(Op):
-    """Copies the run's adapter into a sampler slot (an ephemeral sampler)."""
+    """Copies the run's adapter into a sampler slot (an ephemeral sampler). `inflight`: the
+    run's inflight target instead, one slot that every inflight sampler of the run shares and
+    that each inflight save updates (SDK 0.38's kind="inflight")."""
 
     sampler_id: str
     user: str = ""  # the sampler's owner (max_samplers_per_user, eviction)
+    inflight: bool = False
 
 
 @dataclasses.dataclass
@@ -159,6 +162,9 @@ class _Sampler:
     # Its session ended while a request of it was in the sampler: its slot is freed (and the
     # record dropped) once that request leaves.
     closing: bool = False
+    # The training run whose inflight target this sampler samples from (its slot is shared
+    # with the run's other inflight samplers, and updated by each inflight save).
+    inflight_of: str | None = None
 
 
 @dataclasses.dataclass
@@ -597,10 +603,19 @@ class EngineWorker:
                 self._runs[run_id].slot = new_slot
             self._done(op, state)
         elif isinstance(op, SnapshotForSampler):
-            sampler_slot = self._into_sampler_slot(op.user, "snapshot", slot)
+            target = self._inflight_target(run_id) if op.inflight else None
+            if target is not None:  # a later inflight save: the run's new weights, same slot
+                self.engine.call("refresh_snapshot", target, slot)
+                sampler_slot = target
+            else:
+                sampler_slot = self._into_sampler_slot(op.user, "snapshot", slot)
             with self._cond:
                 self._samplers[op.sampler_id] = _Sampler(
-                    sampler_slot, None, next(self._uses), op.user
+                    sampler_slot,
+                    None,
+                    next(self._uses),
+                    op.user,
+                    inflight_of=run_id if op.inflight else None,
                 )
             self._done(op, sampler_slot)
         else:
@@ -699,22 +714,41 @@ class EngineWorker:
                     "hold weights with requests in flight or other users' weights that cannot "
                     "be reloaded (sampler_slots); retry shortly, or close an idle sampler"
                 )
-            victim = self._samplers[victim_id]
-            self.engine.call("free_adapter", victim.slot)
-            victim.slot, victim.evicted = None, True
+            victim_slot = self._samplers[victim_id].slot
+            self.engine.call("free_adapter", victim_slot)
+            for sampler in self._samplers.values():  # every sampler sharing the slot
+                if sampler.slot == victim_slot:
+                    sampler.slot, sampler.evicted = None, True
         return self.engine.call(name, *args)
 
+    def _inflight_target(self, run_id: str) -> int | None:
+        """The sampler slot of the run's inflight target, if one is loaded."""
+        with self._cond:
+            for s in self._samplers.values():
+                if s.inflight_of == run_id and s.slot is not None and not s.evicted:
+                    return s.slot
+        return None
+
     def _slot_holders(self) -> list[SlotHolder]:
-        """Every sampler that holds a sampler slot, as eviction sees it."""
+        """Every loaded sampler slot, as eviction sees it: one holder per slot (inflight
+        samplers of a run share one), busy if any of its samplers has requests."""
         with self._cond:
             # A failed request's chunk still in the sampler keeps its slot in use there.
             busy = {job.op.sampler_id for job in self._admission.waiting() if not job.failed}
             busy |= {job.op.sampler_id for job, _ in self._in_flight.values()}
-            return [
-                SlotHolder(sid, s.user, s.last_used, s.location is not None, sid in busy)
-                for sid, s in self._samplers.items()
-                if s.slot is not None and not s.evicted and not s.closing
-            ]
+            by_slot: dict[int, list[str]] = {}
+            for sid, s in self._samplers.items():
+                if s.slot is not None and not s.evicted and not s.closing:
+                    by_slot.setdefault(s.slot, []).append(sid)
+            holders = []
+            for sids in by_slot.values():
+                latest = max(sids, key=lambda sid: self._samplers[sid].last_used)
+                s = self._samplers[latest]
+                reloadable = s.location is not None
+                holders.append(
+                    SlotHolder(latest, s.user, s.last_used, reloadable, bool(busy & set(sids)))
+                )
+            return holders
 
     def _sample_step(self) -> None:
         for rid, result in self.engine.call("step").items():
@@ -797,7 +831,8 @@ class EngineWorker:
             return
         with self._cond:
             sampler = self._samplers.pop(sid)
-        if sampler.slot is not None and not sampler.evicted:
+            shared = any(s.slot == sampler.slot for s in self._samplers.values())
+        if sampler.slot is not None and not sampler.evicted and not shared:
             self.engine.call("free_adapter", sampler.slot)
 
 

@@ -510,3 +510,27 @@ def test_a_forward_backward_is_validated_once(env, monkeypatch):
     assert checked == [0, 1, 2]
     env.core.finish_session(env.users["bob"], session, "")
     _settled(env)
+
+
+def test_a_runs_inflight_samplers_share_one_slot_until_the_session_ends(env):
+    """Each inflight save makes a new sampler of the run's one inflight target: one sampler
+    slot however many saves, updated in place, and freed once, at the session's end."""
+    user = env.users["dave"]
+    session = env.session("dave")
+    run = env.run("dave", session)
+    free = len(env.worker.sampler.free_slots())
+    samplers = []
+    for seq_id, sampler_seq in ((1, 0), (3, 1), (5, 2)):
+        rid = env.core.snapshot_for_sampler(user, "", run, seq_id, sampler_seq, inflight=True)
+        samplers.append(_ok(env.outcome("dave", rid)).save_weights.sampling_session_id)
+        _ok(env.outcome("dave", env.optim("dave", run, seq_id + 1)))
+        assert len(env.worker.sampler.free_slots()) == free - 1
+    for sampler in samplers:
+        _ok(env.outcome("dave", env.sample("dave", sampler)))
+    env.core.finish_session(user, session, "")
+    _settled(env)
+    for _ in range(int(WAIT_SECONDS / 0.05)):  # the release runs on the engine thread
+        if len(env.worker.sampler.free_slots()) == free:
+            break
+        time.sleep(0.05)
+    assert len(env.worker.sampler.free_slots()) == free

@@ -568,3 +568,33 @@ def test_a_sampling_client_works_pickled_and_by_handle_in_another_process(server
         check=True,
     )
     assert json.loads(out.stdout.decode().strip().splitlines()[-1]) == [here, here]
+
+
+def test_inflight_sampling_clients_follow_the_runs_latest_weights(server):
+    """kind="inflight": every inflight client of a run samples from one target that each
+    inflight save updates, so a client made before a later save sees the new weights; a
+    snapshot client keeps its own; another user's sampler is unaffected."""
+    service, other = _service(server), _service(server, "bob")
+    prompt = T.ModelInput.from_ints([3, 4, 5, 6, 7])
+    base = other.create_sampling_client(base_model=server.model).result(timeout=TIMEOUT)
+    base_before = base.compute_logprobs(prompt).result(timeout=TIMEOUT)
+    training = service.create_lora_training_client(server.model, rank=4, seed=22).result()
+
+    def step() -> None:
+        training.forward_backward(_sft_data(seed=22), "cross_entropy")
+        training.optim_step(T.AdamParams(learning_rate=5e-2)).result(timeout=TIMEOUT)
+
+    def logprobs(sampler) -> list:
+        return sampler.compute_logprobs(prompt).result(timeout=TIMEOUT)
+
+    step()
+    first = training.save_weights_and_get_sampling_client(kind="inflight").result(timeout=TIMEOUT)
+    frozen = training.save_weights_and_get_sampling_client().result(timeout=TIMEOUT)
+    before = logprobs(first)
+    assert logprobs(frozen) == before
+    step()
+    second = training.save_weights_and_get_sampling_client(kind="inflight").result(timeout=TIMEOUT)
+    now = training.save_weights_and_get_sampling_client().result(timeout=TIMEOUT)
+    assert logprobs(first) == logprobs(second) == logprobs(now) != before
+    assert logprobs(frozen) == before  # a snapshot never changes
+    assert logprobs(base) == base_before

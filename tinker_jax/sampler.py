@@ -222,8 +222,22 @@ class Sampler:
             raise ValidationError(
                 "sampler_slots", f"all {self.layout.num_slots} sampler adapter slots are in use"
             )
-        values = self.layout.fit(self.lora, arrays)
         slot = free[0]
+        self._put_adapter(slot, arrays, scale)
+        return slot
+
+    def replace_adapter(self, slot: int, arrays: Mapping[str, np.ndarray], scale: float) -> None:
+        """New weights for an adapter slot in use (a training run's inflight sampling target,
+        updated on each inflight save). The engine thread runs this between decode calls:
+        requests decoding in the slot read the new weights from their next decode step on;
+        the tokens and logprobs before it came from the old ones."""
+        if slot not in self.slot_scale:
+            raise ValidationError("slot", f"sampler slot {slot} holds no adapter")
+        self._put_adapter(slot, arrays, scale)
+
+    def _put_adapter(self, slot: int, arrays: Mapping[str, np.ndarray], scale: float) -> None:
+        """Writes the adapter (checked and padded by `SlotLayout.fit`) into `slot`."""
+        values = self.layout.fit(self.lora, arrays)
         fn = self._programs.get(
             "load_adapter",
             lambda lora, slot, values: self.layout.put(lora, slot, values),
@@ -231,7 +245,6 @@ class Sampler:
         )
         self.lora = fn(self.lora, jnp.int32(slot), values)
         self.slot_scale[slot] = float(scale)
-        return slot
 
     def free_slots(self) -> list[int]:
         """The adapter slots that hold no snapshot, lowest first."""
