@@ -253,7 +253,9 @@ class TrainingClient:
         request = self._sampler_save_request(name, ttl_seconds, user_metadata)
         return await self._submit_async("SaveWeightsForSampler", request, _sampler_save_result)
 
-    def _snapshot_request(self, name) -> pb.SaveWeightsForSamplerRequest:
+    def _snapshot_request(self, name, kind: str) -> pb.SaveWeightsForSamplerRequest:
+        if kind not in ("snapshot", "inflight"):
+            raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
         if name is not None:
             warnings.warn(
                 "save_weights_and_get_sampling_client ignores `name` (the snapshot "
@@ -264,23 +266,32 @@ class TrainingClient:
         return pb.SaveWeightsForSamplerRequest(
             model_id=self.model_id,
             sampling_session_seq_id=self.holder.next_sampling_session_seq_id(),
+            inflight=kind == "inflight",
         )
 
     def save_weights_and_get_sampling_client(
-        self, name: str | None = None, retry_config: RetryConfig | None = None
+        self,
+        name: str | None = None,
+        retry_config: RetryConfig | None = None,
+        kind: str = "snapshot",
     ) -> SamplingClient:
         """A SamplingClient on a snapshot of the current weights (no saved path). Waits for
-        the snapshot, which runs after every operation issued before it."""
+        the snapshot, which runs after every operation issued before it. With
+        kind="inflight", a client of the run's inflight target instead: it (and every earlier
+        inflight client of the run) samples from the weights of the latest inflight save."""
         future = self._submit(
-            "SaveWeightsForSampler", self._snapshot_request(name), _snapshot_result
+            "SaveWeightsForSampler", self._snapshot_request(name, kind), _snapshot_result
         )
         return self._snapshot_client(future.result(), retry_config)
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str | None = None, retry_config: RetryConfig | None = None
+        self,
+        name: str | None = None,
+        retry_config: RetryConfig | None = None,
+        kind: str = "snapshot",
     ) -> SamplingClient:
         future = await self._submit_async(
-            "SaveWeightsForSampler", self._snapshot_request(name), _snapshot_result
+            "SaveWeightsForSampler", self._snapshot_request(name, kind), _snapshot_result
         )
         return self._snapshot_client(await future, retry_config)
 

@@ -185,8 +185,10 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
     def SaveWeightsForSampler(self, user, r):
         if not r.HasField("name"):
             request_id = self.core.snapshot_for_sampler(
-                user, r.request_id, r.model_id, r.seq_id, r.sampling_session_seq_id
+                user, r.request_id, r.model_id, r.seq_id, r.sampling_session_seq_id, r.inflight
             )
+        elif r.inflight:
+            raise ValidationError("inflight", "inflight weights have no name; save without one")
         else:
             ttl = r.ttl_seconds if r.HasField("ttl_seconds") else None
             request_id = self.core.save_weights(

@@ -120,6 +120,25 @@ def test_sample_from_saved_path_matches_ephemeral_snapshot(server):
         assert last == [None, None, logprobs[2]]
 
 
+def test_inflight_clients_of_our_client_follow_the_latest_weights(server):
+    """kind="inflight" through our gRPC client: an inflight client made before a later
+    inflight save samples from the later weights; a snapshot keeps its own."""
+    prompt = T.ModelInput.from_ints([11, 12, 13, 14])
+    with _client(server) as client:
+        tc = client.create_lora_training_client(server.model, rank=4, seed=14)
+        _train(tc, _sft_data(seed=14), steps=1, lr=5e-2)
+        first = tc.save_weights_and_get_sampling_client(kind="inflight")
+        frozen = tc.save_weights_and_get_sampling_client()
+        before = first.compute_logprobs(prompt).result(timeout=300)
+        _train(tc, _sft_data(seed=14), steps=1, lr=5e-2)
+        second = tc.save_weights_and_get_sampling_client(kind="inflight")
+        after = [c.compute_logprobs(prompt).result(timeout=300) for c in (first, second)]
+        assert after[0] == after[1] != before
+        assert frozen.compute_logprobs(prompt).result(timeout=300) == before
+        with pytest.raises(ValueError, match="kind"):
+            tc.save_weights_and_get_sampling_client(kind="live")
+
+
 def test_rest_listings_publish_ttl_delete(server):
     with _client(server) as client:
         tc = client.create_lora_training_client(server.model, rank=4, seed=7)

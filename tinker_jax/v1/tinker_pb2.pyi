@@ -292,7 +292,7 @@ class SaveWeightsRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., overwrite: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SaveWeightsForSamplerRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "seq_id", "name", "ttl_seconds", "user_metadata", "sampling_session_seq_id")
+    __slots__ = ("request_id", "model_id", "seq_id", "name", "ttl_seconds", "user_metadata", "sampling_session_seq_id", "inflight")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +307,7 @@ class SaveWeightsForSamplerRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SESSION_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     seq_id: int
@@ -314,7 +315,8 @@ class SaveWeightsForSamplerRequest(_message.Message):
     ttl_seconds: int
     user_metadata: _containers.ScalarMap[str, str]
     sampling_session_seq_id: int
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., sampling_session_seq_id: _Optional[int] = ...) -> None: ...
+    inflight: bool
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., sampling_session_seq_id: _Optional[int] = ..., inflight: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsRequest(_message.Message):
     __slots__ = ("request_id", "session_id", "model_seq_id", "path", "optimizer", "weights_access_token", "user_metadata")
