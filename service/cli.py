@@ -182,8 +182,9 @@ def _import_peft(args: argparse.Namespace) -> int:
 
     from tinker_jax import checkpoints, storage
     from tinker_jax.service.config import ServerConfig
+    from tinker_jax.service.core import new_run_record
     from tinker_jax.service.paths import TinkerPath, validate_name
-    from tinker_jax.service.store import CheckpointRecord, RunRecord
+    from tinker_jax.service.store import CheckpointRecord
     from tinker_jax.weights import resolve_model_dir
 
     store = _existing_store(args.storage)
@@ -203,24 +204,9 @@ def _import_peft(args: argparse.Namespace) -> int:
             user, user_metadata={}, project_id=None, display_name="import-peft", tags=[]
         )
         store.finish_session(session, "success")
-        run_id, now = f"{session}:train:0", time.time()
-        lora = state.lora
+        run_id = f"{session}:train:0"
         store.create_run(
-            RunRecord(
-                run_id=run_id,
-                session_id=session,
-                user_id=user,
-                base_model=args.base_model,
-                lora_rank=lora.rank,
-                train_mlp=lora.train_mlp,
-                train_attn=lora.train_attn,
-                train_unembed=lora.train_unembed,
-                seed=None,
-                created=now,
-                last_request_time=now,
-                user_metadata={},
-                source_path=None,
-            )
+            new_run_record(run_id, store.get_session(session), args.base_model, state.lora, {})
         )
         config = ServerConfig(
             base_models=(args.base_model,),
@@ -245,7 +231,7 @@ def _import_peft(args: argparse.Namespace) -> int:
                 name=name,
                 owner=user,
                 location=location,
-                created=now,
+                created=time.time(),
                 expires_at=None,
                 size_bytes=size,
                 public=False,

@@ -511,7 +511,7 @@ class ServiceCore:
 
         def respond(_slot) -> pb.RetrieveFutureResponse:
             self._write(
-                self.store.create_run, _run_record(run_id, session, base_model, lora, metadata)
+                self.store.create_run, new_run_record(run_id, session, base_model, lora, metadata)
             )
             return pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
 
@@ -560,7 +560,7 @@ class ServiceCore:
         metadata = wire.metadata(user_metadata)
 
         def respond(state) -> pb.RetrieveFutureResponse:
-            record = _run_record(
+            record = new_run_record(
                 run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
             )
             self._write(self.store.create_run, record)
@@ -1181,7 +1181,7 @@ def _scope(access_scope: str) -> str:
     return scope
 
 
-def _run_record(
+def new_run_record(
     run_id: str,
     session: SessionRecord,
     base_model: str,
@@ -1189,6 +1189,8 @@ def _run_record(
     metadata: dict[str, str],
     source: str | None = None,
 ) -> RunRecord:
+    """The record of a new run of `session`'s user (created and last used now); `source` is
+    the checkpoint it started from."""
     now = time.time()
     return RunRecord(
         run_id=run_id,
