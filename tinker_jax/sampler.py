@@ -332,12 +332,15 @@ class Sampler:
     def reset(self) -> None:
         """Drops every queued and running request (after a failed step). The cache rows are
         rewritten by the next prefill and never read past a row's own positions, so they need
-        no clearing; but a failed call may have consumed the donated cache, which is then made
-        anew, so that the next request can run."""
+        no clearing; but a failed call may have consumed the donated cache, or left the cache
+        it returned holding its error (dispatch is asynchronous): then it is made anew, so
+        that the next request can run."""
         self._pending.clear()
         self._queue.clear()
         self._rows = _Rows(self.rows)
-        if self.cache.k.is_deleted() or self.cache.v.is_deleted():
+        try:
+            jax.block_until_ready(self.cache)
+        except Exception:  # noqa: BLE001 - deleted, or the failed call's error
             self.cache = KVCache(self._zeros(), self._zeros())
 
     def step(self) -> dict[int, SampleResult]:

@@ -454,6 +454,9 @@ class Trainer:
                     out_shardings=(None, self._replicated),
                 )
                 grads, aux = fn(self.lora, self.base, batch)
+                # The step's outcome first: dispatch is asynchronous, and a step that failed
+                # must be known before its gradients are added (and the accumulator donated).
+                aux = jax.device_get(aux)
                 add = self._programs.get(
                     "add_grads",
                     self.layout.add_groups,
