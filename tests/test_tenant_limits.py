@@ -136,6 +136,16 @@ def env(hf_model_dir, tmp_path_factory):
     store.close()
 
 
+def _free_slots_become(env: Env, count: int) -> None:
+    """Waits (bounded) until the sampler has `count` free adapter slots, which the engine
+    thread frees on its own time; asserts the count, not the time it took."""
+    for _ in range(int(WAIT_SECONDS / 0.05)):
+        if len(env.worker.sampler.free_slots()) == count:
+            break
+        time.sleep(0.05)
+    assert len(env.worker.sampler.free_slots()) == count
+
+
 def _settled(env: Env) -> None:
     """Every queue place is back (nothing of this test is queued or in flight)."""
     deadline = time.monotonic() + WAIT_SECONDS
@@ -468,11 +478,7 @@ def test_a_session_ending_while_its_request_decodes_frees_its_sampler_slot(env, 
     go.set()
     assert "was closed" in _error(env.outcome("carol", request))
     _settled(env)
-    for _ in range(int(WAIT_SECONDS / 0.05)):  # the slot frees when the request leaves
-        if len(env.worker.sampler.free_slots()) == free_before:
-            break
-        time.sleep(0.05)
-    assert len(env.worker.sampler.free_slots()) == free_before
+    _free_slots_become(env, free_before)  # the slot frees when the request leaves
     assert not env.worker.has_sampler(sampler)
 
 
@@ -529,8 +535,4 @@ def test_a_runs_inflight_samplers_share_one_slot_until_the_session_ends(env):
         _ok(env.outcome("dave", env.sample("dave", sampler)))
     env.core.finish_session(user, session, "")
     _settled(env)
-    for _ in range(int(WAIT_SECONDS / 0.05)):  # the release runs on the engine thread
-        if len(env.worker.sampler.free_slots()) == free:
-            break
-        time.sleep(0.05)
-    assert len(env.worker.sampler.free_slots()) == free
+    _free_slots_become(env, free)  # the release runs on the engine thread

@@ -245,40 +245,22 @@ class SlotLayout:
     def add_groups(self, tree, group_slots: jax.Array, values):
         """The tree with `values` (shaped as `take_groups` returns) added into the slots
         `group_slots`; a slot named twice receives both (works under jit)."""
-
-        def add(leaf: LoRALeaf, x: jax.Array, v: jax.Array) -> jax.Array:
-            index = (slice(None),) * leaf.slot_axis + (group_slots,)
-            return x.at[index].add(v.astype(x.dtype))
-
-        return self.treedef.unflatten(
-            [
-                add(leaf, x, v)
-                for leaf, x, v in zip(
-                    self.leaves,
-                    self.treedef.flatten_up_to(tree),
-                    self.treedef.flatten_up_to(values),
-                )
-            ]
-        )
+        return self._scatter(tree, group_slots, values, "add")
 
     def set_groups(self, tree, group_slots: jax.Array, values):
         """The tree with the slots `group_slots` replaced by `values` (shaped as `take_groups`
         returns; works under jit)."""
+        return self._scatter(tree, group_slots, values, "set")
 
-        def set_(leaf: LoRALeaf, x: jax.Array, v: jax.Array) -> jax.Array:
-            index = (slice(None),) * leaf.slot_axis + (group_slots,)
-            return x.at[index].set(v.astype(x.dtype))
+    def _scatter(self, tree, group_slots: jax.Array, values, how: str):
+        def one(leaf: LoRALeaf, x: jax.Array, v: jax.Array) -> jax.Array:
+            at = x.at[(slice(None),) * leaf.slot_axis + (group_slots,)]
+            return getattr(at, how)(v.astype(x.dtype))
 
-        return self.treedef.unflatten(
-            [
-                set_(leaf, x, v)
-                for leaf, x, v in zip(
-                    self.leaves,
-                    self.treedef.flatten_up_to(tree),
-                    self.treedef.flatten_up_to(values),
-                )
-            ]
+        leaves = zip(
+            self.leaves, self.treedef.flatten_up_to(tree), self.treedef.flatten_up_to(values)
         )
+        return self.treedef.unflatten([one(leaf, x, v) for leaf, x, v in leaves])
 
     def slot_shapes(self, tree) -> list[tuple[int, ...]]:
         """Shape of one slot's array of every leaf."""
