@@ -32,6 +32,7 @@ from tinker_jax.client.sampling_client import SamplingClient
 from tinker_jax.client.service_client import ServiceClient
 from tinker_jax.client.training_client import TrainingClient
 from tinker_jax.client.transport import RetryConfig
+from tinker_jax.client.types import PromptProvenanceSpan, SampledProvenanceSpan
 
 __all__ = [
     "APIConnectionError",
@@ -45,10 +46,12 @@ __all__ = [
     "InternalServerError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PromptProvenanceSpan",
     "RateLimitError",
     "RequestFailedError",
     "RestClient",
     "RetryConfig",
+    "SampledProvenanceSpan",
     "SamplingClient",
     "ServiceClient",
     "TinkerError",

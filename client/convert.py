@@ -94,6 +94,19 @@ def datum_to_proto(datum: types.Datum) -> pb.Datum:
     msg = pb.Datum(model_input=model_input_to_proto(datum.model_input))
     for key, value in datum.loss_fn_inputs.items():
         msg.loss_fn_inputs[key].CopyFrom(tensor_data_to_proto(types.to_tensor_data(value, key)))
+    for spans, out in (
+        (datum.model_input_spans, msg.model_input_spans),
+        (datum.loss_fn_input_spans, msg.loss_fn_input_spans),
+    ):
+        for span in spans or ():
+            out.append(
+                pb.ProvenanceSpan(
+                    sequence_id=span.sequence_id,
+                    offset=span.offset,
+                    length=span.length,
+                    sampled=isinstance(span, types.SampledProvenanceSpan),
+                )
+            )
     return msg
 
 

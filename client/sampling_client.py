@@ -26,7 +26,10 @@ _OPEN_SAMPLER_RETRY_CODES = RETRYABLE_CODES - {grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class SamplingClient:
-    """Samples from one sampling session (`sampling_session_id`)."""
+    """Samples from one sampling session (`sampling_session_id`). With
+    `record_stability_info`, the server records every sequence it samples (prompt, tokens, its
+    own logprobs) for `stable_reinforce` training in this session, under the sequence's
+    `sequence_id`."""
 
     def __init__(
         self,
@@ -36,10 +39,12 @@ class SamplingClient:
         base_model: str | None = None,
         model_path: str | None = None,
         retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
     ):
         self.holder = holder
         self.sampling_session_id = sampling_session_id
         self.model_path = model_path
+        self.record_stability_info = record_stability_info
         self._base_model = base_model
         self._retry_config = retry_config
         self._seq = itertools.count()
@@ -75,6 +80,7 @@ class SamplingClient:
                 include_prompt_logprobs=include_prompt_logprobs,
                 topk_prompt_logprobs=topk_prompt_logprobs,
                 prompt_logprobs_last_n=prompt_logprobs_last_n,
+                record_stability_info=self.record_stability_info,
             )
 
         def result(response: pb.RetrieveFutureResponse, submit: pb.SubmitResponse):
@@ -165,6 +171,7 @@ def open_sampling_client(
     base_model: str | None = None,
     retry_config: RetryConfig | None = None,
     weights_access_token: str | None = None,
+    record_stability_info: bool = False,
 ) -> SamplingClient:
     """Opens a sampling session on saved weights or on a base model (exactly one);
     `weights_access_token` opens another user's unpublished checkpoint."""
@@ -192,6 +199,7 @@ def open_sampling_client(
         base_model=base_model,
         model_path=model_path,
         retry_config=retry_config,
+        record_stability_info=record_stability_info,
     )
 
 

@@ -209,16 +209,19 @@ class ServiceClient:
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
         weights_access_token: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A SamplingClient on saved sampler weights (`model_path`, a tinker:// path) or on
         a base model (`base_model`); `weights_access_token` (from the owner's
-        `RestClient.create_weights_access_token`) opens another user's unpublished weights."""
+        `RestClient.create_weights_access_token`) opens another user's unpublished weights.
+        `record_stability_info`: see `SamplingClient`."""
         return open_sampling_client(
             self.holder,
             model_path=model_path,
             base_model=base_model,
             retry_config=retry_config,
             weights_access_token=weights_access_token,
+            record_stability_info=record_stability_info,
         )
 
     async def create_sampling_client_async(
@@ -227,9 +230,15 @@ class ServiceClient:
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
         weights_access_token: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         return await asyncio.to_thread(
-            self.create_sampling_client, model_path, base_model, retry_config, weights_access_token
+            self.create_sampling_client,
+            model_path,
+            base_model,
+            retry_config,
+            weights_access_token,
+            record_stability_info,
         )
 
     def create_rest_client(self) -> RestClient:

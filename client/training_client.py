@@ -274,44 +274,67 @@ class TrainingClient:
         name: str | None = None,
         retry_config: RetryConfig | None = None,
         kind: str = "snapshot",
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A SamplingClient on a snapshot of the current weights (no saved path). Waits for
         the snapshot, which runs after every operation issued before it. With
         kind="inflight", a client of the run's inflight target instead: it (and every earlier
-        inflight client of the run) samples from the weights of the latest inflight save."""
+        inflight client of the run) samples from the weights of the latest inflight save.
+        `record_stability_info`: see `SamplingClient`."""
         future = self._submit(
             "SaveWeightsForSampler", self._snapshot_request(name, kind), _snapshot_result
         )
-        return self._snapshot_client(future.result(), retry_config)
+        return self._snapshot_client(future.result(), retry_config, record_stability_info)
 
     async def save_weights_and_get_sampling_client_async(
         self,
         name: str | None = None,
         retry_config: RetryConfig | None = None,
         kind: str = "snapshot",
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         future = await self._submit_async(
             "SaveWeightsForSampler", self._snapshot_request(name, kind), _snapshot_result
         )
-        return self._snapshot_client(await future, retry_config)
+        return self._snapshot_client(await future, retry_config, record_stability_info)
 
     def _snapshot_client(
-        self, sampling_session_id: str, retry_config: RetryConfig | None
+        self,
+        sampling_session_id: str,
+        retry_config: RetryConfig | None,
+        record_stability_info: bool,
     ) -> SamplingClient:
         return SamplingClient(
-            self.holder, sampling_session_id, base_model=self._base_model, retry_config=retry_config
+            self.holder,
+            sampling_session_id,
+            base_model=self._base_model,
+            retry_config=retry_config,
+            record_stability_info=record_stability_info,
         )
 
     def create_sampling_client(
-        self, model_path: str, retry_config: RetryConfig | None = None
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A SamplingClient on saved sampler weights (`tinker://.../sampler_weights/...`)."""
-        return open_sampling_client(self.holder, model_path=model_path, retry_config=retry_config)
+        return open_sampling_client(
+            self.holder,
+            model_path=model_path,
+            retry_config=retry_config,
+            record_stability_info=record_stability_info,
+        )
 
     async def create_sampling_client_async(
-        self, model_path: str, retry_config: RetryConfig | None = None
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
-        return await asyncio.to_thread(self.create_sampling_client, model_path, retry_config)
+        return await asyncio.to_thread(
+            self.create_sampling_client, model_path, retry_config, record_stability_info
+        )
 
     def load_state(self, path: str, *args, **kwargs):
         """Not supported (as in Tinker's SDK): loading into an existing run."""

@@ -8,7 +8,7 @@ when called.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -188,6 +188,44 @@ def to_tensor_data(value: Any, key: str | None = None) -> TensorData:
     return TensorData(data=value, dtype=dtype)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptProvenanceSpan:
+    """`length` datum positions that are positions `[offset, offset + length)` of the prompt
+    of the sampling request that produced sequence `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self):
+        _check_span(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledProvenanceSpan:
+    """`length` datum positions that are positions `[offset, offset + length)` of the sampled
+    tokens of sequence `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self):
+        _check_span(self)
+
+
+ProvenanceSpans = list[PromptProvenanceSpan | SampledProvenanceSpan]
+
+
+def _check_span(span: PromptProvenanceSpan | SampledProvenanceSpan) -> None:
+    name = type(span).__name__
+    if not span.sequence_id:
+        raise ValueError(f"{name}.sequence_id must be non-empty")
+    for attr in ("offset", "length"):
+        if getattr(span, attr) < 0:
+            raise ValueError(f"{name}.{attr} must be >= 0, got {getattr(span, attr)}")
+
+
 @dataclass(frozen=True, eq=False)
 class Datum:
     """One training example: the model input and the loss function's per-token inputs.
@@ -195,10 +233,14 @@ class Datum:
     loss_fn_inputs values may be TensorData, lists, numpy arrays or torch tensors; they are
     converted with the dtype fixed by the key (`target_tokens` -> int64; `weights`,
     `advantages`, `logprobs`, clip thresholds, `sequence_ratio_mask` -> float32).
+    `model_input_spans` / `loss_fn_input_spans` (set together, by `with_provenance`) name the
+    recorded sample behind each position, as `stable_reinforce` requires.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
+    model_input_spans: ProvenanceSpans | None = None
+    loss_fn_input_spans: ProvenanceSpans | None = None
 
     def __post_init__(self):
         model_input = self.model_input
@@ -207,11 +249,38 @@ class Datum:
         inputs = {k: to_tensor_data(v, k) for k, v in dict(self.loss_fn_inputs).items()}
         object.__setattr__(self, "model_input", model_input)
         object.__setattr__(self, "loss_fn_inputs", inputs)
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise ValueError("provenance comes as a pair: set both span lists or neither")
+
+    def with_provenance(
+        self, model_input: ProvenanceSpans, loss_fn_inputs: ProvenanceSpans
+    ) -> Datum:
+        """A copy whose `model_input` positions and `target_tokens` positions are tiled, in
+        order, by the given spans (checked here: their lengths must sum to each field's)."""
+        targets = self.loss_fn_inputs.get("target_tokens")
+        for name, spans, length in (
+            ("model_input", model_input, self.model_input.length),
+            ("loss_fn_inputs", loss_fn_inputs, None if targets is None else targets.shape[0]),
+        ):
+            total = sum(span.length for span in spans)
+            if length is not None and total != length:
+                raise ValueError(
+                    f"with_provenance {name} spans cover {total} positions but the field has "
+                    f"{length}; the runs must tile it exactly"
+                )
+        return replace(
+            self, model_input_spans=list(model_input), loss_fn_input_spans=list(loss_fn_inputs)
+        )
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Datum):
             return NotImplemented
-        return self.model_input == other.model_input and self.loss_fn_inputs == other.loss_fn_inputs
+        return (
+            self.model_input == other.model_input
+            and self.loss_fn_inputs == other.loss_fn_inputs
+            and self.model_input_spans == other.model_input_spans
+            and self.loss_fn_input_spans == other.loss_fn_input_spans
+        )
 
 
 LossFnInputs = dict[str, TensorData]
@@ -515,6 +584,9 @@ __all__ = [
     "CreateModelResponse",
     "Cursor",
     "Datum",
+    "PromptProvenanceSpan",
+    "ProvenanceSpans",
+    "SampledProvenanceSpan",
     "EncodedTextChunk",
     "ForwardBackwardOutput",
     "GetInfoResponse",

@@ -20,8 +20,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tinker_jax import checkpoints, storage
+import numpy as np
+
+from tinker_jax import checkpoints, provenance, storage
+from tinker_jax.batching import Datum
 from tinker_jax.errors import ValidationError
+from tinker_jax.losses import LOSS_FNS
 from tinker_jax.sampler import SampleRequest, SampleResult
 from tinker_jax.service import checkpoint_storage, wire
 from tinker_jax.service.config import ServerConfig
@@ -70,6 +74,9 @@ MAX_ID_LENGTH = 128
 # Tries of a store write on the engine's completion path, each waiting out the store's busy
 # timeout (another process holding SQLite's write lock) before the next.
 STORE_ATTEMPTS = 2
+# A sample recorded for stable_reinforce is kept this long after its last use (its sampling, or
+# a training request that names it).
+SAMPLED_RECORD_TTL_SECONDS = 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -674,8 +681,11 @@ class ServiceCore:
                 "data", f"{len(data)} datums, at most {self.config.max_batch_size} per request"
             )
         datums = wire.datums(data)
+        spans = wire.provenance(data)
         config = dict(loss_fn_config) or None
         datums = worker.check_forward_backward(datums, loss_fn, config)
+        if loss_fn in LOSS_FNS and LOSS_FNS[loss_fn].provenance_inputs:
+            datums = self._resolve_provenance(user, run.session_id, datums, spans)
 
         def op(done: Done, fail: Fail) -> ForwardBackward:
             return ForwardBackward(
@@ -699,6 +709,34 @@ class ServiceCore:
             run_id=model_id,
             seq_id=seq_id,
         )
+
+    def _resolve_provenance(
+        self,
+        user: str,
+        session_id: str,
+        datums: list[Datum],
+        spans: Sequence[provenance.Provenance | None],
+    ) -> list[Datum]:
+        """The datums with their provenance resolved against the samples `user` recorded in
+        `session_id` (`provenance.resolve`); each record used starts a new day of life."""
+        ids = provenance.sequence_ids(spans)
+        for i, p in enumerate(spans):
+            for name, field in zip(provenance.FIELDS, (p.model_input, p.targets) if p else ()):
+                for j, span in enumerate(field):
+                    _id(span.sequence_id, f"data[{i}].{name}[{j}].sequence_id")
+        found = self.store.use_sampled(ids, user, session_id)
+        records = {
+            sid: provenance.SampledRecord(
+                np.frombuffer(r.prompt, "<i4"),
+                np.frombuffer(r.tokens, "<i4"),
+                np.frombuffer(r.logprobs, "<f4"),
+            )
+            for sid, r in found.items()
+        }
+        return [
+            Datum(d.tokens, provenance.resolve(i, d.tokens, d.loss_fn_inputs, p, records))
+            for i, (d, p) in enumerate(zip(datums, spans))
+        ]
 
     def optim_step(
         self, user: str, request_id: str, model_id: str, seq_id: int, params: pb.AdamParams
@@ -917,9 +955,12 @@ class ServiceCore:
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None = None,
+        record_stability_info: bool = False,
     ) -> tuple[str, list[str]]:
         """`prompt_logprobs_last_n` keeps only the last n positions' prompt logprobs (and top-k
-        rows); the earlier ones come back as not computed."""
+        rows); the earlier ones come back as not computed. `record_stability_info` records each
+        sampled sequence (prompt, tokens, the sampler's logprobs) under its sequence id for
+        stable_reinforce training in the sampler's session, before the result is delivered."""
         record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
@@ -952,6 +993,22 @@ class ServiceCore:
         sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
 
         def respond(result: SampleResult) -> pb.RetrieveFutureResponse:
+            if record_stability_info:
+                self._write(
+                    self.store.record_sampled,
+                    request_id,
+                    user,
+                    record.session_id,
+                    np.asarray(request.prompt, "<i4").tobytes(),
+                    [
+                        (
+                            sid,
+                            np.asarray(seq.tokens, "<i4").tobytes(),
+                            np.asarray(seq.logprobs, "<f4").tobytes(),
+                        )
+                        for sid, seq in zip(sequence_ids, result.sequences)
+                    ],
+                )
             if last_n is not None:
                 result = _last_prompt_logprobs(result, last_n)
             return pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids))
@@ -1097,7 +1154,8 @@ class ServiceCore:
     def sweep(self, now: float | None = None) -> None:
         """Writes the outcomes kept in memory while the database was locked, fails the
         operations waiting longer than parked_timeout_seconds for a missing seq_id, deletes
-        expired checkpoints and delivered results past their TTL, and releases the slots of
+        expired checkpoints, delivered results past their TTL and samples recorded for
+        stable_reinforce unused for a day, and releases the slots of
         sessions that stopped heartbeating."""
         now = time.time() if now is None else now
         self._save_unsaved()
@@ -1109,6 +1167,7 @@ class ServiceCore:
             self.store.delete_checkpoint(record.tinker_path)
             storage.remove_tree(record.location)
         self.store.purge_delivered(now - self.config.result_ttl_seconds)
+        self.store.purge_sampled(now - SAMPLED_RECORD_TTL_SECONDS)
         for session_id in self.store.stale_sessions(now - self.config.session_ttl_seconds):
             self.store.finish_session(session_id, "expired", now=now)
             self._release(session_id)

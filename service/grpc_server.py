@@ -231,6 +231,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.include_prompt_logprobs,
             r.topk_prompt_logprobs,
             r.prompt_logprobs_last_n if r.HasField("prompt_logprobs_last_n") else None,
+            r.record_stability_info,
         )
         return pb.SubmitResponse(request_id=request_id, sample_sequence_ids=sequence_ids)
 

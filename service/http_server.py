@@ -558,8 +558,6 @@ class TinkerHTTP:
                 raise ValidationError(key, "is not supported by this server (send 0)")
         if f.value.get("target_prompt_logprobs") is not None:
             raise ValidationError("target_prompt_logprobs", "is not supported by this server")
-        if f.bool("record_stability_info"):
-            raise ValidationError("record_stability_info", "is not supported by this server")
         request_id, sequence_ids = self.core.sample(
             call.user,
             call.request_id,
@@ -570,6 +568,7 @@ class TinkerHTTP:
             f.bool("prompt_logprobs"),
             f.int("topk_prompt_logprobs", 0),
             f.int("prompt_logprobs_last_n"),
+            f.bool("record_stability_info"),
         )
         return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
 

@@ -296,8 +296,28 @@ def datums_from_proto(data: Sequence[tp.Datum]) -> list[pb.Datum]:
             datum.loss_fn_inputs[key].CopyFrom(
                 tensor_from_proto(t, f"data[{i}].loss_fn_inputs.{key}")
             )
+        for name in ("model_input_spans", "loss_fn_input_spans"):
+            for j, span in enumerate(getattr(d, name)):
+                getattr(datum, name).append(_span_from_proto(span, f"data[{i}].{name}[{j}]"))
         out.append(datum)
     return out
+
+
+def _span_from_proto(span: tp.ProvenanceSpan, field: str) -> pb.ProvenanceSpan:
+    kind = span.WhichOneof("span")
+    if kind is None:
+        raise ValidationError(field, "names neither prompt_tokens nor sampled_tokens")
+    run = getattr(span, kind)
+    if not run.sequence_id:
+        raise ValidationError(f"{field}.sequence_id", "is empty")
+    if run.offset < 0 or run.length < 0:
+        raise ValidationError(field, f"offset {run.offset} and length {run.length} must be >= 0")
+    return pb.ProvenanceSpan(
+        sequence_id=run.sequence_id,
+        offset=run.offset,
+        length=run.length,
+        sampled=kind == "sampled_tokens",
+    )
 
 
 def datums_from_json(items: Any, field: str) -> list[pb.Datum]:

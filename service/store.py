@@ -151,6 +151,21 @@ CREATE INDEX IF NOT EXISTS futures_by_delivery ON futures(delivered) WHERE deliv
 CREATE TABLE IF NOT EXISTS instance (
     database_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sampled_prompts (
+    request_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    prompt BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sampled_sequences (
+    sequence_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL REFERENCES sampled_prompts(request_id) ON DELETE CASCADE,
+    tokens BLOB NOT NULL,
+    logprobs BLOB NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sampled_by_request ON sampled_sequences(request_id);
+CREATE INDEX IF NOT EXISTS sampled_by_use ON sampled_sequences(last_used);
 """
 
 _JSON_FIELDS = frozenset({"user_metadata", "tags"})
@@ -257,6 +272,20 @@ class FutureRecord:
     created: float
     completed: float | None
     delivered: float | None
+
+
+@dataclass(frozen=True)
+class SampledSequenceRecord:
+    """A sampled sequence recorded for stable_reinforce (`record_stability_info`): whose it is,
+    the session that sampled it, and its request's prompt, its tokens and the sampler's logprob
+    of each, as raw little-endian int32 / int32 / float32 bytes."""
+
+    sequence_id: str
+    user_id: str
+    session_id: str
+    prompt: bytes
+    tokens: bytes
+    logprobs: bytes
 
 
 _Record = TypeVar("_Record")
@@ -872,6 +901,69 @@ class Store:
             _now(now),
         )
         return [_from_row(CheckpointRecord, row) for row in rows]
+
+    # Sampled sequences recorded for stable_reinforce, until a day after their last use.
+
+    def record_sampled(
+        self,
+        request_id: str,
+        user_id: str,
+        session_id: str,
+        prompt: bytes,
+        sequences: list[tuple[str, bytes, bytes]],
+        now: float | None = None,
+    ) -> None:
+        """Records one sampling request's prompt and its sequences, given as
+        (sequence_id, tokens, logprobs); a request recorded before is left as it was."""
+        now = _now(now)
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO sampled_prompts VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (request_id, user_id, session_id, prompt),
+            )
+            if cursor.rowcount == 1:
+                conn.executemany(
+                    "INSERT INTO sampled_sequences VALUES (?, ?, ?, ?, ?)",
+                    [(sid, request_id, tokens, lp, now) for sid, tokens, lp in sequences],
+                )
+
+    def use_sampled(
+        self, sequence_ids: list[str], user_id: str, session_id: str, now: float | None = None
+    ) -> dict[str, SampledSequenceRecord]:
+        """The recorded sequences among `sequence_ids` that `user_id` sampled in `session_id`
+        (others are left out, as if unknown); each one returned is marked used at `now`."""
+        found: dict[str, SampledSequenceRecord] = {}
+        with self._transaction() as conn:
+            for start in range(0, len(sequence_ids), 500):
+                part = sequence_ids[start : start + 500]
+                marks = ", ".join("?" * len(part))
+                rows = conn.execute(
+                    "SELECT s.sequence_id, p.user_id, p.session_id, p.prompt, s.tokens,"
+                    " s.logprobs FROM sampled_sequences s JOIN sampled_prompts p"
+                    f" USING (request_id) WHERE s.sequence_id IN ({marks})"
+                    " AND p.user_id = ? AND p.session_id = ?",
+                    (*part, user_id, session_id),
+                ).fetchall()
+                for row in rows:
+                    found[row["sequence_id"]] = SampledSequenceRecord(**dict(row))
+            conn.executemany(
+                "UPDATE sampled_sequences SET last_used = ? WHERE sequence_id = ?",
+                [(_now(now), sid) for sid in found],
+            )
+        return found
+
+    def purge_sampled(self, unused_since: float) -> int:
+        """Deletes the recorded sequences last used before `unused_since`, and the prompts
+        left without a sequence; returns how many sequences."""
+        with self._transaction() as conn:
+            count = conn.execute(
+                "DELETE FROM sampled_sequences WHERE last_used < ?", (unused_since,)
+            ).rowcount
+            conn.execute(
+                "DELETE FROM sampled_prompts WHERE request_id NOT IN"
+                " (SELECT request_id FROM sampled_sequences)"
+            )
+            return count
 
     # Futures: a submitted request's outcome, kept until delivered and then purged.
 

@@ -15,6 +15,7 @@ import numpy as np
 from tinker_jax.batching import Datum
 from tinker_jax.errors import ValidationError
 from tinker_jax.optim import AdamParams
+from tinker_jax.provenance import FIELDS, Provenance, Span
 from tinker_jax.sampler import SampleResult
 from tinker_jax.sampling import SamplingParams
 from tinker_jax.trainer import ForwardBackwardOutput, LoraConfig
@@ -83,6 +84,28 @@ def datums(data: Sequence[pb.Datum]) -> list[Datum]:
             for k, v in d.loss_fn_inputs.items()
         }
         out.append(Datum(tokens, inputs))
+    return out
+
+
+def provenance(data: Sequence[pb.Datum]) -> list[Provenance | None]:
+    """Each datum's provenance spans; None for a datum that has none. A datum with spans for
+    only one of its two fields is refused: they come as a pair."""
+    out: list[Provenance | None] = []
+    for i, d in enumerate(data):
+        fields = (d.model_input_spans, d.loss_fn_input_spans)
+        if not any(fields):
+            out.append(None)
+            continue
+        for name, spans in zip(FIELDS, fields):
+            if not spans:
+                raise ValidationError(
+                    f"data[{i}].{name}", "is empty, but the datum's other span list is not"
+                )
+        model_input, targets = (
+            tuple(Span(s.sequence_id, int(s.offset), int(s.length), s.sampled) for s in spans)
+            for spans in fields
+        )
+        out.append(Provenance(model_input, targets))
     return out
 
 

@@ -222,6 +222,7 @@ def test_loss_table():
         "cispo",
         "dro",
         "gspo",
+        "stable_reinforce",
     }
     assert LOSS_FNS["ppo"].config_defaults == {
         "clip_low_threshold": 0.8,
@@ -247,7 +248,7 @@ def test_resolve_config_fills_defaults_and_overrides():
 @pytest.mark.parametrize(
     "loss_fn, config, field, fragment",
     [
-        ("stable_reinforce", None, "loss_fn", "supported: cross_entropy, importance_sampling"),
+        ("custom", None, "loss_fn", "supported: cross_entropy, importance_sampling"),
         ("ppo", {"clip_epsilon": 0.2}, "loss_fn_config.clip_epsilon", "allowed: clip_low"),
         ("importance_sampling", {"beta": 1.0}, "loss_fn_config.beta", "allowed: none"),
         ("dro", {}, "loss_fn_config.beta", "is required by dro"),
@@ -405,7 +406,7 @@ def test_validate_vocab_range(targets, message):
 
 def test_validate_unknown_loss():
     with pytest.raises(ValidationError) as info:
-        validate_datum_inputs("stable_reinforce", 0, N, datum("ppo"))
+        validate_datum_inputs("custom", 0, N, datum("ppo"))
     assert info.value.field == "loss_fn"
 
 

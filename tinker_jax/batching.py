@@ -100,12 +100,14 @@ def check_runs(
     slot_scale: Mapping[int, float],
     vocab_size: int,
     max_length: int,
+    resolved: bool = True,
 ) -> list[tuple[int, np.ndarray, dict[str, np.ndarray], dict[str, float]]]:
     """Validates every datum of every run (errors name the datum and field); returns one
     (slot, tokens, loss inputs, resolved loss config) per datum, run 0's datums first.
 
     `slot_scale` maps each slot in use to its LoRA scale (alpha / rank); a slot outside it is
-    an error.
+    an error. `resolved`: the datums carry the loss's provenance inputs, as the engine's
+    callers give them (`validate_datum_inputs`); False for a client's datums.
     """
     if loss_fn not in LOSS_FNS:
         resolve_config(loss_fn, None)  # raises the precise unknown-loss error
@@ -121,7 +123,9 @@ def check_runs(
             i = len(rows)
             tokens = token_ids(datum.tokens, "model_input", vocab_size, max_length, datum=i)
             inputs = {k: np.asarray(v) for k, v in datum.loss_fn_inputs.items()}
-            validate_datum_inputs(loss_fn, i, tokens.size, inputs, vocab_size=vocab_size)
+            validate_datum_inputs(
+                loss_fn, i, tokens.size, inputs, vocab_size=vocab_size, resolved=resolved
+            )
             rows.append((run.slot, tokens, inputs, config))
     if not rows:
         raise ValidationError("data", "no datums to process")
@@ -136,15 +140,17 @@ def check_datums(
     vocab_size: int,
     max_length: int,
 ) -> list[Datum]:
-    """One request's datums validated (`check_runs`) and in the form the engine pads: int32
+    """A client's datums validated (`check_runs`) and in the form the engine pads: int32
     tokens, numpy loss inputs. A RunBatch of them is `checked`: validated once, where the
-    request arrived."""
+    request arrived (a loss with provenance inputs needs them resolved first:
+    `tinker_jax.provenance.resolve`)."""
     rows = check_runs(
         [RunBatch(0, datums, loss_fn_config)],
         loss_fn,
         slot_scale={0: 1.0},
         vocab_size=vocab_size,
         max_length=max_length,
+        resolved=False,
     )
     return [Datum(tokens, inputs) for _, tokens, inputs, _ in rows]
 
@@ -177,11 +183,7 @@ def build_batch(
     mask = np.zeros((b, s), np.float32)
     slot_ids = np.zeros((b,), np.int32)
     scale = np.zeros((b,), np.float32)
-    per_token = [
-        key
-        for key in (*spec.required_inputs, *spec.optional_inputs)
-        if any(key in r[2] for r in rows)
-    ]
+    per_token = [key for key in spec.batch_inputs if any(key in r[2] for r in rows)]
     inputs = {
         key: np.zeros(target_shape if key == "weights" else (b, s), np.float32) for key in per_token
     }

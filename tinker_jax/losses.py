@@ -13,6 +13,7 @@ length, so users fold any normalisation into `weights` or `advantages`. Notation
 | `cispo`               | `-sg(clip(r, low, high)) * logp * A`    |
 | `dro`                 | `-(logp * A - beta/2 * (logp - logq)²)` |
 | `gspo`                | `-(m / n) * min(s_t * A, clip(s_t, low, high) * A)` |
+| `stable_reinforce`    | `u * (-sg(min(r, C)) * A * e_t + kl_coeff/2 * (logp - logq)²)` |
 
 `gspo` is GSPO-token (Zheng et al., 2025, "Group Sequence Policy Optimization"): one importance
 ratio per sequence, the geometric mean of the token ratios over the tokens its
@@ -23,6 +24,30 @@ logprob. With one advantage per sequence, the summed loss is the sequence-level 
 here: 1 - 3e-4, 1 + 4e-4). The sequence sums need every token's logprob before any token's
 loss, so the trainer computes them in a first pass (`sequence_inputs`) and hands them in as
 inputs; the per-token terms then stay per token, as the fused lm-head loss requires.
+
+`stable_reinforce` is REINFORCE with truncated importance weights against the sampling
+distribution the server recorded (`record_stability_info`), for data that is off-policy: stale
+by some optimizer steps (async RL) or sampled with other numerics than the learner's. Its
+`logq` is not the client's `logprobs` input but the sampler's own float32 logprob of each
+sampled token, which the server looks up through the datum's provenance spans
+(`tinker_jax.provenance`); `u` is 1 on the positions a sampled span covers and 0 elsewhere (a
+prompt position has no sampling probability, so it never trains). `e_t = exp(logp - sg(logp))`
+is 1 with the gradient of `logp`, so each sampled token's gradient is
+`-min(r, C) * A * ∇logp (+ kl_coeff * (logp - logq) * ∇logp)`, and the summed loss is the
+truncated importance-sampling objective `-Σ min(r, C) * A`. Why this form:
+- The importance weight corrects for the sampler (Espeholt et al., 2018, IMPALA's truncated
+  ρ; Yao et al., 2025, truncated importance sampling for rollout/learner mismatch), but it is a
+  constant (stop-gradient) capped at `C = ratio_cap` (default 2): a token the learner now
+  favours far more than the sampler did cannot scale its gradient without bound, which is how
+  `importance_sampling` (gradient `-r * A * ∇logp`, `r` unbounded) diverges on stale data. The
+  gradient with respect to each token's logits is at most `C * |A| * √2` in norm.
+- A token the learner has moved away from (`r -> 0`) fades out on its own, as in plain
+  importance sampling; nothing is clipped to zero, unlike `ppo`, so every sampled token keeps
+  some signal.
+- `kl_coeff` (default 0) adds a penalty `½ (logp - logq)²` toward the recorded sampling
+  distribution (the `k2` estimator of the KL divergence on sampled tokens), whose gradient grows
+  only linearly in the log-ratio.
+`clip_fraction` reports the share of tokens whose weight was capped.
 
 `LOSS_FNS` is the one table of which inputs and config keys each loss takes; `resolve_config`
 and `validate_datum_inputs` check a request against it on the host, so `token_losses` (jitted)
@@ -63,7 +88,10 @@ class LossSpec:
     `required_inputs` and `optional_inputs` are `loss_fn_inputs` keys besides `target_tokens`;
     the optional ones are per-token overrides of the config scalars of the same name.
     `config_defaults` are the `loss_fn_config` keys that may be omitted; `required_config` are
-    the keys that have no default and must be given (`dro`'s `beta`).
+    the keys that have no default and must be given (`dro`'s `beta`). `provenance_inputs` are
+    per-token inputs that never come from the client: the server fills them from the recorded
+    samples a datum's provenance spans name (`tinker_jax.provenance`), and a client that sends
+    one is refused. `ignored_inputs` are keys a client may send that the loss does not read.
     """
 
     name: str
@@ -78,6 +106,8 @@ class LossSpec:
     sequence_inputs: Callable[[jax.Array, Inputs, jax.Array], Inputs] | None = dataclasses.field(
         default=None, repr=False
     )
+    provenance_inputs: tuple[str, ...] = ()
+    ignored_inputs: tuple[str, ...] = ()
 
     @property
     def config_keys(self) -> tuple[str, ...]:
@@ -86,8 +116,13 @@ class LossSpec:
 
     @property
     def input_keys(self) -> tuple[str, ...]:
-        """Every `loss_fn_inputs` key this loss accepts, `target_tokens` first."""
-        return ("target_tokens", *self.required_inputs, *self.optional_inputs)
+        """Every `loss_fn_inputs` key a client may send, `target_tokens` first."""
+        return ("target_tokens", *self.required_inputs, *self.optional_inputs, *self.ignored_inputs)
+
+    @property
+    def batch_inputs(self) -> tuple[str, ...]:
+        """The per-token float inputs the jitted loss reads (all but `target_tokens`)."""
+        return (*self.required_inputs, *self.optional_inputs, *self.provenance_inputs)
 
 
 def _ratio(logp: jax.Array, inputs: Inputs) -> jax.Array:
@@ -161,6 +196,19 @@ def _gspo(logp: jax.Array, inputs: Inputs, config: Config) -> tuple[jax.Array, M
     return loss, {"clipped": is_clipped.astype(jnp.float32)}
 
 
+def _stable_reinforce(logp: jax.Array, inputs: Inputs, config: Config) -> tuple[jax.Array, Metrics]:
+    sampled = inputs["sampled"] > 0
+    log_ratio = jnp.where(sampled, logp - inputs["sampler_logprobs"], 0.0)
+    log_cap = jnp.log(config["ratio_cap"])
+    fixed = jax.lax.stop_gradient(log_ratio)
+    # min(r, C) from the log-ratio, so that a far-off ratio never overflows exp().
+    weight = jnp.exp(jnp.minimum(fixed, log_cap))
+    score = jnp.exp(logp - jax.lax.stop_gradient(logp))
+    penalty = 0.5 * config["kl_coeff"] * jnp.square(log_ratio)
+    loss = jnp.where(sampled, -weight * inputs["advantages"] * score + penalty, 0.0)
+    return loss, {"clipped": (sampled & (fixed > log_cap)).astype(jnp.float32)}
+
+
 _RL_INPUTS = ("logprobs", "advantages")
 _CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 
@@ -180,6 +228,17 @@ LOSS_FNS: dict[str, LossSpec] = {
             (),
             _gspo,
             _gspo_sequence_inputs,
+        ),
+        LossSpec(
+            "stable_reinforce",
+            ("advantages",),
+            (),
+            {"ratio_cap": 2.0, "kl_coeff": 0.0},
+            (),
+            _stable_reinforce,
+            provenance_inputs=("sampler_logprobs", "sampled"),
+            # The cookbook sends the client's logprobs; the recorded ones replace them.
+            ignored_inputs=("logprobs",),
         ),
     )
 }
@@ -204,7 +263,7 @@ def resolve_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str
     Raises `ValidationError` for an unknown loss (`loss_fn`), or naming `loss_fn_config.<key>` for
     an unknown key, a missing required key (`dro` needs `beta`: there is no default strength),
     a value that is not a finite real number, `clip_low_threshold < 0`,
-    `clip_low_threshold >= clip_high_threshold`, or `beta < 0`.
+    `clip_low_threshold >= clip_high_threshold`, `beta < 0`, `kl_coeff < 0` or `ratio_cap <= 0`.
     """
     spec = _spec(loss_fn)
     config = dict(config or {})
@@ -237,8 +296,13 @@ def resolve_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str
                 "loss_fn_config.clip_low_threshold",
                 f"must be less than clip_high_threshold ({high:g}), got {low:g}",
             )
-    if resolved.get("beta", 0.0) < 0:
-        raise ValidationError("loss_fn_config.beta", f"must be >= 0, got {resolved['beta']:g}")
+    for key in ("beta", "kl_coeff"):
+        if resolved.get(key, 0.0) < 0:
+            raise ValidationError(f"loss_fn_config.{key}", f"must be >= 0, got {resolved[key]:g}")
+    if resolved.get("ratio_cap", 1.0) <= 0:
+        raise ValidationError(
+            "loss_fn_config.ratio_cap", f"must be > 0, got {resolved['ratio_cap']:g}"
+        )
     return resolved
 
 
@@ -296,6 +360,7 @@ def validate_datum_inputs(
     inputs: Mapping[str, np.ndarray],
     *,
     vocab_size: int | None = None,
+    resolved: bool = False,
 ) -> None:
     """Check one datum's `loss_fn_inputs` on the host, before it is padded into a batch.
 
@@ -307,6 +372,8 @@ def validate_datum_inputs(
         `cross_entropy` only; every other input `(N,)`, except `cross_entropy` `weights`, which
         has the shape of `target_tokens`.
       vocab_size: when given, every target must lie in `[0, vocab_size)`.
+      resolved: the inputs carry the loss's `provenance_inputs` (filled by the server, which
+        then checks them here); otherwise they are a client's, which may not send them.
 
     Raises:
       ValidationError: with `field="loss_fn_inputs.<key>"` and `datum=datum_index`, for a
@@ -320,10 +387,13 @@ def validate_datum_inputs(
     def fail(key: str, message: str) -> None:
         raise ValidationError(f"loss_fn_inputs.{key}", message, datum=datum_index)
 
+    filled = spec.provenance_inputs if resolved else ()
     for key in inputs:
-        if key not in spec.input_keys:
+        if key in spec.provenance_inputs and not resolved:
+            fail(key, "is filled by the server from the datum's provenance spans, not sent")
+        if key not in (*spec.input_keys, *filled):
             fail(key, f"is not an input of {loss_fn}; allowed: {', '.join(spec.input_keys)}")
-    for key in ("target_tokens", *spec.required_inputs):
+    for key in ("target_tokens", *spec.required_inputs, *filled):
         if key not in inputs:
             fail(key, f"is required by {loss_fn}")
     arrays = {key: np.asarray(value) for key, value in inputs.items()}

@@ -47,7 +47,7 @@ class ModelInput(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[ModelInputChunk, _Mapping]]] = ...) -> None: ...
 
 class Datum(_message.Message):
-    __slots__ = ("model_input", "loss_fn_inputs")
+    __slots__ = ("model_input", "loss_fn_inputs", "model_input_spans", "loss_fn_input_spans")
     class LossFnInputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,9 +57,25 @@ class Datum(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUT_SPANS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_INPUT_SPANS_FIELD_NUMBER: _ClassVar[int]
     model_input: ModelInput
     loss_fn_inputs: _containers.MessageMap[str, Tensor]
-    def __init__(self, model_input: _Optional[_Union[ModelInput, _Mapping]] = ..., loss_fn_inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    model_input_spans: _containers.RepeatedCompositeFieldContainer[ProvenanceSpan]
+    loss_fn_input_spans: _containers.RepeatedCompositeFieldContainer[ProvenanceSpan]
+    def __init__(self, model_input: _Optional[_Union[ModelInput, _Mapping]] = ..., loss_fn_inputs: _Optional[_Mapping[str, Tensor]] = ..., model_input_spans: _Optional[_Iterable[_Union[ProvenanceSpan, _Mapping]]] = ..., loss_fn_input_spans: _Optional[_Iterable[_Union[ProvenanceSpan, _Mapping]]] = ...) -> None: ...
+
+class ProvenanceSpan(_message.Message):
+    __slots__ = ("sequence_id", "offset", "length", "sampled")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    offset: int
+    length: int
+    sampled: bool
+    def __init__(self, sequence_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., sampled: _Optional[bool] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
     __slots__ = ("rank", "seed", "train_mlp", "train_attn", "train_unembed")
@@ -364,7 +380,7 @@ class CreateSamplingSessionResponse(_message.Message):
     def __init__(self, sampling_session_id: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n")
+    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n", "record_stability_info")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +390,7 @@ class SampleRequest(_message.Message):
     INCLUDE_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_LAST_N_FIELD_NUMBER: _ClassVar[int]
+    RECORD_STABILITY_INFO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling_session_id: str
     seq_id: int
@@ -383,7 +400,8 @@ class SampleRequest(_message.Message):
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
     prompt_logprobs_last_n: int
-    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ...) -> None: ...
+    record_stability_info: bool
+    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ..., record_stability_info: _Optional[bool] = ...) -> None: ...
 
 class RetrieveFutureRequest(_message.Message):
     __slots__ = ("request_id", "timeout_seconds")
