@@ -7,7 +7,9 @@ twins are coroutines resolving to the result itself (not to a future).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 
 import grpc
 
@@ -148,6 +150,41 @@ class SamplingClient:
     async def get_base_model_async(self) -> str:
         return await asyncio.to_thread(self.get_base_model)
 
+    def get_sampler_handle(self) -> str:
+        """A string naming this client's sampler (server address, sampling session, options),
+        without credentials: `SamplingClient.from_sampler_handle` makes a client of the same
+        sampler from it in any process, any number of times."""
+        fields = self._state()
+        del fields["api_key"]
+        return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
+
+    @staticmethod
+    def from_sampler_handle(handle: str, *, api_key: str | None = None) -> SamplingClient:
+        """A client of the sampler behind `handle` (from `get_sampler_handle`), authenticated
+        with `api_key` or, when None, $TINKER_API_KEY. The sampler stays open while the session
+        that created it lives; this client adds no session of its own."""
+        try:
+            fields = json.loads(base64.urlsafe_b64decode(handle))
+        except ValueError as e:
+            raise ValueError(f"not a sampler handle: {e}") from None
+        return _rebuilt({**fields, "api_key": api_key})
+
+    def _state(self) -> dict:
+        transport = self.holder.transport
+        return {
+            "base_url": transport.base_url,
+            "api_key": transport.api_key,
+            "sampling_session_id": self.sampling_session_id,
+            "base_model": self._base_model,
+            "model_path": self.model_path,
+            "record_stability_info": self.record_stability_info,
+        }
+
+    def __reduce__(self):
+        """Pickled (for worker processes), a client carries its API key, as Tinker's does;
+        `get_sampler_handle` is the form without it."""
+        return _rebuilt, (self._state(),)
+
     def get_tokenizer(self):
         """The base model's Hugging Face tokenizer (needs `transformers`)."""
         return load_tokenizer(self.get_base_model())
@@ -200,6 +237,18 @@ def open_sampling_client(
         model_path=model_path,
         retry_config=retry_config,
         record_stability_info=record_stability_info,
+    )
+
+
+def _rebuilt(state: dict) -> SamplingClient:
+    """A client from `SamplingClient._state()`, over a connection of its own."""
+    holder = ClientHolder(base_url=state["base_url"], api_key=state["api_key"])
+    return SamplingClient(
+        holder,
+        state["sampling_session_id"],
+        base_model=state["base_model"],
+        model_path=state["model_path"],
+        record_stability_info=state["record_stability_info"],
     )
 
 

@@ -87,8 +87,11 @@ class Transport:
         retry_config: RetryConfig | None = None,
     ):
         self.target, secure = parse_base_url(base_url)
+        # The URL this transport was made from, normalised (another process can connect with it).
+        self.base_url = ("grpcs://" if secure else "grpc://") + self.target
         self.retry_config = retry_config or RetryConfig()
         key = api_key if api_key is not None else os.environ.get("TINKER_API_KEY")
+        self.api_key = key
         self.metadata: tuple[tuple[str, str], ...] = (("x-api-key", key),) if key else ()
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
