@@ -172,8 +172,10 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- optimizer
 
-    def _optim_request(self, adam_params, optim_params) -> pb.OptimStepRequest:
-        params = adam_params if adam_params is not None else optim_params
+    def _optim_request(self, optim_params, adam_params) -> pb.OptimStepRequest:
+        if optim_params is not None and adam_params is not None:
+            raise ValueError("give optim_params or adam_params (its legacy alias), not both")
+        params = optim_params if optim_params is not None else adam_params
         params = params if params is not None else types.AdamParams()
         if not isinstance(params, types.AdamParams):
             raise TypeError(f"optim_step takes AdamParams, got {type(params).__name__}")
@@ -183,18 +185,19 @@ class TrainingClient:
 
     def optim_step(
         self,
-        adam_params: types.AdamParams | None = None,
-        *,
         optim_params: types.AdamParams | None = None,
+        *,
+        adam_params: types.AdamParams | None = None,
     ) -> APIFuture[types.OptimStepResponse]:
-        """One AdamW step on the accumulated gradients (which it then clears)."""
+        """One AdamW step on the accumulated gradients (which it then clears). `adam_params`
+        is the legacy keyword for `optim_params`."""
         return self._submit(
-            "OptimStep", self._optim_request(adam_params, optim_params), _optim_result
+            "OptimStep", self._optim_request(optim_params, adam_params), _optim_result
         )
 
-    async def optim_step_async(self, adam_params=None, *, optim_params=None) -> APIFuture:
+    async def optim_step_async(self, optim_params=None, *, adam_params=None) -> APIFuture:
         return await self._submit_async(
-            "OptimStep", self._optim_request(adam_params, optim_params), _optim_result
+            "OptimStep", self._optim_request(optim_params, adam_params), _optim_result
         )
 
     # ---------------------------------------------------------------- checkpoints
@@ -273,8 +276,8 @@ class TrainingClient:
         self,
         name: str | None = None,
         retry_config: RetryConfig | None = None,
-        kind: str = "snapshot",
         record_stability_info: bool = False,
+        kind: str = "snapshot",
     ) -> SamplingClient:
         """A SamplingClient on a snapshot of the current weights (no saved path). Waits for
         the snapshot, which runs after every operation issued before it. With
@@ -290,8 +293,8 @@ class TrainingClient:
         self,
         name: str | None = None,
         retry_config: RetryConfig | None = None,
-        kind: str = "snapshot",
         record_stability_info: bool = False,
+        kind: str = "snapshot",
     ) -> SamplingClient:
         future = await self._submit_async(
             "SaveWeightsForSampler", self._snapshot_request(name, kind), _snapshot_result
