@@ -2,9 +2,11 @@
 
 A checkpoint folder (what a `weights/` or `sampler_weights/` path names) holds:
 
-    tinker_checkpoint.json   format version, base model, LoRA config, lora_alpha, step
+    tinker_checkpoint.json   format version, base model, LoRA config, lora_alpha, step,
+                             optimizer family ("adamw" or "dimuon"; absent: "adamw")
     state/                   an Orbax composite checkpoint: item `adapter`, and item
-                             `optimizer` (AdamW `mu` and `nu`) when saved with it
+                             `optimizer` (`mu` and `nu`: AdamW's moments, or Dimuon's
+                             momentum and zeros) when saved with it
 
 Adapter and moment arrays are stored at the run's true rank, not the engine's padded max
 rank: files stay small, and a checkpoint loads into an engine of any max rank >= its rank
@@ -47,6 +49,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.lora import TARGET_GROUPS
 from tinker_jax.models import FAMILIES
 from tinker_jax.models.family import DENSE_HF_KEYS
+from tinker_jax.optim import OPTIMIZERS
 from tinker_jax.trainer import LoraConfig, SlotState
 
 log = logging.getLogger("tinker_jax.checkpoints")
@@ -71,6 +74,7 @@ class CheckpointInfo:
     lora_alpha: float
     has_optimizer: bool
     step: int
+    optimizer: str = "adamw"  # the run's optimizer family; its optimizer state is this one's
 
 
 @functools.cache
@@ -135,6 +139,7 @@ def _info_json(info: CheckpointInfo) -> str:
             "lora_alpha": info.lora_alpha,
             "has_optimizer": info.has_optimizer,
             "step": info.step,
+            "optimizer": info.optimizer,
         },
         indent=1,
     )
@@ -207,6 +212,7 @@ def save_state(
         lora_alpha=float(lora_alpha),
         has_optimizer=with_optimizer,
         step=int(state.step),
+        optimizer=state.optimizer,
     )
 
     def write(tmp: epath.Path) -> None:
@@ -243,12 +249,16 @@ def read_info(
         lora = LoraConfig(**{f: meta["lora"][f] for f in _LORA_FIELDS})
         if not isinstance(lora.rank, int) or isinstance(lora.rank, bool) or lora.rank < 1:
             raise ValueError(f"bad rank {lora.rank!r}")
+        optimizer = meta.get("optimizer", "adamw")  # checkpoints from before Dimuon: AdamW
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
         return CheckpointInfo(
             base_model=str(meta["base_model"]),
             lora=lora,
             lora_alpha=float(meta["lora_alpha"]),
             has_optimizer=bool(meta["has_optimizer"]),
             step=int(meta["step"]),
+            optimizer=optimizer,
         )
     except OSError as e:  # its text names the file
         log.warning("cannot read %s: %s", path, e)
@@ -305,7 +315,7 @@ def load_state(
     if mu is not None and not (mu.keys() == nu.keys() == adapter.keys()):
         raise ValidationError("path", "the checkpoint's optimizer arrays do not match its adapter")
     step = info.step if with_optimizer else 0
-    return SlotState(info.lora, adapter, mu, nu, step), info
+    return SlotState(info.lora, adapter, mu, nu, step, info.optimizer), info
 
 
 def _peft_module(name: str, hf_keys: Mapping[str, tuple[str, bool]]) -> str:

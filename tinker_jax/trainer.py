@@ -1,10 +1,11 @@
 """The training engine: adapter slots, forward, forward_backward, optim_step.
 
 One base model is shared by every run; each run owns a slot of the stacked LoRA arrays, its
-accumulated gradients and its AdamW moments. A forward_backward call batches the datums of
-many runs into jitted steps of at most `max_step_tokens` padded tokens each (gradients land
-only in the slots the batch names, and accumulate across steps); an optim_step updates exactly
-one slot and copies every other slot through unchanged.
+accumulated gradients and its optimizer state (AdamW's moments, or Dimuon's momentum: the
+family is chosen when the slot is created, see `optim`). A forward_backward call batches the
+datums of many runs into jitted steps of at most `max_step_tokens` padded tokens each
+(gradients land only in the slots the batch names, and accumulate across steps); an
+optim_step updates exactly one slot and copies every other slot through unchanged.
 
 Runs share steps, so one run's values must never reach another's: a run whose rows are not
 finite (a diverged adapter, loss inputs that overflow) sees its own losses as such, and its
@@ -34,7 +35,7 @@ from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
 from tinker_jax.losses import LOSS_FNS, token_losses
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.models.moe import expert_load, load_metrics
-from tinker_jax.optim import AdamParams, adamw_step
+from tinker_jax.optim import AdamParams, DimuonParams, adamw_step, check_optimizer, dimuon_step
 from tinker_jax.programs import Programs
 from tinker_jax.sharding import batch_multiple, logical_to_spec
 
@@ -59,12 +60,14 @@ class SlotInfo:
     seed: int
     scale: float
     step: int = 0
+    optimizer: str = "adamw"  # the family its optim_steps use (`optim.OPTIMIZERS`)
 
 
 @dataclasses.dataclass
 class SlotState:
-    """A run's state by parameter name: the adapter and, when saved with it, the AdamW
-    moments and step count (what a `weights/` checkpoint holds). Host arrays, except from
+    """A run's state by parameter name: the adapter and, when saved with it, the optimizer
+    state and step count (what a `weights/` checkpoint holds): AdamW's moments, or Dimuon's
+    momentum in `mu` with `nu` all zeros, as `optimizer` says. Host arrays, except from
     `Trainer.sharded_state` (device arrays at the run's rank)."""
 
     lora: LoraConfig
@@ -72,6 +75,7 @@ class SlotState:
     mu: dict[str, np.ndarray] | None = None
     nu: dict[str, np.ndarray] | None = None
     step: int = 0
+    optimizer: str = "adamw"
 
 
 class NonFiniteStep(ValidationError):
@@ -147,9 +151,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- slots
 
-    def create_slot(self, lora: LoraConfig) -> int:
+    def create_slot(self, lora: LoraConfig, optimizer: str = "adamw") -> int:
         """Allocates a slot and initialises its adapter as PEFT does (A ~ kaiming-uniform,
-        B = 0, so the run starts exactly at the base model). Same seed -> same adapter."""
+        B = 0, so the run starts exactly at the base model). Same seed -> same adapter.
+        `optimizer` ("adamw" or "dimuon", Tinker's `optimizer_config.type`) is the family
+        every optim_step of the run must use."""
+        check_optimizer(optimizer)
         if (
             isinstance(lora.rank, bool)
             or not isinstance(lora.rank, int)
@@ -166,20 +173,21 @@ class Trainer:
         slot = free[0]
         seed = lora.seed if lora.seed is not None else secrets.randbits(31)
         self._reset_slot(slot, seed, lora.rank, lora.flags())
-        self.slots[slot] = SlotInfo(lora, seed, self.lora_alpha / lora.rank)
+        self.slots[slot] = SlotInfo(lora, seed, self.lora_alpha / lora.rank, optimizer=optimizer)
         return slot
 
     def export_slot(self, slot: int, with_optimizer: bool = True) -> SlotState:
         """The slot's adapter (and optimizer state) copied to the host."""
         info = self._check_slot(slot)
         if not with_optimizer:
-            return SlotState(info.lora, self.slot_arrays(slot))
+            return SlotState(info.lora, self.slot_arrays(slot), optimizer=info.optimizer)
         return SlotState(
             info.lora,
             self.slot_arrays(slot),
             self.slot_arrays(slot, "mu"),
             self.slot_arrays(slot, "nu"),
             info.step,
+            info.optimizer,
         )
 
     def sharded_state(self, slot: int, with_optimizer: bool = True) -> SlotState:
@@ -201,12 +209,31 @@ class Trainer:
             return dict(zip((leaf.name for leaf in self.layout.leaves), fn(tree, jnp.int32(slot))))
 
         if not with_optimizer:
-            return SlotState(info.lora, named(self.lora))
-        return SlotState(info.lora, named(self.lora), named(self.mu), named(self.nu), info.step)
+            return SlotState(info.lora, named(self.lora), optimizer=info.optimizer)
+        return SlotState(
+            info.lora,
+            named(self.lora),
+            named(self.mu),
+            named(self.nu),
+            info.step,
+            info.optimizer,
+        )
 
-    def import_slot(self, state: SlotState, with_optimizer: bool) -> int:
+    def import_slot(
+        self, state: SlotState, with_optimizer: bool, optimizer: str | None = None
+    ) -> int:
         """A new slot holding a saved state; without the optimizer, the moments start at
-        zero (a fresh AdamW on the saved weights)."""
+        zero (a fresh optimizer on the saved weights). The run's optimizer family is
+        `optimizer`, by default the state's; a state's optimizer state only resumes in its
+        own family (another is refused naming `optimizer_config.type`)."""
+        family = check_optimizer(state.optimizer if optimizer is None else optimizer)
+        if with_optimizer and family != state.optimizer:
+            raise ValidationError(
+                "optimizer_config.type",
+                f"the checkpoint holds {state.optimizer} optimizer state, which cannot resume "
+                f"a {family} run; load it without the optimizer state to start a fresh "
+                f"{family} on its weights",
+            )
         if with_optimizer and (state.mu is None or state.nu is None):
             raise ValidationError("path", "the checkpoint holds no optimizer state")
         adapter = self.layout.fit(self.lora, state.adapter)
@@ -214,7 +241,7 @@ class Trainer:
         mu = self.layout.fit(self.lora, state.mu) if with_optimizer else zeros
         nu = self.layout.fit(self.lora, state.nu) if with_optimizer else zeros
         count = state.step if with_optimizer else 0
-        slot = self.create_slot(state.lora)
+        slot = self.create_slot(state.lora, family)
         fn = self._programs.get("import_slot", self._import_slot_fn, donate_argnums=(0, 1, 2, 3))
         self.lora, self.mu, self.nu, self.counts = fn(
             self.lora,
@@ -521,11 +548,24 @@ class Trainer:
         """Like `forward`, and adds each run's gradients to its slot's accumulator."""
         return self._run(runs, loss_fn, with_grad=True)
 
-    def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]:
-        """Applies AdamW to one slot with its accumulated gradients, then clears them. A step
-        whose gradients or update are not finite is refused (NonFiniteStep): the adapter,
-        moments and step count stay as they were, and the gradients are cleared."""
+    def optim_step(self, slot: int, params: AdamParams | DimuonParams) -> dict[str, float]:
+        """Applies the run's optimizer to one slot with its accumulated gradients, then clears
+        them: AdamW for AdamParams, Dimuon for DimuonParams, which must be the family the slot
+        was created with (else ValidationError naming `optim_params.type`). A step whose
+        gradients or update are not finite is refused (NonFiniteStep): the adapter,
+        optimizer state and step count stay as they were, and the gradients are cleared."""
         info = self._check_slot(slot)
+        if not isinstance(params, AdamParams | DimuonParams):
+            raise ValidationError(
+                "optim_params", f"expected AdamParams or DimuonParams, got {type(params).__name__}"
+            )
+        if params.optimizer != info.optimizer:
+            wanted = {"adamw": "AdamParams", "dimuon": "DimuonParams"}[info.optimizer]
+            raise ValidationError(
+                "optim_params.type",
+                f"{type(params).__name__} do not apply to this run: it was created with "
+                f"optimizer {info.optimizer!r}; pass {wanted}",
+            )
         params.validate()
         if slot in self._nonfinite:
             self._refuse_step(
@@ -536,9 +576,10 @@ class Trainer:
         # Two programs: computing the update reads the slot, writing it back (donated) is an
         # in-place update. In one program XLA copies every slot's arrays, a cost that grows
         # with the number of adapter slots.
+        dimuon = isinstance(params, DimuonParams)
         update = self._programs.get(
-            "optim_update",
-            self._optim_update_fn,
+            "optim_update_dimuon" if dimuon else "optim_update",
+            self._dimuon_update_fn if dimuon else self._optim_update_fn,
             out_shardings=(None,) * 4 + (self._replicated, self._replicated),
         )
         write = self._programs.get(
@@ -582,18 +623,38 @@ class Trainer:
         return {"grad_norm:mean": float(norm)}
 
     def _optim_update_fn(self, lora, grads, mu, nu, counts, slot, hparams, rank, flags):
-        """One slot's new adapter, moments, step count and pre-clip gradient norm."""
+        """One slot's new adapter, moments, step count and pre-clip gradient norm (AdamW)."""
         layout = self.layout
         params, g, m, v = (layout.take(t, slot) for t in (lora, grads, mu, nu))
-        masks = [
-            (self._rank_mask(leaf, x.shape, rank) * flags[leaf.group]).astype(x.dtype)
-            for leaf, x in zip(layout.leaves, params)
-        ]
+        masks = self._step_masks(params, rank, flags)
         new_params, m, v, count, norm = adamw_step(params, g, m, v, counts[slot], hparams, masks)
-        finite = jnp.isfinite(norm) & jnp.all(
-            jnp.stack([jnp.isfinite(x).all() for x in (*new_params, *m, *v)])
+        return new_params, m, v, count, norm, self._finite(norm, new_params, m, v)
+
+    def _dimuon_update_fn(self, lora, grads, mu, nu, counts, slot, hparams, rank, flags):
+        """Like `_optim_update_fn` for Dimuon: `mu` holds its momentum, `nu` stays zero."""
+        layout = self.layout
+        params, g, m, v = (layout.take(t, slot) for t in (lora, grads, mu, nu))
+        masks = self._step_masks(params, rank, flags)
+        rank_axes = [leaf.slot_rank_axis for leaf in layout.leaves]
+        for leaf, x in zip(layout.leaves, params):  # dimuon_step's factors are the last 2 axes
+            assert leaf.slot_rank_axis == x.ndim - (1 if leaf.is_a else 2), leaf.name
+        new_params, m, count, norm = dimuon_step(
+            params, g, m, counts[slot], hparams, masks, rank_axes, rank
         )
-        return new_params, m, v, count, norm, finite
+        return new_params, m, v, count, norm, self._finite(norm, new_params, m)
+
+    def _step_masks(self, params: list[jax.Array], rank: jax.Array, flags: jax.Array) -> list:
+        """1 where a slot's entries may move (within its rank, in an enabled target group)."""
+        return [
+            (self._rank_mask(leaf, x.shape, rank) * flags[leaf.group]).astype(x.dtype)
+            for leaf, x in zip(self.layout.leaves, params)
+        ]
+
+    @staticmethod
+    def _finite(norm: jax.Array, *trees: list[jax.Array]) -> jax.Array:
+        """Whether the gradient norm and every array of the step's results are finite."""
+        arrays = [x for tree in trees for x in tree]
+        return jnp.isfinite(norm) & jnp.all(jnp.stack([jnp.isfinite(x).all() for x in arrays]))
 
     def _refuse_step(self, slot: int, why: str) -> None:
         """Clears the slot's gradients and raises NonFiniteStep; nothing else changes."""
