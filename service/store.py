@@ -152,19 +152,24 @@ CREATE TABLE IF NOT EXISTS instance (
     database_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sampled_prompts (
-    request_id TEXT PRIMARY KEY,
     user_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
     session_id TEXT NOT NULL,
-    prompt BLOB NOT NULL
+    prompt BLOB NOT NULL,
+    PRIMARY KEY (user_id, request_id)
 );
 CREATE TABLE IF NOT EXISTS sampled_sequences (
-    sequence_id TEXT PRIMARY KEY,
-    request_id TEXT NOT NULL REFERENCES sampled_prompts(request_id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL,
+    sequence_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
     tokens BLOB NOT NULL,
     logprobs BLOB NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    PRIMARY KEY (user_id, sequence_id),
+    FOREIGN KEY (user_id, request_id) REFERENCES sampled_prompts(user_id, request_id)
+        ON DELETE CASCADE
 );
-CREATE INDEX IF NOT EXISTS sampled_by_request ON sampled_sequences(request_id);
+CREATE INDEX IF NOT EXISTS sampled_by_request ON sampled_sequences(user_id, request_id);
 CREATE INDEX IF NOT EXISTS sampled_by_use ON sampled_sequences(last_used);
 """
 
@@ -914,18 +919,23 @@ class Store:
         now: float | None = None,
     ) -> None:
         """Records one sampling request's prompt and its sequences, given as
-        (sequence_id, tokens, logprobs); a request recorded before is left as it was."""
+        (sequence_id, tokens, logprobs). Records are keyed by user, so no other user's request
+        ids can touch them; a request id the user records again (reused after its future was
+        purged) replaces what it recorded before."""
         now = _now(now)
         with self._transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO sampled_prompts VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (request_id, user_id, session_id, prompt),
+            conn.execute(
+                "DELETE FROM sampled_prompts WHERE user_id = ? AND request_id = ?",
+                (user_id, request_id),
             )
-            if cursor.rowcount == 1:
-                conn.executemany(
-                    "INSERT INTO sampled_sequences VALUES (?, ?, ?, ?, ?)",
-                    [(sid, request_id, tokens, lp, now) for sid, tokens, lp in sequences],
-                )
+            conn.execute(
+                "INSERT INTO sampled_prompts VALUES (?, ?, ?, ?)",
+                (user_id, request_id, session_id, prompt),
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO sampled_sequences VALUES (?, ?, ?, ?, ?, ?)",
+                [(user_id, sid, request_id, tokens, lp, now) for sid, tokens, lp in sequences],
+            )
 
     def use_sampled(
         self, sequence_ids: list[str], user_id: str, session_id: str, now: float | None = None
@@ -940,15 +950,15 @@ class Store:
                 rows = conn.execute(
                     "SELECT s.sequence_id, p.user_id, p.session_id, p.prompt, s.tokens,"
                     " s.logprobs FROM sampled_sequences s JOIN sampled_prompts p"
-                    f" USING (request_id) WHERE s.sequence_id IN ({marks})"
-                    " AND p.user_id = ? AND p.session_id = ?",
+                    f" USING (user_id, request_id) WHERE s.sequence_id IN ({marks})"
+                    " AND s.user_id = ? AND p.session_id = ?",
                     (*part, user_id, session_id),
                 ).fetchall()
                 for row in rows:
                     found[row["sequence_id"]] = SampledSequenceRecord(**dict(row))
             conn.executemany(
-                "UPDATE sampled_sequences SET last_used = ? WHERE sequence_id = ?",
-                [(_now(now), sid) for sid in found],
+                "UPDATE sampled_sequences SET last_used = ? WHERE user_id = ? AND sequence_id = ?",
+                [(_now(now), user_id, sid) for sid in found],
             )
         return found
 
@@ -960,8 +970,9 @@ class Store:
                 "DELETE FROM sampled_sequences WHERE last_used < ?", (unused_since,)
             ).rowcount
             conn.execute(
-                "DELETE FROM sampled_prompts WHERE request_id NOT IN"
-                " (SELECT request_id FROM sampled_sequences)"
+                "DELETE FROM sampled_prompts WHERE NOT EXISTS (SELECT 1 FROM sampled_sequences s"
+                " WHERE s.user_id = sampled_prompts.user_id"
+                " AND s.request_id = sampled_prompts.request_id)"
             )
             return count
 

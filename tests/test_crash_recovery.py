@@ -91,6 +91,8 @@ def _crash_and_restart(server) -> None:
     assert _pending_count(server) == 0  # every request the crash cut off has an outcome
 
 
+# Long (a kill and a restart, 10-18 s): in .ci/run's second step, `pytest -m slow`.
+@pytest.mark.slow
 def test_kill_during_training_step(live):
     data = _sft_data(n=4)
     with _client(live) as client:
@@ -161,6 +163,8 @@ def test_kill_during_training_step(live):
         resumed.optim_step(T.AdamParams(learning_rate=5e-3)).result(timeout=TIMEOUT)
 
 
+# Long (a kill and a restart, 10-18 s): in .ci/run's second step, `pytest -m slow`.
+@pytest.mark.slow
 def test_kill_during_checkpoint_save(live):
     from tinker_jax import checkpoints as ckpt
 

@@ -151,6 +151,15 @@ def test_records_live_a_day_after_their_last_use_and_survive_a_restart(tmp_path)
     assert set(store.use_sampled(["r1:0", "r1:1"], "u", "s", now=60_000.0)) == {"r1:0"}
     assert store.purge_sampled(60_000.0 + 1.0) == 1
     assert store.use_sampled(["r1:0"], "u", "s") == {}
+    # Another user's request of the same id is a record of its own; the same user's replaces.
+    other = (np.arange(5, dtype="<i4").tobytes(), seq[1])
+    store.record_sampled("r2", "u", "s", prompt, [("r2:0", *seq)], now=70_000.0)
+    store.record_sampled("r2", "v", "s", prompt, [("r2:0", *other)], now=70_000.0)
+    assert store.use_sampled(["r2:0"], "u", "s", now=70_000.0)["r2:0"].tokens == seq[0]
+    store.record_sampled("r2", "u", "s2", prompt, [("r2:0", *other)], now=70_000.0)
+    assert store.use_sampled(["r2:0"], "u", "s", now=70_000.0) == {}
+    assert store.use_sampled(["r2:0"], "u", "s2", now=70_000.0)["r2:0"].tokens == other[0]
+    assert store.use_sampled(["r2:0"], "v", "s", now=70_000.0)["r2:0"].tokens == other[0]
     store.close()
 
 
