@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from etils import epath
@@ -129,17 +128,8 @@ def reconcile(root: epath.Path, store: Store) -> tuple[int, int]:
             if store.get_checkpoint(str(path)) is not None:
                 continue
             store.put_checkpoint(
-                CheckpointRecord(
-                    tinker_path=str(path),
-                    run_id=run.run_id,
-                    kind=kind_dir.name,
-                    name=name,
-                    owner=run.user_id,
-                    location=os.fspath(folder),
-                    created=time.time(),
-                    expires_at=None,
-                    size_bytes=storage.tree_size(folder),
-                    public=False,
+                CheckpointRecord.new(
+                    path, run.user_id, os.fspath(folder), storage.tree_size(folder)
                 )
             )
             listed += 1

@@ -177,7 +177,6 @@ def _import_peft(args: argparse.Namespace) -> int:
     """Stores a PEFT adapter folder made elsewhere as a user's `weights/` checkpoint of a new
     (finished) run, which create_training_client_from_state and create_sampling_client load."""
     import os
-    import time
     import uuid
 
     from tinker_jax import checkpoints, storage
@@ -222,22 +221,8 @@ def _import_peft(args: argparse.Namespace) -> int:
             lora_alpha=args.lora_alpha,
             with_optimizer=False,
         )
-        path = str(TinkerPath(run_id, "weights", name))
-        store.put_checkpoint(
-            CheckpointRecord(
-                tinker_path=path,
-                run_id=run_id,
-                kind="weights",
-                name=name,
-                owner=user,
-                location=location,
-                created=time.time(),
-                expires_at=None,
-                size_bytes=size,
-                public=False,
-                user_metadata={},
-            )
-        )
+        path = TinkerPath(run_id, "weights", name)
+        store.put_checkpoint(CheckpointRecord.new(path, user, location, size))
     finally:
         store.close()
     print(path)

@@ -719,12 +719,13 @@ class ServiceCore:
     ) -> list[Datum]:
         """The datums with their provenance resolved against the samples `user` recorded in
         `session_id` (`provenance.resolve`); each record used starts a new day of life."""
-        ids = provenance.sequence_ids(spans)
         for i, p in enumerate(spans):
-            for name, field in zip(provenance.FIELDS, (p.model_input, p.targets) if p else ()):
+            if p is None:
+                continue
+            for name, field in zip(provenance.FIELDS, (p.model_input, p.targets)):
                 for j, span in enumerate(field):
                     _id(span.sequence_id, f"data[{i}].{name}[{j}].sequence_id")
-        found = self.store.use_sampled(ids, user, session_id)
+        found = self.store.use_sampled(provenance.sequence_ids(spans), user, session_id)
         records = {
             sid: provenance.SampledRecord(
                 np.frombuffer(r.prompt, "<i4"),
@@ -787,19 +788,7 @@ class ServiceCore:
         def record(size: int) -> str:
             old = self.store.get_checkpoint(str(path))
             self.store.put_checkpoint(
-                CheckpointRecord(
-                    tinker_path=str(path),
-                    run_id=model_id,
-                    kind=kind,
-                    name=name,
-                    owner=user,
-                    location=location,
-                    created=time.time(),
-                    expires_at=expires,
-                    size_bytes=size,
-                    public=False,
-                    user_metadata=metadata,
-                ),
+                CheckpointRecord.new(path, user, location, size, expires, metadata),
                 overwrite=overwrite,
             )
             if old is not None:

@@ -260,6 +260,31 @@ class CheckpointRecord:
         """The parsed path (for `checkpoint_id` and `checkpoint_type`)."""
         return TinkerPath(self.run_id, self.kind, self.name)
 
+    @classmethod
+    def new(
+        cls,
+        path: TinkerPath,
+        owner: str,
+        location: str,
+        size_bytes: int,
+        expires_at: float | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> CheckpointRecord:
+        """The record of a checkpoint written now at `location`, not public."""
+        return cls(
+            tinker_path=str(path),
+            run_id=path.run_id,
+            kind=path.kind,
+            name=path.name,
+            owner=owner,
+            location=location,
+            created=time.time(),
+            expires_at=expires_at,
+            size_bytes=size_bytes,
+            public=False,
+            user_metadata=dict(user_metadata or {}),
+        )
+
 
 @dataclass(frozen=True)
 class FutureRecord:

@@ -14,12 +14,13 @@ import pytest
 from tests.engine_helpers import make_trainer
 from tinker_jax.batching import Datum, RunBatch, check_datums
 from tinker_jax.errors import ValidationError
-from tinker_jax.losses import resolve_config, token_losses
+from tinker_jax.losses import LOSS_FNS, resolve_config, token_losses
 from tinker_jax.optim import AdamParams
 from tinker_jax.provenance import Provenance, SampledRecord, Span, resolve
 from tinker_jax.trainer import LoraConfig
 
 VOCAB = 160
+RECORDED = LOSS_FNS["stable_reinforce"].provenance_inputs
 
 
 # ------------------------------------------------------------------ the loss
@@ -241,7 +242,7 @@ def _train_on_stale_data(trainer, loss_fn, *, steps: int, mismatch: float):
             batch = [
                 Datum(
                     d.tokens,
-                    {k: v for k, v in d.loss_fn_inputs.items() if not k.startswith("sample")},
+                    {k: v for k, v in d.loss_fn_inputs.items() if k not in RECORDED},
                 )
                 for d in batch
             ]

@@ -136,22 +136,23 @@ def env(hf_model_dir, tmp_path_factory):
     store.close()
 
 
-def _free_slots_become(env: Env, count: int) -> None:
-    """Waits (bounded) until the sampler has `count` free adapter slots, which the engine
-    thread frees on its own time; asserts the count, not the time it took."""
-    for _ in range(int(WAIT_SECONDS / 0.05)):
-        if len(env.worker.sampler.free_slots()) == count:
-            break
+def _eventually(value, want) -> None:
+    """Waits (bounded by WAIT_SECONDS) until `value()` equals `want`, which the engine thread
+    reaches on its own time; asserts the value, not the time it took."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while value() != want and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(env.worker.sampler.free_slots()) == count
+    assert value() == want
+
+
+def _free_slots_become(env: Env, count: int) -> None:
+    """The sampler has `count` free adapter slots."""
+    _eventually(lambda: len(env.worker.sampler.free_slots()), count)
 
 
 def _settled(env: Env) -> None:
     """Every queue place is back (nothing of this test is queued or in flight)."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while env.worker.held() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert env.worker.held() == 0
+    _eventually(env.worker.held, 0)
 
 
 # ------------------------------------------------------------------ 1. parked operations

@@ -35,11 +35,46 @@ def check_optimizer(optimizer: str, field: str = "optimizer_config.type") -> str
     return optimizer
 
 
+class _Params:
+    """What both families' step parameters share: the range check and the traced form.
+    Subclasses are frozen dataclasses of floats with `_RANGES`: field -> (low, high, text),
+    where `text` is the allowed interval as written, "(" excluding `low`, "[" including it."""
+
+    _RANGES: ClassVar[dict[str, tuple[float, float, str]]]
+    _PREFIX: ClassVar[str]
+
+    def validate(self):
+        """Raises ValidationError naming the first out-of-range field; returns self."""
+        for name, (low, high, text) in self._RANGES.items():
+            value = getattr(self, name)
+            field = f"{self._PREFIX}.{name}"
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValidationError(field, f"must be a number, got {value!r}")
+            above = low < value if text.startswith("(") else low <= value
+            if not (math.isfinite(value) and above and value < high):
+                raise ValidationError(field, f"{value} is outside {text}")
+        return self
+
+    def as_array(self) -> jax.Array:
+        """The fields in order as float32 (`[6]` Adam, `[3]` Dimuon), the traced form the
+        jitted step takes."""
+        return jnp.asarray([getattr(self, f.name) for f in dataclasses.fields(self)], jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
-class AdamParams:
+class AdamParams(_Params):
     """Tinker's AdamParams: AdamW with decoupled weight decay; grad_clip_norm 0 = off."""
 
     optimizer: ClassVar[str] = "adamw"
+    _PREFIX: ClassVar[str] = "adam_params"
+    _RANGES: ClassVar[dict[str, tuple[float, float, str]]] = {
+        "learning_rate": (0.0, math.inf, "[0, inf)"),
+        "beta1": (0.0, 1.0, "[0, 1)"),
+        "beta2": (0.0, 1.0, "[0, 1)"),
+        "eps": (0.0, math.inf, "(0, inf)"),
+        "weight_decay": (0.0, math.inf, "[0, inf)"),
+        "grad_clip_norm": (0.0, math.inf, "[0, inf)"),
+    }
 
     learning_rate: float = 1e-4
     beta1: float = 0.9
@@ -48,30 +83,14 @@ class AdamParams:
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
 
-    def validate(self) -> AdamParams:
-        """Raises ValidationError naming the first out-of-range field."""
-        ranges = {
-            "learning_rate": (0.0, math.inf, "[0, inf)"),
-            "beta1": (0.0, 1.0, "[0, 1)"),
-            "beta2": (0.0, 1.0, "[0, 1)"),
-            "eps": (0.0, math.inf, "(0, inf)"),
-            "weight_decay": (0.0, math.inf, "[0, inf)"),
-            "grad_clip_norm": (0.0, math.inf, "[0, inf)"),
-        }
-        for name, (low, high, text) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValidationError(f"adam_params.{name}", f"must be a number, got {value!r}")
-            ok = math.isfinite(value) and low <= value and (value < high)
-            if name == "eps":
-                ok = ok and value > 0
-            if not ok:
-                raise ValidationError(f"adam_params.{name}", f"{value} is outside {text}")
-        return self
 
-    def as_array(self) -> jax.Array:
-        """[6] float32 in field order, the traced form the jitted step takes."""
-        return jnp.asarray([getattr(self, f.name) for f in dataclasses.fields(self)], jnp.float32)
+def _masked_and_clipped(grads, mask, clip: jax.Array):
+    """(gradients outside `mask` zeroed, then scaled to norm `clip` when clip > 0 and their
+    norm is above it; that norm before clipping). Any matching pytrees."""
+    grads = jax.tree.map(jnp.multiply, grads, mask)
+    norm = optax.tree.norm(grads)
+    factor = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads), norm
 
 
 def adamw_step(
@@ -91,10 +110,7 @@ def adamw_step(
     norm taken before clipping.
     """
     lr, b1, b2, eps, wd, clip = (hparams[i] for i in range(6))
-    grads = jax.tree.map(jnp.multiply, grads, mask)
-    norm = optax.tree.norm(grads)
-    factor = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
-    grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    grads, norm = _masked_and_clipped(grads, mask, clip)
     tx = optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
     state = tx.init(params)
     adam = state[0]._replace(count=count, mu=mu, nu=nu)
@@ -113,7 +129,7 @@ MATCHED_RMS = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
-class DimuonParams:
+class DimuonParams(_Params):
     """Tinker's DimuonParams (SDK 0.38): one step of Dimuon (see `dimuon_step`).
 
     learning_rate >= 0 (required, as in the SDK); grad_clip_norm: the global gradient norm
@@ -121,29 +137,16 @@ class DimuonParams:
     coefficient of the momentum."""
 
     optimizer: ClassVar[str] = "dimuon"
+    _PREFIX: ClassVar[str] = "dimuon_params"
+    _RANGES: ClassVar[dict[str, tuple[float, float, str]]] = {
+        "learning_rate": (0.0, math.inf, "[0, inf)"),
+        "grad_clip_norm": (-math.inf, math.inf, "(-inf, inf)"),
+        "beta1": (0.0, 1.0, "[0, 1)"),
+    }
 
     learning_rate: float
     grad_clip_norm: float = 0.0
     beta1: float = 0.9
-
-    def validate(self) -> DimuonParams:
-        """Raises ValidationError naming the first out-of-range field."""
-        ranges = {
-            "learning_rate": (0.0, math.inf, "[0, inf)"),
-            "grad_clip_norm": (-math.inf, math.inf, "(-inf, inf)"),
-            "beta1": (0.0, 1.0, "[0, 1)"),
-        }
-        for name, (low, high, text) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValidationError(f"dimuon_params.{name}", f"must be a number, got {value!r}")
-            if not (math.isfinite(value) and low <= value < high):
-                raise ValidationError(f"dimuon_params.{name}", f"{value} is outside {text}")
-        return self
-
-    def as_array(self) -> jax.Array:
-        """[3] float32 in field order, the traced form the jitted step takes."""
-        return jnp.asarray([getattr(self, f.name) for f in dataclasses.fields(self)], jnp.float32)
 
 
 def dimuon_step(
@@ -199,10 +202,7 @@ def dimuon_step(
     input to zero rows and columns; and the update is masked again before it is applied.
     """
     lr, clip, b1 = hparams[0], hparams[1], hparams[2]
-    grads = [g * m for g, m in zip(grads, mask)]
-    norm = optax.tree.norm(grads)
-    factor = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
-    grads = [g * factor.astype(g.dtype) for g in grads]
+    grads, norm = _masked_and_clipped(list(grads), list(mask), clip)
     # Each array is a stack of matrices in its last two axes; optax vmaps over the others.
     dims = [MuonDimensionNumbers(reduction_axis=-2, output_axis=-1) for _ in grads]
     tx = scale_by_muon(
