@@ -560,7 +560,7 @@ class Sampler:
         groups = host["group_slots"].size
         fn = self._programs.get(
             f"decode_{kv_len}_{groups}",
-            functools.partial(self._decode_fn, kv_len=kv_len),
+            functools.partial(decode_loop, self.graphdef, self.steps_per_call, kv_len=kv_len),
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding, self._replicated, self._replicated),
         )
@@ -590,58 +590,6 @@ class Sampler:
                     rows.active[r] = False
                     break
             self._check_stop_strings(r)
-
-    def _decode_fn(self, lora, base, cache, rows, *, kv_len: int):
-        steps = self.steps_per_call
-        max_len = cache.k.shape[2]
-        model = nnx.merge(self.graphdef, lora, base)
-        adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
-        base_keys = sequence_keys(rows["seed"], rows["sample"])
-        n = rows["token"].shape[0]
-
-        def body(carry):
-            i, cache, token, position, generated, remaining, active, out_t, out_lp = carry
-            hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
-            logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
-            keys = step_keys(base_keys, generated)
-            new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
-            lp = token_logprobs(logits, new)
-            out_t = out_t.at[:, i].set(jnp.where(active, new, -1))
-            out_lp = out_lp.at[:, i].set(lp)
-            stopped = (new[:, None] == rows["stop"]).any(axis=1)
-            remaining = remaining - active
-            done = stopped | (remaining <= 0) | (position + 2 > max_len)
-            step = active.astype(jnp.int32)
-            return (
-                i + 1,
-                cache,
-                jnp.where(active, new, token),
-                position + step,
-                generated + step,
-                remaining,
-                active & ~done,
-                out_t,
-                out_lp,
-            )
-
-        def cond(carry):
-            active = carry[6]
-            freed = (rows["active"] & ~active).any()
-            return (carry[0] < steps) & active.any() & ~(rows["refill"] & freed)
-
-        init = (
-            jnp.int32(0),
-            cache,
-            rows["token"],
-            rows["position"],
-            rows["generated"],
-            rows["remaining"],
-            rows["active"],
-            jnp.full((n, steps), -1, jnp.int32),
-            jnp.zeros((n, steps), jnp.float32),
-        )
-        out = jax.lax.while_loop(cond, body, init)
-        return out[1], out[7], out[8]
 
     def _check_stop_strings(self, r: int) -> None:
         """Ends a row whose decoded text contains a stop string, keeping the tokens up to the
@@ -680,3 +628,73 @@ class Sampler:
                 )
                 del self._pending[rid]
         return finished
+
+
+def decode_arg_shapes(rows: int, groups: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The `rows` argument of `decode_loop` for `rows` cache rows and `groups` distinct
+    adapters, as abstract arrays (what `Sampler._decode` sends)."""
+    host = _Rows(rows).device_args()
+    host["row_group"] = np.zeros(rows, np.int32)
+    host["group_slots"] = np.zeros(groups, np.int32)
+    host["refill"] = np.bool_(False)
+    return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in host.items()}
+
+
+def decode_loop(
+    graphdef: nnx.GraphDef, steps: int, lora, base, cache: KVCache, rows, *, kv_len: int
+):
+    """The decode program: up to `steps` decode steps of every cache row in one `while_loop`.
+
+    `rows` holds the arrays of `decode_arg_shapes`; attention reads the first `kv_len` cache
+    positions. Returns (cache, tokens [rows, steps], -1 once a row stopped, and their logprobs
+    [rows, steps]). `scripts/inspect_decode.py` compiles this same function.
+    """
+    max_len = cache.k.shape[2]
+    model = nnx.merge(graphdef, lora, base)
+    adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
+    base_keys = sequence_keys(rows["seed"], rows["sample"])
+    n = rows["token"].shape[0]
+
+    def body(carry):
+        i, cache, token, position, generated, remaining, active, out_t, out_lp = carry
+        hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
+        logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
+        keys = step_keys(base_keys, generated)
+        new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
+        lp = token_logprobs(logits, new)
+        out_t = out_t.at[:, i].set(jnp.where(active, new, -1))
+        out_lp = out_lp.at[:, i].set(lp)
+        stopped = (new[:, None] == rows["stop"]).any(axis=1)
+        remaining = remaining - active
+        done = stopped | (remaining <= 0) | (position + 2 > max_len)
+        step = active.astype(jnp.int32)
+        return (
+            i + 1,
+            cache,
+            jnp.where(active, new, token),
+            position + step,
+            generated + step,
+            remaining,
+            active & ~done,
+            out_t,
+            out_lp,
+        )
+
+    def cond(carry):
+        active = carry[6]
+        freed = (rows["active"] & ~active).any()
+        return (carry[0] < steps) & active.any() & ~(rows["refill"] & freed)
+
+    init = (
+        jnp.int32(0),
+        cache,
+        rows["token"],
+        rows["position"],
+        rows["generated"],
+        rows["remaining"],
+        rows["active"],
+        jnp.full((n, steps), -1, jnp.int32),
+        jnp.zeros((n, steps), jnp.float32),
+    )
+    out = jax.lax.while_loop(cond, body, init)
+    return out[1], out[7], out[8]

@@ -1,0 +1,413 @@
+"""What a decode step reads, from its compiled program: no weights in memory, no accelerator.
+
+Lowers and compiles the sampler's decode program (`tinker_jax.sampler.decode_loop`, the one
+`Sampler` runs) for a model's real shapes from abstract arrays (`jax.ShapeDtypeStruct`) on the
+local backend, then compares it with what a decode step must read at least:
+
+  min_bytes       every base weight once (the embedding table: only the rows looked up, unless
+                  it is the tied lm head), each distinct adapter in use once, and the keys and
+                  values of every row over the attended prefix (`--context` positions)
+  bytes_accessed  XLA's `compiled.cost_analysis()` of the program: one iteration of the decode
+                  loop (XLA counts a loop body once) plus what runs once per call
+  large_copies    copy / dynamic-slice / slice instructions, or fusions that do nothing else,
+                  whose output is at least `--copy-mib` MiB, per decode step (inside a loop of
+                  known trip count, such as a scan over layers, counted once per iteration);
+                  those shaped like a weight are also counted as `weight_copies`
+  fusions         fusion instructions (kernels) per decode step, and `kernels`: every
+                  instruction that does work (fusions, dots, copies, sorts...), per decode step
+
+When the step itself holds a loop (a scan over the layers), `bytes_accessed` counts its body
+once: `step_loops` names the trip counts, and the ratio undercounts accordingly.
+
+    python scripts/inspect_decode.py --preset qwen3-1.7b --batch 1
+    python scripts/inspect_decode.py --preset qwen3-1.7b --batch 64 --adapters 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models, when imported by a test
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from bench_models import PRESETS  # noqa: E402  (applies the engine's XLA flags; JAX reads them when its backend starts)
+from flax import nnx  # noqa: E402
+
+from tinker_jax.lora import LoRAParam, LoRASpec  # noqa: E402
+from tinker_jax.models.config import ModelConfig, config_from_hf  # noqa: E402
+from tinker_jax.models.decoder import KVCache, Transformer  # noqa: E402
+from tinker_jax.sampler import decode_arg_shapes, decode_loop  # noqa: E402
+from tinker_jax.sharding import make_mesh  # noqa: E402
+
+MIB = 1 << 20
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
+# Instructions that launch nothing: they name, pack or reinterpret buffers.
+FREE_OPS = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+}
+COPY_OPS = {"copy", "dynamic-slice", "slice"}
+# A fusion made only of these moves data and computes nothing: a copy by another name.
+MOVE_OPS = COPY_OPS | FREE_OPS | {"reshape", "transpose", "broadcast", "convert"}
+
+
+def preset_config(name: str) -> ModelConfig:
+    """The `ModelConfig` of a scripts/bench_models.py preset (e.g. "qwen3-1.7b")."""
+    p = PRESETS[name]
+    hf = dict(
+        model_type=p["family"],
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        head_dim=p["head_dim"],
+        max_position_embeddings=40960,
+        tie_word_embeddings=p["tied"],
+        rope_theta=1_000_000.0,
+    )
+    if p["family"] == "qwen3_moe":
+        hf.update(
+            num_experts=p["experts"],
+            num_experts_per_tok=p["experts_per_token"],
+            moe_intermediate_size=p["moe_intermediate"],
+            norm_topk_prob=True,
+        )
+    return config_from_hf(hf)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """What one decode call is compiled for: `batch` cache rows attending `context` positions,
+    `adapters` distinct adapters among them (0: the base model), rank `rank`, out of a sampler
+    with `slots` adapter slots, `steps` decode steps per call."""
+
+    batch: int
+    adapters: int = 1
+    context: int = 1024
+    rank: int = 32
+    slots: int = 8
+    steps: int = 16
+    dtype: str = "bfloat16"
+
+
+def default_dtype(preset: str) -> str:
+    """The preset's dtype, except on CPU: XLA's CPU dots upcast 16-bit operands, so every
+    bf16 weight would show as a converted copy that no accelerator makes."""
+    return "float32" if jax.default_backend() == "cpu" else PRESETS[preset]["dtype"]
+
+
+def abstract_model(cfg: ModelConfig, shape: DecodeShape):
+    """(graphdef, lora, base) of the model with abstract leaves: nothing is allocated."""
+    lora = LoRASpec(max(shape.slots, shape.adapters, 1), shape.rank)
+    model = nnx.eval_shape(
+        lambda: Transformer(cfg, lora=lora, dtype=jnp.dtype(shape.dtype), rngs=nnx.Rngs(0))
+    )
+    return nnx.split(model, LoRAParam, ...)
+
+
+def min_bytes(cfg: ModelConfig, shape: DecodeShape, lora, base) -> dict[str, int]:
+    """The least a decode step can read, by component (see the module docstring).
+
+    A MoE layer's experts count in proportion to those a step can reach (batch * k of them,
+    at most all)."""
+    weights = 0
+    for path, var in nnx.to_flat_state(base):
+        name = ".".join(map(str, path))
+        size = math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
+        if name == "embed_tokens" and not cfg.tie_word_embeddings:
+            size = size // cfg.vocab_size * min(shape.batch, cfg.vocab_size)
+        elif "experts" in name and cfg.moe is not None:
+            reach = min(cfg.moe.num_experts, shape.batch * cfg.moe.experts_per_token)
+            size = size * reach // cfg.moe.num_experts
+        weights += size
+    adapter = 0
+    for _, var in nnx.to_flat_state(lora):
+        slots = var.shape[var.get_metadata("logical_axes").index("slots")]
+        adapter += math.prod(var.shape) // slots * jnp.dtype(var.dtype).itemsize
+    itemsize = jnp.dtype(shape.dtype).itemsize
+    kv = 2 * cfg.num_layers * shape.batch * shape.context * cfg.kv_size * itemsize
+    return {"weights": weights, "adapters": adapter * shape.adapters, "kv_cache": kv}
+
+
+def weight_shapes(base, lora) -> set[tuple[int, ...]]:
+    """Shapes of every parameter and of its slices along leading axes (one layer's, one
+    slot's...), without axes of size 1."""
+    shapes = set()
+    for _, var in [*nnx.to_flat_state(base), *nnx.to_flat_state(lora)]:
+        dims = tuple(var.shape)
+        shapes.update(_squeeze(dims[lead:]) for lead in range(len(dims) - 1))
+    return shapes
+
+
+def _squeeze(dims: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Dims without those of size 1 (a layer's slice keeps its layer axis as 1)."""
+    return None if dims is None else tuple(d for d in dims if d != 1)
+
+
+def compile_decode(cfg: ModelConfig, shape: DecodeShape):
+    """(compiled decode program, lora, base): `decode_loop` as `Sampler._decode` jits it
+    (the cache donated), for abstract weights, cache and rows."""
+    graphdef, lora, base = abstract_model(cfg, shape)
+    dtype = jnp.dtype(shape.dtype)
+    cache_shape = (cfg.num_layers, shape.batch, shape.context, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(*(jax.ShapeDtypeStruct(cache_shape, dtype) for _ in range(2)))
+    groups = 1 << max(shape.adapters - 1, 0).bit_length()
+    rows = decode_arg_shapes(shape.batch, groups)
+    fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=shape.context)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn, donate_argnums=(2,)).lower(lora, base, cache, rows)
+    return lowered.compile(), lora, base
+
+
+# ---------------------------------------------------------------- optimised HLO text
+
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    attrs: str
+    root: bool
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the output (all elements of a tuple)."""
+        return sum(
+            DTYPE_BYTES.get(dt, 0) * math.prod(int(d) for d in dims.split(",") if d)
+            for dt, dims in _SHAPE.findall(self.shape)
+        )
+
+    @property
+    def dims(self) -> tuple[int, ...] | None:
+        found = _SHAPE.findall(self.shape)
+        if len(found) != 1:
+            return None
+        return tuple(int(d) for d in found[0][1].split(",") if d)
+
+    def called(self, key: str) -> list[str]:
+        """The computations named by attribute `key` (`body=%b`, `calls=%f`,
+        `branch_computations={%x, %y}`)."""
+        m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attrs)
+        return [c.strip().lstrip("%") for c in m.group(1).strip("{}").split(",")] if m else []
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+    """`(f32[2], s32[]) tuple(...)` or `f32[2]{0} add(...)` -> (shape, the rest)."""
+    if rest.startswith("("):
+        depth = 0
+        for i, c in enumerate(rest):
+            depth += (c == "(") - (c == ")")
+            if depth == 0:
+                return rest[: i + 1], rest[i + 1 :].strip()
+    shape, _, tail = rest.partition(" ")
+    return shape, tail
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
+    """Computations of an HLO module's text by name, and the entry's name."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = header.group(2)
+            comps[current] = []
+            entry = current if header.group(1) else entry
+            continue
+        m = _INSTR.match(line)
+        if current is None or not m:
+            continue
+        shape, tail = _split_shape(m.group(3))
+        opcode, _, attrs = tail.partition("(")
+        comps[current].append(Instr(m.group(2), shape, opcode.strip(), attrs, bool(m.group(1))))
+    return comps, entry
+
+
+def _trip_count(instr: Instr) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+    return int(m.group(1)) if m else None
+
+
+def hlo_stats(text: str, threshold: int, weights: set[tuple[int, ...]] = frozenset()) -> dict:
+    """Per decode step, from optimised HLO text: fusions, kernels, copies whose output is at
+    least `threshold` bytes (and those shaped like a weight), and the trip counts of loops
+    inside the step. The step is the body of the entry's while loop (the decode loop); a
+    nested loop's body counts once per iteration, a conditional's largest branch once."""
+    comps, entry = parse_hlo(text)
+    # The decode loop: the entry's while loop of unknown trip count (it may stop early).
+    loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
+    step = loops[0].called("body")[0] if len(loops) == 1 else entry
+    stats = {"fusions": 0, "kernels": 0, "large_copies": 0, "weight_copies": 0}
+    copies: dict[str, tuple[str, int]] = {}
+    nested: list[int] = []
+
+    def moves_only(comp: str) -> bool:
+        return all(
+            i.opcode in MOVE_OPS or (i.opcode == "fusion" and moves_only(i.called("calls")[0]))
+            for i in comps[comp]
+        )
+
+    def count_copy(instr: Instr, weight: int) -> None:
+        if instr.bytes < threshold:
+            return
+        stats["large_copies"] += weight
+        stats["weight_copies"] += weight * (_squeeze(instr.dims) in weights)
+        copies[instr.name] = (f"{instr.opcode} {instr.shape}", weight)
+
+    def walk(comp: str, weight: int) -> dict[str, int]:
+        counts = {"fusions": 0, "kernels": 0}
+        for instr in comps[comp]:
+            if instr.opcode == "while":
+                trip = _trip_count(instr)
+                nested.append(trip or 0)
+                inner = walk(instr.called("body")[0], weight * (trip or 1))
+                for k in counts:
+                    counts[k] += inner[k] * (trip or 1)
+            elif instr.opcode == "conditional":
+                branches = instr.called("branch_computations") or [
+                    *instr.called("true_computation"),
+                    *instr.called("false_computation"),
+                ]
+                inner = [walk(b, weight) for b in branches]
+                for k in counts:
+                    counts[k] += max(c[k] for c in inner)
+            elif instr.opcode == "call":
+                inner = walk(instr.called("to_apply")[0], weight)
+                for k in counts:
+                    counts[k] += inner[k]
+            elif instr.opcode not in FREE_OPS:
+                counts["kernels"] += 1
+                if instr.opcode == "fusion":
+                    counts["fusions"] += 1
+                    if moves_only(instr.called("calls")[0]):
+                        count_copy(instr, weight)
+                elif instr.opcode in COPY_OPS:
+                    count_copy(instr, weight)
+        return counts
+
+    stats.update(walk(step, 1))
+    stats["step_loops"] = nested
+    stats["copies"] = copies
+    return stats
+
+
+def inspect(cfg: ModelConfig, shape: DecodeShape, copy_bytes: int = MIB) -> dict:
+    """The figures of the module docstring for one decode shape."""
+    start = time.perf_counter()
+    compiled, lora, base = compile_decode(cfg, shape)
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    need = min_bytes(cfg, shape, lora, base)
+    stats = hlo_stats(compiled.as_text(), copy_bytes, weight_shapes(base, lora))
+    total = sum(need.values())
+    return {
+        "min_bytes": total,
+        "min_bytes_terms": need,
+        "bytes_accessed": int(cost["bytes accessed"]),
+        "bytes_ratio": cost["bytes accessed"] / total,
+        "large_copies": stats["large_copies"],
+        "weight_copies": stats["weight_copies"],
+        "fusions": stats["fusions"],
+        "kernels": stats["kernels"],
+        "step_loops": stats["step_loops"],
+        "copies": stats["copies"],
+        "batch": shape.batch,
+        "adapters": shape.adapters,
+        "context": shape.context,
+        "compile_s": round(compile_s, 2),
+        "backend": jax.default_backend(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-1.7b")
+    p.add_argument("--batch", type=int, default=1, help="cache rows decoding together")
+    p.add_argument("--adapters", type=int, default=1, help="distinct adapters among the rows")
+    p.add_argument("--context", type=int, default=1024, help="cache positions attended")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--slots", type=int, default=8, help="the sampler's adapter slots")
+    p.add_argument("--steps-per-call", type=int, default=16)
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: see default_dtype"
+    )
+    p.add_argument("--copy-mib", type=float, default=1.0, help="a large copy's output, MiB")
+    p.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    args = p.parse_args()
+    shape = DecodeShape(
+        batch=args.batch,
+        adapters=args.adapters,
+        context=args.context,
+        rank=args.rank,
+        slots=args.slots,
+        steps=args.steps_per_call,
+        dtype=args.dtype or default_dtype(args.preset),
+    )
+    out = inspect(preset_config(args.preset), shape, int(args.copy_mib * MIB))
+    gib = 1 << 30
+    terms = ", ".join(f"{k} {v / gib:.3f}" for k, v in out["min_bytes_terms"].items())
+    print(
+        f"{args.preset} decode step ({out['backend']}, {shape.dtype}): batch {shape.batch}, "
+        f"{shape.adapters} adapters (rank {shape.rank}), context {shape.context}; "
+        f"compiled in {out['compile_s']:.1f}s"
+    )
+    print(f"  min bytes       {out['min_bytes'] / gib:8.3f} GiB  ({terms})")
+    print(f"  bytes accessed  {out['bytes_accessed'] / gib:8.3f} GiB  (XLA cost analysis)")
+    print(f"  ratio           {out['bytes_ratio']:8.3f}")
+    if out["step_loops"]:
+        print(
+            f"  (the step holds loops of {out['step_loops']} iterations, whose body XLA's "
+            "cost analysis counts once)"
+        )
+    print(
+        f"  copies >= {args.copy_mib:g} MiB per step: {out['large_copies']} "
+        f"({out['weight_copies']} shaped like a weight)"
+    )
+    for name, (what, times) in sorted(out["copies"].items(), key=lambda kv: kv[1][0]):
+        print(f"    {times:4d}x  {what}  ({name})")
+    print(f"  fusions per step {out['fusions']}, kernels per step {out['kernels']}")
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "copies"}))
+
+
+if __name__ == "__main__":
+    main()
