@@ -106,6 +106,21 @@ def test_min_bytes_add_up(batch4):
     assert (out["batch"], out["adapters"]) == (4, 2)
 
 
+def test_decode_step_copies_no_kv_cache(batch4):
+    """The layers read the cache in place and the new keys and values are written after
+    them: no copy as large as one layer of the cache (a cache carried through the layer scan
+    was copied whole, or a layer of it sliced out, in every layer)."""
+    shape, out = batch4
+    layer_bytes = 4 * shape.batch * shape.context * CONFIG.kv_size
+    big = {n: c for n, c in out["copies"].items() if _bytes(c[0]) >= layer_bytes}
+    assert not big
+
+
+def _bytes(instr: str) -> int:
+    """Output bytes of a `copies` entry ("fusion f32[4,64,2,24]{...}")."""
+    return inspect_decode.Instr("", instr.split(" ", 1)[1], "", "", False).bytes
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="decode still slices each layer's weights out of the stacked [layers, ...] arrays "

@@ -158,20 +158,21 @@ class Attention(nnx.Module):
         cache: KVCache,
         layer: jax.Array,
         kv_len: int,
-    ) -> tuple[jax.Array, KVCache]:
-        """One new token per row against the cache, written at its position first.
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One new token per row against the cache, which it only reads.
 
         x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache arrays [layers, rows,
-        max_len, ...], of which attention reads the first kv_len positions.
+        max_len, ...], of which attention reads this layer's positions below each row's own
+        (at most kv_len), then the new token itself. Returns (out [rows, 1, embed], the new
+        token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
+        `positions` once every layer has run: a cache written inside the layer loop is a loop
+        carry that XLA copies.
         """
         q, k, v = self.project(x, positions, adapter)
-        rows = jnp.arange(x.shape[0])
-        cache = KVCache(
-            cache.k.at[layer, rows, positions[:, 0]].set(k[:, 0].astype(cache.k.dtype)),
-            cache.v.at[layer, rows, positions[:, 0]].set(v[:, 0].astype(cache.v.dtype)),
-        )
-        out = decode_attention(q, cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len], positions)
-        return self._out(out, adapter), cache
+        k, v = k[:, 0].astype(cache.k.dtype), v[:, 0].astype(cache.v.dtype)
+        cached = (cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len])
+        out = decode_attention(q, *cached, positions, k, v)
+        return self._out(out, adapter), (k, v)
 
     def _out(self, out: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
         b, s = out.shape[:2]
@@ -207,25 +208,40 @@ def attention(
     return out.reshape(b, s, h, d)
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
-    """One query per row against its cache row: keys at positions <= the query's are visible.
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+) -> jax.Array:
+    """One query per row against its cache row (positions below its own) and its own key.
 
     q: [rows, 1, heads, head_dim]; k, v: [rows, max_len, kv_heads, head_dim] (one layer of
-    the cache); positions: [rows, 1] -> [rows, 1, heads, head_dim]. In fp32.
+    the cache); positions: [rows, 1]; k_new, v_new: [rows, kv_heads, head_dim], the key and
+    value at the query's own position -> [rows, 1, heads, head_dim]. In fp32.
 
-    Positions past a row's own hold whatever an earlier request left there (a request of
-    another user, possibly non-finite): both keys and values are selected away, never
-    multiplied by a zero probability.
+    Cache positions from a row's own on hold whatever an earlier request left there (a
+    request of another user, possibly non-finite): both keys and values are selected away,
+    never multiplied by a zero probability.
     """
     b, _, h, d = q.shape
     kvh = k.shape[2]
-    qg = q[:, 0].reshape(b, 1, kvh, h // kvh, d).astype(jnp.float32)
-    scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
-    visible = jnp.arange(k.shape[1])[None, :] <= positions  # [rows, max_len]
+    qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
+    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
+    visible = jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
     scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=1)  # [rows, max_len, kv_heads, group]
+    own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
+    top = jnp.maximum(scores.max(axis=1), own)  # [rows, kv_heads, group]
+    weights = jnp.exp(scores - top[:, None])  # [rows, max_len, kv_heads, group]
+    own_weight = jnp.exp(own - top)
+    total = weights.sum(axis=1) + own_weight
     v = jnp.where(visible[:, :, None, None], v.astype(jnp.float32), 0)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)
+    out = jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)
+    out = (out + own_weight[..., None] * v_new[:, :, None, :].astype(jnp.float32)) / total[
+        ..., None
+    ]
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
@@ -324,11 +340,12 @@ class DecoderLayer(nnx.Module):
         cache: KVCache,
         layer: jax.Array,
         kv_len: int,
-    ) -> tuple[jax.Array, KVCache]:
-        attn, cache = self.self_attn.decode(
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: [rows, 1, embed] -> (x, the new token's (k, v)); see `Attention.decode`."""
+        attn, kv = self.self_attn.decode(
             self.input_layernorm(x), positions, adapter, cache, layer, kv_len
         )
-        return self._mlp(x + attn, adapter)[0], cache
+        return self._mlp(x + attn, adapter)[0], kv
 
     def _mlp(self, x: jax.Array, adapter: AdapterBatch | None):
         h = self.post_attention_layernorm(x)
@@ -449,19 +466,21 @@ class Transformer(nnx.Module):
 
         Attention reads only the first `kv_len` cache positions; every position must be
         below it. Reading a short prefix of a long cache is what keeps a decode step's
-        memory traffic proportional to the context in use, not to max_len."""
+        memory traffic proportional to the context in use, not to max_len. The layers only
+        read the cache; the new keys and values of all layers are written after them, in
+        place (a cache carried through the layer loop was copied whole in every layer)."""
         x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
-        def body(carry, xs):
-            h, cache = carry
+        def body(h, xs):
             layer_state, index = xs
-            h, cache = nnx.merge(graphdef, layer_state).decode(
+            return nnx.merge(graphdef, layer_state).decode(
                 h, positions, adapter, cache, index, kv_len
             )
-            return (h, cache), None
 
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.config.num_layers)))
+        x, (k, v) = jax.lax.scan(body, x, (state, jnp.arange(self.config.num_layers)))
+        rows, at = jnp.arange(tokens.shape[0]), positions[:, 0]
+        cache = KVCache(cache.k.at[:, rows, at].set(k), cache.v.at[:, rows, at].set(v))
         return self.norm(x), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
