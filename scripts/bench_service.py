@@ -157,26 +157,25 @@ class EngineTrace:
     """Counts and times the server engine's calls inside a window (instance wrappers)."""
 
     def __init__(self, worker):
+        from tinker_jax.service import engine_calls as calls
+
         self.trainer = worker.engine.trainer
         self.lock = threading.Lock()
         self.fb: list[tuple[int, int, float]] = []  # (runs, rows, seconds) per engine call
         self.optim: list[float] = []
         self.ticks: list[float] = []
-        calls = worker.engine._calls  # what Engine.call dispatches to
-        fb, optim = calls["forward_backward"], calls["optim_step"]
+        call = worker.engine.call
         tick = worker._execute_ready
 
-        def traced_fb(runs, loss_fn):
+        def traced_call(engine_call):
             start = time.perf_counter()
-            out = fb(runs, loss_fn)
-            rows = sum(len(r.datums) for r in runs)
-            self._add(self.fb, (len(runs), rows, time.perf_counter() - start))
-            return out
-
-        def traced_optim(slot, params):
-            start = time.perf_counter()
-            out = optim(slot, params)
-            self._add(self.optim, time.perf_counter() - start)
+            out = call(engine_call)
+            seconds = time.perf_counter() - start
+            if isinstance(engine_call, calls.ForwardBackward) and not engine_call.forward_only:
+                rows = sum(len(r.datums) for r in engine_call.runs)
+                self._add(self.fb, (len(engine_call.runs), rows, seconds))
+            elif isinstance(engine_call, calls.OptimStep):
+                self._add(self.optim, seconds)
             return out
 
         def traced_tick(ready):
@@ -185,7 +184,7 @@ class EngineTrace:
             if ready:
                 self._add(self.ticks, time.perf_counter() - start)
 
-        calls["forward_backward"], calls["optim_step"] = traced_fb, traced_optim
+        worker.engine.call = traced_call
         worker._execute_ready = traced_tick
 
     def _add(self, target: list, value) -> None:

@@ -1,7 +1,7 @@
 """Regenerates the Python modules of the gRPC contract and of Tinker's HTTP wire schema from
 `proto/`.
 
-    python scripts/gen_proto.py            # writes tinker_jax/{v1,wire}/*_pb2*.py
+    python scripts/gen_proto.py            # writes tinker_jax/{v1,tinker_proto}/*_pb2*.py
     python scripts/gen_proto.py --out DIR  # writes elsewhere (the freshness test compares)
 """
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (source under proto/, whether it defines a gRPC service and so needs *_pb2_grpc.py)
 PROTOS = [
     ("tinker_jax/v1/tinker.proto", True),
-    ("tinker_jax/wire/tinker_public.proto", False),
+    ("tinker_jax/tinker_proto/tinker_public.proto", False),
 ]
 
 

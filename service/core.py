@@ -26,8 +26,11 @@ from tinker_jax import checkpoints, provenance, storage
 from tinker_jax.batching import Datum
 from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
-from tinker_jax.sampler import SampleRequest, SampleResult
-from tinker_jax.service import checkpoint_storage, wire
+from tinker_jax.optim import AdamParams
+from tinker_jax.sampler import SampleRequest
+from tinker_jax.sampler import SampleResult as EngineSampleResult
+from tinker_jax.sampling import SamplingParams
+from tinker_jax.service import checkpoint_storage, results, views
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import (
     FailedPrecondition,
@@ -39,6 +42,19 @@ from tinker_jax.service.errors import (
 )
 from tinker_jax.service.limits import PerKeyLimit
 from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath, validate_name
+from tinker_jax.service.results import (
+    CreateModelResult,
+    Failure,
+    ForwardBackwardResult,
+    LoadWeightsResult,
+    OptimStepResult,
+    Outcome,
+    Pending,
+    Result,
+    SampledTokens,
+    SampleResult,
+    SaveWeightsResult,
+)
 from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.service.store import (
     CheckpointRecord,
@@ -63,8 +79,7 @@ from tinker_jax.service.worker import (
     SaveState,
     SnapshotForSampler,
 )
-from tinker_jax.trainer import LoraConfig
-from tinker_jax.v1 import tinker_pb2 as pb
+from tinker_jax.trainer import ForwardBackwardOutput, LoraConfig
 
 log = logging.getLogger("tinker_jax.core")
 
@@ -81,8 +96,8 @@ SAMPLED_RECORD_TTL_SECONDS = 24 * 3600
 
 @dataclasses.dataclass(frozen=True)
 class _Outcome:
-    """A request's outcome the store could not record (yet): a serialised result, or an
-    error with Tinker's category."""
+    """A request's outcome as the store records it: an encoded result (`results.encode`), or
+    an error with Tinker's category."""
 
     result: bytes | None
     error: str | None = None
@@ -91,7 +106,8 @@ class _Outcome:
 
 
 class ServiceCore:
-    """Transport-independent implementation of every API call."""
+    """Every API call, in the service's own types (engine host types, `results`, `views`):
+    the front ends convert their formats to and from these."""
 
     def __init__(self, config: ServerConfig, store: Store, workers: dict[str, EngineWorker]):
         self.config = config
@@ -228,17 +244,9 @@ class ServiceCore:
 
     # ---------------------------------------------------------------- sessions
 
-    def capabilities(self) -> pb.GetServerCapabilitiesResponse:
-        return pb.GetServerCapabilitiesResponse(
-            supported_models=[
-                pb.SupportedModel(
-                    model_name=name,
-                    max_context_length=w.max_context,
-                    trainable=True,
-                    sampleable=True,
-                )
-                for name, w in self.workers.items()
-            ],
+    def capabilities(self) -> views.Capabilities:
+        return views.Capabilities(
+            models=[views.ServedModel(name, w.max_context) for name, w in self.workers.items()],
             max_batch_size=self.config.max_batch_size,
             max_lora_rank=self.config.max_lora_rank,
         )
@@ -255,7 +263,7 @@ class ServiceCore:
             raise ValidationError("tags", "at most 64 tags of at most 256 characters")
         return self.store.create_session(
             user,
-            user_metadata=wire.metadata(user_metadata),
+            user_metadata=_metadata(user_metadata),
             project_id=project_id or None,
             display_name=display_name[:256] or None,
             tags=list(tags),
@@ -309,9 +317,9 @@ class ServiceCore:
                 raise PermissionDenied(f"request id {request_id} is in use")
             return request_id
 
-        def complete(response: pb.RetrieveFutureResponse) -> None:
+        def complete(result: Result) -> None:
             try:
-                self._complete(request_id, response)
+                self._complete(request_id, result)
             finally:
                 place.release()
 
@@ -334,7 +342,7 @@ class ServiceCore:
         kind: str,
         worker: EngineWorker,
         op: Callable[[Done, Fail], Op],
-        respond: Callable[[Any], pb.RetrieveFutureResponse],
+        respond: Callable[[Any], Result],
         *,
         run_id: str | None = None,
         seq_id: int | None = None,
@@ -343,7 +351,7 @@ class ServiceCore:
         """What every engine operation does once its request is checked: the future is
         created (`_submit`) and `op(done, fail)` queued, in the run's seq_id order when
         `seq_id` is given (checked first), else as it comes; the operation's result becomes
-        the future's response through `respond`."""
+        the future's result through `respond`."""
         if seq_id is not None:
             worker.check_seq(run_id, seq_id)
 
@@ -369,9 +377,8 @@ class ServiceCore:
             raise PermissionDenied(f"request id {request_id} is in use")
         return existing.run_id or ""
 
-    def _complete(self, request_id: str, response: pb.RetrieveFutureResponse) -> None:
-        response.request_id = request_id
-        self._settle(request_id, _Outcome(response.SerializeToString()))
+    def _complete(self, request_id: str, result: Result) -> None:
+        self._settle(request_id, _Outcome(results.encode(result)))
 
     def _fail(self, request_id: str, error: Exception) -> None:
         """Records a failure: bad input as the user's, a refusal (a limit) as retryable with
@@ -444,7 +451,7 @@ class ServiceCore:
         with self._completed:
             self._completed.notify_all()
 
-    def retrieve(self, user: str, request_id: str, timeout: float) -> pb.RetrieveFutureResponse:
+    def retrieve(self, user: str, request_id: str, timeout: float) -> Outcome:
         """The result of a submitted call, waiting up to `timeout` (long-poll) for it.
 
         A long-poll holds a request thread of its front end, so one user holds at most
@@ -458,12 +465,12 @@ class ServiceCore:
                 finally:
                     self._long_polls.release(user)
             answer = self._retrieve(user, request_id, 0.0)
-            if answer.HasField("try_again"):
+            if isinstance(answer, Pending):
                 raise self._long_polls.refusal()
             return answer
         return self._retrieve(user, request_id, 0.0)
 
-    def _retrieve(self, user: str, request_id: str, timeout: float) -> pb.RetrieveFutureResponse:
+    def _retrieve(self, user: str, request_id: str, timeout: float) -> Outcome:
         record = self.store.get_future(_id(request_id, "request_id"))
         if record is None or record.user_id != user:
             raise NotFound(
@@ -483,17 +490,11 @@ class ServiceCore:
         if unsaved is not None:
             with self._completed:
                 self._delivered_unsaved.add(request_id)
-            return _response(request_id, unsaved)
+            return _delivered(unsaved)
         if record.state == "pending":
-            return pb.RetrieveFutureResponse(
-                request_id=request_id, try_again=pb.TryAgain(queue_state="active")
-            )
+            return Pending()
         self.store.mark_delivered(request_id)
-        if record.state == "failed":
-            return _response(
-                request_id, _Outcome(None, record.error, record.category, record.retryable)
-            )
-        return pb.RetrieveFutureResponse.FromString(record.result)
+        return _delivered(_Outcome(record.result, record.error, record.category, record.retryable))
 
     # ---------------------------------------------------------------- training runs
 
@@ -514,13 +515,13 @@ class ServiceCore:
         _check_lora(lora, self.config.max_lora_rank)
         run_id = self._new_run_id(session.session_id, model_seq_id)
         worker.check_run_capacity(user)
-        metadata = wire.metadata(user_metadata)
+        metadata = _metadata(user_metadata)
 
-        def respond(_slot) -> pb.RetrieveFutureResponse:
+        def respond(_slot) -> CreateModelResult:
             self._write(
                 self.store.create_run, new_run_record(run_id, session, base_model, lora, metadata)
             )
-            return pb.RetrieveFutureResponse(create_model=pb.CreateModelResult(model_id=run_id))
+            return CreateModelResult(run_id)
 
         return self._start(
             user,
@@ -564,16 +565,14 @@ class ServiceCore:
         worker = self._worker(info.base_model, "path")
         run_id = self._new_run_id(session.session_id, model_seq_id)
         worker.check_run_capacity(user)
-        metadata = wire.metadata(user_metadata)
+        metadata = _metadata(user_metadata)
 
-        def respond(state) -> pb.RetrieveFutureResponse:
+        def respond(state) -> LoadWeightsResult:
             record = new_run_record(
                 run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
             )
             self._write(self.store.create_run, record)
-            return pb.RetrieveFutureResponse(
-                load_weights=pb.LoadWeightsResult(model_id=run_id, path=str(parsed))
-            )
+            return LoadWeightsResult(run_id, str(parsed))
 
         def op(done: Done, fail: Fail) -> LoadRun:
             return LoadRun(
@@ -614,9 +613,7 @@ class ServiceCore:
             "load_weights",
             worker,
             lambda done, fail: LoadIntoRun(done, fail, location=location, with_optimizer=optimizer),
-            lambda _state: pb.RetrieveFutureResponse(
-                load_weights=pb.LoadWeightsResult(model_id=model_id, path=str(parsed))
-            ),
+            lambda _state: LoadWeightsResult(model_id, str(parsed)),
             run_id=model_id,
             seq_id=seq_id,
         )
@@ -643,22 +640,15 @@ class ServiceCore:
             "refused",
             worker,
             lambda done, fail: Refused(done, fail, error=error),
-            lambda _: pb.RetrieveFutureResponse(),  # never: the operation only fails
+            lambda never: never,  # not called: the operation only fails
             run_id=model_id,
             seq_id=seq_id,
         )
 
-    def get_info(self, user: str, model_id: str) -> pb.GetInfoResponse:
+    def get_info(self, user: str, model_id: str) -> views.RunInfo:
         run = self._run(user, model_id)
         arch = self.workers[run.base_model].config.family if run.base_model in self.workers else ""
-        return pb.GetInfoResponse(
-            model_id=run.run_id,
-            base_model=run.base_model,
-            arch=arch,
-            tokenizer_id=run.base_model,
-            is_lora=True,
-            lora_rank=run.lora_rank,
-        )
+        return views.RunInfo(run.run_id, run.base_model, arch, run.lora_rank)
 
     def forward_backward(
         self,
@@ -666,13 +656,16 @@ class ServiceCore:
         request_id: str,
         model_id: str,
         seq_id: int,
-        data: Sequence[pb.Datum],
+        data: Sequence[Datum],
         loss_fn: str,
         loss_fn_config: Mapping[str, float | str],
         forward_only: bool,
+        spans: Sequence[provenance.Provenance | None] = (),
     ) -> str:
         """`loss_fn_config` values are numbers; a string (Tinker's protocol allows them) is
-        refused by the loss's config check with a message naming the key."""
+        refused by the loss's config check with a message naming the key. `spans`: each
+        datum's provenance (None, or empty for all, where it has none), which a loss with
+        provenance inputs (stable_reinforce) resolves against the session's recorded samples."""
         if self._replayed(user, request_id) is not None:
             return request_id
         run, worker = self._loaded_run(user, model_id)
@@ -680,10 +673,11 @@ class ServiceCore:
             raise ValidationError(
                 "data", f"{len(data)} datums, at most {self.config.max_batch_size} per request"
             )
-        datums = wire.datums(data)
-        spans = wire.provenance(data)
+        if spans and len(spans) != len(data):
+            raise ValidationError("data", f"{len(spans)} provenance lists for {len(data)} datums")
+        spans = list(spans) or [None] * len(data)
         config = dict(loss_fn_config) or None
-        datums = worker.check_forward_backward(datums, loss_fn, config)
+        datums = worker.check_forward_backward(list(data), loss_fn, config)
         if loss_fn in LOSS_FNS and LOSS_FNS[loss_fn].provenance_inputs:
             datums = self._resolve_provenance(user, run.session_id, datums, spans)
 
@@ -703,9 +697,7 @@ class ServiceCore:
             "forward" if forward_only else "forward_backward",
             worker,
             op,
-            lambda out: pb.RetrieveFutureResponse(
-                forward_backward=wire.forward_backward_result(out)
-            ),
+            _forward_backward_result,
             run_id=model_id,
             seq_id=seq_id,
         )
@@ -740,21 +732,19 @@ class ServiceCore:
         ]
 
     def optim_step(
-        self, user: str, request_id: str, model_id: str, seq_id: int, params: pb.AdamParams
+        self, user: str, request_id: str, model_id: str, seq_id: int, params: AdamParams
     ) -> str:
         if self._replayed(user, request_id) is not None:
             return request_id
         _, worker = self._loaded_run(user, model_id)
-        adam = wire.adam_params(params).validate()
+        adam = params.validate()
         return self._start(
             user,
             request_id,
             "optim_step",
             worker,
             lambda done, fail: OptimStep(done, fail, params=adam),
-            lambda metrics: pb.RetrieveFutureResponse(
-                optim_step=pb.OptimStepResult(metrics=metrics)
-            ),
+            OptimStepResult,
             run_id=model_id,
             seq_id=seq_id,
         )
@@ -780,7 +770,7 @@ class ServiceCore:
         expires = _expiry(ttl_seconds)
         if not overwrite and self.store.get_checkpoint(str(path)) is not None:
             raise ValidationError("name", f"checkpoint {path} exists; pass overwrite=True")
-        metadata = wire.metadata(user_metadata)
+        metadata = _metadata(user_metadata)
         folder = self.checkpoint_root / model_id / kind / f"{name}-{uuid.uuid4().hex[:8]}"
         location = os.fspath(folder)
         with_optimizer = kind == "weights"
@@ -808,7 +798,7 @@ class ServiceCore:
             "save_weights",
             worker,
             op,
-            lambda p: pb.RetrieveFutureResponse(save_weights=pb.SaveWeightsResult(path=p)),
+            lambda p: SaveWeightsResult(path=p),
             run_id=model_id,
             seq_id=seq_id,
         )
@@ -833,14 +823,12 @@ class ServiceCore:
         sampler_id = self._new_sampler_id(session.session_id, sampling_session_seq_id)
         worker.check_sampler_capacity(user)
 
-        def respond(_slot) -> pb.RetrieveFutureResponse:
+        def respond(_slot) -> SaveWeightsResult:
             record = SamplerRecord(
                 sampler_id, session.session_id, user, run.base_model, None, time.time()
             )
             self._write(self.store.create_sampler, record)
-            return pb.RetrieveFutureResponse(
-                save_weights=pb.SaveWeightsResult(sampling_session_id=sampler_id)
-            )
+            return SaveWeightsResult(sampling_session_id=sampler_id)
 
         return self._start(
             user,
@@ -938,18 +926,19 @@ class ServiceCore:
         user: str,
         request_id: str,
         sampler_id: str,
-        prompt: pb.ModelInput,
+        prompt: np.ndarray,
         num_samples: int,
-        params: pb.SamplingParams,
+        params: SamplingParams,
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None = None,
         record_stability_info: bool = False,
     ) -> tuple[str, list[str]]:
-        """`prompt_logprobs_last_n` keeps only the last n positions' prompt logprobs (and top-k
-        rows); the earlier ones come back as not computed. `record_stability_info` records each
-        sampled sequence (prompt, tokens, the sampler's logprobs) under its sequence id for
-        stable_reinforce training in the sampler's session, before the result is delivered."""
+        """`prompt`: [tokens] token ids. `prompt_logprobs_last_n` keeps only the last n
+        positions' prompt logprobs (and top-k rows); the earlier ones come back as not
+        computed. `record_stability_info` records each sampled sequence (prompt, tokens, the
+        sampler's logprobs) under its sequence id for stable_reinforce training in the
+        sampler's session, before the result is delivered."""
         record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
@@ -960,14 +949,14 @@ class ServiceCore:
                 "restarted); create a new sampling client"
             )
         request = SampleRequest(
-            wire.model_input_tokens(prompt, "prompt"),
+            prompt,
             num_samples,
-            wire.sampling_params(params),
+            params,
             None,
             include_prompt_logprobs,
             topk_prompt_logprobs,
         )
-        worker.check_sample(request)
+        checked = worker.check_sample(request)
         last_n = prompt_logprobs_last_n
         if last_n is not None:
             if not include_prompt_logprobs:
@@ -981,14 +970,14 @@ class ServiceCore:
         request_id = request_id or str(uuid.uuid4())
         sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
 
-        def respond(result: SampleResult) -> pb.RetrieveFutureResponse:
+        def respond(result: EngineSampleResult) -> SampleResult:
             if record_stability_info:
                 self._write(
                     self.store.record_sampled,
                     request_id,
                     user,
                     record.session_id,
-                    np.asarray(request.prompt, "<i4").tobytes(),
+                    checked.prompt.astype("<i4").tobytes(),
                     [
                         (
                             sid,
@@ -998,9 +987,7 @@ class ServiceCore:
                         for sid, seq in zip(sequence_ids, result.sequences)
                     ],
                 )
-            if last_n is not None:
-                result = _last_prompt_logprobs(result, last_n)
-            return pb.RetrieveFutureResponse(sample=wire.sample_result(result, sequence_ids))
+            return _sample_result(result, sequence_ids, last_n)
 
         return self._start(
             user,
@@ -1008,53 +995,39 @@ class ServiceCore:
             "sample",
             worker,
             lambda done, fail: Sample(
-                done, fail, sampler_id=sampler_id, request=request, user=user
+                done, fail, sampler_id=sampler_id, request=checked, user=user
             ),
             respond,
             sequences=num_samples,
         ), sequence_ids
 
-    def get_sampler(self, user: str, sampler_id: str) -> pb.GetSamplerResponse:
+    def get_sampler(self, user: str, sampler_id: str) -> SamplerRecord:
         record = self.store.get_sampler(_id(sampler_id, "sampler_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampler {sampler_id} not found")
-        return pb.GetSamplerResponse(
-            sampler_id=record.sampler_id,
-            base_model=record.base_model,
-            model_path=record.model_path or "",
-        )
+        return record
 
     # ---------------------------------------------------------------- runs and checkpoints
 
-    def _run_message(self, run: RunRecord) -> pb.TrainingRun:
-        msg = pb.TrainingRun(
-            training_run_id=run.run_id,
-            base_model=run.base_model,
-            model_owner=self.store.user_name(run.user_id) or run.user_id,
-            is_lora=True,
-            lora_rank=run.lora_rank,
-            last_request_time=run.last_request_time,
-            user_metadata=run.user_metadata,
-        )
+    def _training_run(self, run: RunRecord) -> views.TrainingRun:
         ckpts, _ = self.store.list_checkpoints(run_id=run.run_id, limit=1000)
-        for kind, field in (
-            ("weights", "last_checkpoint"),
-            ("sampler_weights", "last_sampler_checkpoint"),
-        ):
-            mine = [c for c in ckpts if c.kind == kind]
-            if mine:
-                getattr(msg, field).CopyFrom(_checkpoint_message(mine[0]))
-        return msg
+
+        def newest(kind: str) -> CheckpointRecord | None:
+            return next((c for c in ckpts if c.kind == kind), None)
+
+        return views.TrainingRun(
+            run,
+            self.store.user_name(run.user_id) or run.user_id,
+            newest("weights"),
+            newest("sampler_weights"),
+        )
 
     def list_training_runs(
         self, user: str, limit: int, offset: int, access_scope: str
-    ) -> pb.ListTrainingRunsResponse:
+    ) -> views.Page[views.TrainingRun]:
         limit, offset = _page(limit, offset, 20)
         runs, total = self.store.list_runs(user, limit, offset, _scope(access_scope))
-        return pb.ListTrainingRunsResponse(
-            training_runs=[self._run_message(r) for r in runs],
-            cursor=pb.Cursor(offset=offset, limit=limit, total_count=total),
-        )
+        return views.Page([self._training_run(r) for r in runs], offset, limit, total)
 
     def create_weights_access_token(self, user: str, run_id: str) -> str:
         """A token that lets whoever holds it load and sample from every checkpoint of the
@@ -1070,7 +1043,7 @@ class ServiceCore:
 
     def get_training_run(
         self, user: str, run_id: str, tinker_path: str, access_scope: str
-    ) -> pb.TrainingRun:
+    ) -> views.TrainingRun:
         if tinker_path:
             run_id = TinkerPath.parse(tinker_path, "tinker_path").run_id
         record = self.store.get_run(_id(run_id, "training_run_id"))
@@ -1082,21 +1055,18 @@ class ServiceCore:
             ]
             if _scope(access_scope) != "accessible" or not public:
                 raise NotFound(f"training run {run_id} not found")
-        return self._run_message(record)
+        return self._training_run(record)
 
     def list_checkpoints(
         self, user: str, run_id: str, limit: int, offset: int
-    ) -> pb.ListCheckpointsResponse:
+    ) -> views.Page[CheckpointRecord]:
         limit, offset = _page(limit, offset, 100)
         if run_id:
             self._run(user, run_id)
             ckpts, total = self.store.list_checkpoints(run_id=run_id, limit=limit, offset=offset)
         else:
             ckpts, total = self.store.list_checkpoints(owner=user, limit=limit, offset=offset)
-        return pb.ListCheckpointsResponse(
-            checkpoints=[_checkpoint_message(c) for c in ckpts],
-            cursor=pb.Cursor(offset=offset, limit=limit, total_count=total),
-        )
+        return views.Page(ckpts, offset, limit, total)
 
     def delete_checkpoint(self, user: str, tinker_path: str) -> None:
         record = self._owned_checkpoint(user, tinker_path)
@@ -1111,27 +1081,19 @@ class ServiceCore:
         record = self._owned_checkpoint(user, tinker_path)
         self.store.set_expiry(record.tinker_path, _expiry(ttl_seconds))
 
-    def weights_info(self, user: str, tinker_path: str) -> pb.WeightsInfoResponse:
+    def weights_info(self, user: str, tinker_path: str) -> checkpoints.CheckpointInfo:
         _, record = self._readable_checkpoint(user, tinker_path, "tinker_path")
-        info = checkpoints.read_info(record.location, name=tinker_path, field="tinker_path")
-        return pb.WeightsInfoResponse(
-            base_model=info.base_model,
-            is_lora=True,
-            lora_rank=info.lora.rank,
-            train_unembed=info.lora.train_unembed,
-            train_mlp=info.lora.train_mlp,
-            train_attn=info.lora.train_attn,
-        )
+        return checkpoints.read_info(record.location, name=tinker_path, field="tinker_path")
 
-    def get_session(self, user: str, session_id: str) -> pb.GetSessionResponse:
+    def get_session(self, user: str, session_id: str) -> views.Session:
         record = self.store.get_session(_id(session_id, "session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"session {session_id} not found")
-        return pb.GetSessionResponse(
-            training_run_ids=self.store.runs_of_session(session_id),
-            sampler_ids=self.store.samplers_of_session(session_id),
-            user_metadata=record.user_metadata,
-            display_name=record.display_name or "",
+        return views.Session(
+            self.store.runs_of_session(session_id),
+            self.store.samplers_of_session(session_id),
+            record.user_metadata,
+            record.display_name,
         )
 
     def list_sessions(self, user: str, limit: int, offset: int) -> list[str]:
@@ -1168,32 +1130,62 @@ def _id(value: str, field: str) -> str:
     return value
 
 
-def _response(request_id: str, outcome: _Outcome) -> pb.RetrieveFutureResponse:
-    """The RetrieveFuture answer that delivers a settled outcome."""
+def _delivered(outcome: _Outcome) -> Result | Failure:
+    """A settled outcome as `retrieve` delivers it."""
     if outcome.result is not None:
-        return pb.RetrieveFutureResponse.FromString(outcome.result)
-    return pb.RetrieveFutureResponse(
-        request_id=request_id,
-        error=pb.RequestError(
-            message=outcome.error or "",
-            category=outcome.category or "server",
-            retryable=outcome.retryable,
-        ),
-    )
+        return results.decode(outcome.result)
+    return Failure(outcome.error or "", outcome.category or "server", outcome.retryable)
 
 
-def _last_prompt_logprobs(result: SampleResult, n: int) -> SampleResult:
-    """The result with prompt logprobs (and top-k rows) kept for the last n positions only."""
-    cut = len(result.prompt_logprobs or ()) - n
-    return dataclasses.replace(
-        result,
-        prompt_logprobs=None
-        if result.prompt_logprobs is None
-        else [None] * cut + list(result.prompt_logprobs[cut:]),
-        topk_prompt_logprobs=None
-        if result.topk_prompt_logprobs is None
-        else [None] * cut + list(result.topk_prompt_logprobs[cut:]),
-    )
+def _metadata(values: Mapping[str, str]) -> dict[str, str]:
+    """A user_metadata map, bounded so one request cannot bloat the store."""
+    if len(values) > 64:
+        raise ValidationError("user_metadata", f"{len(values)} entries, at most 64")
+    for k, v in values.items():
+        if len(k) > 256 or len(v) > 4096:
+            raise ValidationError(
+                "user_metadata",
+                f"entry {k[:32]!r} is too long (keys <= 256, values <= 4096 characters)",
+            )
+    return dict(values)
+
+
+def _forward_backward_result(out: ForwardBackwardOutput) -> ForwardBackwardResult:
+    return ForwardBackwardResult([{"logprobs": lp} for lp in out.logprobs], out.metrics)
+
+
+def _sample_result(
+    result: EngineSampleResult, sequence_ids: Sequence[str], last_n: int | None
+) -> SampleResult:
+    """The engine's samples as delivered: arrays, with prompt logprobs (and top-k rows) kept
+    for the last `last_n` positions only when it is given."""
+    sequences = [
+        SampledTokens(
+            np.asarray(s.tokens, np.int32), np.asarray(s.logprobs, np.float32), s.stop_reason, sid
+        )
+        for s, sid in zip(result.sequences, sequence_ids)
+    ]
+    prompt_lp = topk_ids = topk_lp = None
+    if result.prompt_logprobs is not None:
+        prompt_lp = np.asarray(
+            [np.nan if x is None else x for x in result.prompt_logprobs], np.float32
+        )
+    rows = result.topk_prompt_logprobs
+    if rows is not None:
+        k = max((len(row) for row in rows if row), default=0)
+        topk_ids = np.zeros((len(rows), k), np.int32)
+        topk_lp = np.full((len(rows), k), results.TOPK_ABSENT, np.float32)
+        for p, row in enumerate(rows):
+            for j, (token, lp) in enumerate(row or []):
+                topk_ids[p, j], topk_lp[p, j] = token, lp
+    if last_n is not None:
+        cut = len(prompt_lp if prompt_lp is not None else ()) - last_n
+        if prompt_lp is not None:
+            prompt_lp[:cut] = np.nan
+        if topk_ids is not None:
+            topk_ids[:cut] = 0
+            topk_lp[:cut] = results.TOPK_ABSENT
+    return SampleResult(sequences, prompt_lp, topk_ids, topk_lp)
 
 
 def _check_lora(lora: LoraConfig, max_rank: int) -> None:
@@ -1255,18 +1247,3 @@ def new_run_record(
         user_metadata=metadata,
         source_path=source,
     )
-
-
-def _checkpoint_message(c: CheckpointRecord) -> pb.Checkpoint:
-    msg = pb.Checkpoint(
-        checkpoint_id=f"{c.kind}/{c.name}",
-        checkpoint_type=CHECKPOINT_KINDS[c.kind],
-        time=c.created,
-        tinker_path=c.tinker_path,
-        size_bytes=c.size_bytes,
-        public=c.public,
-        user_metadata=c.user_metadata,
-    )
-    if c.expires_at is not None:
-        msg.expires_at = c.expires_at
-    return msg

@@ -2,12 +2,13 @@
 
 On a multi-host server every process holds the same engine objects on one global mesh, and
 all of them must run the same jitted computations in the same order. Host 0's worker decides
-that order; each of its `Engine.call`s is first published (the call's name and its pickled
-host inputs: batches, sampling requests, checkpoint paths) on a `MessageStream`, then
-executed. `follow` on every other host receives the calls and executes them alike. Calls of
-all base models share one order (a process-wide lock), and whatever a call draws at random
-(a LoRA init seed, a sampling seed) is drawn on host 0 before it is published. Checkpoints are
-read and written by every host through Orbax, from the same path.
+that order; each of its `Engine.call`s (an `engine_calls` dataclass: its host inputs are
+batches, sampling requests, checkpoint paths) is first published, pickled, on a
+`MessageStream`, then executed. `follow` on every other host receives the calls and executes
+them alike. Calls of all base models share one order (a process-wide lock), and whatever a
+call draws at random (a LoRA init seed, a sampling seed) is drawn on host 0 before it is
+published (`EngineCall.pinned`). Checkpoints are read and written by every host through Orbax,
+from the same path.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
-import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,13 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRASpec
 from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.sampler import Sampler
-from tinker_jax.sampling import resolve_seed
+from tinker_jax.service import engine_calls as calls
 from tinker_jax.sharding import make_mesh
 from tinker_jax.trainer import SlotState, Trainer
 from tinker_jax.weights import load_model, resolve_model_dir
 
 log = logging.getLogger("tinker_jax.engine")
 
-_STOP = "stop"
 _order = threading.Lock()  # host 0: one order of calls across the engines of all base models
 
 
@@ -91,69 +91,61 @@ class Engine:
             max_len=settings.max_seq_len,
             decode_text=self.tokenizer.decode if self.tokenizer is not None else None,
         )
-        self._calls = {
-            "create_slot": self.trainer.create_slot,
-            "load_slot": self._load_slot,
-            "replace_slot": self._replace_slot,
-            "free_slot": self.trainer.free_slot,
-            "forward": self.trainer.forward,
-            "forward_backward": self.trainer.forward_backward,
-            "optim_step": self.trainer.optim_step,
-            "save_state": self._save_state,
-            "snapshot": self._snapshot,
-            "refresh_snapshot": self._refresh_snapshot,
-            "open_sampler": self._open_sampler,
-            "free_adapter": self.sampler.free_adapter,
-            "submit": self.sampler.submit,
-            "step": self.sampler.step,
-            "reset": self.sampler.reset,
+        trainer, sampler = self.trainer, self.sampler
+        self._handlers: dict[type[calls.EngineCall], Callable[[Any], Any]] = {
+            calls.CreateSlot: lambda c: trainer.create_slot(c.lora),
+            calls.LoadSlot: self._load_slot,
+            calls.ReplaceSlot: self._replace_slot,
+            calls.FreeSlot: lambda c: trainer.free_slot(c.slot),
+            calls.ForwardBackward: self._forward_backward,
+            calls.OptimStep: lambda c: trainer.optim_step(c.slot, c.params),
+            calls.SaveState: self._save_state,
+            calls.Snapshot: self._snapshot,
+            calls.RefreshSnapshot: self._refresh_snapshot,
+            calls.OpenSampler: self._open_sampler,
+            calls.FreeAdapter: lambda c: sampler.free_adapter(c.slot),
+            calls.Submit: lambda c: sampler.submit(c.request),
+            calls.Step: lambda c: sampler.step(),
+            calls.Reset: lambda c: sampler.reset(),
         }
 
-    def call(self, name: str, *args: Any) -> Any:
-        """Runs the engine call `name` (a key of `_calls`) here and, on a multi-host server,
-        on every host."""
+    def call(self, call: calls.EngineCall) -> Any:
+        """Runs `call` here and, on a multi-host server, on every host."""
         if self.stream is None:
-            return self._calls[name](*args)
-        args = self._pinned(name, args)
+            return self._handlers[type(call)](call)
+        call = call.pinned()
         with _order:
-            self.stream.publish(pickle.dumps((self.base_model, name, args)))
-            return self._calls[name](*args)
+            self.stream.publish(pickle.dumps((self.base_model, call)))
+            return self._handlers[type(call)](call)
 
-    def replay(self, name: str, args: tuple) -> None:
+    def replay(self, call: calls.EngineCall) -> None:
         """A follower's execution of host 0's call: its result is host 0's to deliver, and
         its errors are host 0's to report (the same state fails the same way)."""
+        name = type(call).__name__
         try:
-            self._calls[name](*args)
+            self._handlers[type(call)](call)
         except ValidationError as e:
             log.info("%s refused here as on host 0: %s", name, e)
         except Exception:  # noqa: BLE001 - as on host 0, a failed call must not stop the loop
             log.exception("engine call %s failed", name)
 
-    @staticmethod
-    def _pinned(name: str, args: tuple) -> tuple:
-        """The call's arguments with its random choices made, so every host makes the same."""
-        if name == "create_slot" and args[0].seed is None:
-            return (dataclasses.replace(args[0], seed=secrets.randbits(31)),)
-        if name == "submit":
-            params = args[0].params
-            pinned = dataclasses.replace(params, seed=resolve_seed(params.seed))
-            return (dataclasses.replace(args[0], params=pinned),)
-        return args
-
     # ---------------------------------------------------------------- calls with several steps
 
-    def _load_slot(self, location: str, with_optimizer: bool) -> tuple[int, SlotState]:
-        """A new training slot from a checkpoint folder."""
-        state = checkpoints.load_state(location, with_optimizer=with_optimizer)[0]
-        return self.trainer.import_slot(state, with_optimizer), state
+    def _forward_backward(self, call: calls.ForwardBackward) -> list:
+        run = self.trainer.forward if call.forward_only else self.trainer.forward_backward
+        return run(list(call.runs), call.loss_fn)
 
-    def _replace_slot(
-        self, slot: int, location: str, with_optimizer: bool
-    ) -> tuple[int, SlotState]:
-        """A checkpoint's state in a new slot that replaces `slot` (same LoRA config). The new
-        slot is filled before the old one is freed: a failed load leaves the run as it was."""
-        state = checkpoints.load_state(location, with_optimizer=with_optimizer)[0]
-        current = self.trainer.slots[slot].lora
+    def _load_slot(self, call: calls.LoadSlot) -> tuple[int, SlotState]:
+        """A new training slot from a checkpoint folder."""
+        state = checkpoints.load_state(call.location, with_optimizer=call.with_optimizer)[0]
+        return self.trainer.import_slot(state, call.with_optimizer), state
+
+    def _replace_slot(self, call: calls.ReplaceSlot) -> tuple[int, SlotState]:
+        """A checkpoint's state in a new slot that replaces `call.slot` (same LoRA config).
+        The new slot is filled before the old one is freed: a failed load leaves the run as it
+        was."""
+        state = checkpoints.load_state(call.location, with_optimizer=call.with_optimizer)[0]
+        current = self.trainer.slots[call.slot].lora
         if (state.lora.rank, *state.lora.flags()) != (current.rank, *current.flags()):
             raise ValidationError(
                 "path",
@@ -161,36 +153,34 @@ class Engine:
                 f"{state.lora.flags().astype(bool).tolist()}) differs from this run's "
                 f"(rank {current.rank}, {current.flags().astype(bool).tolist()})",
             )
-        new_slot = self.trainer.import_slot(state, with_optimizer)
-        self.trainer.free_slot(slot)
+        new_slot = self.trainer.import_slot(state, call.with_optimizer)
+        self.trainer.free_slot(call.slot)
         return new_slot, state
 
-    def _save_state(self, slot: int, with_optimizer: bool, location: str) -> int:
-        """Writes the slot as a checkpoint folder; returns its size in bytes."""
+    def _save_state(self, call: calls.SaveState) -> int:
         return checkpoints.save_state(
-            location,
-            self.trainer.sharded_state(slot, with_optimizer),
+            call.location,
+            self.trainer.sharded_state(call.slot, call.with_optimizer),
             base_model=self.base_model,
             lora_alpha=self.settings.lora_alpha,
-            with_optimizer=with_optimizer,
+            with_optimizer=call.with_optimizer,
         )
 
-    def _snapshot(self, slot: int) -> int:
-        """The training slot's adapter copied into a new sampler slot."""
-        state = self.trainer.export_slot(slot, with_optimizer=False)
-        return self.sampler.load_adapter(state.adapter, self.trainer.slots[slot].scale)
+    def _snapshot(self, call: calls.Snapshot) -> int:
+        state = self.trainer.export_slot(call.slot, with_optimizer=False)
+        return self.sampler.load_adapter(state.adapter, self.trainer.slots[call.slot].scale)
 
-    def _refresh_snapshot(self, sampler_slot: int, slot: int) -> None:
+    def _refresh_snapshot(self, call: calls.RefreshSnapshot) -> None:
         """The training slot's current adapter written into the sampler slot of its inflight
         sampling target."""
-        state = self.trainer.export_slot(slot, with_optimizer=False)
-        self.sampler.replace_adapter(sampler_slot, state.adapter, self.trainer.slots[slot].scale)
+        state = self.trainer.export_slot(call.slot, with_optimizer=False)
+        scale = self.trainer.slots[call.slot].scale
+        self.sampler.replace_adapter(call.sampler_slot, state.adapter, scale)
 
-    def _open_sampler(self, location: str | None) -> int | None:
-        """A sampler slot holding a checkpoint's adapter (None: the base model)."""
-        if location is None:
+    def _open_sampler(self, call: calls.OpenSampler) -> int | None:
+        if call.location is None:
             return None
-        state = checkpoints.load_state(location, with_optimizer=False)[0]
+        state = checkpoints.load_state(call.location, with_optimizer=False)[0]
         return self.sampler.load_adapter(state.adapter, self.settings.lora_alpha / state.lora.rank)
 
 
@@ -218,7 +208,7 @@ def check_settings(
 def publish_stop(stream: MessageStream) -> None:
     """Host 0: tells the followers that the server is stopping."""
     with _order:
-        stream.publish(pickle.dumps(("", _STOP, ())))
+        stream.publish(pickle.dumps(("", None)))
 
 
 def follow(engines: dict[str, Engine], stream: MessageStream) -> None:
@@ -226,10 +216,10 @@ def follow(engines: dict[str, Engine], stream: MessageStream) -> None:
     trusted: it is process 0 of this very program, over JAX's coordination service (which,
     like the coordinator port itself, must not be reachable from outside the cluster)."""
     while True:
-        base_model, name, args = pickle.loads(stream.receive())
-        if name == _STOP:
+        base_model, call = pickle.loads(stream.receive())
+        if call is None:
             return
-        engines[base_model].replay(name, args)
+        engines[base_model].replay(call)
 
 
 def _tokenizer(model_dir: Path):

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import wire
+from tinker_jax.service import grpc_codec as codec
 from tinker_jax.service.core import ServiceCore
 from tinker_jax.service.errors import ServiceError
 from tinker_jax.service.limits import poll_threads
@@ -92,7 +92,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
 
     @_rpc
     def GetServerCapabilities(self, user, request):
-        return self.core.capabilities()
+        return codec.capabilities(self.core.capabilities())
 
     @_rpc
     def CreateSession(self, user, r):
@@ -120,7 +120,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.session_id,
             r.model_seq_id,
             r.base_model,
-            wire.lora_config(r.lora_config),
+            codec.lora_config(r.lora_config),
             dict(r.user_metadata),
         )
         return pb.SubmitResponse(request_id=request_id, model_id=model_id)
@@ -148,10 +148,11 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
                 r.request_id,
                 r.model_id,
                 r.seq_id,
-                r.data,
+                codec.datums(r.data),
                 r.loss_fn,
                 dict(r.loss_fn_config),
                 r.forward_only,
+                codec.provenance(r.data),
             ),
         )
 
@@ -160,7 +161,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         return pb.SubmitResponse(
             model_id=r.model_id,
             request_id=self.core.optim_step(
-                user, r.request_id, r.model_id, r.seq_id, r.adam_params
+                user, r.request_id, r.model_id, r.seq_id, codec.adam_params(r.adam_params)
             ),
         )
 
@@ -225,9 +226,9 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             user,
             r.request_id,
             r.sampling_session_id,
-            r.prompt,
+            codec.model_input_tokens(r.prompt, "prompt"),
             r.num_samples,
-            r.sampling_params,
+            codec.sampling_params(r.sampling_params),
             r.include_prompt_logprobs,
             r.topk_prompt_logprobs,
             r.prompt_logprobs_last_n if r.HasField("prompt_logprobs_last_n") else None,
@@ -237,23 +238,31 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
 
     @_rpc
     def RetrieveFuture(self, user, r):
-        return self.core.retrieve(user, r.request_id, r.timeout_seconds)
+        return codec.retrieve_response(
+            r.request_id, self.core.retrieve(user, r.request_id, r.timeout_seconds)
+        )
 
     @_rpc
     def GetInfo(self, user, r):
-        return self.core.get_info(user, r.model_id)
+        return codec.run_info(self.core.get_info(user, r.model_id))
 
     @_rpc
     def ListTrainingRuns(self, user, r):
-        return self.core.list_training_runs(user, r.limit, r.offset, r.access_scope)
+        return codec.training_runs(
+            self.core.list_training_runs(user, r.limit, r.offset, r.access_scope)
+        )
 
     @_rpc
     def GetTrainingRun(self, user, r):
-        return self.core.get_training_run(user, r.training_run_id, r.tinker_path, r.access_scope)
+        return codec.training_run(
+            self.core.get_training_run(user, r.training_run_id, r.tinker_path, r.access_scope)
+        )
 
     @_rpc
     def ListCheckpoints(self, user, r):
-        return self.core.list_checkpoints(user, r.training_run_id, r.limit, r.offset)
+        return codec.checkpoints(
+            self.core.list_checkpoints(user, r.training_run_id, r.limit, r.offset)
+        )
 
     @_rpc
     def DeleteCheckpoint(self, user, r):
@@ -278,11 +287,11 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
 
     @_rpc
     def GetWeightsInfo(self, user, r):
-        return self.core.weights_info(user, r.tinker_path)
+        return codec.weights_info(self.core.weights_info(user, r.tinker_path))
 
     @_rpc
     def GetSession(self, user, r):
-        return self.core.get_session(user, r.session_id)
+        return codec.session(self.core.get_session(user, r.session_id))
 
     @_rpc
     def ListSessions(self, user, r):
@@ -290,7 +299,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
 
     @_rpc
     def GetSampler(self, user, r):
-        return self.core.get_sampler(user, r.sampler_id)
+        return codec.sampler(self.core.get_sampler(user, r.sampler_id))
 
     @_rpc
     def CreateWeightsAccessToken(self, user, r):

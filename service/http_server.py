@@ -2,7 +2,7 @@
 same service core as the gRPC front end.
 
 Each route authenticates the caller (`X-API-Key`), reads and checks the body, translates it
-into one service-core call (`http_wire` does the format conversions) and translates the answer
+into one service-core call (`http_codec` does the format conversions) and translates the answer
 back. Sessions, futures, ordering, access rules and checkpoints live in the core; nothing here
 keeps state. `X-Idempotency-Key` becomes the core's request id, so an HTTP retry of a
 submission returns the same future.
@@ -44,13 +44,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import http_wire as hw
-from tinker_jax.service import wire
+from tinker_jax.service import http_codec as codec
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
 from tinker_jax.service.limits import poll_threads
 from tinker_jax.service.paths import validate_name
-from tinker_jax.wire import tinker_public_pb2 as tp
+from tinker_jax.service.results import Failure, ForwardBackwardResult, Pending, SampleResult
+from tinker_jax.tinker_proto import tinker_public_pb2 as tp
 
 log = logging.getLogger("tinker_jax.http")
 
@@ -120,12 +120,12 @@ class Call:
 
     user: str
     request: Request
-    body: Any  # hw.Fields (an empty body reads as {}), or the bytes of a protobuf body
+    body: Any  # codec.Fields (an empty body reads as {}), or the bytes of a protobuf body
     content_type: str
 
     @property
-    def fields(self) -> hw.Fields:
-        return self.body if isinstance(self.body, hw.Fields) else hw.Fields({})
+    def fields(self) -> codec.Fields:
+        return self.body if isinstance(self.body, codec.Fields) else codec.Fields({})
 
     def path(self, name: str) -> str:
         return self.request.path_params[name]
@@ -157,7 +157,7 @@ class Call:
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(hw.dumps(value), status_code=status, media_type=JSON, headers=headers)
+    return Response(codec.dumps(value), status_code=status, media_type=JSON, headers=headers)
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -333,7 +333,7 @@ class TinkerHTTP:
         return {"status": "accepted"}  # accepted and dropped: this server keeps no telemetry
 
     def capabilities(self, call: Call):
-        return hw.capabilities_json(self.core.capabilities())
+        return codec.capabilities_json(self.core.capabilities())
 
     def create_session(self, call: Call):
         f = call.fields
@@ -342,7 +342,7 @@ class TinkerHTTP:
             raise ValidationError("tags", "expected an array of strings")
         session_id = self.core.create_session(
             call.user,
-            hw.metadata(f.get("user_metadata", dict)),
+            codec.metadata(f.get("user_metadata", dict)),
             f.str("project_id", ""),
             f.str("display_name", ""),
             tags,
@@ -363,20 +363,20 @@ class TinkerHTTP:
 
     def create_model(self, call: Call):
         f = call.fields
-        hw.check_optimizer_config(f.value.get("optimizer_config"))
+        codec.check_optimizer_config(f.value.get("optimizer_config"))
         request_id, model_id = self.core.create_model(
             call.user,
             call.request_id,
             f.str("session_id", required=True),
             f.int("model_seq_id", 0),
             f.str("base_model", required=True),
-            wire.lora_config(hw.lora_config_from_json(f.value.get("lora_config"))),
-            hw.metadata(f.value.get("user_metadata")),
+            codec.lora_config_from_json(f.value.get("lora_config")),
+            codec.metadata(f.value.get("user_metadata")),
         )
         return {"request_id": request_id, "model_id": model_id}
 
     def get_info(self, call: Call):
-        return hw.get_info_json(self.core.get_info(call.user, call.fields.str("model_id", "")))
+        return codec.get_info_json(self.core.get_info(call.user, call.fields.str("model_id", "")))
 
     def _ordered(self, call: Call, submit: Callable[[str, int], str]) -> dict:
         """Submits a run operation. The SDK numbers every submission (seq_id), so a request
@@ -408,15 +408,17 @@ class TinkerHTTP:
             model_id, seq_id = msg.model_id, msg.seq_id
 
             def submit():
+                datums, spans = codec.datums_from_proto(msg.data)
                 return self.core.forward_backward(
                     call.user,
                     call.request_id,
                     model_id,
                     seq_id,
-                    hw.datums_from_proto(msg.data),
+                    datums,
                     msg.loss_fn,
-                    hw.loss_config_from_proto(msg),
+                    codec.loss_config_from_proto(msg),
                     forward_only or msg.forward_only,
+                    spans,
                 )
         else:
             f = call.fields
@@ -432,9 +434,9 @@ class TinkerHTTP:
                     call.request_id,
                     model_id,
                     seq_id,
-                    hw.datums_from_json(inputs.list("data", required=True), inputs.name("data")),
+                    codec.datums_from_json(inputs.list("data", required=True), inputs.name("data")),
                     inputs.str("loss_fn", required=True),
-                    hw.loss_config_from_json(
+                    codec.loss_config_from_json(
                         inputs.value.get("loss_fn_config"), inputs.name("loss_fn_config")
                     ),
                     forward_only or f.bool("forward_only"),
@@ -449,7 +451,11 @@ class TinkerHTTP:
         return self._ordered(
             call,
             lambda model_id, seq_id: self.core.optim_step(
-                call.user, call.request_id, model_id, seq_id, hw.adam_params_from_json(call.fields)
+                call.user,
+                call.request_id,
+                model_id,
+                seq_id,
+                codec.adam_params_from_json(call.fields),
             ),
         )
 
@@ -466,7 +472,7 @@ class TinkerHTTP:
                 validate_name(f.str("path", required=True), "path"),
                 f.int("ttl_seconds"),
                 f.bool("overwrite"),
-                hw.metadata(f.value.get("user_metadata")),
+                codec.metadata(f.value.get("user_metadata")),
             ),
         )
 
@@ -498,7 +504,7 @@ class TinkerHTTP:
                 validate_name(f.str("path"), "path"),
                 f.int("ttl_seconds"),
                 False,
-                hw.metadata(f.value.get("user_metadata")),
+                codec.metadata(f.value.get("user_metadata")),
                 kind="sampler_weights",
             )
 
@@ -520,7 +526,7 @@ class TinkerHTTP:
                     f.bool("optimizer"),
                 ),
             )
-        hw.check_optimizer_config(f.value.get("optimizer_config"))
+        codec.check_optimizer_config(f.value.get("optimizer_config"))
         request_id, model_id = self.core.load_weights(
             call.user,
             call.request_id,
@@ -528,7 +534,7 @@ class TinkerHTTP:
             f.int("model_seq_id", 0),
             f.str("path", required=True),
             f.bool("optimizer"),
-            hw.metadata(f.value.get("user_metadata")),
+            codec.metadata(f.value.get("user_metadata")),
             f.str("weights_access_token", ""),
         )
         return {"request_id": request_id, "model_id": model_id}
@@ -562,9 +568,9 @@ class TinkerHTTP:
             call.user,
             call.request_id,
             sampler_id,
-            hw.model_input_from_json(f.get("prompt", dict, required=True), "prompt"),
+            codec.model_input_from_json(f.get("prompt", dict, required=True), "prompt"),
             f.int("num_samples", 1),
-            hw.sampling_params_from_json(f.get("sampling_params", dict, {})),
+            codec.sampling_params_from_json(f.get("sampling_params", dict, {})),
             f.bool("prompt_logprobs"),
             f.int("topk_prompt_logprobs", 0),
             f.int("prompt_logprobs_last_n"),
@@ -573,7 +579,7 @@ class TinkerHTTP:
         return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
 
     def get_sampler(self, call: Call):
-        return hw.sampler_json(self.core.get_sampler(call.user, call.path("sampler_id")))
+        return codec.sampler_json(self.core.get_sampler(call.user, call.path("sampler_id")))
 
     # ------------------------------------------------------------------ futures
 
@@ -583,37 +589,27 @@ class TinkerHTTP:
         f = call.fields
         request_id = f.str("request_id", required=True)
         timeout = min(f.float("timeout", MAX_LONG_POLL_SECONDS), MAX_LONG_POLL_SECONDS)
-        response = self.core.retrieve(call.user, request_id, timeout)
-        which = response.WhichOneof("result")
-        if which == "try_again":
-            return {
-                "type": "try_again",
-                "request_id": request_id,
-                "queue_state": response.try_again.queue_state or "active",
-            }
-        if which == "error":
-            return {
-                "request_id": request_id,
-                "error": response.error.message,
-                "category": response.error.category or "unknown",
-            }
-        if which == "forward_backward":
-            if call.wants_protobuf:
-                return Response(
-                    hw.forward_backward_proto(response.forward_backward), media_type=PROTOBUF
-                )
-            return hw.forward_backward_json(response.forward_backward)
-        if which == "sample":
-            if call.wants_protobuf:
-                return Response(hw.sample_proto(response.sample), media_type=PROTOBUF)
-            return hw.sample_json(response.sample)
-        return hw.result_json(response)
+        outcome = self.core.retrieve(call.user, request_id, timeout)
+        match outcome:
+            case Pending(queue_state):
+                return {"type": "try_again", "request_id": request_id, "queue_state": queue_state}
+            case Failure(message, category, _):
+                return {"request_id": request_id, "error": message, "category": category}
+            case ForwardBackwardResult() if call.wants_protobuf:
+                return Response(codec.forward_backward_proto(outcome), media_type=PROTOBUF)
+            case ForwardBackwardResult():
+                return codec.forward_backward_json(outcome)
+            case SampleResult() if call.wants_protobuf:
+                return Response(codec.sample_proto(outcome), media_type=PROTOBUF)
+            case SampleResult():
+                return codec.sample_json(outcome)
+        return codec.result_json(outcome)
 
     # ------------------------------------------------------------------ runs and checkpoints
 
     def weights_info(self, call: Call):
         path = call.fields.str("tinker_path", required=True)
-        return hw.weights_info_json(self.core.weights_info(call.user, path))
+        return codec.weights_info_json(self.core.weights_info(call.user, path))
 
     def list_sessions(self, call: Call):
         return {
@@ -623,27 +619,27 @@ class TinkerHTTP:
         }
 
     def get_session(self, call: Call):
-        return hw.session_json(self.core.get_session(call.user, call.path("session_id")))
+        return codec.session_json(self.core.get_session(call.user, call.path("session_id")))
 
     def list_training_runs(self, call: Call):
         runs = self.core.list_training_runs(
             call.user, call.query_int("limit"), call.query_int("offset"), call.query("access_scope")
         )
         return {
-            "training_runs": [hw.training_run_json(r) for r in runs.training_runs],
-            "cursor": hw.cursor_json(runs.cursor),
+            "training_runs": [codec.training_run_json(r) for r in runs.items],
+            "cursor": codec.cursor_json(runs),
         }
 
     def get_training_run(self, call: Call):
         run = self.core.get_training_run(
             call.user, call.path("run_id"), "", call.query("access_scope")
         )
-        return hw.training_run_json(run)
+        return codec.training_run_json(run)
 
     def _checkpoints(self, listing):
         return {
-            "checkpoints": [hw.checkpoint_json(c) for c in listing.checkpoints],
-            "cursor": hw.cursor_json(listing.cursor),
+            "checkpoints": [codec.checkpoint_json(c) for c in listing.items],
+            "cursor": codec.cursor_json(listing),
         }
 
     def list_checkpoints(self, call: Call):
@@ -704,7 +700,7 @@ def _parse(raw: bytes, content_type: str, body: str) -> Any:
     if body == "fwdbwd" and content_type == PROTOBUF:
         return raw
     if not raw.strip():
-        return hw.Fields({})
+        return codec.Fields({})
     if content_type not in ("", JSON) and not content_type.endswith("+json"):
         accepted = f"{JSON} or {PROTOBUF}" if body == "fwdbwd" else JSON
         raise ProtocolError(415, f"content type {content_type!r} is not accepted; send {accepted}")
@@ -721,7 +717,7 @@ def _parse(raw: bytes, content_type: str, body: str) -> Any:
         raise ProtocolError(400, "request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw):
         _check_text(value, "")
-    return hw.Fields(value)
+    return codec.Fields(value)
 
 
 def _depth_at_most(raw: bytes, depth: int) -> bool:

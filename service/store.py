@@ -36,13 +36,20 @@ from tinker_jax.service.auth import (
 )
 from tinker_jax.service.paths import TinkerPath
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 lacked api_keys.key_prefix and api_keys.revoked; `Store` adds them (a v1 key shows
 # as `legacy_key_id`). An older tinker-jax refuses a v2 database rather than ignore revocation.
+# Version 2 stored finished results as gRPC messages, version 3 in the service's own encoding
+# (`results.encode`): a result of version 2 not yet delivered fails, asking for a resubmission.
 _MIGRATIONS = {
     1: (
         "ALTER TABLE api_keys ADD COLUMN key_prefix TEXT",
         "ALTER TABLE api_keys ADD COLUMN revoked REAL",
+    ),
+    2: (
+        "UPDATE futures SET state = 'failed', result = NULL, category = 'server', retryable = 1,"
+        " error = 'this result was stored by an older tinker-jax; submit the request again'"
+        " WHERE state = 'done'",
     ),
 }
 # `tinker-jax keys revoke` takes a key prefix only from this length on, so that a typo in a user
@@ -1058,7 +1065,8 @@ class Store:
                 raise KeyError(f"no future {request_id!r}")
 
     def complete_future(self, request_id: str, result: bytes, now: float | None = None) -> None:
-        """Stores a request's serialised result; KeyError for an unknown request."""
+        """Stores a request's encoded result (`results.encode`); KeyError for an unknown
+        request."""
         self._settle(
             request_id,
             state="done",

@@ -33,7 +33,8 @@ from tinker_jax.batching import Datum, RunBatch, check_datums
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.optim import AdamParams
-from tinker_jax.sampler import SampleRequest, SampleResult
+from tinker_jax.sampler import CheckedSample, SampleRequest, SampleResult
+from tinker_jax.service import engine_calls as calls
 from tinker_jax.service.engine import Engine, EngineSettings
 from tinker_jax.service.errors import ResourceExhausted, ServiceError
 from tinker_jax.service.scheduler import (
@@ -139,7 +140,7 @@ class OpenSampler(Op):
 @dataclasses.dataclass
 class Sample(Op):
     sampler_id: str
-    request: SampleRequest
+    request: CheckedSample  # as `check_sample` returned it
     user: str = ""  # whose request: sampling is admitted by sequence, users in turn
 
 
@@ -204,8 +205,9 @@ class Place:
 
 
 class EngineWorker:
-    """The engine thread of one base model. Every engine call goes through `engine.call`,
-    which on host 0 of a multi-host server (`stream` given) also runs it on every host.
+    """The engine thread of one base model. Each operation type has its executor, a method
+    that turns it into engine calls (`engine_calls`) through `engine.call`, which on host 0 of
+    a multi-host server (`stream` given) also runs them on every host.
     `limits` are the per-user bounds (the service core sets them from the server config);
     `clock` (unix seconds) times seq_id gaps."""
 
@@ -239,6 +241,22 @@ class EngineWorker:
         self._user_sequences: collections.Counter[str] = collections.Counter()
         self._cond = threading.Condition()
         self._stop = False
+        # The executor of each operation type: unordered ones, and a run's ordered ones
+        # (ForwardBackward runs batched across runs, `_execute_ready`).
+        self._unordered_executors: dict[type[Op], Callable[[Any], None]] = {
+            CreateRun: self._create_run,
+            LoadRun: self._load_run,
+            OpenSampler: self._open_sampler,
+            Sample: self._queue_sample,
+            _Callback: self._callback,
+        }
+        self._run_executors: dict[type[Op], Callable[[int, str, Any], None]] = {
+            OptimStep: self._optim_step,
+            SaveState: self._save_state,
+            Refused: self._refused,
+            LoadIntoRun: self._load_into_run,
+            SnapshotForSampler: self._snapshot_for_sampler,
+        }
         self._thread = threading.Thread(target=self._loop, name=f"engine:{base_model}", daemon=True)
         self._thread.start()
 
@@ -435,9 +453,10 @@ class EngineWorker:
             max_length=self.engine.trainer.max_length,
         )
 
-    def check_sample(self, request: SampleRequest) -> None:
-        """Validates a sampling request on the calling thread (slot checked on execution)."""
-        self.sampler.validate(request)
+    def check_sample(self, request: SampleRequest) -> CheckedSample:
+        """Validates a sampling request on the calling thread; returns it in checked form,
+        which the engine thread does not check again (only its slot, on execution)."""
+        return self.sampler.validate(request)
 
     def alive(self) -> bool:
         """Whether the engine thread runs (it stops only by `close`)."""
@@ -526,32 +545,34 @@ class EngineWorker:
             )
 
     def _execute_unordered(self, op: Op) -> None:
-        if isinstance(op, CreateRun):
-            slot = self.engine.call("create_slot", op.lora)
-            with self._cond:
-                self._runs[op.run_id] = _Run(slot, op.user)
-            self._done(op, slot)
-        elif isinstance(op, LoadRun):
-            slot, state = self.engine.call("load_slot", op.location, op.with_optimizer)
-            with self._cond:
-                self._runs[op.run_id] = _Run(slot, op.user)
-            self._done(op, state)
-        elif isinstance(op, OpenSampler):
-            slot = self._into_sampler_slot(op.user, "open_sampler", op.location)
-            with self._cond:
-                self._samplers[op.sampler_id] = _Sampler(
-                    slot, op.location, next(self._uses), op.user
-                )
-            self._done(op, slot)
-        elif isinstance(op, _Callback):
-            op.fn()
-            self._done(op, None)
-        elif isinstance(op, Sample):
-            n = op.request.num_samples
-            with self._cond:
-                self._admission.add(op.user, _SampleJob(op, n), n)
-        else:
-            raise TypeError(f"unexpected operation {type(op).__name__}")
+        self._unordered_executors[type(op)](op)
+
+    def _create_run(self, op: CreateRun) -> None:
+        slot = self.engine.call(calls.CreateSlot(op.lora))
+        with self._cond:
+            self._runs[op.run_id] = _Run(slot, op.user)
+        self._done(op, slot)
+
+    def _load_run(self, op: LoadRun) -> None:
+        slot, state = self.engine.call(calls.LoadSlot(op.location, op.with_optimizer))
+        with self._cond:
+            self._runs[op.run_id] = _Run(slot, op.user)
+        self._done(op, state)
+
+    def _open_sampler(self, op: OpenSampler) -> None:
+        slot = self._into_sampler_slot(op.user, calls.OpenSampler(op.location))
+        with self._cond:
+            self._samplers[op.sampler_id] = _Sampler(slot, op.location, next(self._uses), op.user)
+        self._done(op, slot)
+
+    def _queue_sample(self, op: Sample) -> None:
+        n = op.request.request.num_samples
+        with self._cond:
+            self._admission.add(op.user, _SampleJob(op, n), n)
+
+    def _callback(self, op: _Callback) -> None:
+        op.fn()
+        self._done(op, None)
 
     def _execute_ready(self, ready: list[tuple[str, Op]]) -> None:
         groups: dict[tuple[str, bool], list[tuple[str, ForwardBackward]]] = {}
@@ -564,7 +585,7 @@ class EngineWorker:
             self._guard_group(items, loss_fn, forward_only)
         for run_id, op in ready:
             if run_id in self._runs and not isinstance(op, ForwardBackward):
-                self._guard(op, self._execute_run_op, run_id, op)
+                self._guard(op, self._run_executors[type(op)], self._runs[run_id].slot, run_id, op)
 
     def _guard_group(self, items, loss_fn: str, forward_only: bool) -> None:
         """One engine call for the group; if it fails, each op runs alone so that only the
@@ -573,10 +594,11 @@ class EngineWorker:
             RunBatch(self._runs[run_id].slot, op.data, op.loss_fn_config, checked=True)
             for run_id, op in items
         ]
-        name = "forward" if forward_only else "forward_backward"
         if len(items) > 1:
             try:
-                outputs = self.engine.call(name, runs, loss_fn)
+                outputs = self.engine.call(
+                    calls.ForwardBackward(tuple(runs), loss_fn, forward_only)
+                )
             except Exception:  # noqa: BLE001 - fall back to one call per op below
                 log.warning("batched %s failed; retrying per run", loss_fn)
             else:
@@ -584,42 +606,41 @@ class EngineWorker:
                     self._done(op, out)
                 return
         for (_, op), run in zip(items, runs):
-            self._guard(
-                op, lambda op=op, run=run: self._done(op, self.engine.call(name, [run], loss_fn)[0])
-            )
+            call = calls.ForwardBackward((run,), loss_fn, forward_only)
+            self._guard(op, lambda op=op, call=call: self._done(op, self.engine.call(call)[0]))
 
-    def _execute_run_op(self, run_id: str, op: Op) -> None:
-        slot = self._runs[run_id].slot
-        if isinstance(op, OptimStep):
-            self._done(op, self.engine.call("optim_step", slot, op.params))
-        elif isinstance(op, SaveState):
-            size = self.engine.call("save_state", slot, op.with_optimizer, op.location)
-            self._done(op, op.record(size))
-        elif isinstance(op, Refused):
-            raise op.error
-        elif isinstance(op, LoadIntoRun):
-            new_slot, state = self.engine.call("replace_slot", slot, op.location, op.with_optimizer)
-            with self._cond:
-                self._runs[run_id].slot = new_slot
-            self._done(op, state)
-        elif isinstance(op, SnapshotForSampler):
-            target = self._inflight_target(run_id) if op.inflight else None
-            if target is not None:  # a later inflight save: the run's new weights, same slot
-                self.engine.call("refresh_snapshot", target, slot)
-                sampler_slot = target
-            else:
-                sampler_slot = self._into_sampler_slot(op.user, "snapshot", slot)
-            with self._cond:
-                self._samplers[op.sampler_id] = _Sampler(
-                    sampler_slot,
-                    None,
-                    next(self._uses),
-                    op.user,
-                    inflight_of=run_id if op.inflight else None,
-                )
-            self._done(op, sampler_slot)
+    def _optim_step(self, slot: int, run_id: str, op: OptimStep) -> None:
+        self._done(op, self.engine.call(calls.OptimStep(slot, op.params)))
+
+    def _save_state(self, slot: int, run_id: str, op: SaveState) -> None:
+        size = self.engine.call(calls.SaveState(slot, op.with_optimizer, op.location))
+        self._done(op, op.record(size))
+
+    def _refused(self, slot: int, run_id: str, op: Refused) -> None:
+        raise op.error
+
+    def _load_into_run(self, slot: int, run_id: str, op: LoadIntoRun) -> None:
+        new_slot, state = self.engine.call(calls.ReplaceSlot(slot, op.location, op.with_optimizer))
+        with self._cond:
+            self._runs[run_id].slot = new_slot
+        self._done(op, state)
+
+    def _snapshot_for_sampler(self, slot: int, run_id: str, op: SnapshotForSampler) -> None:
+        target = self._inflight_target(run_id) if op.inflight else None
+        if target is not None:  # a later inflight save: the run's new weights, same slot
+            self.engine.call(calls.RefreshSnapshot(target, slot))
+            sampler_slot = target
         else:
-            raise TypeError(f"unexpected operation {type(op).__name__}")
+            sampler_slot = self._into_sampler_slot(op.user, calls.Snapshot(slot))
+        with self._cond:
+            self._samplers[op.sampler_id] = _Sampler(
+                sampler_slot,
+                None,
+                next(self._uses),
+                op.user,
+                inflight_of=run_id if op.inflight else None,
+            )
+        self._done(op, sampler_slot)
 
     # ---------------------------------------------------------------- fair sampling admission
 
@@ -631,7 +652,7 @@ class EngineWorker:
             job = chunk.item
             try:
                 if not job.failed:  # (an earlier chunk of it may have failed just now)
-                    rid = self.engine.call("submit", self._chunk_request(job.op, chunk))
+                    rid = self.engine.call(calls.Submit(self._chunk_request(job.op, chunk)))
                     self._in_flight[rid] = (job, chunk)
                     continue
             except Exception as e:  # noqa: BLE001 - fails this request only
@@ -641,25 +662,28 @@ class EngineWorker:
             with self._cond:
                 self._admission.finished(chunk)
 
-    def _chunk_request(self, op: Sample, chunk: Chunk[_SampleJob]) -> SampleRequest:
-        """The sub-request of sequences [start, start + count) of `op`'s request. Only the
-        first computes prompt logprobs. A seeded request's later chunks draw from seeds
-        derived from (seed, start), so its samples stay distinct and reproducible."""
-        request = dataclasses.replace(op.request, slot=self._sampler_slot(op.sampler_id, op.user))
-        if chunk.count == request.num_samples:
-            return request
-        params = request.params
-        if chunk.start and params.seed is not None:
-            digest = hashlib.blake2b(f"{params.seed}:{chunk.start}".encode(), digest_size=8)
-            params = dataclasses.replace(params, seed=int.from_bytes(digest.digest(), "big"))
-        first = chunk.start == 0
-        return dataclasses.replace(
-            request,
-            num_samples=chunk.count,
-            params=params,
-            include_prompt_logprobs=request.include_prompt_logprobs and first,
-            topk_prompt_logprobs=request.topk_prompt_logprobs if first else 0,
+    def _chunk_request(self, op: Sample, chunk: Chunk[_SampleJob]) -> CheckedSample:
+        """The sub-request of sequences [start, start + count) of `op`'s request, in its
+        sampler slot. Only the first computes prompt logprobs. A seeded request's later chunks
+        draw from seeds derived from (seed, start), so its samples stay distinct and
+        reproducible."""
+        request = dataclasses.replace(
+            op.request.request, slot=self._sampler_slot(op.sampler_id, op.user)
         )
+        if chunk.count != request.num_samples:
+            params = request.params
+            if chunk.start and params.seed is not None:
+                digest = hashlib.blake2b(f"{params.seed}:{chunk.start}".encode(), digest_size=8)
+                params = dataclasses.replace(params, seed=int.from_bytes(digest.digest(), "big"))
+            first = chunk.start == 0
+            request = dataclasses.replace(
+                request,
+                num_samples=chunk.count,
+                params=params,
+                include_prompt_logprobs=request.include_prompt_logprobs and first,
+                topk_prompt_logprobs=request.topk_prompt_logprobs if first else 0,
+            )
+        return dataclasses.replace(op.request, request=request)
 
     def _fail_job(self, job: _SampleJob, error: Exception) -> None:
         """Fails a sampling request once; its chunks not yet admitted are dropped."""
@@ -687,20 +711,20 @@ class EngineWorker:
                     "weights for the sampler and open a sampling client on the saved path to "
                     "keep weights loadable",
                 )
-            sampler.slot = self._into_sampler_slot(user, "open_sampler", sampler.location)
+            sampler.slot = self._into_sampler_slot(user, calls.OpenSampler(sampler.location))
             sampler.evicted = False
         sampler.last_used = next(self._uses)
         return sampler.slot
 
-    def _into_sampler_slot(self, user: str, name: str, *args: Any) -> int | None:
-        """Runs the engine call `name` that loads `user`'s adapter into a free sampler slot.
+    def _into_sampler_slot(self, user: str, call: calls.OpenSampler | calls.Snapshot) -> int | None:
+        """Runs the engine `call` that loads `user`'s adapter into a free sampler slot.
         If every slot is taken, first evicts the sampler `scheduler.choose_eviction` picks
         (an idle one of `user`'s own, else another user's idle one that can be reloaded; RL
         loops open a new sampler per iteration and rarely close the old ones); when `user`
         holds max_samplers_per_user slots, the victim is one of their own. Refuses with
         RESOURCE_EXHAUSTED naming the limit (or sampler_slots) when there is none."""
-        if name == "open_sampler" and args[0] is None:
-            return self.engine.call(name, *args)  # the base model takes no slot
+        if isinstance(call, calls.OpenSampler) and call.location is None:
+            return self.engine.call(call)  # the base model takes no slot
         holders = self._slot_holders()
         own = [h for h in holders if h.user == user]
         at_limit = len(own) >= self.limits.max_samplers_per_user
@@ -715,11 +739,11 @@ class EngineWorker:
                     "be reloaded (sampler_slots); retry shortly, or close an idle sampler"
                 )
             victim_slot = self._samplers[victim_id].slot
-            self.engine.call("free_adapter", victim_slot)
+            self.engine.call(calls.FreeAdapter(victim_slot))
             for sampler in self._samplers.values():  # every sampler sharing the slot
                 if sampler.slot == victim_slot:
                     sampler.slot, sampler.evicted = None, True
-        return self.engine.call(name, *args)
+        return self.engine.call(call)
 
     def _inflight_target(self, run_id: str) -> int | None:
         """The sampler slot of the run's inflight target, if one is loaded."""
@@ -751,7 +775,7 @@ class EngineWorker:
             return holders
 
     def _sample_step(self) -> None:
-        for rid, result in self.engine.call("step").items():
+        for rid, result in self.engine.call(calls.Step()).items():
             job, chunk = self._in_flight.pop(rid)
             with self._cond:
                 self._admission.finished(chunk)
@@ -774,7 +798,7 @@ class EngineWorker:
                 self._admission.finished(chunk)
             self._fail_job(job, error)
         try:
-            self.engine.call("reset")
+            self.engine.call(calls.Reset())
         except Exception:  # noqa: BLE001 - logged; the next step tries again
             log.error("resetting the sampler failed: %s", traceback.format_exc())
 
@@ -803,7 +827,7 @@ class EngineWorker:
                     ),
                 )
             for slot in slots:
-                self.engine.call("free_slot", slot)
+                self.engine.call(calls.FreeSlot(slot))
             for sid in sampler_ids:
                 with self._cond:
                     if sid not in self._samplers:
@@ -833,7 +857,7 @@ class EngineWorker:
             sampler = self._samplers.pop(sid)
             shared = any(s.slot == sampler.slot for s in self._samplers.values())
         if sampler.slot is not None and not sampler.evicted and not shared:
-            self.engine.call("free_adapter", sampler.slot)
+            self.engine.call(calls.FreeAdapter(sampler.slot))
 
 
 def _merged(results: dict[int, SampleResult]) -> SampleResult:

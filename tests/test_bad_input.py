@@ -31,10 +31,10 @@ from tests.server_process import ServerProcess
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.client.errors import APIStatusError
-from tinker_jax.service.wire import numpy_to_tensor
+from tinker_jax.service.grpc_codec import numpy_to_tensor
+from tinker_jax.tinker_proto import tinker_public_pb2 as tp
 from tinker_jax.v1 import tinker_pb2 as pb
 from tinker_jax.v1 import tinker_pb2_grpc
-from tinker_jax.wire import tinker_public_pb2 as tp
 
 httpx = pytest.importorskip("httpx")
 

@@ -1,4 +1,5 @@
-"""Packaging promises: the package root stays JAX-free; the README's demo runs."""
+"""Packaging promises: the package root stays JAX-free, the service core knows no wire
+format; the README's demo runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ import sys
 
 def test_importing_the_package_does_not_import_jax():
     code = "import sys, tinker_jax; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_service_core_imports_no_grpc_and_no_protobuf_module():
+    """The core, the scheduler and the worker speak the service's own types: only the front
+    ends (and their codecs) know gRPC or generated `_pb2` modules."""
+    code = (
+        "import sys\n"
+        "import tinker_jax.service.core, tinker_jax.service.scheduler\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
+        "m.endswith(('_pb2', '_pb2_grpc')))\n"
+        "assert not bad, bad\n"
+        "assert 'tinker_jax.service.worker' in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -17,7 +17,7 @@ def test_generated_modules_are_fresh(tmp_path):
     spec.loader.exec_module(gen)
     written = gen.generate(tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
-    assert {"tinker_jax/v1/tinker_pb2.py", "tinker_jax/wire/tinker_public_pb2.py"} <= names
+    assert {"tinker_jax/v1/tinker_pb2.py", "tinker_jax/tinker_proto/tinker_public_pb2.py"} <= names
     for path in written:
         checked_in = ROOT / path.relative_to(tmp_path)
         assert checked_in.is_file(), f"{checked_in} is missing: run scripts/gen_proto.py"
@@ -53,7 +53,7 @@ def _shape(file_descriptor) -> dict:
 
 def test_wire_schema_matches_the_official_sdk():
     sdk = pytest.importorskip("tinker.proto.tinker_public_pb2")
-    from tinker_jax.wire import tinker_public_pb2 as ours
+    from tinker_jax.tinker_proto import tinker_public_pb2 as ours
 
     assert _shape(ours.DESCRIPTOR) == _shape(sdk.DESCRIPTOR)
     # and a message written by one parses identically in the other

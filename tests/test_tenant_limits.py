@@ -18,16 +18,20 @@ import time
 import numpy as np
 import pytest
 
+from tinker_jax.batching import Datum
 from tinker_jax.errors import ValidationError
+from tinker_jax.optim import AdamParams
+from tinker_jax.sampling import SamplingParams
+from tinker_jax.service import engine_calls as calls
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.core import ServiceCore
 from tinker_jax.service.engine import EngineSettings
 from tinker_jax.service.errors import ResourceExhausted
+from tinker_jax.service.results import Failure, Outcome, Pending
 from tinker_jax.service.scheduler import SlotHolder, choose_eviction
 from tinker_jax.service.store import DB_NAME, Store
 from tinker_jax.service.worker import EngineWorker
 from tinker_jax.trainer import LoraConfig
-from tinker_jax.v1 import tinker_pb2 as pb
 
 SAMPLER_SLOTS = 2
 SAMPLER_ROWS = 2
@@ -67,38 +71,36 @@ class Env:
             "",
             run_id,
             seq_id,
-            pb.AdamParams(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8),
+            AdamParams(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8),
         )
 
     def sample(self, user: str, sampler: str, n: int = 1, tokens=(3, 1, 4)) -> str:
-        params = pb.SamplingParams(
-            max_tokens=3, seed=7, temperature=1.0, top_k=-1, top_p=1.0, stop_tokens=pb.StopTokens()
-        )
-        prompt = pb.ModelInput(chunks=[pb.ModelInputChunk(encoded_text={"tokens": list(tokens)})])
+        params = SamplingParams(max_tokens=3, seed=7, stop=[])
+        prompt = np.asarray(tokens)
         rid, _ = self.core.sample(self.users[user], "", sampler, prompt, n, params, False, 0)
         return rid
 
-    def outcome(self, user: str, request_id: str) -> pb.RetrieveFutureResponse:
+    def outcome(self, user: str, request_id: str) -> Outcome:
         """The settled outcome of a request; AssertionError if it stays pending."""
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:
-            response = self.core.retrieve(self.users[user], request_id, 5.0)
-            if not response.HasField("try_again"):
-                return response
+            outcome = self.core.retrieve(self.users[user], request_id, 5.0)
+            if not isinstance(outcome, Pending):
+                return outcome
         raise AssertionError(f"request {request_id} never settled")
 
     def pending(self, user: str, request_id: str) -> bool:
-        return self.core.retrieve(self.users[user], request_id, 0.0).HasField("try_again")
+        return isinstance(self.core.retrieve(self.users[user], request_id, 0.0), Pending)
 
 
-def _ok(response: pb.RetrieveFutureResponse) -> pb.RetrieveFutureResponse:
-    assert not response.HasField("error"), response.error.message
-    return response
+def _ok(outcome: Outcome) -> Outcome:
+    assert not isinstance(outcome, Failure), outcome.message
+    return outcome
 
 
-def _error(response: pb.RetrieveFutureResponse) -> str:
-    assert response.HasField("error"), response
-    return response.error.message
+def _error(outcome: Outcome) -> str:
+    assert isinstance(outcome, Failure), outcome
+    return outcome.message
 
 
 @pytest.fixture(scope="module")
@@ -297,21 +299,21 @@ def test_a_large_sample_request_enters_the_sampler_by_chunks_and_lets_others_in(
     submitted = []  # (first prompt token, num_samples, seed) in the order they entered
     call = env.worker.engine.call
 
-    def recording_call(name, *args):
-        if name == "submit":
-            request = args[0]
+    def recording_call(engine_call):
+        if isinstance(engine_call, calls.Submit):
+            request = engine_call.request.request
             submitted.append((int(request.prompt[0]), request.num_samples, request.params.seed))
             entered.set()
             go.wait(WAIT_SECONDS)
-        return call(name, *args)
+        return call(engine_call)
 
     monkeypatch.setattr(env.worker.engine, "call", recording_call)
     big = env.sample("alice", samplers["alice"], n=16, tokens=(3, 1, 4))
     assert entered.wait(WAIT_SECONDS)
     small = env.sample("bob", samplers["bob"], n=1, tokens=(9, 2, 6))
     go.set()
-    assert len(_ok(env.outcome("alice", big)).sample.sequences) == 16
-    assert len(_ok(env.outcome("bob", small)).sample.sequences) == 1
+    assert len(_ok(env.outcome("alice", big)).sequences) == 16
+    assert len(_ok(env.outcome("bob", small)).sequences) == 1
     alice = [(n, seed) for token, n, seed in submitted if token == 3]
     assert [token for token, _, _ in submitted].index(9) == 2, submitted
     assert all(n <= SAMPLER_ROWS for n, _ in alice) and sum(n for n, _ in alice) == 16
@@ -356,12 +358,12 @@ def test_sampler_slots_never_evict_another_users_ephemeral_snapshot(env):
     sessions = {user: env.session(user) for user in ids}
     alice_run = env.run("alice", sessions["alice"])
     rid = env.core.snapshot_for_sampler(ids["alice"], "", alice_run, 1, 0)
-    alice_snapshot = _ok(env.outcome("alice", rid)).save_weights.sampling_session_id
+    alice_snapshot = _ok(env.outcome("alice", rid)).sampling_session_id
     bob_run = env.run("bob", sessions["bob"])
     rid = env.core.save_weights(
         ids["bob"], "", bob_run, 1, "shared", None, False, {}, kind="sampler_weights"
     )
-    path = _ok(env.outcome("bob", rid)).save_weights.path
+    path = _ok(env.outcome("bob", rid)).path
     env.core.set_public(ids["bob"], path, True)
 
     def open_path(user: str, seq: int) -> str:
@@ -412,7 +414,7 @@ def test_sampler_slots_are_bounded_per_user(env, monkeypatch):
 
     def snapshot(user: str, seq_id: int, sampler_seq: int) -> str:
         rid = env.core.snapshot_for_sampler(ids[user], "", runs[user], seq_id, sampler_seq)
-        return _ok(env.outcome(user, rid)).save_weights.sampling_session_id
+        return _ok(env.outcome(user, rid)).sampling_session_id
 
     dave = snapshot("dave", 1, 0)
     first = snapshot("erin", 1, 0)
@@ -459,21 +461,20 @@ def test_a_session_ending_while_its_request_decodes_frees_its_sampler_slot(env, 
     run = env.run("carol", session)
     free_before = len(env.worker.sampler.free_slots())
     rid = env.core.snapshot_for_sampler(user, "", run, 1, 0)
-    sampler = _ok(env.outcome("carol", rid)).save_weights.sampling_session_id
+    sampler = _ok(env.outcome("carol", rid)).sampling_session_id
     assert len(env.worker.sampler.free_slots()) == free_before - 1
     entered, go = threading.Event(), threading.Event()
     call = env.worker.engine.call
 
-    def held_step(name, *args):
-        if name == "step" and not go.is_set():
+    def held_step(engine_call):
+        if isinstance(engine_call, calls.Step) and not go.is_set():
             entered.set()
             go.wait(WAIT_SECONDS)
-        return call(name, *args)
+        return call(engine_call)
 
     monkeypatch.setattr(env.worker.engine, "call", held_step)
-    params = pb.SamplingParams(max_tokens=40, seed=1, temperature=1.0, top_k=-1, top_p=1.0)
-    prompt = pb.ModelInput(chunks=[pb.ModelInputChunk(encoded_text={"tokens": [3, 1, 4]})])
-    request, _ = env.core.sample(user, "", sampler, prompt, 1, params, False, 0)
+    params = SamplingParams(max_tokens=40, seed=1)
+    request, _ = env.core.sample(user, "", sampler, np.asarray([3, 1, 4]), 1, params, False, 0)
     assert entered.wait(WAIT_SECONDS)  # the request is in the sampler, mid-decode
     env.core.finish_session(user, session, "")
     go.set()
@@ -487,7 +488,6 @@ def test_a_forward_backward_is_validated_once(env, monkeypatch):
     """Its datums are checked where the request arrives; the engine thread, which every user
     shares, runs them without checking them again."""
     from tinker_jax import batching
-    from tinker_jax.service.wire import numpy_to_tensor
 
     checked = []
     validate = batching.validate_datum_inputs
@@ -501,21 +501,35 @@ def test_a_forward_backward_is_validated_once(env, monkeypatch):
     run = env.run("bob", session)
     tokens = np.arange(1, 9)
     data = [
-        pb.Datum(
-            model_input=pb.ModelInput(
-                chunks=[pb.ModelInputChunk(encoded_text={"tokens": tokens[:-1].tolist()})]
-            ),
-            loss_fn_inputs={
-                "target_tokens": numpy_to_tensor(tokens[1:]),
-                "weights": numpy_to_tensor(np.ones(7, np.float32)),
-            },
-        )
+        Datum(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(7, np.float32)})
         for _ in range(3)
     ]
     rid = env.core.forward_backward(env.users["bob"], "", run, 1, data, "cross_entropy", {}, False)
-    assert len(_ok(env.outcome("bob", rid)).forward_backward.loss_fn_outputs) == 3
+    assert len(_ok(env.outcome("bob", rid)).outputs) == 3
     assert checked == [0, 1, 2]
     env.core.finish_session(env.users["bob"], session, "")
+    _settled(env)
+
+
+def test_a_sampling_request_is_validated_once(env, monkeypatch):
+    """It is checked where it arrives; the engine thread queues its checked form, in chunks
+    (a request larger than the sampler's rows), without checking it again."""
+    from tinker_jax.sampler import Sampler
+
+    checked = []
+    validate = Sampler.validate
+
+    def counting(self, request):
+        checked.append(request.num_samples)
+        return validate(self, request)
+
+    monkeypatch.setattr(Sampler, "validate", counting)
+    session = env.session("alice")
+    sampler = env.core.create_sampling_session(env.users["alice"], session, 0, env.model, "")
+    n = 3 * SAMPLER_ROWS
+    assert len(_ok(env.outcome("alice", env.sample("alice", sampler, n=n))).sequences) == n
+    assert checked == [n]
+    env.core.finish_session(env.users["alice"], session, "")
     _settled(env)
 
 
@@ -529,7 +543,7 @@ def test_a_runs_inflight_samplers_share_one_slot_until_the_session_ends(env):
     samplers = []
     for seq_id, sampler_seq in ((1, 0), (3, 1), (5, 2)):
         rid = env.core.snapshot_for_sampler(user, "", run, seq_id, sampler_seq, inflight=True)
-        samplers.append(_ok(env.outcome("dave", rid)).save_weights.sampling_session_id)
+        samplers.append(_ok(env.outcome("dave", rid)).sampling_session_id)
         _ok(env.outcome("dave", env.optim("dave", run, seq_id + 1)))
         assert len(env.worker.sampler.free_slots()) == free - 1
     for sampler in samplers:

@@ -450,7 +450,7 @@ def test_seq_id_gap_waits_for_predecessor_and_idempotency(server):
 
 def _fwdbwd_proto(model_id, seq_id, sequences) -> bytes:
     """A ForwardBackwardRequest as SDK 0.38 encodes it (int32 token bytes, dense tensors)."""
-    from tinker_jax.wire import tinker_public_pb2 as tp
+    from tinker_jax.tinker_proto import tinker_public_pb2 as tp
 
     msg = tp.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
     for tokens in sequences:
@@ -473,7 +473,7 @@ def test_protobuf_chunks_run_in_order_and_accumulate_gradients(server):
     optimizer step, train exactly like the whole batch in one request; results come back as
     protobuf when asked for."""
     zstandard = pytest.importorskip("zstandard")  # installed with tinker
-    from tinker_jax.wire import tinker_public_pb2 as tp
+    from tinker_jax.tinker_proto import tinker_public_pb2 as tp
 
     sequences = [[(start + 5 * i) % VOCAB for i in range(13)] for start in (2, 31, 64, 97)]
 

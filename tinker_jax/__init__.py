@@ -6,13 +6,16 @@ here and loaded on first access.
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "types":
-        return importlib.import_module("tinker_jax.types")
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # A submodule (`from tinker_jax import checkpoints`, `tinker_jax.types`): the import
+        # system asks here first, and must not load the client (and gRPC) for it.
+        return importlib.import_module(f"{__name__}.{name}")
     client = importlib.import_module("tinker_jax.client")
     if name in client.__all__:
         return getattr(client, name)

@@ -88,6 +88,21 @@ class SampleResult:
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedSample:
+    """A sampling request checked against the model and the sampler's context length
+    (`Sampler.validate`), in the form `submit` queues without checking it again: the
+    `prompt` as [tokens] int32, the `max_tokens` it may generate, its stop token ids and
+    strings. A smaller `num_samples`, another seed or fewer prompt logprobs
+    (`dataclasses.replace` of `request`) keep it valid; its slot is checked by `submit`."""
+
+    request: SampleRequest
+    prompt: np.ndarray
+    max_tokens: int
+    stop_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class _Pending:
     """A submitted request: its validated form and the samples still to admit or finish."""
@@ -259,17 +274,27 @@ class Sampler:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, request: SampleRequest) -> int:
-        """Validates and queues a request; returns its id for `step`'s results."""
+    def submit(self, request: SampleRequest | CheckedSample) -> int:
+        """Queues a request, validating it unless it comes checked (`validate`); returns its
+        id for `step`'s results."""
+        checked = request if isinstance(request, CheckedSample) else self.validate(request)
+        request = checked.request
         if request.slot is not None and request.slot not in self.slot_scale:
             raise ValidationError("slot", f"sampler slot {request.slot} holds no adapter")
-        pending = self.validate(request)
         rid = next(self._ids)
-        self._pending[rid] = pending
+        self._pending[rid] = _Pending(
+            request,
+            checked.prompt,
+            checked.max_tokens,
+            checked.stop_ids,
+            checked.stop_strings,
+            resolve_seed(request.params.seed),
+            collections.deque(range(request.num_samples)),
+        )
         self._queue.append(rid)
         return rid
 
-    def validate(self, request: SampleRequest) -> _Pending:
+    def validate(self, request: SampleRequest) -> CheckedSample:
         """Checks a request against the model and this sampler's context length (not its
         slot, which may not be loaded yet); safe to call from any thread."""
         vocab = self.config.vocab_size
@@ -316,14 +341,12 @@ class Sampler:
                 "sampling_params.stop",
                 "stop strings need a tokenizer, and this sampler has none; pass stop token ids",
             )
-        return _Pending(
+        return CheckedSample(
             request,
             prompt.astype(np.int32),
             max_tokens,
             stop_ids,
             params.stop_strings(),
-            resolve_seed(params.seed),
-            collections.deque(range(n)),
         )
 
     def has_work(self) -> bool:

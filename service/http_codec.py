@@ -1,10 +1,11 @@
-"""Conversions between Tinker's HTTP wire formats and our contract's messages.
+"""Conversions between Tinker's HTTP formats and the service core's types.
 
 The official SDK sends JSON bodies (and, since 0.25, forward_backward as protobuf in Tinker's
-own schema, `tinker_jax.wire`) and expects JSON results, except that ForwardBackwardOutput and
-SampleResponse come back as protobuf when it asks for `application/x-protobuf`. The service
-core speaks `tinker_jax.v1` messages; this module is the one place that translates between
-the two, checking what arrives (a malformed field is a ValidationError naming it).
+own schema, `tinker_jax.tinker_proto`) and expects JSON results, except that
+ForwardBackwardOutput and SampleResponse come back as protobuf when it asks for
+`application/x-protobuf`. This module turns requests into the core's types (engine host
+types), checking what arrives (a malformed field is a ValidationError naming it), and the
+core's results and views into Tinker's JSON and protobuf.
 """
 
 from __future__ import annotations
@@ -17,10 +18,28 @@ from typing import Any
 
 import numpy as np
 
+from tinker_jax.batching import Datum
+from tinker_jax.checkpoints import CheckpointInfo
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import wire
-from tinker_jax.v1 import tinker_pb2 as pb
-from tinker_jax.wire import tinker_public_pb2 as tp
+from tinker_jax.optim import AdamParams
+from tinker_jax.provenance import Provenance, Span
+from tinker_jax.sampling import SamplingParams
+from tinker_jax.service import views
+from tinker_jax.service.paths import CHECKPOINT_KINDS
+from tinker_jax.service.results import (
+    TOPK_ABSENT,
+    CreateModelResult,
+    ForwardBackwardResult,
+    LoadWeightsResult,
+    OptimStepResult,
+    Result,
+    SampleResult,
+    SaveWeightsResult,
+)
+from tinker_jax.service.store import CheckpointRecord, SamplerRecord
+from tinker_jax.service.tensors import checked_shape
+from tinker_jax.tinker_proto import tinker_public_pb2 as tp
+from tinker_jax.trainer import LoraConfig
 
 # Tinker's dtype names (JSON) and enum (protobuf) -> numpy, little-endian.
 JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
@@ -31,11 +50,10 @@ PROTO_DTYPES = {
     tp.DTYPE_BFLOAT16: np.dtype("<u2"),  # widened to float32 on arrival
 }
 TO_PROTO_DTYPE = {
-    pb.DTYPE_FLOAT32: tp.DTYPE_FLOAT32,
-    pb.DTYPE_INT64: tp.DTYPE_INT64,
-    pb.DTYPE_INT32: tp.DTYPE_INT32,
+    np.dtype("float32"): tp.DTYPE_FLOAT32,
+    np.dtype("int64"): tp.DTYPE_INT64,
+    np.dtype("int32"): tp.DTYPE_INT32,
 }
-TOPK_SENTINEL = -99999.0
 ADAM_DEFAULTS = {
     "learning_rate": 1e-4,
     "beta1": 0.9,
@@ -172,9 +190,9 @@ def _tensor(
     field: str,
     crow: np.ndarray | None = None,
     col: np.ndarray | None = None,
-) -> pb.Tensor:
-    """A dense v1 Tensor from flat values and a shape, densifying a CSR matrix (absent cells
-    are 0, Tinker's pad value)."""
+) -> np.ndarray:
+    """A dense array from flat values and a shape, densifying a CSR matrix (absent cells are
+    0, Tinker's pad value); float32, int64 or int32."""
     if values.dtype == np.dtype("<u2"):  # bfloat16: the upper half of a float32
         values = (values.astype(np.uint32) << 16).view(np.float32)
     if shape is None or len(shape) == 0:
@@ -186,12 +204,10 @@ def _tensor(
         count = math.prod(shape)  # exact: np.prod wraps around on overflow
         if count != values.size:
             raise ValidationError(field, f"has {values.size} values, shape {shape} needs {count}")
-        return wire.numpy_to_tensor(values.reshape(shape))
-    if len(shape) != 2 or min(shape) < 0:
+        return values.reshape(checked_shape(shape, field))
+    if len(shape) != 2:
         raise ValidationError(field, f"a sparse (CSR) tensor needs a 2-D shape, got {shape}")
-    rows, cols = shape
-    if rows * cols > wire.MAX_TENSOR_ELEMENTS:
-        raise ValidationError(field, f"shape {shape} exceeds {wire.MAX_TENSOR_ELEMENTS} elements")
+    rows, cols = checked_shape(shape, field)
     crow = crow.astype(np.int64)
     col = col.astype(np.int64)
     if (
@@ -209,10 +225,10 @@ def _tensor(
         )
     dense = np.zeros((rows, cols), values.dtype)
     dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
-    return wire.numpy_to_tensor(dense)
+    return dense
 
 
-def tensor_from_proto(t: tp.Tensor, field: str) -> pb.Tensor:
+def tensor_from_proto(t: tp.Tensor, field: str) -> np.ndarray:
     if t.dtype not in PROTO_DTYPES:
         raise ValidationError(field, f"dtype {t.dtype} is not float32, int64, int32 or bfloat16")
     dtype = PROTO_DTYPES[t.dtype]
@@ -229,7 +245,7 @@ def tensor_from_proto(t: tp.Tensor, field: str) -> pb.Tensor:
     return _tensor(_from_bytes(t.dense, dtype, field), shape or None, field)
 
 
-def tensor_from_json(value: Any, field: str) -> pb.Tensor:
+def tensor_from_json(value: Any, field: str) -> np.ndarray:
     """Tinker's TensorData JSON: {data: flat list, dtype, shape?, sparse_*_indices?}. A bare
     list is taken as a 1-D float32 or int64 array."""
     if isinstance(value, list):
@@ -256,54 +272,75 @@ def tensor_from_json(value: Any, field: str) -> pb.Tensor:
 # ---------------------------------------------------------------------------- model inputs
 
 
-def _text_chunk(tokens: np.ndarray, field: str) -> pb.ModelInputChunk:
+def _tokens(parts: list[np.ndarray]) -> np.ndarray:
+    """[tokens] int64: the chunks' token ids concatenated."""
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+
+
+def _text_chunk(tokens: np.ndarray, field: str) -> np.ndarray:
     if tokens.size and (tokens.min() < -(1 << 31) or tokens.max() >= 1 << 31):
         raise ValidationError(field, "token ids must fit in int32")
-    return pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=tokens.tolist()))
+    return tokens.astype(np.int64)
 
 
-def model_input_from_proto(chunks: Sequence[tp.Chunk], field: str) -> pb.ModelInput:
-    out = pb.ModelInput()
+def model_input_from_proto(chunks: Sequence[tp.Chunk], field: str) -> np.ndarray:
+    """[tokens] int64: the token ids of Tinker's ModelInput chunks."""
+    parts = []
     for i, chunk in enumerate(chunks):
         which = chunk.WhichOneof("chunk")
         if which != "encoded_text":
             raise ValidationError(f"{field}[{i}]", f"{which} chunks are not supported")
         raw = _from_bytes(chunk.encoded_text.tokens, np.dtype("<i4"), f"{field}[{i}].tokens")
-        out.chunks.append(_text_chunk(raw, f"{field}[{i}].tokens"))
-    return out
+        parts.append(_text_chunk(raw, f"{field}[{i}].tokens"))
+    return _tokens(parts)
 
 
-def model_input_from_json(value: Any, field: str) -> pb.ModelInput:
-    """{chunks: [{type: "encoded_text", tokens: [...]}, ...]} (`type` may be omitted)."""
+def model_input_from_json(value: Any, field: str) -> np.ndarray:
+    """[tokens] int64 from {chunks: [{type: "encoded_text", tokens: [...]}, ...]} (`type` may
+    be omitted)."""
     chunks = Fields(value, field).list("chunks", required=True)
-    out = pb.ModelInput()
+    parts = []
     for i, item in enumerate(chunks):
         f = Fields(item, f"{field}.chunks[{i}]")
         kind = f.str("type", "encoded_text")
         if kind != "encoded_text":
             raise ValidationError(f.name("type"), f"{kind} chunks are not supported")
         tokens = _array(f.list("tokens", required=True), np.dtype("<i8"), f.name("tokens"))
-        out.chunks.append(_text_chunk(tokens.reshape(-1), f.name("tokens")))
-    return out
+        parts.append(_text_chunk(tokens.reshape(-1), f.name("tokens")))
+    return _tokens(parts)
 
 
-def datums_from_proto(data: Sequence[tp.Datum]) -> list[pb.Datum]:
-    out = []
+def datums_from_proto(data: Sequence[tp.Datum]) -> tuple[list[Datum], list[Provenance | None]]:
+    """The datums of a ForwardBackwardRequest and each one's provenance (None where it has
+    none; a datum with spans for only one of its two fields is refused)."""
+    datums, spans = [], []
     for i, d in enumerate(data):
         tokens = model_input_from_proto(d.model_input, f"data[{i}].model_input")
-        datum = pb.Datum(model_input=tokens)
-        for key, t in d.loss_fn_inputs.items():
-            datum.loss_fn_inputs[key].CopyFrom(
-                tensor_from_proto(t, f"data[{i}].loss_fn_inputs.{key}")
+        inputs = {
+            key: tensor_from_proto(t, f"data[{i}].loss_fn_inputs.{key}")
+            for key, t in d.loss_fn_inputs.items()
+        }
+        datums.append(Datum(tokens, inputs))
+        fields = {
+            name: tuple(
+                _span_from_proto(span, f"data[{i}].{name}[{j}]")
+                for j, span in enumerate(getattr(d, name))
             )
-        for name in ("model_input_spans", "loss_fn_input_spans"):
-            for j, span in enumerate(getattr(d, name)):
-                getattr(datum, name).append(_span_from_proto(span, f"data[{i}].{name}[{j}]"))
-        out.append(datum)
-    return out
+            for name in ("model_input_spans", "loss_fn_input_spans")
+        }
+        if not any(fields.values()):
+            spans.append(None)
+            continue
+        for name, field_spans in fields.items():
+            if not field_spans:
+                raise ValidationError(
+                    f"data[{i}].{name}", "is empty, but the datum's other span list is not"
+                )
+        spans.append(Provenance(fields["model_input_spans"], fields["loss_fn_input_spans"]))
+    return datums, spans
 
 
-def _span_from_proto(span: tp.ProvenanceSpan, field: str) -> pb.ProvenanceSpan:
+def _span_from_proto(span: tp.ProvenanceSpan, field: str) -> Span:
     kind = span.WhichOneof("span")
     if kind is None:
         raise ValidationError(field, "names neither prompt_tokens nor sampled_tokens")
@@ -312,29 +349,25 @@ def _span_from_proto(span: tp.ProvenanceSpan, field: str) -> pb.ProvenanceSpan:
         raise ValidationError(f"{field}.sequence_id", "is empty")
     if run.offset < 0 or run.length < 0:
         raise ValidationError(field, f"offset {run.offset} and length {run.length} must be >= 0")
-    return pb.ProvenanceSpan(
-        sequence_id=run.sequence_id,
-        offset=run.offset,
-        length=run.length,
-        sampled=kind == "sampled_tokens",
-    )
+    return Span(run.sequence_id, int(run.offset), int(run.length), kind == "sampled_tokens")
 
 
-def datums_from_json(items: Any, field: str) -> list[pb.Datum]:
+def datums_from_json(items: Any, field: str) -> list[Datum]:
     if not isinstance(items, list):
         raise ValidationError(field, f"expected an array, got {_kind(items)}")
     out = []
     for i, item in enumerate(items):
         f = Fields(item, f"{field}[{i}]")
-        datum = pb.Datum(
-            model_input=model_input_from_json(
-                f.get("model_input", dict, required=True), f.name("model_input")
-            )
+        tokens = model_input_from_json(
+            f.get("model_input", dict, required=True), f.name("model_input")
         )
         inputs = f.object("loss_fn_inputs", required=True)
-        for key, value in inputs.value.items():
-            datum.loss_fn_inputs[key].CopyFrom(tensor_from_json(value, inputs.name(key)))
-        out.append(datum)
+        out.append(
+            Datum(
+                tokens,
+                {k: tensor_from_json(v, inputs.name(k)) for k, v in inputs.value.items()},
+            )
+        )
     return out
 
 
@@ -369,19 +402,17 @@ def loss_config_from_json(value: Any, field: str) -> dict[str, float | str]:
 # ---------------------------------------------------------------------------- other requests
 
 
-def lora_config_from_json(value: Any) -> pb.LoraConfig:
+def lora_config_from_json(value: Any) -> LoraConfig:
     if value is None:
         raise ValidationError("lora_config", "is required (this server trains LoRA adapters)")
     f = Fields(value, "lora_config")
-    msg = pb.LoraConfig(
+    return LoraConfig(
         rank=f.int("rank", required=True, bits=32),
-        train_mlp=f.bool("train_mlp", True),
+        seed=f.int("seed", bits=64),
         train_attn=f.bool("train_attn", True),
+        train_mlp=f.bool("train_mlp", True),
         train_unembed=f.bool("train_unembed", True),
     )
-    if (seed := f.int("seed", bits=64)) is not None:
-        msg.seed = seed
-    return msg
 
 
 def check_optimizer_config(value: Any, field: str = "optimizer_config") -> None:
@@ -392,7 +423,7 @@ def check_optimizer_config(value: Any, field: str = "optimizer_config") -> None:
         raise ValidationError(f"{field}.type", f"{kind!r} is not supported; use adamw")
 
 
-def adam_params_from_json(body: Fields) -> pb.AdamParams:
+def adam_params_from_json(body: Fields) -> AdamParams:
     """`adam_params` (also `optim_params` / `optimizer_params`); omitted fields take Tinker's
     defaults (older SDKs leave unset fields out)."""
     for key in ("adam_params", "optim_params", "optimizer_params"):
@@ -404,52 +435,43 @@ def adam_params_from_json(body: Fields) -> pb.AdamParams:
     kind = f.str("type", "adam")
     if kind not in ("adam", "adamw"):
         raise ValidationError(f.name("type"), f"{kind!r} is not supported; use AdamParams")
-    return pb.AdamParams(**{k: f.float(k, default) for k, default in ADAM_DEFAULTS.items()})
+    return AdamParams(**{k: f.float(k, default) for k, default in ADAM_DEFAULTS.items()})
 
 
-def sampling_params_from_json(value: Any) -> pb.SamplingParams:
+def sampling_params_from_json(value: Any) -> SamplingParams:
     f = Fields(value, "sampling_params")
-    msg = pb.SamplingParams(
+    max_tokens = f.int("max_tokens")
+    if max_tokens is not None and not 1 <= max_tokens < 1 << 31:
+        raise ValidationError(f.name("max_tokens"), f"{max_tokens} is outside [1, 2^31)")
+    seed = f.int("seed")
+    stop = f.get("stop", (str, list))
+    if isinstance(stop, str):
+        stop = [stop]
+    elif isinstance(stop, list) and not (all(isinstance(s, str) for s in stop) and stop):
+        # token ids; [] = no stop at all, not even EOS
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
+            raise ValidationError(f.name("stop"), "expected a string, strings or token ids")
+        if any(not -(1 << 31) <= s < 1 << 31 for s in stop):
+            raise ValidationError(f.name("stop"), "stop token ids must fit in int32")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        seed=None if seed is None else seed % (1 << 63),  # Tinker's seeds are uint64; ours int64
+        stop=stop,
         temperature=f.float("temperature", 1.0),
         top_k=f.int("top_k", -1, bits=32),
         top_p=f.float("top_p", 1.0),
     )
-    if (max_tokens := f.int("max_tokens")) is not None:
-        if not 1 <= max_tokens < 1 << 31:
-            raise ValidationError(f.name("max_tokens"), f"{max_tokens} is outside [1, 2^31)")
-        msg.max_tokens = max_tokens
-    if (seed := f.int("seed")) is not None:
-        msg.seed = seed % (1 << 63)  # Tinker's seeds are uint64; ours int64
-    stop = f.get("stop", (str, list))
-    if isinstance(stop, str):
-        msg.stop_strings.values.append(stop)
-    elif isinstance(stop, list):
-        if all(isinstance(s, str) for s in stop) and stop:
-            msg.stop_strings.values.extend(stop)
-        elif all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
-            if any(not -(1 << 31) <= s < 1 << 31 for s in stop):
-                raise ValidationError(f.name("stop"), "stop token ids must fit in int32")
-            msg.stop_tokens.SetInParent()  # [] = no stop at all, not even EOS
-            msg.stop_tokens.values.extend(stop)
-        else:
-            raise ValidationError(f.name("stop"), "expected a string, strings or token ids")
-    return msg
 
 
 # ---------------------------------------------------------------------------- results
 
 
-def _floats(t: pb.Tensor) -> np.ndarray:
-    return wire.tensor_to_numpy(t, "result").astype(np.float32)
-
-
-def forward_backward_proto(result: pb.ForwardBackwardResult) -> bytes:
+def forward_backward_proto(result: ForwardBackwardResult) -> bytes:
     """ForwardBackwardOutput: each run of consecutive datums whose fields share dtype and
     trailing shape becomes one ArrayRecord of BatchedTensors (byte offsets per datum)."""
     out = tp.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics=result.metrics)
     groups: list[tuple[Any, list]] = []
-    for item in result.loss_fn_outputs:
-        arrays = {k: wire.tensor_to_numpy(t, k) for k, t in item.outputs.items()}
+    for arrays in result.outputs:
         signature = sorted((k, a.dtype.str, a.shape[1:]) for k, a in arrays.items())
         if not groups or groups[-1][0] != signature:
             groups.append((signature, []))
@@ -463,112 +485,92 @@ def forward_backward_proto(result: pb.ForwardBackwardResult) -> bytes:
                 tp.BatchedTensor(
                     data=b"".join(a.tobytes() for a in arrays),
                     offsets=sizes.astype("<i8").tobytes(),
-                    dtype=TO_PROTO_DTYPE[wire.DTYPE_OF[arrays[0].dtype]],
+                    dtype=TO_PROTO_DTYPE[arrays[0].dtype],
                     trailing_shape=list(trailing),
                 )
             )
     return out.SerializeToString()
 
 
-def forward_backward_json(result: pb.ForwardBackwardResult) -> dict:
-    outputs = []
-    for item in result.loss_fn_outputs:
-        fields = {}
-        for key, t in item.outputs.items():
-            a = wire.tensor_to_numpy(t, key)
-            fields[key] = {
-                "data": a.reshape(-1).tolist(),
-                "dtype": "float32" if a.dtype.kind == "f" else "int64",
-                "shape": list(a.shape),
-            }
-        outputs.append(fields)
+def forward_backward_json(result: ForwardBackwardResult) -> dict:
     return {
         "loss_fn_output_type": "ArrayRecord",
-        "loss_fn_outputs": outputs,
+        "loss_fn_outputs": [
+            {
+                key: {
+                    "data": a.reshape(-1).tolist(),
+                    "dtype": "float32" if a.dtype.kind == "f" else "int64",
+                    "shape": list(a.shape),
+                }
+                for key, a in arrays.items()
+            }
+            for arrays in result.outputs
+        ],
         "metrics": dict(result.metrics),
     }
 
 
-def _prompt_logprobs(result: pb.SampleResult) -> np.ndarray | None:
-    if not result.HasField("prompt_logprobs"):
-        return None
-    return _floats(result.prompt_logprobs)
-
-
-def _topk(result: pb.SampleResult) -> tuple[np.ndarray, np.ndarray] | None:
-    if not result.HasField("topk_prompt_logprobs"):
-        return None
-    ids = wire.tensor_to_numpy(result.topk_prompt_logprobs.token_ids, "token_ids")
-    return ids.astype(np.int32), _floats(result.topk_prompt_logprobs.logprobs)
-
-
-def sample_proto(result: pb.SampleResult) -> bytes:
+def sample_proto(result: SampleResult) -> bytes:
     out = tp.SampleResponse()
     for s in result.sequences:
         out.sequences.add(
             stop_reason=tp.STOP_REASON_LENGTH if s.stop_reason == "length" else tp.STOP_REASON_STOP,
-            tokens=wire.tensor_to_numpy(s.tokens, "tokens").astype("<i4").tobytes(),
-            logprobs=_floats(s.logprobs).astype("<f4").tobytes(),
+            tokens=s.tokens.astype("<i4").tobytes(),
+            logprobs=s.logprobs.astype("<f4").tobytes(),
         )
-    lp = _prompt_logprobs(result)
-    if lp is not None:
-        out.prompt_logprobs = lp.astype("<f4").tobytes()
-    topk = _topk(result)
-    if topk is not None and topk[0].size:
-        ids, lps = topk
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = result.prompt_logprobs.astype("<f4").tobytes()
+    if result.topk_ids is not None and result.topk_ids.size:
         out.topk_prompt_logprobs.CopyFrom(
             tp.TopkLogprobs(
-                token_ids=ids.astype("<i4").tobytes(),
-                logprobs=lps.astype("<f4").tobytes(),
-                k=ids.shape[1],
-                length=ids.shape[0],
+                token_ids=result.topk_ids.astype("<i4").tobytes(),
+                logprobs=result.topk_logprobs.astype("<f4").tobytes(),
+                k=result.topk_ids.shape[1],
+                length=result.topk_ids.shape[0],
             )
         )
     return out.SerializeToString()
 
 
-def sample_json(result: pb.SampleResult) -> dict:
+def sample_json(result: SampleResult) -> dict:
     out: dict[str, Any] = {
         "type": "sample",
         "sequences": [
             {
                 "stop_reason": s.stop_reason or "stop",
-                "tokens": wire.tensor_to_numpy(s.tokens, "tokens").tolist(),
-                "logprobs": _floats(s.logprobs).tolist(),
+                "tokens": s.tokens.tolist(),
+                "logprobs": s.logprobs.astype(np.float32).tolist(),
             }
             for s in result.sequences
         ],
     }
-    lp = _prompt_logprobs(result)
-    if lp is not None:
-        out["prompt_logprobs"] = [None if math.isnan(x) else x for x in lp.tolist()]
-    topk = _topk(result)
-    if topk is not None:
+    if result.prompt_logprobs is not None:
+        lp = result.prompt_logprobs.astype(np.float32).tolist()
+        out["prompt_logprobs"] = [None if math.isnan(x) else x for x in lp]
+    if result.topk_ids is not None:
         rows = []
-        for ids, lps in zip(*topk):
-            row = [[int(t), float(p)] for t, p in zip(ids, lps) if p != TOPK_SENTINEL]
+        for ids, lps in zip(result.topk_ids, result.topk_logprobs):
+            row = [[int(t), float(p)] for t, p in zip(ids, lps) if p != TOPK_ABSENT]
             rows.append(row or None)
         out["topk_prompt_logprobs"] = rows
     return out
 
 
-def result_json(response: pb.RetrieveFutureResponse) -> dict:
+def result_json(result: Result) -> dict:
     """The JSON body of a finished non-tensor result (create_model, optim_step, saves, load)."""
-    which = response.WhichOneof("result")
-    if which == "create_model":
-        return {"type": "create_model", "model_id": response.create_model.model_id}
-    if which == "optim_step":
-        return {"metrics": dict(response.optim_step.metrics)}
-    if which == "save_weights":
-        r = response.save_weights
-        out: dict[str, Any] = {"path": r.path or None}
-        if r.sampling_session_id:
-            out["sampling_session_id"] = r.sampling_session_id
-        return out
-    if which == "load_weights":
-        r = response.load_weights
-        return {"type": "load_weights", "model_id": r.model_id, "path": r.path or None}
-    raise ValueError(f"no JSON form for a {which} result")
+    match result:
+        case CreateModelResult(model_id):
+            return {"type": "create_model", "model_id": model_id}
+        case OptimStepResult(metrics):
+            return {"metrics": dict(metrics)}
+        case SaveWeightsResult(path, sampler_id):
+            out: dict[str, Any] = {"path": path}
+            if sampler_id:
+                out["sampling_session_id"] = sampler_id
+            return out
+        case LoadWeightsResult(model_id, path):
+            return {"type": "load_weights", "model_id": model_id, "path": path or None}
+    raise TypeError(f"no JSON form for a {type(result).__name__}")
 
 
 # ---------------------------------------------------------------------------- REST resources
@@ -579,86 +581,87 @@ def timestamp(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat()
 
 
-def checkpoint_json(c: pb.Checkpoint) -> dict:
+def checkpoint_json(c: CheckpointRecord) -> dict:
     out = {
-        "checkpoint_id": c.checkpoint_id,
-        "checkpoint_type": c.checkpoint_type,
-        "time": timestamp(c.time),
+        "checkpoint_id": f"{c.kind}/{c.name}",
+        "checkpoint_type": CHECKPOINT_KINDS[c.kind],
+        "time": timestamp(c.created),
         "tinker_path": c.tinker_path,
         "size_bytes": c.size_bytes,
         "public": c.public,
         "user_metadata": dict(c.user_metadata),
     }
-    if c.HasField("expires_at"):
+    if c.expires_at is not None:
         out["expires_at"] = timestamp(c.expires_at)
     return out
 
 
-def cursor_json(c: pb.Cursor) -> dict:
-    return {"offset": c.offset, "limit": c.limit, "total_count": c.total_count}
+def cursor_json(page: views.Page) -> dict:
+    return {"offset": page.offset, "limit": page.limit, "total_count": page.total_count}
 
 
-def training_run_json(r: pb.TrainingRun) -> dict:
+def training_run_json(run: views.TrainingRun) -> dict:
+    r = run.record
     out = {
-        "training_run_id": r.training_run_id,
+        "training_run_id": r.run_id,
         "base_model": r.base_model,
-        "model_owner": r.model_owner,
-        "is_lora": r.is_lora,
-        "corrupted": r.corrupted,
+        "model_owner": run.owner,
+        "is_lora": True,
+        "corrupted": False,
         "lora_rank": r.lora_rank,
         "last_request_time": timestamp(r.last_request_time),
         "user_metadata": dict(r.user_metadata),
     }
-    if r.HasField("last_checkpoint"):
-        out["last_checkpoint"] = checkpoint_json(r.last_checkpoint)
-    if r.HasField("last_sampler_checkpoint"):
-        out["last_sampler_checkpoint"] = checkpoint_json(r.last_sampler_checkpoint)
+    if run.last_checkpoint is not None:
+        out["last_checkpoint"] = checkpoint_json(run.last_checkpoint)
+    if run.last_sampler_checkpoint is not None:
+        out["last_sampler_checkpoint"] = checkpoint_json(run.last_sampler_checkpoint)
     return out
 
 
-def get_info_json(info: pb.GetInfoResponse) -> dict:
+def get_info_json(info: views.RunInfo) -> dict:
     return {
         "type": "get_info",
         "model_id": info.model_id,
         "model_data": {
             "arch": info.arch or None,
             "model_name": info.base_model,
-            "tokenizer_id": info.tokenizer_id or info.base_model,
+            "tokenizer_id": info.base_model,
         },
         "model_name": info.base_model,
-        "is_lora": info.is_lora,
+        "is_lora": True,
         "lora_rank": info.lora_rank,
         "optimizer_config": {"type": "adamw"},
     }
 
 
-def weights_info_json(info: pb.WeightsInfoResponse) -> dict:
+def weights_info_json(info: CheckpointInfo) -> dict:
     return {
         "base_model": info.base_model,
         "optimizer_config": {"type": "adamw"},
-        "is_lora": info.is_lora,
-        "lora_rank": info.lora_rank,
-        "train_unembed": info.train_unembed,
-        "train_mlp": info.train_mlp,
-        "train_attn": info.train_attn,
+        "is_lora": True,
+        "lora_rank": info.lora.rank,
+        "train_unembed": info.lora.train_unembed,
+        "train_mlp": info.lora.train_mlp,
+        "train_attn": info.lora.train_attn,
     }
 
 
-def capabilities_json(caps: pb.GetServerCapabilitiesResponse) -> dict:
+def capabilities_json(caps: views.Capabilities) -> dict:
     return {
         "supported_models": [
             {
-                "model_name": m.model_name,
+                "model_name": m.name,
                 "max_context_length": m.max_context_length,
-                "trainable": m.trainable,
-                "sampleable": m.sampleable,
+                "trainable": True,
+                "sampleable": True,
             }
-            for m in caps.supported_models
+            for m in caps.models
         ]
     }
 
 
-def session_json(s: pb.GetSessionResponse) -> dict:
+def session_json(s: views.Session) -> dict:
     return {
         "training_run_ids": list(s.training_run_ids),
         "sampler_ids": list(s.sampler_ids),
@@ -667,7 +670,7 @@ def session_json(s: pb.GetSessionResponse) -> dict:
     }
 
 
-def sampler_json(s: pb.GetSamplerResponse) -> dict:
+def sampler_json(s: SamplerRecord) -> dict:
     return {
         "sampler_id": s.sampler_id,
         "base_model": s.base_model,

@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import http_wire as hw
-from tinker_jax.service import wire
-from tinker_jax.v1 import tinker_pb2 as pb
-from tinker_jax.wire import tinker_public_pb2 as tp
+from tinker_jax.provenance import Provenance, Span
+from tinker_jax.service import http_codec as hw
+from tinker_jax.service.results import (
+    TOPK_ABSENT,
+    ForwardBackwardResult,
+    SampledTokens,
+    SampleResult,
+)
+from tinker_jax.tinker_proto import tinker_public_pb2 as tp
 
 tinker = pytest.importorskip("tinker")
 from tinker import types as T  # noqa: E402
@@ -53,17 +58,36 @@ def test_sdk_request_decodes_dense_sparse_and_string_config():
     )
     msg = _request([datum, dense], "ppo", {"clip_low_threshold": 0.8, "mode": "x"})
     assert msg.data[0].loss_fn_inputs["weights"].WhichOneof("encoding") == "sparse_csr"
-    (d0, d1) = hw.datums_from_proto(msg.data)
-    assert list(d0.model_input.chunks[0].encoded_text.tokens) == [1, 2, 3]
-    got = wire.tensor_to_numpy(d0.loss_fn_inputs["weights"], "w")
-    np.testing.assert_array_equal(got, weights.to_numpy())
-    np.testing.assert_array_equal(
-        wire.tensor_to_numpy(d0.loss_fn_inputs["target_tokens"], "t"), targets.to_numpy()
-    )
-    np.testing.assert_array_equal(
-        wire.tensor_to_numpy(d1.loss_fn_inputs["weights"], "w"), [1.0, 0.5]
-    )
+    (d0, d1), spans = hw.datums_from_proto(msg.data)
+    assert spans == [None, None]
+    assert d0.tokens.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(d0.loss_fn_inputs["weights"], weights.to_numpy())
+    np.testing.assert_array_equal(d0.loss_fn_inputs["target_tokens"], targets.to_numpy())
+    np.testing.assert_array_equal(d1.loss_fn_inputs["weights"], [1.0, 0.5])
     assert hw.loss_config_from_proto(msg) == {"clip_low_threshold": 0.8, "mode": "x"}
+
+
+def test_sdk_provenance_decodes_to_spans():
+    datum = T.Datum(
+        model_input=T.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "advantages": [0.0, 1.0, 1.0]},
+    ).with_provenance(
+        model_input=[
+            T.PromptProvenanceSpan(sequence_id="r:0", offset=0, length=2),
+            T.SampledProvenanceSpan(sequence_id="r:0", offset=0, length=1),
+        ],
+        loss_fn_inputs=[
+            T.PromptProvenanceSpan(sequence_id="r:0", offset=1, length=1),
+            T.SampledProvenanceSpan(sequence_id="r:0", offset=0, length=2),
+        ],
+    )
+    _, spans = hw.datums_from_proto(_request([datum], "stable_reinforce").data)
+    assert spans == [
+        Provenance(
+            (Span("r:0", 0, 2, False), Span("r:0", 0, 1, True)),
+            (Span("r:0", 1, 1, False), Span("r:0", 0, 2, True)),
+        )
+    ]
 
 
 def test_malformed_tensors_name_the_field():
@@ -79,7 +103,11 @@ def test_malformed_tensors_name_the_field():
     with pytest.raises(ValidationError, match="x.dtype"):
         hw.tensor_from_json({"data": [1], "dtype": "float64"}, "x")
     bf16 = tp.Tensor(dense=np.asarray([0x3F80], "<u2").tobytes(), dtype=tp.DTYPE_BFLOAT16)
-    assert wire.tensor_to_numpy(hw.tensor_from_proto(bf16, "b"), "b").tolist() == [1.0]
+    assert hw.tensor_from_proto(bf16, "b").tolist() == [1.0]
+    huge = tp.Tensor(dtype=tp.DTYPE_FLOAT32, shape=[1 << 20, 1 << 20])
+    huge.sparse_csr.crow_indices = np.zeros(1, "<i8").tobytes()
+    with pytest.raises(ValidationError, match="x: .* elements exceed the limit"):
+        hw.tensor_from_proto(huge, "x")
 
 
 def test_forward_backward_result_decodes_in_the_sdk():
@@ -88,12 +116,7 @@ def test_forward_backward_result_decodes_in_the_sdk():
         np.arange(5, dtype=np.float32),
         np.ones((2, 4), np.float32),
     ]  # a 2-D (top-K) output starts a second record
-    result = pb.ForwardBackwardResult(
-        loss_fn_outputs=[
-            pb.LossFnOutput(outputs={"logprobs": wire.numpy_to_tensor(o)}) for o in outputs
-        ],
-        metrics={"loss:sum": 1.5},
-    )
+    result = ForwardBackwardResult([{"logprobs": o} for o in outputs], {"loss:sum": 1.5})
     out = response_conv.deserialize_forward_backward_output(hw.forward_backward_proto(result))
     assert out.metrics == {"loss:sum": 1.5} and out.loss_fn_output_type == "ArrayRecord"
     for got, want in zip(out.loss_fn_outputs, outputs, strict=True):
@@ -103,26 +126,19 @@ def test_forward_backward_result_decodes_in_the_sdk():
 
 
 def test_sample_result_decodes_in_the_sdk():
-    result = pb.SampleResult(
-        sequences=[
-            pb.SampledSequence(
-                stop_reason="stop",
-                tokens=wire.numpy_to_tensor(np.asarray([4, 9], np.int32)),
-                logprobs=wire.numpy_to_tensor(np.asarray([-0.5, -1.5], np.float32)),
+    absent = TOPK_ABSENT
+    result = SampleResult(
+        [
+            SampledTokens(
+                np.asarray([4, 9], np.int32), np.asarray([-0.5, -1.5], np.float32), "stop", "r:0"
             ),
-            pb.SampledSequence(
-                stop_reason="length",
-                tokens=wire.numpy_to_tensor(np.asarray([7], np.int32)),
-                logprobs=wire.numpy_to_tensor(np.asarray([-2.0], np.float32)),
+            SampledTokens(
+                np.asarray([7], np.int32), np.asarray([-2.0], np.float32), "length", "r:1"
             ),
         ],
-        prompt_logprobs=wire.numpy_to_tensor(np.asarray([np.nan, -1.0, -2.0], np.float32)),
-        topk_prompt_logprobs=pb.TopkLogprobs(
-            token_ids=wire.numpy_to_tensor(np.asarray([[0, 0], [3, 1], [2, 0]], np.int32)),
-            logprobs=wire.numpy_to_tensor(
-                np.asarray([[-99999, -99999], [-0.1, -2.0], [-0.3, -99999]], np.float32)
-            ),
-        ),
+        prompt_logprobs=np.asarray([np.nan, -1.0, -2.0], np.float32),
+        topk_ids=np.asarray([[0, 0], [3, 1], [2, 0]], np.int32),
+        topk_logprobs=np.asarray([[absent, absent], [-0.1, -2.0], [-0.3, absent]], np.float32),
     )
     out = response_conv.deserialize_sample_response(hw.sample_proto(result))
     assert [s.tokens for s in out.sequences] == [[4, 9], [7]]
@@ -138,11 +154,12 @@ def test_sample_result_decodes_in_the_sdk():
 
 def test_sampling_params_and_optimizer_params_from_json():
     params = T.SamplingParams(max_tokens=5, stop=[], seed=2**64 - 1)
-    msg = hw.sampling_params_from_json(params.model_dump(mode="json", exclude_none=True))
-    assert msg.WhichOneof("stop") == "stop_tokens" and not msg.stop_tokens.values
-    assert wire.sampling_params(msg).stop == [] and msg.temperature == 1.0 and msg.top_k == -1
-    assert hw.sampling_params_from_json({"stop": "\n\n"}).stop_strings.values == ["\n\n"]
-    assert hw.sampling_params_from_json({}).WhichOneof("stop") is None  # EOS stops
+    got = hw.sampling_params_from_json(params.model_dump(mode="json", exclude_none=True))
+    assert got.stop == [] and got.temperature == 1.0 and got.top_k == -1  # [] = not even EOS
+    assert (got.max_tokens, got.seed) == (5, (2**64 - 1) % 2**63)
+    assert hw.sampling_params_from_json({"stop": "\n\n"}).stop == ["\n\n"]
+    assert hw.sampling_params_from_json({"stop": [7, 8]}).stop == [7, 8]
+    assert hw.sampling_params_from_json({}).stop is None  # EOS stops
     with pytest.raises(ValidationError, match="sampling_params.stop"):
         hw.sampling_params_from_json({"stop": [1, "a"]})
     request = T.OptimStepRequest(adam_params=T.AdamParams(learning_rate=3e-4), model_id="m")
