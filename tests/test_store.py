@@ -618,6 +618,33 @@ def test_refuses_a_database_of_another_schema_version(tmp_path):
         Store(tmp_path)
 
 
+def test_a_version_2_databases_undelivered_results_fail_asking_for_a_resubmission(tmp_path):
+    """Version 2 stored results as gRPC messages, which this version does not read: a
+    finished result not yet delivered fails (retryable, naming why); other futures stay."""
+    store = Store(tmp_path)
+    store.create_future("done", "u", "sample", now=1.0)
+    store.complete_future("done", b"an old gRPC message", now=2.0)
+    store.create_future("failed", "u", "sample", now=1.0)
+    store.fail_future("failed", "bad input", category="user", retryable=False, now=2.0)
+    store.create_future("pending", "u", "sample", now=1.0)
+    store.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("UPDATE schema_version SET version = 2")
+    conn.close()
+    store = Store(tmp_path)
+    done = store.get_future("done")
+    assert (done.state, done.result, done.category, done.retryable) == (
+        "failed",
+        None,
+        "server",
+        True,
+    )
+    assert "stored by an older tinker-jax; submit the request again" in done.error
+    assert store.get_future("failed").error == "bad input"
+    assert store.get_future("pending").state == "pending"
+    store.close()
+
+
 def test_store_imports_neither_jax_nor_grpc():
     code = (
         "import sys, tinker_jax.service.store; "
