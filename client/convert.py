@@ -176,6 +176,32 @@ def adam_params_to_proto(params: types.AdamParams) -> pb.AdamParams:
     )
 
 
+def dimuon_params_to_proto(params: types.DimuonParams) -> pb.DimuonParams:
+    return pb.DimuonParams(
+        learning_rate=params.learning_rate,
+        grad_clip_norm=params.grad_clip_norm,
+        beta1=params.beta1,
+    )
+
+
+def optimizer_config_to_proto(config: types.OptimizerConfig | None) -> pb.OptimizerConfig | None:
+    """None (the server's default, AdamW) stays None."""
+    if config is None:
+        return None
+    if not isinstance(config, types.AdamOptimizerConfig | types.DimuonOptimizerConfig):
+        raise TypeError(
+            "optimizer takes AdamOptimizerConfig or DimuonOptimizerConfig, got "
+            f"{type(config).__name__}"
+        )
+    return pb.OptimizerConfig(type=config.type, version=getattr(config, "version", 0))
+
+
+def optimizer_config(msg: pb.OptimizerConfig) -> types.OptimizerConfig:
+    if msg.type == "dimuon":
+        return types.DimuonOptimizerConfig()
+    return types.AdamOptimizerConfig()
+
+
 def lora_config_to_proto(config: types.LoraConfig) -> pb.LoraConfig:
     msg = pb.LoraConfig(
         rank=config.rank,
@@ -222,6 +248,9 @@ def sample_response(msg: pb.SampleResult, sequence_ids: Sequence[str] = ()) -> t
                 tokens=tensor_to_numpy(seq.tokens).tolist(),
                 logprobs=logprobs,
                 sequence_id=sequence_id,
+                topk_logprobs_np=_topk(seq.topk_logprobs)
+                if seq.HasField("topk_logprobs")
+                else None,
             )
         )
     prompt_logprobs = None
@@ -229,12 +258,28 @@ def sample_response(msg: pb.SampleResult, sequence_ids: Sequence[str] = ()) -> t
         prompt_logprobs = tensor_to_numpy(msg.prompt_logprobs).astype(np.float32).reshape(-1)
     topk = None
     if msg.HasField("topk_prompt_logprobs"):
-        topk = types.TopkLogprobs(
-            token_ids=tensor_to_numpy(msg.topk_prompt_logprobs.token_ids).astype(np.int32),
-            logprobs=tensor_to_numpy(msg.topk_prompt_logprobs.logprobs).astype(np.float32),
+        topk = _topk(msg.topk_prompt_logprobs)
+    alt = None
+    if msg.HasField("prompt_alt_tokens"):
+        alt = types.PromptAltTokens(
+            tokens=tensor_data_from_proto(msg.prompt_alt_tokens.tokens),
+            logprobs=tensor_data_from_proto(msg.prompt_alt_tokens.logprobs),
         )
     return types.SampleResponse(
-        sequences=sequences, prompt_logprobs_np=prompt_logprobs, topk_prompt_logprobs_np=topk
+        sequences=sequences,
+        prompt_logprobs_np=prompt_logprobs,
+        topk_prompt_logprobs_np=topk,
+        target_prompt_logprobs=tensor_data_from_proto(msg.target_prompt_logprobs)
+        if msg.HasField("target_prompt_logprobs")
+        else None,
+        prompt_alt_tokens=alt,
+    )
+
+
+def _topk(msg: pb.TopkLogprobs) -> types.TopkLogprobs:
+    return types.TopkLogprobs(
+        token_ids=tensor_to_numpy(msg.token_ids).astype(np.int32),
+        logprobs=tensor_to_numpy(msg.logprobs).astype(np.float32),
     )
 
 
@@ -248,6 +293,7 @@ def get_info_response(msg: pb.GetInfoResponse) -> types.GetInfoResponse:
         is_lora=msg.is_lora,
         lora_rank=msg.lora_rank if msg.is_lora else None,
         model_name=name,
+        optimizer_config=optimizer_config(msg.optimizer_config),
     )
 
 
@@ -333,6 +379,7 @@ def weights_info(msg: pb.WeightsInfoResponse) -> types.WeightsInfoResponse:
         train_unembed=msg.train_unembed,
         train_mlp=msg.train_mlp,
         train_attn=msg.train_attn,
+        optimizer_config=optimizer_config(msg.optimizer_config),
     )
 
 

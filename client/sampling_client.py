@@ -58,6 +58,9 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
         prompt_logprobs_last_n: int | None = None,
     ) -> APIFuture[types.SampleResponse]:
         """Submits a sampling request; `num_samples` completions of `prompt`.
@@ -65,11 +68,26 @@ class SamplingClient:
         `include_prompt_logprobs` adds the logprob of every prompt token given the ones
         before it (None at position 0); `topk_prompt_logprobs=k` adds the k most likely
         tokens at each prompt position; `prompt_logprobs_last_n=n` keeps them for the last n
-        positions only (the others None). A request that fails retryably (e.g. the server
+        positions only (the others None). `topk_sample_logprobs=k` adds the k most likely
+        tokens at each sampled position (`SampledSequence.topk_logprobs`);
+        `target_prompt_logprobs` (int64 [len(prompt) - 1, K] token ids, -1 = none; row i
+        scores prompt position i + 1) returns their logprobs in
+        `SampleResponse.target_prompt_logprobs`; `prompt_alt_tokens_k=k` draws k tokens at the
+        request's temperature at every prompt position after the first
+        (`SampleResponse.prompt_alt_tokens`). A request that fails retryably (e.g. the server
         restarted) is submitted once more.
         """
         prompt_msg = convert.model_input_to_proto(prompt)
         params_msg = convert.sampling_params_to_proto(sampling_params)
+        targets_msg = None
+        if target_prompt_logprobs is not None:
+            targets = types.to_tensor_data(target_prompt_logprobs)
+            if targets.dtype != "int64" or len(targets.shape) != 2:
+                raise ValueError(
+                    "target_prompt_logprobs must be an int64 tensor of token ids of shape "
+                    f"[len(prompt) - 1, K], got {targets.dtype} {targets.shape}"
+                )
+            targets_msg = convert.tensor_data_to_proto(targets)
 
         def build(request_id: str) -> pb.SampleRequest:
             return pb.SampleRequest(
@@ -83,6 +101,9 @@ class SamplingClient:
                 topk_prompt_logprobs=topk_prompt_logprobs,
                 prompt_logprobs_last_n=prompt_logprobs_last_n,
                 record_stability_info=self.record_stability_info,
+                topk_sample_logprobs=topk_sample_logprobs,
+                target_prompt_logprobs=targets_msg,
+                prompt_alt_tokens_k=prompt_alt_tokens_k,
             )
 
         def result(response: pb.RetrieveFutureResponse, submit: pb.SubmitResponse):
@@ -106,6 +127,9 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
         prompt_logprobs_last_n: int | None = None,
     ) -> types.SampleResponse:
         future = await asyncio.to_thread(
@@ -115,6 +139,9 @@ class SamplingClient:
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
             prompt_logprobs_last_n,
         )
         return await future

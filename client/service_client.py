@@ -83,8 +83,11 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: Mapping[str, str] | None = None,
+        optimizer: types.OptimizerConfig | None = None,
     ) -> TrainingClient:
-        """A new LoRA training run on `base_model`; waits until the server created it."""
+        """A new LoRA training run on `base_model`; waits until the server created it.
+        `optimizer` fixes the run's optimizer for its lifetime: AdamOptimizerConfig (the
+        default; optim_step takes AdamParams) or DimuonOptimizerConfig (DimuonParams)."""
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
         lora = types.LoraConfig(
@@ -94,6 +97,7 @@ class ServiceClient:
             train_mlp=train_mlp,
             train_attn=train_attn,
         )
+        config = convert.optimizer_config_to_proto(optimizer)
         session_id = self.holder.session_id
         model_seq_id = self.holder.next_model_seq_id()
 
@@ -105,6 +109,7 @@ class ServiceClient:
                 base_model=base_model,
                 lora_config=convert.lora_config_to_proto(lora),
                 user_metadata=convert.metadata_to_proto(user_metadata),
+                optimizer_config=config,
             )
 
         future = self.holder.submit(
@@ -121,6 +126,7 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: Mapping[str, str] | None = None,
+        optimizer: types.OptimizerConfig | None = None,
     ) -> TrainingClient:
         return await asyncio.to_thread(
             self.create_lora_training_client,
@@ -131,12 +137,19 @@ class ServiceClient:
             train_attn,
             train_unembed,
             user_metadata,
+            optimizer,
         )
 
     def _from_state(
-        self, path: str, optimizer: bool, user_metadata, weights_access_token
+        self,
+        path: str,
+        optimizer: bool,
+        user_metadata,
+        weights_access_token,
+        optimizer_config: types.OptimizerConfig | None = None,
     ) -> TrainingClient:
         types.ParsedCheckpointTinkerPath.from_tinker_path(path)
+        config = convert.optimizer_config_to_proto(optimizer_config)
         session_id = self.holder.session_id
         model_seq_id = self.holder.next_model_seq_id()
 
@@ -149,6 +162,7 @@ class ServiceClient:
                 optimizer=optimizer,
                 weights_access_token=weights_access_token or "",
                 user_metadata=convert.metadata_to_proto(user_metadata),
+                optimizer_config=config,
             )
 
         future = self.holder.submit(
@@ -162,11 +176,13 @@ class ServiceClient:
         base_model: str | None = None,
         user_metadata: Mapping[str, str] | None = None,
         weights_access_token: str | None = None,
+        optimizer: types.OptimizerConfig | None = None,
     ) -> TrainingClient:
         """A new training run starting from the weights saved at `path` (a `weights/`
-        checkpoint), with a fresh optimizer. `base_model` is accepted for compatibility:
-        the checkpoint determines the base model."""
-        return self._from_state(path, False, user_metadata, weights_access_token)
+        checkpoint), with a fresh `optimizer` (AdamW by default, whichever family the
+        checkpoint was trained with). `base_model` is accepted for compatibility: the
+        checkpoint determines the base model."""
+        return self._from_state(path, False, user_metadata, weights_access_token, optimizer)
 
     async def create_training_client_from_state_async(
         self,
@@ -174,9 +190,10 @@ class ServiceClient:
         base_model: str | None = None,
         user_metadata=None,
         weights_access_token=None,
+        optimizer: types.OptimizerConfig | None = None,
     ) -> TrainingClient:
         return await asyncio.to_thread(
-            self._from_state, path, False, user_metadata, weights_access_token
+            self._from_state, path, False, user_metadata, weights_access_token, optimizer
         )
 
     def create_training_client_from_state_with_optimizer(
@@ -187,7 +204,7 @@ class ServiceClient:
         weights_access_token: str | None = None,
     ) -> TrainingClient:
         """Like create_training_client_from_state, also restoring the optimizer state (to
-        resume training where it stopped)."""
+        resume training where it stopped); the run keeps the checkpoint's optimizer family."""
         return self._from_state(path, True, user_metadata, weights_access_token)
 
     async def create_training_client_from_state_with_optimizer_async(

@@ -177,20 +177,28 @@ class TrainingClient:
             raise ValueError("give optim_params or adam_params (its legacy alias), not both")
         params = optim_params if optim_params is not None else adam_params
         params = params if params is not None else types.AdamParams()
+        if isinstance(params, types.DimuonParams):
+            return pb.OptimStepRequest(
+                model_id=self.model_id, dimuon_params=convert.dimuon_params_to_proto(params)
+            )
         if not isinstance(params, types.AdamParams):
-            raise TypeError(f"optim_step takes AdamParams, got {type(params).__name__}")
+            raise TypeError(
+                f"optim_step takes AdamParams or DimuonParams, got {type(params).__name__}"
+            )
         return pb.OptimStepRequest(
             model_id=self.model_id, adam_params=convert.adam_params_to_proto(params)
         )
 
     def optim_step(
         self,
-        optim_params: types.AdamParams | None = None,
+        optim_params: types.OptimParams | None = None,
         *,
         adam_params: types.AdamParams | None = None,
     ) -> APIFuture[types.OptimStepResponse]:
-        """One AdamW step on the accumulated gradients (which it then clears). `adam_params`
-        is the legacy keyword for `optim_params`."""
+        """One step of the run's optimizer on the accumulated gradients (which it then
+        clears): AdamParams for a run created with AdamW, DimuonParams for one created with
+        DimuonOptimizerConfig (the server refuses the other family, naming
+        `optim_params.type`). `adam_params` is the legacy keyword for `optim_params`."""
         return self._submit(
             "OptimStep", self._optim_request(optim_params, adam_params), _optim_result
         )

@@ -314,6 +314,37 @@ class AdamParams:
 
 
 @dataclass
+class DimuonParams:
+    """One Dimuon step (a run created with DimuonOptimizerConfig): Muon on each LoRA factor.
+    learning_rate >= 0; grad_clip_norm <= 0 disables clipping; beta1 in [0, 1): the momentum's
+    EMA coefficient."""
+
+    learning_rate: float
+    grad_clip_norm: float = 0.0
+    beta1: float = 0.9
+    type: Literal["dimuon"] = "dimuon"
+
+
+@dataclass(frozen=True)
+class AdamOptimizerConfig:
+    """A run whose optim_steps take AdamParams (AdamW; the default)."""
+
+    type: Literal["adamw"] = "adamw"
+
+
+@dataclass(frozen=True)
+class DimuonOptimizerConfig:
+    """A run whose optim_steps take DimuonParams."""
+
+    type: Literal["dimuon"] = "dimuon"
+    version: Literal[1] = 1
+
+
+OptimizerConfig = AdamOptimizerConfig | DimuonOptimizerConfig
+OptimParams = AdamParams | DimuonParams
+
+
+@dataclass
 class LoraConfig:
     rank: int
     seed: int | None = None
@@ -377,6 +408,7 @@ class GetInfoResponse:
     is_lora: bool | None = None
     lora_rank: int | None = None
     model_name: str | None = None
+    optimizer_config: OptimizerConfig = field(default_factory=AdamOptimizerConfig)
 
 
 # ------------------------------------------------------------------ sampling results
@@ -388,6 +420,8 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float] | None = None
     sequence_id: str | None = None
+    # With topk_sample_logprobs = k: the k most likely tokens at each generated position.
+    topk_logprobs_np: TopkLogprobs | None = None
 
     @property
     def tokens_np(self) -> np.ndarray:
@@ -396,6 +430,11 @@ class SampledSequence:
     @property
     def logprobs_np(self) -> np.ndarray | None:
         return None if self.logprobs is None else np.asarray(self.logprobs, np.float32)
+
+    @property
+    def topk_logprobs(self) -> list[list[tuple[int, float]] | None] | None:
+        """Per generated position, up to k (token, logprob) pairs, most likely first."""
+        return None if self.topk_logprobs_np is None else self.topk_logprobs_np.rows()
 
 
 @dataclass(eq=False)
@@ -415,16 +454,30 @@ class TopkLogprobs:
 
 
 @dataclass(eq=False)
+class PromptAltTokens:
+    """`prompt_alt_tokens_k` draws at every prompt position after the first: `tokens` (int64)
+    and their `logprobs` (float32), both [prompt_len - 1, k]; row i holds alternatives to
+    prompt token i + 1."""
+
+    tokens: TensorData
+    logprobs: TensorData
+
+
+@dataclass(eq=False)
 class SampleResponse:
     """Sampled sequences, plus prompt logprobs when asked for.
 
     `prompt_logprobs_np` is float32 [prompt_len] with NaN where nothing was computed
     (always position 0); the `prompt_logprobs` property turns NaN into None.
+    `target_prompt_logprobs` (float32 [prompt_len - 1, K], 0.0 where the request had -1) and
+    `prompt_alt_tokens` answer the sample arguments of the same names.
     """
 
     sequences: list[SampledSequence]
     prompt_logprobs_np: np.ndarray | None = None
     topk_prompt_logprobs_np: TopkLogprobs | None = None
+    target_prompt_logprobs: TensorData | None = None
+    prompt_alt_tokens: PromptAltTokens | None = None
 
     @property
     def prompt_logprobs(self) -> list[float | None] | None:
@@ -518,6 +571,7 @@ class WeightsInfoResponse:
     train_unembed: bool | None = None
     train_mlp: bool | None = None
     train_attn: bool | None = None
+    optimizer_config: OptimizerConfig = field(default_factory=AdamOptimizerConfig)
 
 
 @dataclass
@@ -577,6 +631,7 @@ class ParsedCheckpointTinkerPath:
 
 
 __all__ = [
+    "AdamOptimizerConfig",
     "AdamParams",
     "Checkpoint",
     "CheckpointType",
@@ -584,6 +639,8 @@ __all__ = [
     "CreateModelResponse",
     "Cursor",
     "Datum",
+    "DimuonOptimizerConfig",
+    "DimuonParams",
     "PromptProvenanceSpan",
     "ProvenanceSpans",
     "SampledProvenanceSpan",
@@ -604,8 +661,11 @@ __all__ = [
     "ModelID",
     "ModelInput",
     "ModelInputChunk",
+    "OptimParams",
     "OptimStepResponse",
+    "OptimizerConfig",
     "ParsedCheckpointTinkerPath",
+    "PromptAltTokens",
     "RequestID",
     "SampleResponse",
     "SampledSequence",

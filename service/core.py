@@ -26,11 +26,11 @@ from tinker_jax import checkpoints, provenance, storage
 from tinker_jax.batching import Datum
 from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
-from tinker_jax.optim import AdamParams
+from tinker_jax.optim import AdamParams, DimuonParams, check_family, check_optimizer
 from tinker_jax.sampler import SampleRequest
 from tinker_jax.sampler import SampleResult as EngineSampleResult
 from tinker_jax.sampling import SamplingParams
-from tinker_jax.service import checkpoint_storage, results, views
+from tinker_jax.service import checkpoint_storage, external_weights, results, views
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import (
     FailedPrecondition,
@@ -67,6 +67,7 @@ from tinker_jax.service.worker import (
     CreateRun,
     Done,
     EngineWorker,
+    ExportExternal,
     Fail,
     ForwardBackward,
     LoadIntoRun,
@@ -92,6 +93,8 @@ STORE_ATTEMPTS = 2
 # A sample recorded for stable_reinforce is kept this long after its last use (its sampling, or
 # a training request that names it).
 SAMPLED_RECORD_TTL_SECONDS = 24 * 3600
+# The checkpoint kinds a run or sampler loads (external_weights/ are PEFT exports to download).
+LOADABLE_KINDS = ("weights", "sampler_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +117,7 @@ class ServiceCore:
         self.store = store
         self.workers = workers
         self.checkpoint_root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
+        self.url_signer = external_weights.UrlSigner(store.root)
         self._completed = threading.Condition()
         limits = TenantLimits.from_config(config)
         for worker in workers.values():
@@ -219,11 +223,23 @@ class ServiceCore:
         return run, worker
 
     def _readable_checkpoint(
-        self, user: str, path: str, field: str = "path", access_token: str = ""
+        self,
+        user: str,
+        path: str,
+        field: str = "path",
+        access_token: str = "",
+        kinds: tuple[str, ...] = LOADABLE_KINDS,
     ) -> tuple[TinkerPath, CheckpointRecord]:
-        """A checkpoint `user` may read: their own, a published one, or one of the run that
-        `access_token` (a weights access token) opens."""
+        """A checkpoint of one of `kinds` that `user` may read: their own, a published one,
+        or one of the run that `access_token` (a weights access token) opens."""
         parsed = TinkerPath.parse(path, field)
+        if parsed.kind not in kinds:
+            expected = " or ".join(f"{kind}/" for kind in kinds)
+            external = parsed.kind == "external_weights"
+            why = " (they are PEFT exports, to download)" if external else ""
+            raise ValidationError(
+                field, f"{parsed.kind}/ checkpoints cannot be used here{why}; expected {expected}"
+            )
         record = self.store.get_checkpoint(str(parsed))
         if record is None or (
             record.owner != user
@@ -507,28 +523,36 @@ class ServiceCore:
         base_model: str,
         lora: LoraConfig,
         user_metadata: dict[str, str],
+        optimizer: str = "adamw",
     ) -> tuple[str, str]:
+        """A new run with a fresh adapter whose optim_steps use family `optimizer` (Tinker's
+        `optimizer_config.type`: "adamw" or "dimuon")."""
         if (run_id := self._replayed(user, request_id)) is not None:
             return request_id, run_id
         session = self._session(user, session_id)
         worker = self._worker(base_model)
         _check_lora(lora, self.config.max_lora_rank)
+        check_optimizer(optimizer)
         run_id = self._new_run_id(session.session_id, model_seq_id)
         worker.check_run_capacity(user)
         metadata = _metadata(user_metadata)
 
         def respond(_slot) -> CreateModelResult:
-            self._write(
-                self.store.create_run, new_run_record(run_id, session, base_model, lora, metadata)
+            record = new_run_record(
+                run_id, session, base_model, lora, metadata, optimizer=optimizer
             )
+            self._write(self.store.create_run, record)
             return CreateModelResult(run_id)
+
+        def op(done: Done, fail: Fail) -> CreateRun:
+            return CreateRun(done, fail, run_id=run_id, lora=lora, user=user, optimizer=optimizer)
 
         return self._start(
             user,
             request_id,
             "create_model",
             worker,
-            lambda done, fail: CreateRun(done, fail, run_id=run_id, lora=lora, user=user),
+            op,
             respond,
             run_id=run_id,
         ), run_id
@@ -553,8 +577,12 @@ class ServiceCore:
         optimizer: bool,
         user_metadata: dict[str, str],
         weights_access_token: str = "",
+        optimizer_config: str | None = None,
     ) -> tuple[str, str]:
-        """A new run from a saved checkpoint (with or without its optimizer state)."""
+        """A new run from a saved checkpoint (with or without its optimizer state). With the
+        optimizer state the run keeps the checkpoint's optimizer family (`optimizer_config`,
+        if given, must be that family); without it the run's family is `optimizer_config`,
+        AdamW when None (Tinker's default)."""
         if (run_id := self._replayed(user, request_id)) is not None:
             return request_id, run_id
         session = self._session(user, session_id)
@@ -562,6 +590,7 @@ class ServiceCore:
         if optimizer and parsed.kind != "weights":
             raise ValidationError("path", "only weights/ checkpoints hold optimizer state")
         info = checkpoints.read_info(ckpt.location, name=str(parsed))
+        family = _loaded_family(info.optimizer, optimizer, optimizer_config)
         worker = self._worker(info.base_model, "path")
         run_id = self._new_run_id(session.session_id, model_seq_id)
         worker.check_run_capacity(user)
@@ -569,7 +598,13 @@ class ServiceCore:
 
         def respond(state) -> LoadWeightsResult:
             record = new_run_record(
-                run_id, session, info.base_model, state.lora, metadata, source=str(parsed)
+                run_id,
+                session,
+                info.base_model,
+                state.lora,
+                metadata,
+                source=str(parsed),
+                optimizer=family,
             )
             self._write(self.store.create_run, record)
             return LoadWeightsResult(run_id, str(parsed))
@@ -582,6 +617,7 @@ class ServiceCore:
                 location=ckpt.location,
                 with_optimizer=optimizer,
                 user=user,
+                optimizer=family,
             )
 
         return self._start(
@@ -648,7 +684,7 @@ class ServiceCore:
     def get_info(self, user: str, model_id: str) -> views.RunInfo:
         run = self._run(user, model_id)
         arch = self.workers[run.base_model].config.family if run.base_model in self.workers else ""
-        return views.RunInfo(run.run_id, run.base_model, arch, run.lora_rank)
+        return views.RunInfo(run.run_id, run.base_model, arch, run.lora_rank, run.optimizer)
 
     def forward_backward(
         self,
@@ -732,18 +768,26 @@ class ServiceCore:
         ]
 
     def optim_step(
-        self, user: str, request_id: str, model_id: str, seq_id: int, params: AdamParams
+        self,
+        user: str,
+        request_id: str,
+        model_id: str,
+        seq_id: int,
+        params: AdamParams | DimuonParams,
     ) -> str:
+        """One step of the run's optimizer; `params` must be its family's (AdamParams for an
+        AdamW run, DimuonParams for a Dimuon one)."""
         if self._replayed(user, request_id) is not None:
             return request_id
-        _, worker = self._loaded_run(user, model_id)
-        adam = params.validate()
+        run, worker = self._loaded_run(user, model_id)
+        check_family(params, run.optimizer)
+        checked = params.validate()
         return self._start(
             user,
             request_id,
             "optim_step",
             worker,
-            lambda done, fail: OptimStep(done, fail, params=adam),
+            lambda done, fail: OptimStep(done, fail, params=checked),
             OptimStepResult,
             run_id=model_id,
             seq_id=seq_id,
@@ -760,13 +804,21 @@ class ServiceCore:
         overwrite: bool,
         user_metadata: dict[str, str],
         kind: str = "weights",
+        age_recipients: Sequence[str] = (),
     ) -> str:
-        """save_state (kind "weights": adapter + optimizer) or save_weights_for_sampler
-        (kind "sampler_weights": adapter only) to a persistent tinker:// path."""
+        """save_state (kind "weights": adapter + optimizer), save_weights_for_sampler
+        (kind "sampler_weights": adapter only) or save_weights_external (kind
+        "external_weights": the adapter as a PEFT folder, every file encrypted to
+        `age_recipients` when there are any) to a persistent tinker:// path."""
         if self._replayed(user, request_id) is not None:
             return request_id
         run, worker = self._loaded_run(user, model_id)
         path = TinkerPath(model_id, kind, validate_name(name))
+        if age_recipients and kind != "external_weights":
+            raise ValidationError(
+                "age_encryption_recipients", "only external weights are encrypted"
+            )
+        external_weights.check_recipients(age_recipients)
         expires = _expiry(ttl_seconds)
         if not overwrite and self.store.get_checkpoint(str(path)) is not None:
             raise ValidationError("name", f"checkpoint {path} exists; pass overwrite=True")
@@ -787,7 +839,11 @@ class ServiceCore:
             log.info("saved checkpoint %s (%.1f MiB)", path, size / (1 << 20))
             return str(path)
 
-        def op(done: Done, fail: Fail) -> SaveState:
+        def op(done: Done, fail: Fail) -> SaveState | ExportExternal:
+            if kind == "external_weights":
+                return ExportExternal(
+                    done, fail, location=location, recipients=tuple(age_recipients), record=record
+                )
             return SaveState(
                 done, fail, with_optimizer=with_optimizer, location=location, record=record
             )
@@ -933,12 +989,19 @@ class ServiceCore:
         topk_prompt_logprobs: int,
         prompt_logprobs_last_n: int | None = None,
         record_stability_info: bool = False,
+        *,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: np.ndarray | None = None,
+        target_sparse: bool = False,
+        prompt_alt_tokens_k: int = 0,
     ) -> tuple[str, list[str]]:
         """`prompt`: [tokens] token ids. `prompt_logprobs_last_n` keeps only the last n
         positions' prompt logprobs (and top-k rows); the earlier ones come back as not
         computed. `record_stability_info` records each sampled sequence (prompt, tokens, the
         sampler's logprobs) under its sequence id for stable_reinforce training in the
-        sampler's session, before the result is delivered."""
+        sampler's session, before the result is delivered. `topk_sample_logprobs`,
+        `target_prompt_logprobs` ([prompt - 1, K] ids, -1 = none; `target_sparse`: answer it
+        as a CSR tensor) and `prompt_alt_tokens_k` are SDK 0.38's (see `SampleRequest`)."""
         record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
@@ -955,6 +1018,9 @@ class ServiceCore:
             None,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
         )
         checked = worker.check_sample(request)
         last_n = prompt_logprobs_last_n
@@ -987,7 +1053,7 @@ class ServiceCore:
                         for sid, seq in zip(sequence_ids, result.sequences)
                     ],
                 )
-            return _sample_result(result, sequence_ids, last_n)
+            return _sample_result(result, sequence_ids, last_n, checked.request, target_sparse)
 
         return self._start(
             user,
@@ -1067,6 +1133,42 @@ class ServiceCore:
         else:
             ckpts, total = self.store.list_checkpoints(owner=user, limit=limit, offset=offset)
         return views.Page(ckpts, offset, limit, total)
+
+    def external_weights_urls(
+        self, user: str, tinker_path: str, now: float | None = None
+    ) -> tuple[dict[str, str], int]:
+        """The files of an external weights checkpoint `user` may read, each with the query
+        (`expires`, `signature`) that makes its download URL valid until the returned expiry
+        (unix seconds, URL_TTL_SECONDS from `now`)."""
+        _, record = self._readable_checkpoint(
+            user, tinker_path, "tinker_path", kinds=("external_weights",)
+        )
+        if not storage.is_local(storage.resolve(record.location)):
+            raise FailedPrecondition(
+                "download URLs are served for checkpoints on a local file system only; this "
+                "server stores them on object storage"
+            )
+        expires = int((time.time() if now is None else now) + external_weights.URL_TTL_SECONDS)
+        path, sign = record.tinker_path, self.url_signer.signature
+        return {
+            file: f"expires={expires}&signature={sign(path, file, expires)}"
+            for file in external_weights.files(record.location)
+        }, expires
+
+    def external_weights_file(
+        self, tinker_path: str, file: str, expires: int, signature: str, now: float | None = None
+    ) -> str:
+        """The local path of one file of an external weights checkpoint, for a download URL
+        signed by `external_weights_urls` and not expired; NotFound for a file the checkpoint
+        does not hold (or no longer exists)."""
+        parsed = TinkerPath.parse(tinker_path, "tinker_path")
+        self.url_signer.check(
+            str(parsed), file, expires, signature, time.time() if now is None else now
+        )
+        record = self.store.get_checkpoint(str(parsed))
+        if record is None or file not in external_weights.files(record.location):
+            raise NotFound(f"{tinker_path} holds no file {file!r}")
+        return os.path.join(record.location, file)
 
     def delete_checkpoint(self, user: str, tinker_path: str) -> None:
         record = self._owned_checkpoint(user, tinker_path)
@@ -1155,16 +1257,35 @@ def _forward_backward_result(out: ForwardBackwardOutput) -> ForwardBackwardResul
 
 
 def _sample_result(
-    result: EngineSampleResult, sequence_ids: Sequence[str], last_n: int | None
+    result: EngineSampleResult,
+    sequence_ids: Sequence[str],
+    last_n: int | None,
+    request: SampleRequest | None = None,
+    target_sparse: bool = False,
 ) -> SampleResult:
     """The engine's samples as delivered: arrays, with prompt logprobs (and top-k rows) kept
-    for the last `last_n` positions only when it is given."""
-    sequences = [
-        SampledTokens(
-            np.asarray(s.tokens, np.int32), np.asarray(s.logprobs, np.float32), s.stop_reason, sid
+    for the last `last_n` positions only when it is given; `request` (as checked) gives the
+    target ids of `target_prompt_logprobs`."""
+    sequences = []
+    for s, sid in zip(result.sequences, sequence_ids):
+        topk_ids = topk_lp = None
+        if s.topk_logprobs is not None:
+            k = max((len(row) for row in s.topk_logprobs), default=0)
+            topk_ids = np.zeros((len(s.topk_logprobs), k), np.int32)
+            topk_lp = np.full((len(s.topk_logprobs), k), results.TOPK_ABSENT, np.float32)
+            for p, row in enumerate(s.topk_logprobs):
+                for j, (token, lp) in enumerate(row):
+                    topk_ids[p, j], topk_lp[p, j] = token, lp
+        sequences.append(
+            SampledTokens(
+                np.asarray(s.tokens, np.int32),
+                np.asarray(s.logprobs, np.float32),
+                s.stop_reason,
+                sid,
+                topk_ids,
+                topk_lp,
+            )
         )
-        for s, sid in zip(result.sequences, sequence_ids)
-    ]
     prompt_lp = topk_ids = topk_lp = None
     if result.prompt_logprobs is not None:
         prompt_lp = np.asarray(
@@ -1185,7 +1306,38 @@ def _sample_result(
         if topk_ids is not None:
             topk_ids[:cut] = 0
             topk_lp[:cut] = results.TOPK_ABSENT
-    return SampleResult(sequences, prompt_lp, topk_ids, topk_lp)
+    target_ids = None
+    if result.target_prompt_logprobs is not None and request is not None:
+        target_ids = np.asarray(request.target_prompt_logprobs, np.int64)
+    return SampleResult(
+        sequences,
+        prompt_lp,
+        topk_ids,
+        topk_lp,
+        target_ids,
+        result.target_prompt_logprobs,
+        target_sparse and target_ids is not None,
+        result.prompt_alt_tokens,
+        result.prompt_alt_logprobs,
+    )
+
+
+def _loaded_family(saved: str, with_optimizer: bool, requested: str | None) -> str:
+    """The optimizer family of a run loaded from a checkpoint of family `saved`: with its
+    optimizer state that family (another `requested` is refused), else `requested` (AdamW
+    when None)."""
+    if requested is not None:
+        check_optimizer(requested)
+    if not with_optimizer:
+        return requested or "adamw"
+    if requested not in (None, saved):
+        raise ValidationError(
+            "optimizer_config.type",
+            f"the checkpoint holds {saved} optimizer state, which cannot resume a {requested} "
+            f"run; leave optimizer_config out, or load without the optimizer state to start a "
+            f"fresh {requested} optimizer",
+        )
+    return saved
 
 
 def _check_lora(lora: LoraConfig, max_rank: int) -> None:
@@ -1228,9 +1380,10 @@ def new_run_record(
     lora: LoraConfig,
     metadata: dict[str, str],
     source: str | None = None,
+    optimizer: str = "adamw",
 ) -> RunRecord:
     """The record of a new run of `session`'s user (created and last used now); `source` is
-    the checkpoint it started from."""
+    the checkpoint it started from, `optimizer` its optimizer family."""
     now = time.time()
     return RunRecord(
         run_id=run_id,
@@ -1246,4 +1399,5 @@ def new_run_record(
         last_request_time=now,
         user_metadata=metadata,
         source_path=source,
+        optimizer=optimizer,
     )

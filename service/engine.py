@@ -21,15 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from tinker_jax import checkpoints
+from tinker_jax import checkpoints, storage
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRASpec
 from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.sampler import Sampler
 from tinker_jax.service import engine_calls as calls
+from tinker_jax.service import external_weights
 from tinker_jax.sharding import make_mesh
 from tinker_jax.trainer import SlotState, Trainer
 from tinker_jax.weights import load_model, resolve_model_dir
@@ -93,13 +95,14 @@ class Engine:
         )
         trainer, sampler = self.trainer, self.sampler
         self._handlers: dict[type[calls.EngineCall], Callable[[Any], Any]] = {
-            calls.CreateSlot: lambda c: trainer.create_slot(c.lora),
+            calls.CreateSlot: lambda c: trainer.create_slot(c.lora, c.optimizer),
             calls.LoadSlot: self._load_slot,
             calls.ReplaceSlot: self._replace_slot,
             calls.FreeSlot: lambda c: trainer.free_slot(c.slot),
             calls.ForwardBackward: self._forward_backward,
             calls.OptimStep: lambda c: trainer.optim_step(c.slot, c.params),
             calls.SaveState: self._save_state,
+            calls.ExportPeft: self._export_peft,
             calls.Snapshot: self._snapshot,
             calls.RefreshSnapshot: self._refresh_snapshot,
             calls.OpenSampler: self._open_sampler,
@@ -138,7 +141,7 @@ class Engine:
     def _load_slot(self, call: calls.LoadSlot) -> tuple[int, SlotState]:
         """A new training slot from a checkpoint folder."""
         state = checkpoints.load_state(call.location, with_optimizer=call.with_optimizer)[0]
-        return self.trainer.import_slot(state, call.with_optimizer), state
+        return self.trainer.import_slot(state, call.with_optimizer, call.optimizer), state
 
     def _replace_slot(self, call: calls.ReplaceSlot) -> tuple[int, SlotState]:
         """A checkpoint's state in a new slot that replaces `call.slot` (same LoRA config).
@@ -153,7 +156,9 @@ class Engine:
                 f"{state.lora.flags().astype(bool).tolist()}) differs from this run's "
                 f"(rank {current.rank}, {current.flags().astype(bool).tolist()})",
             )
-        new_slot = self.trainer.import_slot(state, call.with_optimizer)
+        # The run keeps its optimizer family; another family's state is refused.
+        family = self.trainer.slots[call.slot].optimizer
+        new_slot = self.trainer.import_slot(state, call.with_optimizer, family)
         self.trainer.free_slot(call.slot)
         return new_slot, state
 
@@ -165,6 +170,19 @@ class Engine:
             lora_alpha=self.settings.lora_alpha,
             with_optimizer=call.with_optimizer,
         )
+
+    def _export_peft(self, call: calls.ExportPeft) -> int:
+        """The adapter as a PEFT folder, written by process 0 (every process gathers it)."""
+        state = self.trainer.export_slot(call.slot, with_optimizer=False)
+        if jax.process_index() == 0:
+            checkpoints.export_peft(
+                call.location,
+                state,
+                base_model=self.base_model,
+                lora_alpha=self.settings.lora_alpha,
+                seal=external_weights.encrypter(call.recipients) if call.recipients else None,
+            )
+        return storage.tree_size(storage.resolve(call.location))
 
     def _snapshot(self, call: calls.Snapshot) -> int:
         state = self.trainer.export_slot(call.slot, with_optimizer=False)

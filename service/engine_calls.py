@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 
 from tinker_jax.batching import RunBatch
-from tinker_jax.optim import AdamParams
+from tinker_jax.optim import AdamParams, DimuonParams
 from tinker_jax.sampler import CheckedSample
 from tinker_jax.sampling import resolve_seed
 from tinker_jax.trainer import LoraConfig
@@ -28,22 +28,27 @@ class EngineCall:
 
 @dataclasses.dataclass(frozen=True)
 class CreateSlot(EngineCall):
-    """A new training slot with a fresh adapter; returns the slot."""
+    """A new training slot with a fresh adapter and optimizer family `optimizer`; returns the
+    slot."""
 
     lora: LoraConfig
+    optimizer: str = "adamw"
 
     def pinned(self) -> CreateSlot:
         if self.lora.seed is not None:
             return self
-        return CreateSlot(dataclasses.replace(self.lora, seed=secrets.randbits(31)))
+        lora = dataclasses.replace(self.lora, seed=secrets.randbits(31))
+        return dataclasses.replace(self, lora=lora)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadSlot(EngineCall):
-    """A new training slot from a checkpoint folder; returns (slot, SlotState)."""
+    """A new training slot from a checkpoint folder; returns (slot, SlotState). The run's
+    optimizer family is `optimizer` (None: the checkpoint's)."""
 
     location: str
     with_optimizer: bool
+    optimizer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +80,7 @@ class OptimStep(EngineCall):
     """The slot's optimizer step; returns its metrics."""
 
     slot: int
-    params: AdamParams
+    params: AdamParams | DimuonParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +90,16 @@ class SaveState(EngineCall):
     slot: int
     with_optimizer: bool
     location: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPeft(EngineCall):
+    """Writes the slot's adapter as a PEFT folder (encrypted to the age `recipients` when
+    there are any); returns its size in bytes."""
+
+    slot: int
+    location: str
+    recipients: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ import numpy as np
 from tinker_jax.batching import Datum
 from tinker_jax.checkpoints import CheckpointInfo
 from tinker_jax.errors import ValidationError
-from tinker_jax.optim import AdamParams
-from tinker_jax.provenance import FIELDS, Provenance, Span
+from tinker_jax.optim import AdamParams, DimuonParams, check_optimizer
+from tinker_jax.provenance import Provenance, Span, paired
 from tinker_jax.sampling import SamplingParams
 from tinker_jax.service import views
 from tinker_jax.service.paths import CHECKPOINT_KINDS
@@ -103,23 +103,16 @@ def datums(data: Sequence[pb.Datum]) -> list[Datum]:
 def provenance(data: Sequence[pb.Datum]) -> list[Provenance | None]:
     """Each datum's provenance spans; None for a datum that has none. A datum with spans for
     only one of its two fields is refused: they come as a pair."""
-    out: list[Provenance | None] = []
-    for i, d in enumerate(data):
-        fields = (d.model_input_spans, d.loss_fn_input_spans)
-        if not any(fields):
-            out.append(None)
-            continue
-        for name, spans in zip(FIELDS, fields):
-            if not spans:
-                raise ValidationError(
-                    f"data[{i}].{name}", "is empty, but the datum's other span list is not"
-                )
-        model_input, targets = (
-            tuple(Span(s.sequence_id, int(s.offset), int(s.length), s.sampled) for s in spans)
-            for spans in fields
+    return [
+        paired(
+            i,
+            *(
+                [Span(s.sequence_id, int(s.offset), int(s.length), s.sampled) for s in spans]
+                for spans in (d.model_input_spans, d.loss_fn_input_spans)
+            ),
         )
-        out.append(Provenance(model_input, targets))
-    return out
+        for i, d in enumerate(data)
+    ]
 
 
 def lora_config(msg: pb.LoraConfig) -> LoraConfig:
@@ -136,6 +129,32 @@ def adam_params(msg: pb.AdamParams) -> AdamParams:
     return AdamParams(
         msg.learning_rate, msg.beta1, msg.beta2, msg.eps, msg.weight_decay, msg.grad_clip_norm
     )
+
+
+def optim_params(msg: pb.OptimStepRequest) -> AdamParams | DimuonParams:
+    """The step's `dimuon_params`, else its `adam_params`."""
+    if msg.WhichOneof("optim_params") == "dimuon_params":
+        d = msg.dimuon_params
+        return DimuonParams(d.learning_rate, d.grad_clip_norm, d.beta1)
+    return adam_params(msg.adam_params)
+
+
+def optimizer_config(msg, field: str = "optimizer_config") -> str | None:
+    """The optimizer family a request's `optimizer_config` names (an empty type: "adamw");
+    None when the request has none."""
+    if not msg.HasField(field):
+        return None
+    config = getattr(msg, field)
+    kind = check_optimizer(config.type or "adamw", f"{field}.type")
+    if kind == "dimuon" and config.version not in (0, 1):
+        raise ValidationError(
+            f"{field}.version", f"{config.version} is not a Dimuon version; use 1"
+        )
+    return kind
+
+
+def optimizer_config_message(optimizer: str) -> pb.OptimizerConfig:
+    return pb.OptimizerConfig(type=optimizer, version=1 if optimizer == "dimuon" else 0)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -203,6 +222,12 @@ def sample_result(result: SampleResult) -> pb.SampleResult:
                 tokens=numpy_to_tensor(s.tokens),
                 logprobs=numpy_to_tensor(s.logprobs),
                 sequence_id=s.sequence_id,
+                topk_logprobs=None
+                if s.topk_ids is None
+                else pb.TopkLogprobs(
+                    token_ids=numpy_to_tensor(s.topk_ids),
+                    logprobs=numpy_to_tensor(s.topk_logprobs),
+                ),
             )
             for s in result.sequences
         ]
@@ -214,6 +239,15 @@ def sample_result(result: SampleResult) -> pb.SampleResult:
             pb.TopkLogprobs(
                 token_ids=numpy_to_tensor(result.topk_ids),
                 logprobs=numpy_to_tensor(result.topk_logprobs),
+            )
+        )
+    if result.target_logprobs is not None:
+        msg.target_prompt_logprobs.CopyFrom(numpy_to_tensor(result.target_logprobs))
+    if result.alt_tokens is not None:
+        msg.prompt_alt_tokens.CopyFrom(
+            pb.PromptAltTokens(
+                tokens=numpy_to_tensor(result.alt_tokens),
+                logprobs=numpy_to_tensor(result.alt_logprobs),
             )
         )
     return msg
@@ -246,6 +280,7 @@ def run_info(info: views.RunInfo) -> pb.GetInfoResponse:
         tokenizer_id=info.base_model,
         is_lora=True,
         lora_rank=info.lora_rank,
+        optimizer_config=optimizer_config_message(info.optimizer),
     )
 
 
@@ -306,6 +341,7 @@ def weights_info(info: CheckpointInfo) -> pb.WeightsInfoResponse:
         train_unembed=info.lora.train_unembed,
         train_mlp=info.lora.train_mlp,
         train_attn=info.lora.train_attn,
+        optimizer_config=optimizer_config_message(info.optimizer),
     )
 
 

@@ -122,6 +122,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.base_model,
             codec.lora_config(r.lora_config),
             dict(r.user_metadata),
+            codec.optimizer_config(r) or "adamw",
         )
         return pb.SubmitResponse(request_id=request_id, model_id=model_id)
 
@@ -136,6 +137,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.optimizer,
             dict(r.user_metadata),
             r.weights_access_token,
+            codec.optimizer_config(r),
         )
         return pb.SubmitResponse(request_id=request_id, model_id=model_id)
 
@@ -161,7 +163,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         return pb.SubmitResponse(
             model_id=r.model_id,
             request_id=self.core.optim_step(
-                user, r.request_id, r.model_id, r.seq_id, codec.adam_params(r.adam_params)
+                user, r.request_id, r.model_id, r.seq_id, codec.optim_params(r)
             ),
         )
 
@@ -233,6 +235,13 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
             r.topk_prompt_logprobs,
             r.prompt_logprobs_last_n if r.HasField("prompt_logprobs_last_n") else None,
             r.record_stability_info,
+            topk_sample_logprobs=r.topk_sample_logprobs,
+            target_prompt_logprobs=codec.tensor_to_numpy(
+                r.target_prompt_logprobs, "target_prompt_logprobs"
+            )
+            if r.HasField("target_prompt_logprobs")
+            else None,
+            prompt_alt_tokens_k=r.prompt_alt_tokens_k,
         )
         return pb.SubmitResponse(request_id=request_id, sample_sequence_ids=sequence_ids)
 

@@ -21,8 +21,8 @@ import numpy as np
 from tinker_jax.batching import Datum
 from tinker_jax.checkpoints import CheckpointInfo
 from tinker_jax.errors import ValidationError
-from tinker_jax.optim import AdamParams
-from tinker_jax.provenance import Provenance, Span
+from tinker_jax.optim import AdamParams, DimuonParams, check_optimizer
+from tinker_jax.provenance import FIELDS, Provenance, Span, paired
 from tinker_jax.sampling import SamplingParams
 from tinker_jax.service import views
 from tinker_jax.service.paths import CHECKPOINT_KINDS
@@ -269,6 +269,21 @@ def tensor_from_json(value: Any, field: str) -> np.ndarray:
     return _tensor(values.reshape(-1), shape, field, crow, col)
 
 
+def target_ids_from_json(
+    value: Any, field: str = "target_prompt_logprobs"
+) -> tuple[np.ndarray, bool]:
+    """SDK 0.38's `target_prompt_logprobs`: TensorData JSON of int64 token ids, dense or sparse
+    CSR. Returns (the ids as a dense array, -1 in every cell a CSR matrix leaves out, whether
+    it came sparse: the answer goes back in the same layout)."""
+    ids = tensor_from_json(value, field)
+    if ids.dtype.kind not in "iu":
+        raise ValidationError(field, f"must be an int64 tensor of token ids, got {ids.dtype.name}")
+    if not isinstance(value, dict) or value.get("sparse_crow_indices") is None:
+        return ids.astype(np.int64), False
+    listed = tensor_from_json(dict(value, data=[1] * len(value["data"])), field)
+    return np.where(listed != 0, ids, -1).astype(np.int64), True
+
+
 # ---------------------------------------------------------------------------- model inputs
 
 
@@ -321,22 +336,14 @@ def datums_from_proto(data: Sequence[tp.Datum]) -> tuple[list[Datum], list[Prove
             for key, t in d.loss_fn_inputs.items()
         }
         datums.append(Datum(tokens, inputs))
-        fields = {
-            name: tuple(
+        fields = (
+            [
                 _span_from_proto(span, f"data[{i}].{name}[{j}]")
                 for j, span in enumerate(getattr(d, name))
-            )
-            for name in ("model_input_spans", "loss_fn_input_spans")
-        }
-        if not any(fields.values()):
-            spans.append(None)
-            continue
-        for name, field_spans in fields.items():
-            if not field_spans:
-                raise ValidationError(
-                    f"data[{i}].{name}", "is empty, but the datum's other span list is not"
-                )
-        spans.append(Provenance(fields["model_input_spans"], fields["loss_fn_input_spans"]))
+            ]
+            for name in FIELDS
+        )
+        spans.append(paired(i, *fields))
     return datums, spans
 
 
@@ -415,16 +422,21 @@ def lora_config_from_json(value: Any) -> LoraConfig:
     )
 
 
-def check_optimizer_config(value: Any, field: str = "optimizer_config") -> None:
+def optimizer_config_from_json(value: Any, field: str = "optimizer_config") -> str | None:
+    """The optimizer family an `optimizer_config` names ("adamw" or "dimuon", Dimuon's
+    version 1); None when there is none."""
     if value is None:
-        return
-    kind = Fields(value, field).str("type", "adamw")
-    if kind != "adamw":
-        raise ValidationError(f"{field}.type", f"{kind!r} is not supported; use adamw")
+        return None
+    f = Fields(value, field)
+    kind = check_optimizer(f.str("type", "adamw"), f.name("type"))
+    if kind == "dimuon" and (version := f.int("version", 1)) != 1:
+        raise ValidationError(f.name("version"), f"{version} is not a Dimuon version; use 1")
+    return kind
 
 
-def adam_params_from_json(body: Fields) -> AdamParams:
-    """`adam_params` (also `optim_params` / `optimizer_params`); omitted fields take Tinker's
+def optim_params_from_json(body: Fields) -> AdamParams | DimuonParams:
+    """`adam_params`, or `optimizer_params` / `optim_params` with a `type` ("dimuon":
+    DimuonParams; absent, "adam" or "adamw": AdamParams). Omitted Adam fields take Tinker's
     defaults (older SDKs leave unset fields out)."""
     for key in ("adam_params", "optim_params", "optimizer_params"):
         if body.value.get(key) is not None:
@@ -433,8 +445,15 @@ def adam_params_from_json(body: Fields) -> AdamParams:
     else:
         raise ValidationError("adam_params", "is required")
     kind = f.str("type", "adam")
+    if kind == "dimuon":
+        learning_rate = f.float("learning_rate")
+        if learning_rate is None:
+            raise ValidationError(f.name("learning_rate"), "is required")
+        return DimuonParams(learning_rate, f.float("grad_clip_norm", 0.0), f.float("beta1", 0.9))
     if kind not in ("adam", "adamw"):
-        raise ValidationError(f.name("type"), f"{kind!r} is not supported; use AdamParams")
+        raise ValidationError(
+            f.name("type"), f"{kind!r} is not supported; use AdamParams or DimuonParams"
+        )
     return AdamParams(**{k: f.float(k, default) for k, default in ADAM_DEFAULTS.items()})
 
 
@@ -510,14 +529,70 @@ def forward_backward_json(result: ForwardBackwardResult) -> dict:
     }
 
 
+def _topk_proto(ids: np.ndarray, logprobs: np.ndarray) -> tp.TopkLogprobs:
+    return tp.TopkLogprobs(
+        token_ids=ids.astype("<i4").tobytes(),
+        logprobs=logprobs.astype("<f4").tobytes(),
+        k=ids.shape[1],
+        length=ids.shape[0],
+    )
+
+
+def _tensor_proto(array: np.ndarray, sparse_cells: np.ndarray | None = None) -> tp.Tensor:
+    """A dense Tinker Tensor, or with `sparse_cells` ([rows, cols] bool) a CSR one holding
+    just those cells."""
+    array = np.asarray(array)
+    dtype = TO_PROTO_DTYPE[array.dtype]
+    le = array.dtype.newbyteorder("<")
+    if sparse_cells is None:
+        return tp.Tensor(dense=array.astype(le).tobytes(), dtype=dtype, shape=list(array.shape))
+    rows, cols = np.nonzero(sparse_cells)
+    crow = np.concatenate([[0], np.cumsum(sparse_cells.sum(axis=1))]).astype("<i8")
+    return tp.Tensor(
+        sparse_csr=tp.SparseCsr(
+            values=array[rows, cols].astype(le).tobytes(),
+            crow_indices=crow.tobytes(),
+            col_indices=cols.astype("<i8").tobytes(),
+        ),
+        dtype=dtype,
+        shape=list(array.shape),
+    )
+
+
+def _tensor_json(array: np.ndarray, sparse_cells: np.ndarray | None = None) -> dict:
+    """Tinker's TensorData JSON, dense or (with `sparse_cells`) CSR."""
+    array = np.asarray(array)
+    out: dict[str, Any] = {
+        "dtype": "float32" if array.dtype.kind == "f" else "int64",
+        "shape": list(array.shape),
+    }
+    if sparse_cells is None:
+        return {"data": array.reshape(-1).tolist(), **out}
+    rows, cols = np.nonzero(sparse_cells)
+    crow = np.concatenate([[0], np.cumsum(sparse_cells.sum(axis=1))]).astype(np.int64)
+    return {
+        "data": array[rows, cols].tolist(),
+        **out,
+        "sparse_crow_indices": crow.tolist(),
+        "sparse_col_indices": cols.tolist(),
+    }
+
+
+def _target_cells(result: SampleResult) -> np.ndarray | None:
+    """The cells a sparse `target_prompt_logprobs` answer lists: those the request named."""
+    return result.target_ids >= 0 if result.target_sparse else None
+
+
 def sample_proto(result: SampleResult) -> bytes:
     out = tp.SampleResponse()
     for s in result.sequences:
-        out.sequences.add(
+        seq = out.sequences.add(
             stop_reason=tp.STOP_REASON_LENGTH if s.stop_reason == "length" else tp.STOP_REASON_STOP,
             tokens=s.tokens.astype("<i4").tobytes(),
             logprobs=s.logprobs.astype("<f4").tobytes(),
         )
+        if s.topk_ids is not None:
+            seq.topk_sampled_logprobs.CopyFrom(_topk_proto(s.topk_ids, s.topk_logprobs))
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = result.prompt_logprobs.astype("<f4").tobytes()
     if result.topk_ids is not None and result.topk_ids.size:
@@ -527,6 +602,17 @@ def sample_proto(result: SampleResult) -> bytes:
                 logprobs=result.topk_logprobs.astype("<f4").tobytes(),
                 k=result.topk_ids.shape[1],
                 length=result.topk_ids.shape[0],
+            )
+        )
+    if result.target_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(
+            _tensor_proto(result.target_logprobs.astype(np.float32), _target_cells(result))
+        )
+    if result.alt_tokens is not None:
+        out.prompt_alt_tokens.CopyFrom(
+            tp.PromptAltTokens(
+                tokens=_tensor_proto(result.alt_tokens.astype(np.int64)),
+                logprobs=_tensor_proto(result.alt_logprobs.astype(np.float32)),
             )
         )
     return out.SerializeToString()
@@ -540,10 +626,24 @@ def sample_json(result: SampleResult) -> dict:
                 "stop_reason": s.stop_reason or "stop",
                 "tokens": s.tokens.tolist(),
                 "logprobs": s.logprobs.astype(np.float32).tolist(),
+                **(
+                    {}
+                    if s.topk_ids is None
+                    else {"topk_logprobs": _topk_rows_json(s.topk_ids, s.topk_logprobs)}
+                ),
             }
             for s in result.sequences
         ],
     }
+    if result.target_logprobs is not None:
+        out["target_prompt_logprobs"] = _tensor_json(
+            result.target_logprobs.astype(np.float32), _target_cells(result)
+        )
+    if result.alt_tokens is not None:
+        out["prompt_alt_tokens"] = {
+            "tokens": _tensor_json(result.alt_tokens.astype(np.int64)),
+            "logprobs": _tensor_json(result.alt_logprobs.astype(np.float32)),
+        }
     if result.prompt_logprobs is not None:
         lp = result.prompt_logprobs.astype(np.float32).tolist()
         out["prompt_logprobs"] = [None if math.isnan(x) else x for x in lp]
@@ -554,6 +654,15 @@ def sample_json(result: SampleResult) -> dict:
             rows.append(row or None)
         out["topk_prompt_logprobs"] = rows
     return out
+
+
+def _topk_rows_json(ids: np.ndarray, logprobs: np.ndarray) -> list:
+    """Per position, its [token, logprob] pairs (None for a position without any)."""
+    rows = []
+    for row_ids, row_lps in zip(ids, logprobs):
+        row = [[int(t), float(p)] for t, p in zip(row_ids, row_lps) if p != TOPK_ABSENT]
+        rows.append(row or None)
+    return rows
 
 
 def result_json(result: Result) -> dict:
@@ -619,6 +728,11 @@ def training_run_json(run: views.TrainingRun) -> dict:
     return out
 
 
+def optimizer_config_json(optimizer: str) -> dict:
+    """Tinker's OptimizerConfig of an optimizer family."""
+    return {"type": "dimuon", "version": 1} if optimizer == "dimuon" else {"type": "adamw"}
+
+
 def get_info_json(info: views.RunInfo) -> dict:
     return {
         "type": "get_info",
@@ -631,14 +745,14 @@ def get_info_json(info: views.RunInfo) -> dict:
         "model_name": info.base_model,
         "is_lora": True,
         "lora_rank": info.lora_rank,
-        "optimizer_config": {"type": "adamw"},
+        "optimizer_config": optimizer_config_json(info.optimizer),
     }
 
 
 def weights_info_json(info: CheckpointInfo) -> dict:
     return {
         "base_model": info.base_model,
-        "optimizer_config": {"type": "adamw"},
+        "optimizer_config": optimizer_config_json(info.optimizer),
         "is_lora": True,
         "lora_rank": info.lora.rank,
         "train_unembed": info.lora.train_unembed,

@@ -34,13 +34,14 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 import uvicorn
 from google.protobuf.message import DecodeError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from tinker_jax.errors import ValidationError
@@ -79,7 +80,6 @@ DYNAMIC_CONFIG = {
     "sample_cancel_max_batch_size": 64,
 }
 UNSUPPORTED = {
-    "save_weights_external": "exporting external (HF-format) weights",
     "copy_weights": "copying weights between projects",
     "create_custom_loss": "server-side custom losses",
     "join_sampling_session": "joining sampling sessions",
@@ -194,6 +194,7 @@ class TinkerHTTP:
             self._route("/optim_step", self.optim_step),
             self._route("/save_weights", self.save_weights),
             self._route("/save_weights_for_sampler", self.save_weights_for_sampler),
+            self._route("/save_weights_external", self.save_weights_external),
             self._route("/load_weights", self.load_weights),
             self._route("/create_sampling_session", self.create_sampling_session),
             self._route("/asample", self.sample),
@@ -212,8 +213,14 @@ class TinkerHTTP:
             Route(ckpt + "/ttl", self._wrap(self.set_ttl), methods=["PUT"]),
             Route(
                 ckpt + "/external_weights_urls",
-                self._wrap(self.unsupported("external weights")),
+                self._wrap(self.external_weights_urls),
                 methods=["GET"],
+            ),
+            # Signed download URLs: no API key, the signature is the permission.
+            Route(
+                v1 + "/external_weights/{run_id}/{name}/{file:path}",
+                self._download,
+                methods=["GET", "HEAD"],
             ),
             Route(
                 ckpt + "/archive",
@@ -363,7 +370,7 @@ class TinkerHTTP:
 
     def create_model(self, call: Call):
         f = call.fields
-        codec.check_optimizer_config(f.value.get("optimizer_config"))
+        optimizer = codec.optimizer_config_from_json(f.value.get("optimizer_config"))
         request_id, model_id = self.core.create_model(
             call.user,
             call.request_id,
@@ -372,6 +379,7 @@ class TinkerHTTP:
             f.str("base_model", required=True),
             codec.lora_config_from_json(f.value.get("lora_config")),
             codec.metadata(f.value.get("user_metadata")),
+            optimizer or "adamw",
         )
         return {"request_id": request_id, "model_id": model_id}
 
@@ -455,7 +463,7 @@ class TinkerHTTP:
                 call.request_id,
                 model_id,
                 seq_id,
-                codec.adam_params_from_json(call.fields),
+                codec.optim_params_from_json(call.fields),
             ),
         )
 
@@ -526,7 +534,7 @@ class TinkerHTTP:
                     f.bool("optimizer"),
                 ),
             )
-        codec.check_optimizer_config(f.value.get("optimizer_config"))
+        optimizer = codec.optimizer_config_from_json(f.value.get("optimizer_config"))
         request_id, model_id = self.core.load_weights(
             call.user,
             call.request_id,
@@ -536,6 +544,7 @@ class TinkerHTTP:
             f.bool("optimizer"),
             codec.metadata(f.value.get("user_metadata")),
             f.str("weights_access_token", ""),
+            optimizer,
         )
         return {"request_id": request_id, "model_id": model_id}
 
@@ -559,11 +568,9 @@ class TinkerHTTP:
             raise ValidationError(
                 "sampling_session_id", "is required (create a sampling session first)"
             )
-        for key in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
-            if f.int(key, 0):
-                raise ValidationError(key, "is not supported by this server (send 0)")
+        targets, target_sparse = None, False
         if f.value.get("target_prompt_logprobs") is not None:
-            raise ValidationError("target_prompt_logprobs", "is not supported by this server")
+            targets, target_sparse = codec.target_ids_from_json(f.value["target_prompt_logprobs"])
         request_id, sequence_ids = self.core.sample(
             call.user,
             call.request_id,
@@ -575,6 +582,10 @@ class TinkerHTTP:
             f.int("topk_prompt_logprobs", 0),
             f.int("prompt_logprobs_last_n"),
             f.bool("record_stability_info"),
+            topk_sample_logprobs=f.int("topk_sample_logprobs", 0),
+            target_prompt_logprobs=targets,
+            target_sparse=target_sparse,
+            prompt_alt_tokens_k=f.int("prompt_alt_tokens_k", 0),
         )
         return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
 
@@ -671,6 +682,62 @@ class TinkerHTTP:
     def unpublish(self, call: Call):
         self.core.set_public(call.user, self._tinker_path(call), False)
         return {}
+
+    def external_weights_urls(self, call: Call):
+        """A download URL per file of an external weights checkpoint (SDK 0.38's
+        ExternalWeightsUrlsResponse), valid without an API key until `expires`."""
+        tinker_path = self._tinker_path(call)
+        queries, expires = self.core.external_weights_urls(call.user, tinker_path)
+        run_id, _, name = tinker_path.removeprefix("tinker://").split("/", 2)
+        base = f"{str(call.request.base_url).rstrip('/')}/api/v1/external_weights"
+        folder = f"{base}/{quote(run_id, safe='')}/{quote(name, safe='')}"
+        return {
+            "urls": {f: f"{folder}/{quote(f)}?{q}" for f, q in queries.items()},
+            "expires": codec.timestamp(expires),
+        }
+
+    async def _download(self, request: Request) -> Response:
+        """One file of an external weights checkpoint, for a signed URL (403 when altered or
+        expired); byte ranges are served as asked."""
+        p, q = request.path_params, request.query_params
+        try:
+            expires = int(q.get("expires", ""))
+        except ValueError:
+            return _error(400, "expires: expected an integer (unix seconds)")
+        try:
+            path = await asyncio.get_running_loop().run_in_executor(
+                self.pool,
+                self.core.external_weights_file,
+                f"tinker://{p['run_id']}/external_weights/{p['name']}",
+                p["file"],
+                expires,
+                q.get("signature", ""),
+            )
+        except ValidationError as e:
+            return _error(403, str(e))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a response
+            return self._failure(e, request)
+        return FileResponse(path, filename=p["file"].rsplit("/", 1)[-1])
+
+    def save_weights_external(self, call: Call):
+        """The run's adapter as a PEFT folder, `tinker://<run>/external_weights/<path>`."""
+        f = call.fields
+        recipients = f.list("age_encryption_recipients") or []
+        return self._ordered(
+            call,
+            lambda model_id, seq_id: self.core.save_weights(
+                call.user,
+                call.request_id,
+                model_id,
+                seq_id,
+                validate_name(f.str("path", required=True), "path"),
+                f.int("ttl_seconds"),
+                False,
+                {},
+                kind="external_weights",
+                age_recipients=recipients,
+            ),
+        )
 
     def set_ttl(self, call: Call):
         self.core.set_ttl(call.user, self._tinker_path(call), call.fields.int("ttl_seconds"))

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 from tinker_jax.errors import ValidationError
 
-CHECKPOINT_KINDS = {"weights": "training", "sampler_weights": "sampler"}
+CHECKPOINT_KINDS = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
 
 SCHEME = "tinker://"
 PATH_FORM = f"{SCHEME}<run_id>/<kind>/<name> with kind one of {'|'.join(CHECKPOINT_KINDS)}"

@@ -61,12 +61,16 @@ class SaveWeightsResult:
 @dataclasses.dataclass(frozen=True)
 class SampledTokens:
     """One sampled sequence: `tokens` [n] int32, the sampler's `logprobs` [n] float32 of each,
-    `stop_reason` "stop" or "length", and the id stable_reinforce provenance names it by."""
+    `stop_reason` "stop" or "length", and the id stable_reinforce provenance names it by; with
+    `topk_sample_logprobs`, the most likely tokens at each position (`topk_ids` [n, k] int32,
+    `topk_logprobs` [n, k] float32)."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
     stop_reason: str
     sequence_id: str
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +78,23 @@ class SampleResult:
     """The sequences of a sample request and, when asked for, the prompt's logprobs ([prompt]
     float32, NaN where not computed: position 0, or before `prompt_logprobs_last_n`) and its
     top-k rows (`topk_ids` [prompt, k] int32 and `topk_logprobs` [prompt, k] float32, a cell
-    without an entry holding TOPK_ABSENT)."""
+    without an entry holding TOPK_ABSENT).
+
+    `target_ids` [prompt - 1, K] int64 are the ids of `target_prompt_logprobs` (-1 = none)
+    and `target_logprobs` [prompt - 1, K] float32 their logprobs (0.0 where -1);
+    `target_sparse` says the request came as a sparse CSR tensor, so the answer goes back in
+    that layout (its cells are the ids other than -1). `alt_tokens` [prompt - 1, k] int64 and
+    `alt_logprobs` [prompt - 1, k] float32 are the `prompt_alt_tokens_k` draws."""
 
     sequences: list[SampledTokens]
     prompt_logprobs: np.ndarray | None = None
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    target_ids: np.ndarray | None = None
+    target_logprobs: np.ndarray | None = None
+    target_sparse: bool = False
+    alt_tokens: np.ndarray | None = None
+    alt_logprobs: np.ndarray | None = None
 
 
 Result = (

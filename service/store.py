@@ -36,11 +36,12 @@ from tinker_jax.service.auth import (
 )
 from tinker_jax.service.paths import TinkerPath
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 1 lacked api_keys.key_prefix and api_keys.revoked; `Store` adds them (a v1 key shows
 # as `legacy_key_id`). An older tinker-jax refuses a v2 database rather than ignore revocation.
 # Version 2 stored finished results as gRPC messages, version 3 in the service's own encoding
 # (`results.encode`): a result of version 2 not yet delivered fails, asking for a resubmission.
+# Version 4 records each run's optimizer family (runs.optimizer); older runs trained with AdamW.
 _MIGRATIONS = {
     1: (
         "ALTER TABLE api_keys ADD COLUMN key_prefix TEXT",
@@ -51,6 +52,7 @@ _MIGRATIONS = {
         " error = 'this result was stored by an older tinker-jax; submit the request again'"
         " WHERE state = 'done'",
     ),
+    3: ("ALTER TABLE runs ADD COLUMN optimizer TEXT NOT NULL DEFAULT 'adamw'",),
 }
 # `tinker-jax keys revoke` takes a key prefix only from this length on, so that a typo in a user
 # name does not become a prefix of some key.
@@ -102,7 +104,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL NOT NULL,
     last_request_time REAL NOT NULL,
     user_metadata TEXT NOT NULL,
-    source_path TEXT
+    source_path TEXT,
+    optimizer TEXT NOT NULL DEFAULT 'adamw'
 );
 CREATE INDEX IF NOT EXISTS runs_by_session ON runs(session_id);
 CREATE INDEX IF NOT EXISTS runs_by_user ON runs(user_id, created);
@@ -232,6 +235,7 @@ class RunRecord:
     last_request_time: float
     user_metadata: dict[str, str] = field(default_factory=dict)
     source_path: str | None = None
+    optimizer: str = "adamw"  # the optimizer family its optim_steps use (`optim.OPTIMIZERS`)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class RunInfo:
     base_model: str
     arch: str
     lora_rank: int
+    optimizer: str = "adamw"  # the run's optimizer family (Tinker's optimizer_config.type)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 from tinker_jax.batching import Datum, RunBatch, check_datums
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
-from tinker_jax.optim import AdamParams
+from tinker_jax.optim import AdamParams, DimuonParams
 from tinker_jax.sampler import CheckedSample, SampleRequest, SampleResult
 from tinker_jax.service import engine_calls as calls
 from tinker_jax.service.engine import Engine, EngineSettings
@@ -65,6 +65,7 @@ class CreateRun(Op):
     run_id: str
     lora: LoraConfig
     user: str = ""  # the run's owner: runs are counted per user (max_runs_per_user)
+    optimizer: str = "adamw"  # the run's optimizer family (`optim.OPTIMIZERS`)
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class LoadRun(Op):
     location: str
     with_optimizer: bool
     user: str = ""  # the run's owner (max_runs_per_user)
+    optimizer: str | None = None  # the run's optimizer family; None: the checkpoint's
 
 
 @dataclasses.dataclass
@@ -106,7 +108,7 @@ class ForwardBackward(Op):
 
 @dataclasses.dataclass
 class OptimStep(Op):
-    params: AdamParams
+    params: AdamParams | DimuonParams
 
 
 @dataclasses.dataclass
@@ -116,6 +118,17 @@ class SaveState(Op):
 
     with_optimizer: bool
     location: str
+    record: Callable[[int], Any]
+
+
+@dataclasses.dataclass
+class ExportExternal(Op):
+    """Writes the run's adapter as a PEFT folder at `location`, every file encrypted to the
+    age `recipients` when there are any, then hands its size in bytes to `record`; done(what
+    `record` returns)."""
+
+    location: str
+    recipients: tuple[str, ...]
     record: Callable[[int], Any]
 
 
@@ -253,6 +266,7 @@ class EngineWorker:
         self._run_executors: dict[type[Op], Callable[[int, str, Any], None]] = {
             OptimStep: self._optim_step,
             SaveState: self._save_state,
+            ExportExternal: self._export_external,
             Refused: self._refused,
             LoadIntoRun: self._load_into_run,
             SnapshotForSampler: self._snapshot_for_sampler,
@@ -548,13 +562,13 @@ class EngineWorker:
         self._unordered_executors[type(op)](op)
 
     def _create_run(self, op: CreateRun) -> None:
-        slot = self.engine.call(calls.CreateSlot(op.lora))
+        slot = self.engine.call(calls.CreateSlot(op.lora, op.optimizer))
         with self._cond:
             self._runs[op.run_id] = _Run(slot, op.user)
         self._done(op, slot)
 
     def _load_run(self, op: LoadRun) -> None:
-        slot, state = self.engine.call(calls.LoadSlot(op.location, op.with_optimizer))
+        slot, state = self.engine.call(calls.LoadSlot(op.location, op.with_optimizer, op.optimizer))
         with self._cond:
             self._runs[op.run_id] = _Run(slot, op.user)
         self._done(op, state)
@@ -616,6 +630,10 @@ class EngineWorker:
         size = self.engine.call(calls.SaveState(slot, op.with_optimizer, op.location))
         self._done(op, op.record(size))
 
+    def _export_external(self, slot: int, run_id: str, op: ExportExternal) -> None:
+        size = self.engine.call(calls.ExportPeft(slot, op.location, op.recipients))
+        self._done(op, op.record(size))
+
     def _refused(self, slot: int, run_id: str, op: Refused) -> None:
         raise op.error
 
@@ -664,9 +682,9 @@ class EngineWorker:
 
     def _chunk_request(self, op: Sample, chunk: Chunk[_SampleJob]) -> CheckedSample:
         """The sub-request of sequences [start, start + count) of `op`'s request, in its
-        sampler slot. Only the first computes prompt logprobs. A seeded request's later chunks
-        draw from seeds derived from (seed, start), so its samples stay distinct and
-        reproducible."""
+        sampler slot. Only the first computes prompt logprobs, target logprobs and alternative
+        draws. A seeded request's later chunks draw from seeds derived from (seed, start), so
+        its samples stay distinct and reproducible."""
         request = dataclasses.replace(
             op.request.request, slot=self._sampler_slot(op.sampler_id, op.user)
         )
@@ -682,6 +700,8 @@ class EngineWorker:
                 params=params,
                 include_prompt_logprobs=request.include_prompt_logprobs and first,
                 topk_prompt_logprobs=request.topk_prompt_logprobs if first else 0,
+                target_prompt_logprobs=request.target_prompt_logprobs if first else None,
+                prompt_alt_tokens_k=request.prompt_alt_tokens_k if first else 0,
             )
         return dataclasses.replace(op.request, request=request)
 

@@ -859,7 +859,7 @@ def negative_topk_prompt_logprobs(a):
 
 
 @case("http:400", "topk_sample_logprobs")
-def unsupported_sample_option(a):
+def topk_sample_logprobs_out_of_range(a):
     return http(
         a,
         "POST",
@@ -868,7 +868,7 @@ def unsupported_sample_option(a):
             "sampling_session_id": a.sampler_id,
             "prompt": {"chunks": [{"tokens": [1, 2]}]},
             "sampling_params": {"max_tokens": 2},
-            "topk_sample_logprobs": 3,
+            "topk_sample_logprobs": 1000,
         },
     )
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.optim import DimuonParams
 from tinker_jax.provenance import Provenance, Span
 from tinker_jax.service import http_codec as hw
 from tinker_jax.service.results import (
@@ -164,10 +165,40 @@ def test_sampling_params_and_optimizer_params_from_json():
         hw.sampling_params_from_json({"stop": [1, "a"]})
     request = T.OptimStepRequest(adam_params=T.AdamParams(learning_rate=3e-4), model_id="m")
     body = hw.Fields(request.model_dump(mode="json", exclude_none=True))
-    adam = hw.adam_params_from_json(body)
+    adam = hw.optim_params_from_json(body)
     assert (adam.learning_rate, adam.beta2, adam.eps) == (3e-4, 0.95, 1e-12)
-    assert hw.adam_params_from_json(hw.Fields({"optim_params": {}})).beta1 == 0.9
+    assert hw.optim_params_from_json(hw.Fields({"optim_params": {}})).beta1 == 0.9
+    # SDK 0.38 sends DimuonParams as optimizer_params with their type
+    request = T.OptimStepRequest(optim_params=T.DimuonParams(learning_rate=0.02), model_id="m")
+    body = hw.Fields(request.model_dump(mode="json", exclude_none=True))
+    assert hw.optim_params_from_json(body) == DimuonParams(0.02, 0.0, 0.9)
+    with pytest.raises(ValidationError, match="optimizer_params.learning_rate: is required"):
+        hw.optim_params_from_json(hw.Fields({"optimizer_params": {"type": "dimuon"}}))
     with pytest.raises(ValidationError, match="optimizer_params.type"):
-        hw.adam_params_from_json(hw.Fields({"optimizer_params": {"type": "dimuon"}}))
+        hw.optim_params_from_json(hw.Fields({"optimizer_params": {"type": "sgd"}}))
+    for config, family in (
+        (T.AdamOptimizerConfig(), "adamw"),
+        (T.DimuonOptimizerConfig(), "dimuon"),
+    ):
+        sent = T.CreateModelRequest(
+            session_id="s", model_seq_id=0, base_model="m", optimizer_config=config
+        ).model_dump(mode="json", exclude_none=True)
+        assert hw.optimizer_config_from_json(sent["optimizer_config"]) == family
+        assert hw.optimizer_config_json(family) == config.model_dump(mode="json")
+    assert hw.optimizer_config_from_json(None) is None
+    with pytest.raises(ValidationError, match="optimizer_config.version"):
+        hw.optimizer_config_from_json({"type": "dimuon", "version": 2})
     with pytest.raises(ValidationError, match="seq_id: expected an integer, got a string"):
         hw.Fields({"seq_id": "1"}).int("seq_id")
+
+
+def test_a_datum_with_spans_for_one_field_only_is_refused():
+    datum = T.Datum(
+        model_input=T.ModelInput.from_ints([1, 2]),
+        loss_fn_inputs={"target_tokens": [2, 3]},
+    )
+    msg = _request([datum], "stable_reinforce")
+    msg.data[0].model_input_spans.add().prompt_tokens.sequence_id = "r:0"
+    msg.data[0].model_input_spans[0].prompt_tokens.length = 2
+    with pytest.raises(ValidationError, match=r"data\[0\].loss_fn_input_spans: is empty"):
+        hw.datums_from_proto(msg.data)

@@ -23,13 +23,6 @@ DIFFERENCES = {
     ("ServiceClient", "get_console_url"): ("missing", NOT_YET),
     ("ServiceClient", "get_telemetry"): ("missing", "no telemetry is collected"),
     ("ServiceClient", "holder"): ("missing", "the SDK's internal connection object"),
-    ("ServiceClient", "create_lora_training_client"): ("params", "optimizer: " + NOT_YET),
-    ("ServiceClient", "create_lora_training_client_async"): ("params", "optimizer: " + NOT_YET),
-    ("ServiceClient", "create_training_client_from_state"): ("params", "optimizer: " + NOT_YET),
-    ("ServiceClient", "create_training_client_from_state_async"): (
-        "params",
-        "optimizer: " + NOT_YET,
-    ),
     ("ServiceClient", "create_sampling_client"): (
         "params",
         "weights_access_token: opens another user's unpublished weights (our addition)",
@@ -62,14 +55,6 @@ DIFFERENCES = {
     ("SamplingClient", "get_telemetry"): ("missing", "no telemetry is collected"),
     ("SamplingClient", "on_queue_state_change"): ("missing", "the SDK's internal callback"),
     ("SamplingClient", "result"): ("extra", "a client is its own completed future"),
-    ("SamplingClient", "sample"): (
-        "params",
-        "topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k: " + NOT_YET,
-    ),
-    ("SamplingClient", "sample_async"): (
-        "params",
-        "topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k: " + NOT_YET,
-    ),
     ("RestClient", "close"): ("extra", "closes the connection of a standalone RestClient"),
     ("RestClient", "create_weights_access_token"): ("extra", "weights access tokens (ours)"),
     ("RestClient", "create_weights_access_token_async"): ("extra", "weights access tokens (ours)"),

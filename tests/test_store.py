@@ -6,6 +6,7 @@ restart (closing and reopening the same folder) and concurrent use from several 
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_path_round_trip(kind):
     assert (path.run_id, path.kind, path.name) == (RUN, kind, "final.v2_a-b")
     assert str(path) == text
     assert path.checkpoint_id == f"{kind}/final.v2_a-b"
-    assert path.checkpoint_type == {"weights": "training", "sampler_weights": "sampler"}[kind]
+    expected = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+    assert path.checkpoint_type == expected[kind]
     assert TinkerPath.parse(str(path)) == path
 
 
@@ -111,7 +113,7 @@ MALFORMED_PATHS = [
     f"tinker://{RUN}/weights/",
     f"tinker://{RUN}//step1",
     "tinker:///weights/step1",
-    f"tinker://{RUN}/external_weights/step1",
+    f"tinker://{RUN}/archives/step1",
     f"tinker://{RUN}/Weights/step1",
     f"tinker://{RUN}/weights/..",
     f"tinker://{RUN}/weights/.",
@@ -150,7 +152,7 @@ def test_malformed_paths_name_the_field(text):
 def test_path_constructor_checks_each_part():
     for args, field in [
         (("bad/run", "weights", "s"), "run_id"),
-        ((RUN, "external_weights", "s"), "kind"),
+        ((RUN, "archives", "s"), "kind"),
         ((RUN, "weights", ".."), "name"),
     ]:
         with pytest.raises(ValidationError) as err:
@@ -629,6 +631,7 @@ def test_a_version_2_databases_undelivered_results_fail_asking_for_a_resubmissio
     store.create_future("pending", "u", "sample", now=1.0)
     store.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN optimizer")  # added by version 4
         conn.execute("UPDATE schema_version SET version = 2")
     conn.close()
     store = Store(tmp_path)
@@ -642,6 +645,31 @@ def test_a_version_2_databases_undelivered_results_fail_asking_for_a_resubmissio
     assert "stored by an older tinker-jax; submit the request again" in done.error
     assert store.get_future("failed").error == "bad input"
     assert store.get_future("pending").state == "pending"
+    store.close()
+
+
+def test_a_version_3_databases_runs_become_adamw_runs(tmp_path):
+    """Version 3 did not record a run's optimizer: every run it holds trained with AdamW, and
+    new runs record theirs."""
+    store = Store(tmp_path)
+    user, session = make_session(store)
+    store.create_run(run_record(user, session))
+    store.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN optimizer")
+        conn.execute("UPDATE schema_version SET version = 3")
+    conn.close()
+    store = Store(tmp_path)
+    assert store.get_run(RUN) == run_record(user, session)
+    assert store.get_run(RUN).optimizer == "adamw"
+    dimuon = dataclasses.replace(run_record(user, session, "s:train:1"), optimizer="dimuon")
+    store.create_run(dimuon)
+    store.close()
+    store = Store(tmp_path)
+    assert store.get_run("s:train:1") == dimuon
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (4,)
+    conn.close()
     store.close()
 
 

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -334,10 +334,12 @@ def export_peft(
     base_model: str,
     lora_alpha: float,
     hf_keys: Mapping[str, tuple[str, bool]] = DENSE_HF_KEYS,
+    seal: Callable[[str, bytes], tuple[str, bytes]] | None = None,
 ) -> None:
     """Writes a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)
     that `peft.PeftModel.from_pretrained` loads onto the HF base model; written atomically
-    like a checkpoint, and `directory` must not exist.
+    like a checkpoint, and `directory` must not exist. `seal(name, content)` gives each file's
+    stored name and content instead (an encryption), so the plain files are never written.
 
     Only the modules the run trains are included (`train_attn`, `train_mlp`,
     `train_unembed` -> `target_modules`), at the true rank, fp32, in PEFT's key layout:
@@ -383,9 +385,14 @@ def export_peft(
     }
 
     def write(folder: epath.Path) -> None:
-        weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-        (folder / "adapter_model.safetensors").write_bytes(weights)
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        contents = {
+            "adapter_model.safetensors": safetensors_bytes(tensors, metadata={"format": "pt"}),
+            "adapter_config.json": json.dumps(config, indent=2).encode(),
+        }
+        for name, data in contents.items():
+            if seal is not None:
+                name, data = seal(name, data)
+            (folder / name).write_bytes(data)
 
     _atomic_folder(directory, write)
 

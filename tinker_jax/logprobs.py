@@ -65,3 +65,55 @@ def topk_logprobs(
 
     ids, values = jax.lax.map(one_chunk, h_chunks)
     return (ids.swapaxes(0, 1).reshape(b, s, k), values.swapaxes(0, 1).reshape(b, s, k))
+
+
+def prompt_draws(
+    model: Transformer,
+    hidden: jax.Array,
+    adapter: AdapterBatch | None,
+    keys: jax.Array,
+    temperature: jax.Array,
+    k: int,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """k independent draws, with replacement, from softmax(logits / temperature) of the next
+    token at every position, a chunk at a time (temperature 0: the argmax, k times).
+
+    hidden: [batch, seq, embed]; keys: [batch] typed keys (position p draws from
+    fold_in(key, p)); temperature: [batch]. Returns (token ids [batch, seq, k] int32, their
+    logprobs [batch, seq, k] float32 under the model's own distribution, temperature 1, as
+    sampled-token logprobs are reported).
+
+    Each draw inverts the cumulative distribution at a uniform point: one cumulative sum per
+    position serves all k draws, where Gumbel-max would draw k x vocab noise values.
+    """
+    b, s, e = hidden.shape
+    h_chunks = hidden.reshape(b, s // chunk, chunk, e).swapaxes(0, 1)
+    starts = jnp.arange(s // chunk, dtype=jnp.uint32) * chunk
+    t = temperature.astype(jnp.float32)[:, None, None]
+    greedy = t == 0
+
+    def one_chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, start = xs
+        logits = model.logits(h, adapter).astype(jnp.float32)  # [batch, chunk, vocab]
+        vocab = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        probs = jax.nn.softmax(logits / jnp.where(greedy, 1.0, t), axis=-1)
+        cdf = jnp.cumsum(probs, axis=-1)
+        positions = start + jnp.arange(chunk, dtype=jnp.uint32)
+
+        def uniforms(key: jax.Array) -> jax.Array:
+            return jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), (k,)))(
+                positions
+            )
+
+        u = jax.vmap(uniforms)(keys) * cdf[..., -1:]  # [batch, chunk, k]
+        ids = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right")))(cdf, u)
+        # Rounding can put a point at the very end: keep it on a token of positive probability.
+        last = vocab - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)
+        ids = jnp.minimum(ids, last[..., None])
+        ids = jnp.where(greedy, jnp.argmax(logits, axis=-1)[..., None], ids).astype(jnp.int32)
+        return ids, jnp.take_along_axis(logp, ids, axis=-1)
+
+    ids, lps = jax.lax.map(one_chunk, (h_chunks, starts))
+    return (ids.swapaxes(0, 1).reshape(b, s, k), lps.swapaxes(0, 1).reshape(b, s, k))

@@ -35,6 +35,18 @@ def check_optimizer(optimizer: str, field: str = "optimizer_config.type") -> str
     return optimizer
 
 
+def check_family(params: _Params, optimizer: str) -> None:
+    """ValidationError naming `optim_params.type` unless `params` are the step parameters of
+    family `optimizer` (the one the run was created with)."""
+    if params.optimizer != optimizer:
+        wanted = {"adamw": "AdamParams", "dimuon": "DimuonParams"}[optimizer]
+        raise ValidationError(
+            "optim_params.type",
+            f"{type(params).__name__} do not apply to this run: it was created with "
+            f"optimizer {optimizer!r}; pass {wanted}",
+        )
+
+
 class _Params:
     """What both families' step parameters share: the range check and the traced form.
     Subclasses are frozen dataclasses of floats with `_RANGES`: field -> (low, high, text),

@@ -56,6 +56,19 @@ class SampledRecord:
 FIELDS = ("model_input_spans", "loss_fn_input_spans")
 
 
+def paired(index: int, model_input: Sequence[Span], targets: Sequence[Span]) -> Provenance | None:
+    """Datum `index`'s provenance from its two span lists as a request carries them: None when
+    both are empty; refused (naming the empty one) when only one is, as they come as a pair."""
+    if not model_input and not targets:
+        return None
+    for name, spans in zip(FIELDS, (model_input, targets)):
+        if not spans:
+            raise ValidationError(
+                f"data[{index}].{name}", "is empty, but the datum's other span list is not"
+            )
+    return Provenance(tuple(model_input), tuple(targets))
+
+
 def sequence_ids(provenance: Iterable[Provenance | None]) -> list[str]:
     """Every sequence id the spans name, each once, in first-seen order."""
     seen: dict[str, None] = {}

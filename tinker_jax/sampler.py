@@ -30,13 +30,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tinker_jax.batching import token_ids
 from tinker_jax.buckets import batch_bucket, chunk_size, kv_bucket, seq_bucket
 from tinker_jax.errors import ValidationError
-from tinker_jax.logprobs import target_logprobs, topk_logprobs
+from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer
 from tinker_jax.programs import Programs
 from tinker_jax.sampling import (
     SamplingParams,
+    alt_token_keys,
     resolve_seed,
     sample_tokens,
     seed_words,
@@ -52,6 +53,11 @@ MAX_STOP_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_TOPK_PROMPT_LOGPROBS = 64
+# Widths of the other per-position outputs, bounded like the top-k prompt width: each costs
+# len(prompt) (or generated tokens) x width on the device and in the result.
+MAX_TOPK_SAMPLE_LOGPROBS = 64
+MAX_TARGET_PROMPT_LOGPROBS = 64  # columns of target_prompt_logprobs
+MAX_PROMPT_ALT_TOKENS = 64
 # Per request: the service names every sample, so an unbounded count is unbounded memory.
 MAX_NUM_SAMPLES = 4096
 CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
@@ -68,15 +74,24 @@ class SampleRequest:
     slot: int | None = None
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # The k most likely tokens at each generated position (SampledSequence.topk_logprobs).
+    topk_sample_logprobs: int = 0
+    # [len(prompt) - 1, K] token ids: cell [i, j] is scored at prompt position i + 1; -1 = none.
+    target_prompt_logprobs: Sequence[Sequence[int]] | np.ndarray | None = None
+    # k draws at the request's temperature at every prompt position after the first.
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclasses.dataclass
 class SampledSequence:
-    """Generated tokens with the model's logprob of each; stop_reason "stop" or "length"."""
+    """Generated tokens with the model's logprob of each; stop_reason "stop" or "length";
+    with `topk_sample_logprobs` = k, the k most likely (token, logprob) of the model's
+    distribution at each generated position, most likely first."""
 
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +101,12 @@ class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # [len(prompt) - 1, K] float32: the logprob of each requested id, 0.0 where it was -1.
+    target_prompt_logprobs: np.ndarray | None = None
+    # [len(prompt) - 1, k]: int64 draws (row i at prompt position i + 1) and their float32
+    # logprobs under the model's own distribution.
+    prompt_alt_tokens: np.ndarray | None = None
+    prompt_alt_logprobs: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +138,8 @@ class _Pending:
     done: dict[int, SampledSequence] = dataclasses.field(default_factory=dict)
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list | None = None
+    target_prompt_logprobs: np.ndarray | None = None
+    prompt_alt: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _Rows:
@@ -139,6 +162,8 @@ class _Rows:
         self.stop = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.topk: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
+        self.topk_k = np.zeros(n, np.int32)  # topk_sample_logprobs of the row's request
 
     def device_args(self) -> dict[str, np.ndarray]:
         return {
@@ -159,6 +184,51 @@ class _Rows:
                 "stop",
             )
         }
+
+
+def _check_width(k: object, field: str, limit: int, vocab: int | None) -> None:
+    """A per-position output width: an int in [0, limit] (and at most the vocabulary when
+    it ranks distinct tokens)."""
+    top = limit if vocab is None else min(limit, vocab)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= top:
+        raise ValidationError(field, f"{k!r} is outside [0, {top}]")
+
+
+def _target_ids(value: object, prompt_len: int, vocab: int) -> np.ndarray:
+    """`target_prompt_logprobs` checked: [prompt_len - 1, K] int64 ids in [0, vocab) or -1,
+    1 <= K <= MAX_TARGET_PROMPT_LOGPROBS, naming at least one id."""
+    field = "target_prompt_logprobs"
+    try:
+        ids = np.asarray(value)
+    except (TypeError, ValueError):
+        raise ValidationError(field, "is not an array of token ids") from None
+    if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "f" and ids.size == 0):
+        raise ValidationError(field, f"must hold integer token ids, got {ids.dtype.name}")
+    if ids.ndim != 2 or ids.shape[0] != prompt_len - 1:
+        raise ValidationError(
+            field,
+            f"has shape {list(ids.shape)}, expected [{prompt_len - 1}, K] "
+            "(len(prompt) - 1 rows: row i scores prompt position i + 1)",
+        )
+    if not 1 <= ids.shape[1] <= MAX_TARGET_PROMPT_LOGPROBS:
+        raise ValidationError(
+            field, f"has {ids.shape[1]} columns, outside [1, {MAX_TARGET_PROMPT_LOGPROBS}]"
+        )
+    ids = ids.astype(np.int64)
+    bad = (ids < -1) | (ids >= vocab)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValidationError(
+            field, f"[{i}, {j}] = {ids[i, j]} is not a token id in [0, {vocab}) or -1 (none)"
+        )
+    if not (ids >= 0).any():
+        raise ValidationError(field, "names no token id (every cell is -1)")
+    return ids
+
+
+def _bucket_width(k: int, vocab: int) -> int:
+    """The program width serving widths up to k: the next power of two, at most vocab."""
+    return 0 if k == 0 else min(1 << (k - 1).bit_length(), vocab)
 
 
 class Sampler:
@@ -305,16 +375,18 @@ class Sampler:
         if not 1 <= n <= MAX_NUM_SAMPLES:
             raise ValidationError("num_samples", f"{n} is outside [1, {MAX_NUM_SAMPLES}]")
         params = request.params.validate(vocab)
-        k = request.topk_prompt_logprobs
-        if (
-            isinstance(k, bool)
-            or not isinstance(k, int)
-            or not 0 <= k <= min(MAX_TOPK_PROMPT_LOGPROBS, vocab)
-        ):
-            raise ValidationError(
-                "topk_prompt_logprobs",
-                f"{k!r} is outside [0, {min(MAX_TOPK_PROMPT_LOGPROBS, vocab)}]",
-            )
+        _check_width(
+            request.topk_prompt_logprobs, "topk_prompt_logprobs", MAX_TOPK_PROMPT_LOGPROBS, vocab
+        )
+        _check_width(
+            request.topk_sample_logprobs, "topk_sample_logprobs", MAX_TOPK_SAMPLE_LOGPROBS, vocab
+        )
+        _check_width(
+            request.prompt_alt_tokens_k, "prompt_alt_tokens_k", MAX_PROMPT_ALT_TOKENS, None
+        )
+        if request.target_prompt_logprobs is not None:
+            targets = _target_ids(request.target_prompt_logprobs, prompt.size, vocab)
+            request = dataclasses.replace(request, target_prompt_logprobs=targets)
         room = self.max_len - prompt.size
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room < 1:
@@ -453,11 +525,14 @@ class Sampler:
         want_topk = max(self._pending[rid].request.topk_prompt_logprobs for rid, _, _ in groups)
         topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
         chunk = chunk_size(seq, self.logprob_chunk)
+        extra, widths = self._prefill_extras(groups, n_groups, seq)
+        # Without the SDK 0.38 outputs the program and its name are the ones before them.
+        name = "prefill" + "".join(f"{k}{v}" for k, v in widths.items() if v)
         fn = self._programs.get(
-            f"prefill:{want_lp}:{topk}:{chunk}:{grouped}",
-            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk, grouped),
+            f"{name}:{want_lp}:{topk}:{chunk}:{grouped}",
+            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk, grouped, **widths),
             donate_argnums=(2,),
-            out_shardings=(self._cache_sharding,) + (self._replicated,) * 4,
+            out_shardings=(self._cache_sharding,) + (self._replicated,) * 5,
         )
         args = [
             tokens,
@@ -473,20 +548,22 @@ class Sampler:
             top_k,
             top_p,
         ]
-        self.cache, first, first_lp, prompt_lp, topk_out = fn(
+        self.cache, first, first_lp, prompt_lp, topk_out, extra_out = fn(
             self.lora,
             self.base,
             self.cache,
             jax.device_put(group_slots, self._replicated),
             *(self._put(a) for a in args),
+            {k: self._put(v) for k, v in extra.items()},
         )
-        first, first_lp, prompt_lp, topk_out = jax.device_get(
-            (first, first_lp, prompt_lp, topk_out)
+        first, first_lp, prompt_lp, topk_out, extra_out = jax.device_get(
+            (first, first_lp, prompt_lp, topk_out, extra_out)
         )
         i = 0
         for g, (rid, samples, row_ids) in enumerate(groups):
             pending = self._pending[rid]
             n = pending.prompt.size
+            self._keep_prompt_extras(pending, g, extra_out)
             if pending.request.include_prompt_logprobs and pending.prompt_logprobs is None:
                 pending.prompt_logprobs = [None] + [float(x) for x in prompt_lp[g, : n - 1]]
             k = pending.request.topk_prompt_logprobs
@@ -497,10 +574,77 @@ class Sampler:
                     for p in range(n - 1)
                 ]
             for s, r in zip(samples, row_ids):
-                self._start_row(r, rid, s, int(first[i]), float(first_lp[i]))
+                top = None
+                if "sample_topk" in extra_out:
+                    k = pending.request.topk_sample_logprobs
+                    ids, lps = extra_out["sample_topk"]
+                    top = list(zip(ids[i, :k].tolist(), lps[i, :k].tolist()))
+                self._start_row(r, rid, s, int(first[i]), float(first_lp[i]), top)
                 i += 1
 
-    def _start_row(self, r: int, rid: int, sample: int, token: int, logprob: float) -> None:
+    def _prefill_extras(
+        self, groups: list[tuple[int, list[int], list[int]]], n_groups: int, seq: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """The inputs and program widths of the SDK 0.38 outputs a prefill of `groups` computes:
+        top-k of the first sampled token (`s`), target prompt logprobs (`t`, ids [n_groups,
+        seq, width]) and prompt alternative draws (`a`, with each group's seed and
+        temperature). A width of 0 computes nothing and adds no input."""
+        vocab = self.config.vocab_size
+        pend = [self._pending[rid] for rid, _, _ in groups]
+        k_sample = max(p.request.topk_sample_logprobs for p in pend)
+        target = [
+            p.request.target_prompt_logprobs if p.target_prompt_logprobs is None else None
+            for p in pend
+        ]
+        k_target = max((t.shape[1] for t in target if t is not None), default=0)
+        k_alt = max(p.request.prompt_alt_tokens_k if p.prompt_alt is None else 0 for p in pend)
+        widths = {
+            "s": _bucket_width(k_sample, vocab),
+            "t": _bucket_width(k_target, 1 << 30),
+            "a": _bucket_width(k_alt, 1 << 30),
+        }
+        extra: dict[str, np.ndarray] = {}
+        if widths["t"]:
+            ids = np.zeros((n_groups, seq, widths["t"]), np.int32)
+            for g, t in enumerate(target):
+                if t is not None:
+                    ids[g, : t.shape[0], : t.shape[1]] = np.maximum(t, 0)
+            extra["target_ids"] = ids
+        if widths["a"]:
+            extra["alt_seed"] = np.zeros((n_groups, 2), np.uint32)
+            extra["alt_temperature"] = np.zeros(n_groups, np.float32)
+            for g, p in enumerate(pend):
+                extra["alt_seed"][g] = seed_words(p.seed)
+                extra["alt_temperature"][g] = p.request.params.temperature
+        return extra, widths
+
+    @staticmethod
+    def _keep_prompt_extras(pending: _Pending, g: int, out: dict) -> None:
+        """Keeps group `g`'s target logprobs and alternative draws from a prefill's outputs
+        (its first prefill only: a request admitted over several computes them once)."""
+        request, n = pending.request, pending.prompt.size
+        if "target_lp" in out and request.target_prompt_logprobs is not None:
+            if pending.target_prompt_logprobs is None:
+                ids = request.target_prompt_logprobs
+                lp = out["target_lp"][g, : n - 1, : ids.shape[1]].astype(np.float32)
+                pending.target_prompt_logprobs = np.where(ids >= 0, lp, np.float32(0.0))
+        k = request.prompt_alt_tokens_k
+        if "alt" in out and k and pending.prompt_alt is None:
+            ids, lps = out["alt"]
+            pending.prompt_alt = (
+                ids[g, : n - 1, :k].astype(np.int64),
+                lps[g, : n - 1, :k].astype(np.float32),
+            )
+
+    def _start_row(
+        self,
+        r: int,
+        rid: int,
+        sample: int,
+        token: int,
+        logprob: float,
+        top: list[tuple[int, float]] | None = None,
+    ) -> None:
         rows, pending = self._rows, self._pending[rid]
         params = pending.request.params
         rows.request[r], rows.sample[r] = rid, sample
@@ -517,11 +661,24 @@ class Sampler:
         rows.stop[r] = -1
         rows.stop[r, : len(pending.stop_ids)] = pending.stop_ids
         rows.tokens[r], rows.logprobs[r] = [token], [logprob]
+        rows.topk_k[r] = pending.request.topk_sample_logprobs
+        rows.topk[r] = [top] if top is not None else []
         stopped = token in pending.stop_ids
         rows.active[r] = not stopped and rows.remaining[r] > 0
         self._check_stop_strings(r)
 
-    def _prefill_fn(self, want_lp: bool, topk: int, chunk: int, grouped: bool):
+    def _prefill_fn(
+        self,
+        want_lp: bool,
+        topk: int,
+        chunk: int,
+        grouped: bool,
+        s: int = 0,
+        t: int = 0,
+        a: int = 0,
+    ):
+        """The prefill program; `s`, `t`, `a` are the widths of `_prefill_extras`."""
+
         def prefill(
             lora,
             base,
@@ -539,6 +696,7 @@ class Sampler:
             temperature,
             top_k,
             top_p,
+            extra,
         ):
             model = nnx.merge(self.graphdef, lora, base)
             adapter = (
@@ -568,7 +726,20 @@ class Sampler:
                 prompt_lp = target_logprobs(model, hidden, targets, adapter, chunk)
             if topk:
                 topk_out = topk_logprobs(model, hidden, adapter, topk, chunk)
-            return cache, first, first_lp, prompt_lp, topk_out
+            extra_out = {}
+            if s:
+                values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), s)
+                extra_out["sample_topk"] = (ids.astype(jnp.int32), values)
+            if t:
+                extra_out["target_lp"] = target_logprobs(
+                    model, hidden, extra["target_ids"], adapter, chunk
+                )
+            if a:
+                keys = alt_token_keys(extra["alt_seed"])
+                extra_out["alt"] = prompt_draws(
+                    model, hidden, adapter, keys, extra["alt_temperature"], a, chunk
+                )
+            return cache, first, first_lp, prompt_lp, topk_out, extra_out
 
         return prefill
 
@@ -581,11 +752,15 @@ class Sampler:
         host["scale"] = np.where(self._rows.active, host["scale"], 0).astype(np.float32)
         host["group_slots"], host["row_group"] = slot_groups(host["slot"], host["scale"])
         groups = host["group_slots"].size
+        rows = self._rows
+        topk = _bucket_width(int(rows.topk_k[rows.active].max()), self.config.vocab_size)
         fn = self._programs.get(
-            f"decode_{kv_len}_{groups}",
-            functools.partial(decode_loop, self.graphdef, self.steps_per_call, kv_len=kv_len),
+            f"decode_{kv_len}_{groups}" if not topk else f"decode_top{topk}_{kv_len}_{groups}",
+            functools.partial(
+                decode_loop, self.graphdef, self.steps_per_call, kv_len=kv_len, topk=topk
+            ),
             donate_argnums=(2,),
-            out_shardings=(self._cache_sharding, self._replicated, self._replicated),
+            out_shardings=(self._cache_sharding,) + (self._replicated,) * (3 if topk else 2),
         )
         replicated = {
             "group_slots": host.pop("group_slots"),
@@ -594,17 +769,20 @@ class Sampler:
         }
         args = {k: self._put(v) for k, v in host.items()}
         args.update(jax.device_put(replicated, self._replicated))
-        self.cache, out_tokens, out_lp = fn(self.lora, self.base, self.cache, args)
-        out_tokens, out_lp = jax.device_get((out_tokens, out_lp))
+        self.cache, out_tokens, out_lp, *top = fn(self.lora, self.base, self.cache, args)
+        out_tokens, out_lp, top = jax.device_get((out_tokens, out_lp, top))
         self.decode_steps += int((out_tokens >= 0).any(axis=0).sum())
-        rows = self._rows
         for r in np.flatnonzero(rows.active):
             pending = self._pending[rows.request[r]]
-            for t, lp in zip(out_tokens[r], out_lp[r]):
+            k = int(rows.topk_k[r])
+            for step, (t, lp) in enumerate(zip(out_tokens[r], out_lp[r])):
                 if t < 0:
                     break
                 rows.tokens[r].append(int(t))
                 rows.logprobs[r].append(float(lp))
+                if k:
+                    ids, lps = top[0][0][r, step, :k], top[0][1][r, step, :k]
+                    rows.topk[r].append(list(zip(ids.tolist(), lps.tolist())))
                 rows.generated[r] += 1
                 rows.remaining[r] -= 1
                 rows.position[r] += 1
@@ -626,7 +804,7 @@ class Sampler:
             return
         for end in range(1, len(tokens) + 1):
             if any(s in self.decode_text(tokens[:end]) for s in pending.stop_strings):
-                del tokens[end:], rows.logprobs[r][end:]
+                del tokens[end:], rows.logprobs[r][end:], rows.topk[r][end:]
                 break
         rows.active[r] = False
         rows.remaining[r] = max(rows.remaining[r], 1)  # marks "stop", not "length"
@@ -638,7 +816,10 @@ class Sampler:
             last = rows.tokens[r][-1]
             stopped = last in pending.stop_ids or rows.remaining[r] > 0
             pending.done[int(rows.sample[r])] = SampledSequence(
-                list(rows.tokens[r]), list(rows.logprobs[r]), "stop" if stopped else "length"
+                list(rows.tokens[r]),
+                list(rows.logprobs[r]),
+                "stop" if stopped else "length",
+                list(rows.topk[r]) if rows.topk_k[r] else None,
             )
             rows.request[r] = -1
         finished = {}
@@ -648,6 +829,8 @@ class Sampler:
                     [pending.done[i] for i in range(pending.request.num_samples)],
                     pending.prompt_logprobs,
                     pending.topk_prompt_logprobs,
+                    pending.target_prompt_logprobs,
+                    *(pending.prompt_alt or (None, None)),
                 )
                 del self._pending[rid]
         return finished
@@ -664,13 +847,23 @@ def decode_arg_shapes(rows: int, groups: int) -> dict[str, jax.ShapeDtypeStruct]
 
 
 def decode_loop(
-    graphdef: nnx.GraphDef, steps: int, lora, base, cache: KVCache, rows, *, kv_len: int
+    graphdef: nnx.GraphDef,
+    steps: int,
+    lora,
+    base,
+    cache: KVCache,
+    rows,
+    *,
+    kv_len: int,
+    topk: int = 0,
 ):
     """The decode program: up to `steps` decode steps of every cache row in one `while_loop`.
 
     `rows` holds the arrays of `decode_arg_shapes`; attention reads the first `kv_len` cache
     positions. Returns (cache, tokens [rows, steps], -1 once a row stopped, and their logprobs
-    [rows, steps]). `scripts/inspect_decode.py` compiles this same function.
+    [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32, logprobs [rows,
+    steps, topk]) of the most likely tokens at each step (`topk_sample_logprobs`).
+    `scripts/inspect_decode.py` compiles this same function.
     """
     max_len = cache.k.shape[2]
     model = nnx.merge(graphdef, lora, base)
@@ -679,7 +872,7 @@ def decode_loop(
     n = rows["token"].shape[0]
 
     def body(carry):
-        i, cache, token, position, generated, remaining, active, out_t, out_lp = carry
+        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k = carry
         hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
         logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
         keys = step_keys(base_keys, generated)
@@ -687,6 +880,9 @@ def decode_loop(
         lp = token_logprobs(logits, new)
         out_t = out_t.at[:, i].set(jnp.where(active, new, -1))
         out_lp = out_lp.at[:, i].set(lp)
+        if topk:
+            values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), topk)
+            out_k = (out_k[0].at[:, i].set(ids.astype(jnp.int32)), out_k[1].at[:, i].set(values))
         stopped = (new[:, None] == rows["stop"]).any(axis=1)
         remaining = remaining - active
         done = stopped | (remaining <= 0) | (position + 2 > max_len)
@@ -701,6 +897,7 @@ def decode_loop(
             active & ~done,
             out_t,
             out_lp,
+            out_k,
         )
 
     def cond(carry):
@@ -718,6 +915,9 @@ def decode_loop(
         rows["active"],
         jnp.full((n, steps), -1, jnp.int32),
         jnp.zeros((n, steps), jnp.float32),
+        (jnp.zeros((n, steps, topk), jnp.int32), jnp.zeros((n, steps, topk), jnp.float32))
+        if topk
+        else (),
     )
     out = jax.lax.while_loop(cond, body, init)
-    return out[1], out[7], out[8]
+    return (out[1], out[7], out[8]) + ((out[9],) if topk else ())

@@ -276,3 +276,15 @@ def step_keys(base_keys: jax.Array, steps: jax.Array) -> jax.Array:
     [rows] typed keys for `sample_tokens`. Counting generated tokens rather than absolute
     positions keeps the draws independent of prompt padding and bucketing. Jit-friendly."""
     return jax.vmap(jax.random.fold_in)(base_keys, jnp.asarray(steps, jnp.uint32))
+
+
+# Folded into a request's seed for its prompt alternative draws: no sample index reaches it
+# (num_samples is bounded far below), so they are independent of every sample's draws.
+_ALT_TOKENS_STREAM = 0xFFFFFFFF
+
+
+def alt_token_keys(words: jax.Array) -> jax.Array:
+    """Keys of the prompt alternative draws (`prompt_alt_tokens_k`) of a batch of requests:
+    words [requests, 2] uint32 (from `seed_words`) -> [requests] typed keys. Jit-friendly."""
+    base = jax.random.wrap_key_data(jnp.asarray(words, jnp.uint32), impl=_PRNG_IMPL)
+    return jax.vmap(lambda key: jax.random.fold_in(key, _ALT_TOKENS_STREAM))(base)

@@ -35,7 +35,14 @@ from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
 from tinker_jax.losses import LOSS_FNS, token_losses
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.models.moe import expert_load, load_metrics
-from tinker_jax.optim import AdamParams, DimuonParams, adamw_step, check_optimizer, dimuon_step
+from tinker_jax.optim import (
+    AdamParams,
+    DimuonParams,
+    adamw_step,
+    check_family,
+    check_optimizer,
+    dimuon_step,
+)
 from tinker_jax.programs import Programs
 from tinker_jax.sharding import batch_multiple, logical_to_spec
 
@@ -559,13 +566,7 @@ class Trainer:
             raise ValidationError(
                 "optim_params", f"expected AdamParams or DimuonParams, got {type(params).__name__}"
             )
-        if params.optimizer != info.optimizer:
-            wanted = {"adamw": "AdamParams", "dimuon": "DimuonParams"}[info.optimizer]
-            raise ValidationError(
-                "optim_params.type",
-                f"{type(params).__name__} do not apply to this run: it was created with "
-                f"optimizer {info.optimizer!r}; pass {wanted}",
-            )
+        check_family(params, info.optimizer)
         params.validate()
         if slot in self._nonfinite:
             self._refuse_step(

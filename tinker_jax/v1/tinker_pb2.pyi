@@ -107,6 +107,24 @@ class AdamParams(_message.Message):
     grad_clip_norm: float
     def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
 
+class DimuonParams(_message.Message):
+    __slots__ = ("learning_rate", "grad_clip_norm", "beta1")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    grad_clip_norm: float
+    beta1: float
+    def __init__(self, learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., beta1: _Optional[float] = ...) -> None: ...
+
+class OptimizerConfig(_message.Message):
+    __slots__ = ("type", "version")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    version: int
+    def __init__(self, type: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
 class StopStrings(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -223,7 +241,7 @@ class SubmitResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_sequence_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "model_seq_id", "base_model", "lora_config", "user_metadata")
+    __slots__ = ("request_id", "session_id", "model_seq_id", "base_model", "lora_config", "user_metadata", "optimizer_config")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,13 +255,15 @@ class CreateModelRequest(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     model_seq_id: int
     base_model: str
     lora_config: LoraConfig
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_seq_id: _Optional[int] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    optimizer_config: OptimizerConfig
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_seq_id: _Optional[int] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[LoraConfig, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., optimizer_config: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
     __slots__ = ("request_id", "model_id", "seq_id", "data", "loss_fn", "loss_fn_config", "forward_only")
@@ -271,16 +291,18 @@ class ForwardBackwardRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "seq_id", "adam_params")
+    __slots__ = ("request_id", "model_id", "seq_id", "adam_params", "dimuon_params")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DIMUON_PARAMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     seq_id: int
     adam_params: AdamParams
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., adam_params: _Optional[_Union[AdamParams, _Mapping]] = ...) -> None: ...
+    dimuon_params: DimuonParams
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., adam_params: _Optional[_Union[AdamParams, _Mapping]] = ..., dimuon_params: _Optional[_Union[DimuonParams, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsRequest(_message.Message):
     __slots__ = ("request_id", "model_id", "seq_id", "name", "ttl_seconds", "overwrite", "user_metadata")
@@ -335,7 +357,7 @@ class SaveWeightsForSamplerRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., sampling_session_seq_id: _Optional[int] = ..., inflight: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "model_seq_id", "path", "optimizer", "weights_access_token", "user_metadata")
+    __slots__ = ("request_id", "session_id", "model_seq_id", "path", "optimizer", "weights_access_token", "user_metadata", "optimizer_config")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +372,7 @@ class LoadWeightsRequest(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     model_seq_id: int
@@ -357,7 +380,8 @@ class LoadWeightsRequest(_message.Message):
     optimizer: bool
     weights_access_token: str
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_seq_id: _Optional[int] = ..., path: _Optional[str] = ..., optimizer: _Optional[bool] = ..., weights_access_token: _Optional[str] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    optimizer_config: OptimizerConfig
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_seq_id: _Optional[int] = ..., path: _Optional[str] = ..., optimizer: _Optional[bool] = ..., weights_access_token: _Optional[str] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., optimizer_config: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class CreateSamplingSessionRequest(_message.Message):
     __slots__ = ("session_id", "sampling_session_seq_id", "base_model", "model_path", "weights_access_token")
@@ -380,7 +404,7 @@ class CreateSamplingSessionResponse(_message.Message):
     def __init__(self, sampling_session_id: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n", "record_stability_info")
+    __slots__ = ("request_id", "sampling_session_id", "seq_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n", "record_stability_info", "topk_sample_logprobs", "target_prompt_logprobs", "prompt_alt_tokens_k")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +415,9 @@ class SampleRequest(_message.Message):
     TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_LAST_N_FIELD_NUMBER: _ClassVar[int]
     RECORD_STABILITY_INFO_FIELD_NUMBER: _ClassVar[int]
+    TOPK_SAMPLE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ALT_TOKENS_K_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling_session_id: str
     seq_id: int
@@ -401,7 +428,10 @@ class SampleRequest(_message.Message):
     topk_prompt_logprobs: int
     prompt_logprobs_last_n: int
     record_stability_info: bool
-    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ..., record_stability_info: _Optional[bool] = ...) -> None: ...
+    topk_sample_logprobs: int
+    target_prompt_logprobs: Tensor
+    prompt_alt_tokens_k: int
+    def __init__(self, request_id: _Optional[str] = ..., sampling_session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ..., record_stability_info: _Optional[bool] = ..., topk_sample_logprobs: _Optional[int] = ..., target_prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_alt_tokens_k: _Optional[int] = ...) -> None: ...
 
 class RetrieveFutureRequest(_message.Message):
     __slots__ = ("request_id", "timeout_seconds")
@@ -499,26 +529,40 @@ class TopkLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
-    __slots__ = ("stop_reason", "tokens", "logprobs", "sequence_id")
+    __slots__ = ("stop_reason", "tokens", "logprobs", "sequence_id", "topk_logprobs")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     stop_reason: str
     tokens: Tensor
     logprobs: Tensor
     sequence_id: str
-    def __init__(self, stop_reason: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., sequence_id: _Optional[str] = ...) -> None: ...
+    topk_logprobs: TopkLogprobs
+    def __init__(self, stop_reason: _Optional[str] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., sequence_id: _Optional[str] = ..., topk_logprobs: _Optional[_Union[TopkLogprobs, _Mapping]] = ...) -> None: ...
+
+class PromptAltTokens(_message.Message):
+    __slots__ = ("tokens", "logprobs")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    tokens: Tensor
+    logprobs: Tensor
+    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("sequences", "prompt_logprobs", "topk_prompt_logprobs")
+    __slots__ = ("sequences", "prompt_logprobs", "topk_prompt_logprobs", "target_prompt_logprobs", "prompt_alt_tokens")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ALT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     prompt_logprobs: Tensor
     topk_prompt_logprobs: TopkLogprobs
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., topk_prompt_logprobs: _Optional[_Union[TopkLogprobs, _Mapping]] = ...) -> None: ...
+    target_prompt_logprobs: Tensor
+    prompt_alt_tokens: PromptAltTokens
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., topk_prompt_logprobs: _Optional[_Union[TopkLogprobs, _Mapping]] = ..., target_prompt_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_alt_tokens: _Optional[_Union[PromptAltTokens, _Mapping]] = ...) -> None: ...
 
 class RetrieveFutureResponse(_message.Message):
     __slots__ = ("request_id", "try_again", "error", "create_model", "forward_backward", "optim_step", "save_weights", "load_weights", "sample")
@@ -549,20 +593,22 @@ class GetInfoRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "base_model", "arch", "tokenizer_id", "is_lora", "lora_rank")
+    __slots__ = ("model_id", "base_model", "arch", "tokenizer_id", "is_lora", "lora_rank", "optimizer_config")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_ID_FIELD_NUMBER: _ClassVar[int]
     IS_LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     base_model: str
     arch: str
     tokenizer_id: str
     is_lora: bool
     lora_rank: int
-    def __init__(self, model_id: _Optional[str] = ..., base_model: _Optional[str] = ..., arch: _Optional[str] = ..., tokenizer_id: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ...) -> None: ...
+    optimizer_config: OptimizerConfig
+    def __init__(self, model_id: _Optional[str] = ..., base_model: _Optional[str] = ..., arch: _Optional[str] = ..., tokenizer_id: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., optimizer_config: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class Cursor(_message.Message):
     __slots__ = ("offset", "limit", "total_count")
@@ -709,20 +755,22 @@ class WeightsAccessToken(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class WeightsInfoResponse(_message.Message):
-    __slots__ = ("base_model", "is_lora", "lora_rank", "train_unembed", "train_mlp", "train_attn")
+    __slots__ = ("base_model", "is_lora", "lora_rank", "train_unembed", "train_mlp", "train_attn", "optimizer_config")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     IS_LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     TRAIN_UNEMBED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_MLP_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ATTN_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     is_lora: bool
     lora_rank: int
     train_unembed: bool
     train_mlp: bool
     train_attn: bool
-    def __init__(self, base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., train_unembed: _Optional[bool] = ..., train_mlp: _Optional[bool] = ..., train_attn: _Optional[bool] = ...) -> None: ...
+    optimizer_config: OptimizerConfig
+    def __init__(self, base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., train_unembed: _Optional[bool] = ..., train_mlp: _Optional[bool] = ..., train_attn: _Optional[bool] = ..., optimizer_config: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
