@@ -213,6 +213,7 @@ def test_kill_during_checkpoint_save(live):
             resumed.forward(data, "cross_entropy").result(timeout=TIMEOUT)
 
 
+@pytest.mark.slow  # a kill and a restart (~25 s): CI runs it in its `-m slow` step
 def test_finished_result_survives_and_is_delivered_after_restart(live):
     data = _sft_data(seed=3)
     with _client(live) as client:

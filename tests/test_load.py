@@ -71,6 +71,7 @@ def test_concurrent_training_and_sampling_under_overload(server):
     assert report.drained and report.probe_seconds < 30.0
 
 
+@pytest.mark.slow  # its own server and a burst (~16 s): in CI's `-m slow` step
 def test_a_burst_of_sampling_requests_is_held_to_the_queue_bound(server):
     """Sampling requests leave the queue for the sampler at once; they must still count
     against the bound until they finish, or a burst piles up inside the sampler."""

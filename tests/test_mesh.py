@@ -27,6 +27,7 @@ def _run(trainer):
     return first, second, trainer.slot_arrays(slot, "grads")
 
 
+@pytest.mark.slow  # eight-device programs (~10 s): in CI's `-m slow` step
 def test_2x2x2_mesh_matches_single_device(hf_model_dir):
     folder = hf_model_dir("qwen3")
     sharded = make_trainer(
