@@ -1266,39 +1266,22 @@ def _sample_result(
     """The engine's samples as delivered: arrays, with prompt logprobs (and top-k rows) kept
     for the last `last_n` positions only when it is given; `request` (as checked) gives the
     target ids of `target_prompt_logprobs`."""
-    sequences = []
-    for s, sid in zip(result.sequences, sequence_ids):
-        topk_ids = topk_lp = None
-        if s.topk_logprobs is not None:
-            k = max((len(row) for row in s.topk_logprobs), default=0)
-            topk_ids = np.zeros((len(s.topk_logprobs), k), np.int32)
-            topk_lp = np.full((len(s.topk_logprobs), k), results.TOPK_ABSENT, np.float32)
-            for p, row in enumerate(s.topk_logprobs):
-                for j, (token, lp) in enumerate(row):
-                    topk_ids[p, j], topk_lp[p, j] = token, lp
-        sequences.append(
-            SampledTokens(
-                np.asarray(s.tokens, np.int32),
-                np.asarray(s.logprobs, np.float32),
-                s.stop_reason,
-                sid,
-                topk_ids,
-                topk_lp,
-            )
+    sequences = [
+        SampledTokens(
+            np.asarray(s.tokens, np.int32),
+            np.asarray(s.logprobs, np.float32),
+            s.stop_reason,
+            sid,
+            *_topk_arrays(s.topk_logprobs),
         )
-    prompt_lp = topk_ids = topk_lp = None
+        for s, sid in zip(result.sequences, sequence_ids)
+    ]
+    prompt_lp = None
     if result.prompt_logprobs is not None:
         prompt_lp = np.asarray(
             [np.nan if x is None else x for x in result.prompt_logprobs], np.float32
         )
-    rows = result.topk_prompt_logprobs
-    if rows is not None:
-        k = max((len(row) for row in rows if row), default=0)
-        topk_ids = np.zeros((len(rows), k), np.int32)
-        topk_lp = np.full((len(rows), k), results.TOPK_ABSENT, np.float32)
-        for p, row in enumerate(rows):
-            for j, (token, lp) in enumerate(row or []):
-                topk_ids[p, j], topk_lp[p, j] = token, lp
+    topk_ids, topk_lp = _topk_arrays(result.topk_prompt_logprobs)
     if last_n is not None:
         cut = len(prompt_lp if prompt_lp is not None else ()) - last_n
         if prompt_lp is not None:
@@ -1320,6 +1303,23 @@ def _sample_result(
         result.prompt_alt_tokens,
         result.prompt_alt_logprobs,
     )
+
+
+def _topk_arrays(
+    rows: Sequence[Sequence[tuple[int, float]] | None] | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Top-k rows of (token, logprob) pairs (a row may be None or short) as padded arrays:
+    ids [rows, k] int32 and logprobs [rows, k] float32, TOPK_ABSENT where a row has no entry;
+    (None, None) when there are no rows."""
+    if rows is None:
+        return None, None
+    k = max((len(row) for row in rows if row), default=0)
+    ids = np.zeros((len(rows), k), np.int32)
+    logprobs = np.full((len(rows), k), results.TOPK_ABSENT, np.float32)
+    for p, row in enumerate(rows):
+        for j, (token, lp) in enumerate(row or []):
+            ids[p, j], logprobs[p, j] = token, lp
+    return ids, logprobs
 
 
 def _loaded_family(saved: str, with_optimizer: bool, requested: str | None) -> str:
