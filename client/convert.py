@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -389,6 +389,64 @@ def session_response(msg: pb.GetSessionResponse) -> types.GetSessionResponse:
         sampler_ids=list(msg.sampler_ids),
         user_metadata=dict(msg.user_metadata),
         display_name=msg.display_name or None,
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def session_search_request(request: types.SessionSearchRequest) -> pb.SearchSessionsRequest:
+    """A search as the server's message; the cursor's time in exact microseconds."""
+    out = pb.SearchSessionsRequest(
+        project_ids=request.project_ids or [],
+        user_metadata=request.user_metadata,
+        owners=getattr(request.owner, "owner_urns", []),
+        statuses=[
+            pb.SessionStatusQuery(type=q.type, reasons=getattr(q, "reasons", None) or [])
+            for q in request.statuses or ()
+        ],
+        limit=request.limit,
+    )
+    if request.session_id is not None:
+        out.session_id = request.session_id
+    if request.display_name is not None:
+        out.display_name = request.display_name
+    if request.cursor is not None:
+        c = request.cursor
+        out.cursor.last_created_us = (c.last_created_at - _EPOCH) // _MICROSECOND
+        out.cursor.last_session_id = c.last_session_id
+    return out
+
+
+def session_search_response(msg: pb.SearchSessionsResponse) -> types.SessionSearchResponse:
+    def status(s: pb.SessionSummary):
+        if s.status == "client_finished":
+            return types.ClientSessionFinished(types.SessionFinishReason(s.finish_reason))
+        return types.SessionActive() if s.status == "active" else None
+
+    cursor = None
+    if msg.HasField("next_cursor"):
+        cursor = types.SessionSearchCursor(
+            _EPOCH + msg.next_cursor.last_created_us * _MICROSECOND,
+            msg.next_cursor.last_session_id,
+        )
+    return types.SessionSearchResponse(
+        sessions=[
+            types.SessionSummary(
+                session_id=s.session_id,
+                created_at=_EPOCH + s.created_us * _MICROSECOND,
+                owner=s.owner,
+                project_id=s.project_id,
+                status=status(s),
+                checkpoints_count=s.checkpoints_count,
+                display_name=s.display_name or None,
+                user_metadata=dict(s.user_metadata),
+                checkpoint_storage_bytes=s.checkpoint_storage_bytes,
+            )
+            for s in msg.sessions
+        ],
+        next_cursor=cursor,
     )
 
 

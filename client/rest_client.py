@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from tinker_jax.client import convert, types
 from tinker_jax.client.errors import APIError
 from tinker_jax.client.futures import APIFuture
+from tinker_jax.client.holder import new_request_id
 from tinker_jax.client.transport import RetryConfig, Transport
 from tinker_jax.v1 import tinker_pb2 as pb
+
+# The files of a PEFT adapter folder, as import_peft uploads them.
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _async_twin(method: Callable[..., APIFuture]):
@@ -103,13 +110,16 @@ class RestClient:
         return self._call("GetWeightsInfo", _checkpoint(tinker_path), convert.weights_info)
 
     def list_training_runs(
-        self, limit: int = 20, offset: int = 0, access_scope: str = "owned"
+        self,
+        limit: int = 20,
+        offset: int = 0,
+        access_scope: str = "owned",
+        project_id: str | None = None,
     ) -> APIFuture[types.TrainingRunsResponse]:
-        return self._call(
-            "ListTrainingRuns",
-            pb.ListTrainingRunsRequest(limit=limit, offset=offset, access_scope=access_scope),
-            convert.training_runs,
+        request = pb.ListTrainingRunsRequest(
+            limit=limit, offset=offset, access_scope=access_scope, project_id=project_id or ""
         )
+        return self._call("ListTrainingRuns", request, convert.training_runs)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -169,20 +179,117 @@ class RestClient:
         request = pb.WeightsAccessToken(token=token)
         return self._call("RevokeWeightsAccessToken", request, lambda _: None)
 
-    # ---------------------------------------------------------------- sessions, samplers
+    # ---------------------------------------------------------------- weights out and in
 
-    def get_session(self, session_id: str) -> APIFuture[types.GetSessionResponse]:
+    def get_external_weights_urls(
+        self, tinker_path: str
+    ) -> APIFuture[types.ExternalWeightsUrlsResponse]:
+        """A download URL per file of an external weights checkpoint
+        (`TrainingClient.save_weights_external`), valid without an API key until `expires`.
+        The server's HTTP front end serves them, at this client's server host."""
         return self._call(
-            "GetSession", pb.GetSessionRequest(session_id=session_id), convert.session_response
+            "GetExternalWeightsUrls", _checkpoint(tinker_path), self._external_weights_urls
         )
 
+    def _http_url(self, port: int, path: str) -> str:
+        """A URL on the server's HTTP front end (`port`), which serves signed downloads, at
+        the host this client reaches the server by."""
+        host = self._transport.target.rsplit(":", 1)[0]
+        return f"http://{host}:{port}{path}"
+
+    def _external_weights_urls(
+        self, response: pb.ExternalWeightsUrlsResponse
+    ) -> types.ExternalWeightsUrlsResponse:
+        return types.ExternalWeightsUrlsResponse(
+            urls={
+                file: self._http_url(response.http_port, path)
+                for file, path in response.urls.items()
+            },
+            expires=datetime.fromtimestamp(response.expires, tz=UTC),
+        )
+
+    def copy_weights(
+        self,
+        path: str,
+        destination_project_id: str | None = None,
+        *,
+        ttl_seconds: int | None = None,
+        weights_access_token: str | None = None,
+    ) -> APIFuture[str]:
+        """Your own copy of the checkpoint at `path` (yours, a published one, or one that
+        `weights_access_token` opens), of the same kind, in a new training run of project
+        `destination_project_id` (default $TINKER_PROJECT_ID; no project when neither is
+        set) that holds only the copy. The copy is unpublished and expires after
+        `ttl_seconds` (3600 to 10 years; None: never). Returns its tinker:// path."""
+        types.ParsedCheckpointTinkerPath.from_tinker_path(path)
+        request = pb.CopyWeightsRequest(
+            request_id=new_request_id(),  # one per call: its retries copy once
+            source_path=path,
+            destination_project_id=destination_project_id
+            or os.environ.get("TINKER_PROJECT_ID", ""),
+            weights_access_token=weights_access_token or "",
+        )
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        return self._call("CopyWeights", request, lambda r: r.tinker_path)
+
+    def import_peft(
+        self, adapter_dir: str | os.PathLike, base_model: str, name: str
+    ) -> APIFuture[str]:
+        """Uploads a PEFT LoRA adapter folder made elsewhere (PEFT_FILES) as your
+        `tinker://<run>/weights/<name>` checkpoint, which create_training_client_from_state
+        and create_sampling_client load (a tinker-jax addition). The server refuses, naming
+        the field, an adapter that does not fit `base_model` (rank, target modules, shapes,
+        another base model)."""
+        folder = Path(adapter_dir)
+        request = pb.ImportPeftRequest(
+            base_model=base_model,
+            name=name,
+            files={file: (folder / file).read_bytes() for file in PEFT_FILES},
+        )
+        return self._call("ImportPeft", request, lambda r: r.tinker_path)
+
+    # ---------------------------------------------------------------- sessions, samplers
+
+    def get_session(
+        self, session_id: str, access_scope: str = "owned"
+    ) -> APIFuture[types.GetSessionResponse]:
+        request = pb.GetSessionRequest(session_id=session_id, access_scope=access_scope)
+        return self._call("GetSession", request, convert.session_response)
+
     def list_sessions(
-        self, limit: int = 20, offset: int = 0
+        self, limit: int = 20, offset: int = 0, access_scope: str = "owned"
     ) -> APIFuture[types.ListSessionsResponse]:
         return self._call(
             "ListSessions",
-            pb.ListSessionsRequest(limit=limit, offset=offset),
+            pb.ListSessionsRequest(limit=limit, offset=offset, access_scope=access_scope),
             lambda r: types.ListSessionsResponse(sessions=list(r.sessions)),
+        )
+
+    def assign_session_project(self, session_id: str, project_id: str) -> APIFuture[None]:
+        """Moves one of your sessions, with its runs and samplers, into a project."""
+        request = pb.AssignSessionProjectRequest(session_id=session_id, project_id=project_id)
+        return self._call("AssignSessionProject", request, lambda _: None)
+
+    def search_sessions(
+        self, request: types.SessionSearchRequest
+    ) -> APIFuture[types.SessionSearchResponse]:
+        """A page of your sessions matching `request`, newest first; pass the response's
+        `next_cursor` as the next request's `cursor`."""
+        return self._call(
+            "SearchSessions",
+            convert.session_search_request(request),
+            convert.session_search_response,
+        )
+
+    def export_session_trace(self, session_id: str) -> APIFuture[str]:
+        """A URL (signed, valid an hour, no API key needed) of the session's timeline: every
+        request it made, per training run and sampler, as a trace that ui.perfetto.dev opens."""
+        request = pb.ExportSessionTraceRequest(session_id=session_id)
+        return self._call(
+            "ExportSessionTrace",
+            request,
+            lambda r: self._http_url(r.http_port, r.path),
         )
 
     def get_sampler(self, sampler_id: str) -> APIFuture[types.GetSamplerResponse]:
@@ -204,8 +311,13 @@ class RestClient:
     set_checkpoint_ttl_from_tinker_path_async = _async_twin(set_checkpoint_ttl_from_tinker_path)
     create_weights_access_token_async = _async_twin(create_weights_access_token)
     revoke_weights_access_token_async = _async_twin(revoke_weights_access_token)
+    get_external_weights_urls_async = _async_twin(get_external_weights_urls)
+    copy_weights_async = _async_twin(copy_weights)
+    import_peft_async = _async_twin(import_peft)
     get_session_async = _async_twin(get_session)
     list_sessions_async = _async_twin(list_sessions)
+    assign_session_project_async = _async_twin(assign_session_project)
+    export_session_trace_async = _async_twin(export_session_trace)
     get_sampler_async = _async_twin(get_sampler)
 
     # ---------------------------------------------------------------- lifetime

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 
 from tinker_jax.client import convert, types
-from tinker_jax.client.futures import expect
+from tinker_jax.client.futures import APIFuture, expect
 from tinker_jax.client.holder import ClientHolder
 from tinker_jax.client.rest_client import RestClient
 from tinker_jax.client.sampling_client import SamplingClient, open_sampling_client
@@ -50,12 +50,13 @@ class ServiceClient:
                 stacklevel=2,
             )
         tags = [t.strip() for t in os.environ.get("TINKER_TAGS", "").split(",") if t.strip()]
+        self._project_id = project_id or os.environ.get("TINKER_PROJECT_ID")
         self.holder = ClientHolder(
             base_url=base_url,
             api_key=api_key,
             retry_config=retry_config,
             user_metadata=user_metadata,
-            project_id=project_id or os.environ.get("TINKER_PROJECT_ID"),
+            project_id=self._project_id,
             display_name=display_name,
             tags=tags,
         )
@@ -256,6 +257,22 @@ class ServiceClient:
             retry_config,
             weights_access_token,
             record_stability_info,
+        )
+
+    def copy_weights(
+        self,
+        path: str,
+        *,
+        ttl_seconds: int | None = None,
+        weights_access_token: str | None = None,
+    ) -> APIFuture[str]:
+        """`RestClient.copy_weights` into this client's project: your own copy of the
+        checkpoint at `path`, in a new run that holds only the copy; its tinker:// path."""
+        return self.create_rest_client().copy_weights(
+            path,
+            self._project_id,
+            ttl_seconds=ttl_seconds,
+            weights_access_token=weights_access_token,
         )
 
     def create_rest_client(self) -> RestClient:

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -145,7 +145,11 @@ class TrainingClient:
         return await self._submit_async("ForwardBackward", request, _forward_backward_result)
 
     def forward_backward_custom(
-        self, data: Sequence[types.Datum], loss_fn: CustomLossFn
+        self,
+        data: Sequence[types.Datum],
+        loss_fn: CustomLossFn,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Gradients of a loss computed here with torch from the model's logprobs.
 
@@ -155,16 +159,23 @@ class TrainingClient:
         weights = -dloss/dlogprobs, whose gradient equals the custom loss's. Blocks until
         the forward pass is done, so the backward pass keeps its place in the run's order.
         Metrics: `loss:sum` is the custom loss, `surrogate_loss:sum` the cross-entropy
-        actually run, plus the metrics `loss_fn` returned.
+        actually run, plus the metrics `loss_fn` returned. `loss_type_input` is the SDK's
+        deprecated argument: the loss always receives logprobs.
         """
+        _check_loss_type_input(loss_type_input)
         data = list(data)
         forward = self.forward(_forward_inputs(data), "cross_entropy").result()
         backward_data, finish = _custom_backward(data, forward, loss_fn)
         return self.forward_backward(backward_data, "cross_entropy").map(finish)
 
     async def forward_backward_custom_async(
-        self, data: Sequence[types.Datum], loss_fn: CustomLossFn
+        self,
+        data: Sequence[types.Datum],
+        loss_fn: CustomLossFn,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
     ) -> APIFuture:
+        _check_loss_type_input(loss_type_input)
         data = list(data)
         forward = await (await self.forward_async(_forward_inputs(data), "cross_entropy"))
         backward_data, finish = _custom_backward(data, forward, loss_fn)
@@ -176,7 +187,8 @@ class TrainingClient:
         if optim_params is not None and adam_params is not None:
             raise ValueError("give optim_params or adam_params (its legacy alias), not both")
         params = optim_params if optim_params is not None else adam_params
-        params = params if params is not None else types.AdamParams()
+        if params is None:
+            raise TypeError("optim_step needs AdamParams or DimuonParams (the SDK has no default)")
         if isinstance(params, types.DimuonParams):
             return pb.OptimStepRequest(
                 model_id=self.model_id, dimuon_params=convert.dimuon_params_to_proto(params)
@@ -263,6 +275,35 @@ class TrainingClient:
     ) -> APIFuture:
         request = self._sampler_save_request(name, ttl_seconds, user_metadata)
         return await self._submit_async("SaveWeightsForSampler", request, _sampler_save_result)
+
+    def _external_save_request(self, name, ttl_seconds, age_encryption_recipients):
+        request = pb.SaveWeightsExternalRequest(
+            model_id=self.model_id,
+            name=name,
+            age_encryption_recipients=list(age_encryption_recipients or ()),
+        )
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        return request
+
+    def save_weights_external(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: list[str] | None = None,
+    ) -> APIFuture[types.SaveWeightsExternalResponse]:
+        """Exports the adapter as a PEFT folder (adapter_config.json +
+        adapter_model.safetensors) to `tinker://<run>/external_weights/<name>`, for download
+        (`RestClient.get_external_weights_urls`); with `age_encryption_recipients` (at most
+        10 age or SSH public keys) every file is stored encrypted to them (`.age`)."""
+        request = self._external_save_request(name, ttl_seconds, age_encryption_recipients)
+        return self._submit("SaveWeightsExternal", request, _external_save_result)
+
+    async def save_weights_external_async(
+        self, name, ttl_seconds=None, age_encryption_recipients=None
+    ) -> APIFuture:
+        request = self._external_save_request(name, ttl_seconds, age_encryption_recipients)
+        return await self._submit_async("SaveWeightsExternal", request, _external_save_result)
 
     def _snapshot_request(self, name, kind: str) -> pb.SaveWeightsForSamplerRequest:
         if kind not in ("snapshot", "inflight"):
@@ -404,6 +445,15 @@ def _sampler_save_result(response, _submit) -> types.SaveWeightsForSamplerRespon
     return types.SaveWeightsForSamplerResponse(
         path=result.path or None, sampling_session_id=result.sampling_session_id or None
     )
+
+
+def _check_loss_type_input(loss_type_input: str | None) -> None:
+    if loss_type_input not in (None, "logprobs"):
+        raise ValueError(f"loss_type_input must be 'logprobs' or None, got {loss_type_input!r}")
+
+
+def _external_save_result(response, _submit) -> types.SaveWeightsExternalResponse:
+    return types.SaveWeightsExternalResponse(path=expect(response, "save_weights").path)
 
 
 def _snapshot_result(response, _submit) -> str:

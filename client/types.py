@@ -389,6 +389,13 @@ class SaveWeightsForSamplerResponse:
 
 
 @dataclass
+class SaveWeightsExternalResponse:
+    """`tinker://<run>/external_weights/<name>`: the run's adapter as a PEFT folder."""
+
+    path: str
+
+
+@dataclass
 class LoadWeightsResponse:
     path: str | None = None
     model_id: str | None = None
@@ -587,11 +594,143 @@ class ListSessionsResponse:
     sessions: list[str]
 
 
+@dataclass(frozen=True)
+class OwnSearchOwner:
+    """The caller's own sessions (the default)."""
+
+    type: Literal["own"] = "own"
+
+
+@dataclass(frozen=True)
+class AccessibleSearchOwner:
+    """Every session the caller may list: on this server, their own."""
+
+    type: Literal["accessible"] = "accessible"
+
+
+@dataclass(frozen=True)
+class UserSearchOwner:
+    """The listed users' sessions (1 to 10 user names; only your own may be listed)."""
+
+    owner_urns: list[str]
+    type: Literal["user"] = "user"
+
+
+@dataclass(frozen=True)
+class ActiveSessionStatusQuery:
+    type: Literal["active"] = "active"
+
+
+@dataclass(frozen=True)
+class CancelledSessionStatusQuery:
+    type: Literal["cancelled"] = "cancelled"
+
+
+@dataclass(frozen=True)
+class FailedSessionStatusQuery:
+    type: Literal["failed"] = "failed"
+
+
+@dataclass(frozen=True)
+class ClientFinishedSessionStatusQuery:
+    """Sessions whose client finished them, for any of `reasons` (success, errored,
+    interrupted; None: any)."""
+
+    reasons: list[str] | None = None
+    type: Literal["client_finished"] = "client_finished"
+
+
+SearchOwner = OwnSearchOwner | AccessibleSearchOwner | UserSearchOwner
+SessionStatusQuery = (
+    ActiveSessionStatusQuery
+    | CancelledSessionStatusQuery
+    | FailedSessionStatusQuery
+    | ClientFinishedSessionStatusQuery
+)
+
+
+@dataclass(frozen=True)
+class SessionSearchCursor:
+    """Where the next page starts; pass a response's `next_cursor` back unchanged."""
+
+    last_created_at: datetime
+    last_session_id: str
+
+
+@dataclass(frozen=True)
+class SessionSearchRequest:
+    """A session search, as the SDK's: filters, page size (1 to 200) and cursor."""
+
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    display_name: str | None = None
+    owner: SearchOwner = OwnSearchOwner()
+    statuses: list[SessionStatusQuery] | None = None
+    limit: int = 50
+    cursor: SessionSearchCursor | None = None
+
+    def model_copy(self, update: dict[str, Any] | None = None) -> SessionSearchRequest:
+        """A copy with some fields replaced (the SDK's pydantic spelling)."""
+        return replace(self, **(update or {}))
+
+
+@dataclass(frozen=True)
+class SessionFinishReason:
+    type: Literal["success", "errored", "interrupted"]
+
+
+@dataclass(frozen=True)
+class SessionActive:
+    type: Literal["active"] = "active"
+
+
+@dataclass(frozen=True)
+class ClientSessionFinished:
+    """The session's client reported it was done, and why."""
+
+    reason: SessionFinishReason
+    type: Literal["client_finished"] = "client_finished"
+
+
+@dataclass
+class SessionSummary:
+    """A session as a search shows it; `status` is None for a session that ended without its
+    client finishing it (it stopped heartbeating)."""
+
+    session_id: str
+    created_at: datetime
+    owner: str
+    project_id: str
+    status: SessionActive | ClientSessionFinished | None
+    checkpoints_count: int
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+@dataclass
+class SessionSearchResponse:
+    """One page of results, newest first; `next_cursor` None once exhausted."""
+
+    sessions: list[SessionSummary]
+    next_cursor: SessionSearchCursor | None = None
+
+
 @dataclass
 class GetSamplerResponse:
     sampler_id: str
     base_model: str
     model_path: str | None = None
+
+
+@dataclass
+class ExternalWeightsUrlsResponse:
+    """A download URL per file of an external weights checkpoint (by its path in the
+    checkpoint), valid without an API key until `expires`."""
+
+    urls: dict[str, str]
+    expires: datetime
 
 
 _CHECKPOINT_KINDS: dict[str, CheckpointType] = {
@@ -631,6 +770,22 @@ class ParsedCheckpointTinkerPath:
 
 
 __all__ = [
+    "UserSearchOwner",
+    "SessionSummary",
+    "SessionStatusQuery",
+    "SessionSearchResponse",
+    "SessionSearchRequest",
+    "SessionSearchCursor",
+    "SessionFinishReason",
+    "SessionActive",
+    "SearchOwner",
+    "OwnSearchOwner",
+    "FailedSessionStatusQuery",
+    "ClientSessionFinished",
+    "ClientFinishedSessionStatusQuery",
+    "CancelledSessionStatusQuery",
+    "ActiveSessionStatusQuery",
+    "AccessibleSearchOwner",
     "AdamOptimizerConfig",
     "AdamParams",
     "Checkpoint",
@@ -645,6 +800,7 @@ __all__ = [
     "ProvenanceSpans",
     "SampledProvenanceSpan",
     "EncodedTextChunk",
+    "ExternalWeightsUrlsResponse",
     "ForwardBackwardOutput",
     "GetInfoResponse",
     "GetSamplerResponse",
@@ -670,6 +826,7 @@ __all__ = [
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
     "StopReason",

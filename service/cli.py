@@ -176,53 +176,30 @@ def _export_merged(args: argparse.Namespace) -> int:
 def _import_peft(args: argparse.Namespace) -> int:
     """Stores a PEFT adapter folder made elsewhere as a user's `weights/` checkpoint of a new
     (finished) run, which create_training_client_from_state and create_sampling_client load."""
-    import os
-    import uuid
-
-    from tinker_jax import checkpoints, storage
+    from tinker_jax import storage
     from tinker_jax.service.config import ServerConfig
-    from tinker_jax.service.core import new_run_record
-    from tinker_jax.service.paths import TinkerPath, validate_name
-    from tinker_jax.service.store import CheckpointRecord
-    from tinker_jax.weights import resolve_model_dir
+    from tinker_jax.service.core import import_adapter
 
     store = _existing_store(args.storage)
     try:
         user = store.user_id(args.user)
         if user is None:
             raise ValidationError("user", f"no user named {args.user!r} (tinker-jax keys list)")
-        state = checkpoints.import_peft(
-            args.adapter_dir,
-            base_model_dir=resolve_model_dir(args.base_model),
-            base_model=args.base_model,
-            max_rank=args.max_lora_rank,
-            lora_alpha=args.lora_alpha,
-        )
-        name = validate_name(args.name or Path(args.adapter_dir).resolve().name)
-        session = store.create_session(
-            user, user_metadata={}, project_id=None, display_name="import-peft", tags=[]
-        )
-        store.finish_session(session, "success")
-        run_id = f"{session}:train:0"
-        store.create_run(
-            new_run_record(run_id, store.get_session(session), args.base_model, state.lora, {})
-        )
         config = ServerConfig(
             base_models=(args.base_model,),
             storage=Path(args.storage).expanduser().resolve(),
             checkpoint_storage=args.checkpoint_storage,
         )
-        root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
-        location = os.fspath(root / run_id / "weights" / f"{name}-{uuid.uuid4().hex[:8]}")
-        size = checkpoints.save_state(
-            location,
-            state,
+        path = import_adapter(
+            store,
+            storage.resolve(config.checkpoint_location, "checkpoint_storage"),
+            user,
+            args.adapter_dir,
             base_model=args.base_model,
+            name=args.name or Path(args.adapter_dir).resolve().name,
+            max_rank=args.max_lora_rank,
             lora_alpha=args.lora_alpha,
-            with_optimizer=False,
         )
-        path = TinkerPath(run_id, "weights", name)
-        store.put_checkpoint(CheckpointRecord.new(path, user, location, size))
     finally:
         store.close()
     print(path)

@@ -65,6 +65,10 @@ class ServerConfig:
     # once, so one user's polls cannot occupy the server's request threads.
     # The default covers tinker-cookbook's RL batch (128 sampling requests awaited together).
     max_long_polls_per_user: int = 128
+    # Sequences recorded for stable_reinforce (record_stability_info) kept per user: beyond
+    # it the user's least recently used records are dropped, so one user's sampling cannot
+    # fill the database (records also expire a day after their last use).
+    max_recorded_sequences_per_user: int = 200_000
 
     def __post_init__(self):
         if not self.base_models:
@@ -80,6 +84,7 @@ class ServerConfig:
             "max_batch_size",
             "http_max_body_bytes",
             "max_long_polls_per_user",
+            "max_recorded_sequences_per_user",
         )
         for name in positive:
             if getattr(self, name) < 1:

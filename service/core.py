@@ -14,28 +14,39 @@ import dataclasses
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from tinker_jax import checkpoints, provenance, storage
 from tinker_jax.batching import Datum
+from tinker_jax.distributed import is_multiprocess
 from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
 from tinker_jax.optim import AdamParams, DimuonParams, check_family, check_optimizer
 from tinker_jax.sampler import SampleRequest
 from tinker_jax.sampler import SampleResult as EngineSampleResult
 from tinker_jax.sampling import SamplingParams
-from tinker_jax.service import checkpoint_storage, external_weights, results, views
+from tinker_jax.service import (
+    checkpoint_storage,
+    external_weights,
+    results,
+    session_trace,
+    views,
+)
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     ServiceError,
     SessionFinished,
     Unauthenticated,
@@ -81,6 +92,7 @@ from tinker_jax.service.worker import (
     SnapshotForSampler,
 )
 from tinker_jax.trainer import ForwardBackwardOutput, LoraConfig
+from tinker_jax.weights import resolve_model_dir
 
 log = logging.getLogger("tinker_jax.core")
 
@@ -93,8 +105,15 @@ STORE_ATTEMPTS = 2
 # A sample recorded for stable_reinforce is kept this long after its last use (its sampling, or
 # a training request that names it).
 SAMPLED_RECORD_TTL_SECONDS = 24 * 3600
+# A session's timeline (export_session_trace) keeps each request this long.
+REQUEST_LOG_TTL_SECONDS = 30 * 24 * 3600
 # The checkpoint kinds a run or sampler loads (external_weights/ are PEFT exports to download).
 LOADABLE_KINDS = ("weights", "sampler_weights")
+# A copy's expiry (copy_weights): Tinker's range, 1 hour to MAX_TTL_SECONDS.
+MIN_COPY_TTL_SECONDS = 3600
+# The files of a PEFT adapter folder, as import_peft takes them.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +299,7 @@ class ServiceCore:
         return self.store.create_session(
             user,
             user_metadata=_metadata(user_metadata),
-            project_id=project_id or None,
+            project_id=_project(project_id) if project_id else None,
             display_name=display_name[:256] or None,
             tags=list(tags),
         )
@@ -314,6 +333,7 @@ class ServiceCore:
         worker: EngineWorker,
         start: Callable[[Callable, Callable], None],
         sequences: int = 0,
+        target: str | None = None,
     ) -> str:
         """Creates the future and starts the work, once per request id (a resubmission with
         the same id returns the existing future and runs nothing). The work holds a place in
@@ -322,7 +342,9 @@ class ServiceCore:
         request_id = _id(request_id, "request_id") if request_id else str(uuid.uuid4())
         place = worker.reserve(user, sequences)
         try:
-            created = self.store.create_future(request_id, user, kind, run_id)
+            created = self.store.create_future(
+                request_id, user, kind, run_id, target=target or run_id
+            )
         except BaseException:
             place.release()
             raise
@@ -363,11 +385,13 @@ class ServiceCore:
         run_id: str | None = None,
         seq_id: int | None = None,
         sequences: int = 0,
+        target: str | None = None,
     ) -> str:
         """What every engine operation does once its request is checked: the future is
         created (`_submit`) and `op(done, fail)` queued, in the run's seq_id order when
         `seq_id` is given (checked first), else as it comes; the operation's result becomes
-        the future's result through `respond`."""
+        the future's result through `respond`. `target` (the run by default, or a sampler)
+        places the request in its session's timeline."""
         if seq_id is not None:
             worker.check_seq(run_id, seq_id)
 
@@ -378,7 +402,7 @@ class ServiceCore:
             else:
                 worker.submit_run_op(run_id, seq_id, queued)
 
-        return self._submit(user, request_id, kind, run_id, worker, start, sequences)
+        return self._submit(user, request_id, kind, run_id, worker, start, sequences, target)
 
     def _replayed(self, user: str, request_id: str) -> str | None:
         """The run id of an already-submitted request (a client's resubmission after a lost
@@ -1052,6 +1076,8 @@ class ServiceCore:
                         )
                         for sid, seq in zip(sequence_ids, result.sequences)
                     ],
+                    None,
+                    self.config.max_recorded_sequences_per_user,
                 )
             return _sample_result(result, sequence_ids, last_n, checked.request, target_sparse)
 
@@ -1065,6 +1091,7 @@ class ServiceCore:
             ),
             respond,
             sequences=num_samples,
+            target=sampler_id,
         ), sequence_ids
 
     def get_sampler(self, user: str, sampler_id: str) -> SamplerRecord:
@@ -1089,10 +1116,13 @@ class ServiceCore:
         )
 
     def list_training_runs(
-        self, user: str, limit: int, offset: int, access_scope: str
+        self, user: str, limit: int, offset: int, access_scope: str, project_id: str = ""
     ) -> views.Page[views.TrainingRun]:
+        """A page of the runs the user owns (or, "accessible", may read), only those of a
+        project when `project_id` is given."""
         limit, offset = _page(limit, offset, 20)
-        runs, total = self.store.list_runs(user, limit, offset, _scope(access_scope))
+        project = _project(project_id) if project_id else None
+        runs, total = self.store.list_runs(user, limit, offset, _scope(access_scope), project)
         return views.Page([self._training_run(r) for r in runs], offset, limit, total)
 
     def create_weights_access_token(self, user: str, run_id: str) -> str:
@@ -1170,6 +1200,153 @@ class ServiceCore:
             raise NotFound(f"{tinker_path} holds no file {file!r}")
         return os.path.join(record.location, file)
 
+    def copy_weights(
+        self,
+        user: str,
+        request_id: str,
+        source_path: str,
+        *,
+        destination_project_id: str = "",
+        session_id: str = "",
+        model_seq_id: int | None = None,
+        ttl_seconds: int | None = None,
+        weights_access_token: str = "",
+    ) -> str:
+        """SDK 0.38's copy_weights: `user`'s own copy of a checkpoint they may read (theirs, a
+        published one, or one that `weights_access_token` opens), of the same kind and name,
+        in a new training run that holds only the copy and that no engine ever loads (to
+        train on, create a training client from the copy). The run is the `model_seq_id`th
+        of the user's live session `session_id`, or else the first of a new, finished session
+        in project `destination_project_id` (none when empty).
+
+        The copy is unpublished whatever the source was (only its owner reads it), and
+        expires `ttl_seconds` from now (3600 s to 10 years; None: never), not with the
+        source. Its files are hard links to the source's where storage allows, else copies
+        (`storage.copy_tree`): deleting either checkpoint leaves the other whole. A request
+        id seen before (an HTTP retry's idempotency key) returns that copy's path."""
+        if self._replayed(user, request_id) is not None:
+            return self._copied_path(user, request_id)
+        parsed, source = self._readable_checkpoint(
+            user, source_path, "source_path", weights_access_token, tuple(CHECKPOINT_KINDS)
+        )
+        expires = _expiry(ttl_seconds, minimum=MIN_COPY_TTL_SECONDS)
+        session, run_id, project = None, "", None
+        if session_id:
+            if model_seq_id is None:
+                raise ValidationError("model_seq_id", "is required with session_id")
+            session = self._session(user, session_id)
+            run_id = self._new_run_id(session.session_id, model_seq_id)
+        elif destination_project_id:
+            project = _id(destination_project_id, "destination_project_id")
+        request_id = _id(request_id, "request_id") if request_id else str(uuid.uuid4())
+        if not self.store.create_future(request_id, user, "copy_weights"):
+            return self._copied_path(user, request_id)  # a concurrent retry took the id first
+        try:
+            if session is None:
+                session = _finished_session(self.store, user, project, "copy_weights")
+                run_id = f"{session.session_id}:train:0"
+            path = self._copy_checkpoint(user, parsed, source, session.session_id, run_id, expires)
+        except Exception as e:
+            self._fail(request_id, e)
+            self._retrieve(user, request_id, 0.0)  # delivered here, so purged in time
+            raise
+        self._complete(request_id, SaveWeightsResult(path=str(path)))
+        log.info("copied checkpoint %s to %s", parsed, path)
+        return self._copied_path(user, request_id)
+
+    def _copy_checkpoint(
+        self,
+        user: str,
+        parsed: TinkerPath,
+        source: CheckpointRecord,
+        session_id: str,
+        run_id: str,
+        expires: float | None,
+    ) -> TinkerPath:
+        """copy_weights' work: the run `run_id` of `session_id` (the source run's base model
+        and LoRA configuration, owned by `user`) and in it the copy of `source`."""
+        now = time.time()
+        self.store.create_run(
+            dataclasses.replace(
+                self.store.get_run(source.run_id),
+                run_id=run_id,
+                session_id=session_id,
+                user_id=user,
+                created=now,
+                last_request_time=now,
+                user_metadata={},
+                source_path=str(parsed),
+            )
+        )
+        path = TinkerPath(run_id, parsed.kind, parsed.name)
+        folder = self.checkpoint_root / run_id / path.kind / f"{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            storage.copy_tree(source.location, folder)
+            self.store.put_checkpoint(
+                CheckpointRecord.new(
+                    path, user, os.fspath(folder), source.size_bytes, expires, source.user_metadata
+                )
+            )
+        except BaseException:
+            storage.remove_tree(folder)
+            raise
+        self.copy_due.set()
+        return path
+
+    def _copied_path(self, user: str, request_id: str) -> str:
+        """The path that the copy request `request_id` made (waiting while it runs), marked
+        delivered; its error again when it failed."""
+        outcome = self._retrieve(user, request_id, MAX_LONG_POLL_SECONDS)
+        if isinstance(outcome, SaveWeightsResult) and outcome.path:
+            return outcome.path
+        if isinstance(outcome, Failure):
+            raise FailedPrecondition(f"request {request_id} failed: {outcome.message}")
+        if isinstance(outcome, Pending):
+            raise ResourceExhausted(f"request {request_id} is still copying; retry shortly")
+        raise PermissionDenied(f"request id {request_id} is in use by another request")
+
+    def import_peft(self, user: str, files: Mapping[str, bytes], base_model: str, name: str) -> str:
+        """A PEFT adapter folder made elsewhere (`files`: the contents of ADAPTER_FILES, by
+        name) as the user's `tinker://<run>/weights/<name>` checkpoint of a new, finished
+        run: what `tinker-jax import-peft` does (`import_adapter`), for an API key's owner.
+        Refused, naming the field, for an unexpected or missing file, a base model this
+        server does not serve, or an adapter that does not fit it (`checkpoints.import_peft`).
+        A multi-host server refuses it (checkpoint writes involve every host): the command
+        imports there."""
+        validate_name(name, "name")
+        self._worker(base_model)
+        missing, others = set(ADAPTER_FILES) - set(files), set(files) - set(ADAPTER_FILES)
+        if missing or others:
+            raise ValidationError(
+                "files",
+                f"expected exactly {' and '.join(ADAPTER_FILES)}; missing {sorted(missing)}, "
+                f"{len(others)} other files",
+            )
+        if len(files[ADAPTER_FILES[0]]) > MAX_ADAPTER_CONFIG_BYTES:
+            raise ValidationError(
+                ADAPTER_FILES[0],
+                f"{len(files[ADAPTER_FILES[0]])} bytes, at most {MAX_ADAPTER_CONFIG_BYTES}",
+            )
+        if is_multiprocess():
+            raise FailedPrecondition(
+                "a multi-host server imports adapters with `tinker-jax import-peft` only"
+            )
+        with tempfile.TemporaryDirectory(prefix="tinker-jax-import-") as folder:
+            for file, data in files.items():
+                (Path(folder) / file).write_bytes(data)
+            path = import_adapter(
+                self.store,
+                self.checkpoint_root,
+                user,
+                folder,
+                base_model=base_model,
+                name=name,
+                max_rank=self.config.max_lora_rank,
+                lora_alpha=self.config.lora_alpha,
+            )
+        self.copy_due.set()
+        return str(path)
+
     def delete_checkpoint(self, user: str, tinker_path: str) -> None:
         record = self._owned_checkpoint(user, tinker_path)
         self.store.delete_checkpoint(record.tinker_path)
@@ -1187,7 +1364,8 @@ class ServiceCore:
         _, record = self._readable_checkpoint(user, tinker_path, "tinker_path")
         return checkpoints.read_info(record.location, name=tinker_path, field="tinker_path")
 
-    def get_session(self, user: str, session_id: str) -> views.Session:
+    def get_session(self, user: str, session_id: str, access_scope: str = "owned") -> views.Session:
+        _scope(access_scope)  # "accessible" reaches no other session here (see list_sessions)
         record = self.store.get_session(_id(session_id, "session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"session {session_id} not found")
@@ -1198,17 +1376,89 @@ class ServiceCore:
             record.display_name,
         )
 
-    def list_sessions(self, user: str, limit: int, offset: int) -> list[str]:
+    def list_sessions(
+        self, user: str, limit: int, offset: int, access_scope: str = "owned"
+    ) -> list[str]:
+        """A page of the user's session ids. Projects here are the user's own labels, shared
+        with nobody, so "accessible" lists the same sessions as "owned"."""
+        _scope(access_scope)
         limit, offset = _page(limit, offset, 20)
         return self.store.list_sessions(user, limit, offset)
+
+    def assign_session_project(self, user: str, session_id: str, project_id: str) -> None:
+        """Moves one of the user's sessions, with its runs and samplers, into a project (a
+        label of the user's own; a session cannot leave every project once placed)."""
+        record = self._own_session(user, session_id)
+        self.store.set_session_project(record.session_id, _project(project_id))
+
+    def search_sessions(self, user: str, query: views.SessionQuery) -> views.SessionPage:
+        """A page of the user's sessions that match `query`, newest first. Sessions are only
+        ever listed to their owner: naming another user as an owner is refused."""
+        me = self.store.user_name(user) or user
+        if not 1 <= query.limit <= 200:
+            raise ValidationError("limit", f"{query.limit} is outside [1, 200]")
+        if len(query.owners) > 10 or set(query.owners) - {me}:
+            raise PermissionDenied(
+                f"owner: sessions are listed to their owner only; you may search {me!r}"
+            )
+        _check_query(query)
+        found: list[views.SessionSummary] = []
+        for record, created_us in self.store.user_sessions(user, query.project_ids, query.after):
+            status, reason = _session_status(record)
+            if not _session_matches(query, record, status, reason):
+                continue
+            if len(found) == query.limit:
+                last = found[-1]
+                return views.SessionPage(found, (last.created_us, last.session_id))
+            stats = self.store.session_stats(record.session_id)
+            found.append(
+                views.SessionSummary(
+                    record.session_id,
+                    created_us,
+                    stats.owner,
+                    record.project_id or "",
+                    status,
+                    reason,
+                    stats.checkpoints_count,
+                    stats.checkpoint_storage_bytes,
+                    record.display_name,
+                    record.user_metadata,
+                )
+            )
+        return views.SessionPage(found, None)
+
+    def session_trace_query(
+        self, user: str, session_id: str, now: float | None = None
+    ) -> tuple[str, int]:
+        """The query (`expires`, `signature`) of a download URL for the trace of one of the
+        user's sessions (`session_trace`), valid until the returned expiry (unix seconds)."""
+        record = self._own_session(user, session_id)
+        expires = int((time.time() if now is None else now) + external_weights.URL_TTL_SECONDS)
+        sign = self.url_signer.signature
+        signature = sign(_trace_key(record.session_id), session_trace.FILE_NAME, expires)
+        return f"expires={expires}&signature={signature}", expires
+
+    def session_trace(
+        self, session_id: str, expires: int, signature: str, now: float | None = None
+    ) -> bytes:
+        """A session's timeline (`session_trace.build`) for a URL `session_trace_query` signed
+        and that has not expired."""
+        now = time.time() if now is None else now
+        key = _trace_key(_id(session_id, "session_id"))
+        self.url_signer.check(key, session_trace.FILE_NAME, expires, signature, now)
+        record = self.store.get_session(session_id)
+        if record is None:
+            raise NotFound(f"session {session_id} not found")
+        return session_trace.build(record, self.store.session_requests(session_id), now)
 
     # ---------------------------------------------------------------- housekeeping
 
     def sweep(self, now: float | None = None) -> None:
         """Writes the outcomes kept in memory while the database was locked, fails the
         operations waiting longer than parked_timeout_seconds for a missing seq_id, deletes
-        expired checkpoints, delivered results past their TTL and samples recorded for
-        stable_reinforce unused for a day, and releases the slots of
+        expired checkpoints, delivered results past their TTL, samples recorded for
+        stable_reinforce unused for a day and timeline entries older than
+        REQUEST_LOG_TTL_SECONDS, and releases the slots of
         sessions that stopped heartbeating."""
         now = time.time() if now is None else now
         self._save_unsaved()
@@ -1221,6 +1471,7 @@ class ServiceCore:
             storage.remove_tree(record.location)
         self.store.purge_delivered(now - self.config.result_ttl_seconds)
         self.store.purge_sampled(now - SAMPLED_RECORD_TTL_SECONDS)
+        self.store.purge_request_log(now - REQUEST_LOG_TTL_SECONDS)
         for session_id in self.store.stale_sessions(now - self.config.session_ttl_seconds):
             self.store.finish_session(session_id, "expired", now=now)
             self._release(session_id)
@@ -1349,12 +1600,79 @@ def _check_lora(lora: LoraConfig, max_rank: int) -> None:
         )
 
 
-def _expiry(ttl_seconds: int | None) -> float | None:
+def _expiry(ttl_seconds: int | None, minimum: int = 1) -> float | None:
     if ttl_seconds is None:
         return None
-    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
-        raise ValidationError("ttl_seconds", f"{ttl_seconds} is outside [1, {MAX_TTL_SECONDS}]")
+    if not minimum <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValidationError(
+            "ttl_seconds", f"{ttl_seconds} is outside [{minimum}, {MAX_TTL_SECONDS}]"
+        )
     return time.time() + ttl_seconds
+
+
+def _project(project_id: str) -> str:
+    if not project_id or len(project_id) > MAX_ID_LENGTH or not project_id.isprintable():
+        raise ValidationError("project_id", f"must be 1..{MAX_ID_LENGTH} printable characters")
+    return project_id
+
+
+def _trace_key(session_id: str) -> str:
+    """What a trace URL's signature covers besides file and expiry (no tinker:// path is
+    like it, so a trace URL never opens a checkpoint file nor the other way round)."""
+    return f"session:{session_id}"
+
+
+def _session_status(record: SessionRecord) -> tuple[str | None, str | None]:
+    """A session's search status and the client's finish reason: "active" until finished,
+    "client_finished" when its client finished it, None when it expired unheard."""
+    if not record.finished:
+        return "active", None
+    if record.finish_reason in views.CLIENT_FINISH_REASONS:
+        return "client_finished", record.finish_reason
+    return None, None
+
+
+def _check_query(query: views.SessionQuery) -> None:
+    """Refuses a search whose filters are out of bounds, naming the field."""
+    if query.session_id is not None:
+        _id(query.session_id, "session_id")
+    if query.project_ids is not None:
+        if len(query.project_ids) > 100:
+            raise ValidationError("project_ids", f"{len(query.project_ids)} ids, at most 100")
+        for project_id in query.project_ids:
+            _project(project_id)
+    _metadata(query.user_metadata)
+    if query.display_name is not None and not 1 <= len(query.display_name) <= 256:
+        raise ValidationError("display_name", "must be 1..256 characters")
+    for status in query.statuses or ():
+        if status.type not in views.SESSION_STATUSES:
+            raise ValidationError(
+                "statuses", f"{status.type!r:.40} is not one of {views.SESSION_STATUSES}"
+            )
+        if set(status.reasons or ()) - set(views.CLIENT_FINISH_REASONS):
+            raise ValidationError(
+                "statuses", f"reasons must be among {views.CLIENT_FINISH_REASONS}"
+            )
+    if query.statuses is not None and not query.statuses:
+        raise ValidationError("statuses", "must name at least one status (or be absent)")
+
+
+def _session_matches(
+    query: views.SessionQuery, record: SessionRecord, status: str | None, reason: str | None
+) -> bool:
+    if any(record.user_metadata.get(k) != v for k, v in query.user_metadata.items()):
+        return False
+    if query.session_id is not None or query.display_name is not None:
+        name = (record.display_name or "").lower()
+        words = (query.display_name or "").lower().split()
+        by_name = query.display_name is not None and all(w in name for w in words)
+        if record.session_id != query.session_id and not by_name:
+            return False
+    if query.statuses is None:
+        return True
+    return any(
+        s.type == status and (s.reasons is None or reason in s.reasons) for s in query.statuses
+    )
 
 
 def _page(limit: int, offset: int, default: int) -> tuple[int, int]:
@@ -1401,3 +1719,51 @@ def new_run_record(
         source_path=source,
         optimizer=optimizer,
     )
+
+
+def _finished_session(
+    store: Store, user: str, project_id: str | None, display_name: str
+) -> SessionRecord:
+    """A new session of `user`, finished at once: the home of a run that only holds a
+    checkpoint made without a client session (a copy, an import), which nothing trains."""
+    session_id = store.create_session(
+        user, user_metadata={}, project_id=project_id, display_name=display_name, tags=[]
+    )
+    store.finish_session(session_id, "success")
+    return store.get_session(session_id)
+
+
+def import_adapter(
+    store: Store,
+    checkpoint_root: epath.Path,
+    user: str,
+    adapter_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    name: str,
+    max_rank: int,
+    lora_alpha: float,
+) -> TinkerPath:
+    """Stores a PEFT adapter folder made elsewhere as `user`'s `weights/<name>` checkpoint
+    (adapter only, no optimizer state) of a new run, the first of a new finished session,
+    once `checkpoints.import_peft` found that it fits `base_model` (`max_rank` and
+    `lora_alpha` are the server's). The one code path of `tinker-jax import-peft` and of
+    the API's import (`ServiceCore.import_peft`)."""
+    validate_name(name)
+    state = checkpoints.import_peft(
+        adapter_dir,
+        base_model_dir=resolve_model_dir(base_model),
+        base_model=base_model,
+        max_rank=max_rank,
+        lora_alpha=lora_alpha,
+    )
+    session = _finished_session(store, user, None, "import-peft")
+    run_id = f"{session.session_id}:train:0"
+    store.create_run(new_run_record(run_id, session, base_model, state.lora, {}))
+    location = os.fspath(checkpoint_root / run_id / "weights" / f"{name}-{uuid.uuid4().hex[:8]}")
+    size = checkpoints.save_state(
+        location, state, base_model=base_model, lora_alpha=lora_alpha, with_optimizer=False
+    )
+    path = TinkerPath(run_id, "weights", name)
+    store.put_checkpoint(CheckpointRecord.new(path, user, location, size))
+    return path

@@ -14,8 +14,9 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from tinker_jax.errors import ValidationError
 
@@ -23,6 +24,8 @@ MAX_RECIPIENTS = 10
 URL_TTL_SECONDS = 3600
 KEY_FILE = "url_signing.key"
 AGE_SUFFIX = ".age"
+# The HTTP front end's route of signed downloads (no API key: the signature is the permission).
+DOWNLOAD_PREFIX = "/api/v1/external_weights"
 
 
 def check_recipients(recipients: Sequence[str], field: str = "age_encryption_recipients") -> list:
@@ -67,6 +70,16 @@ def files(folder: str | os.PathLike) -> dict[str, int]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def download_paths(tinker_path: str, queries: Mapping[str, str]) -> dict[str, str]:
+    """Each file's signed download URL but for its scheme and host: the HTTP front end's
+    route (DOWNLOAD_PREFIX) for the file, with the query that signs it (`queries`, from
+    `ServiceCore.external_weights_urls`). Both front ends put the HTTP server's address
+    in front."""
+    run_id, _, name = tinker_path.removeprefix("tinker://").split("/", 2)
+    folder = f"{DOWNLOAD_PREFIX}/{quote(run_id, safe='')}/{quote(name, safe='')}"
+    return {file: f"{folder}/{quote(file)}?{query}" for file, query in queries.items()}
 
 
 class UrlSigner:

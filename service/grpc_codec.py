@@ -354,6 +354,47 @@ def session(s: views.Session) -> pb.GetSessionResponse:
     )
 
 
+def session_query(r: pb.SearchSessionsRequest) -> views.SessionQuery:
+    """A session search request as the core's query (bounds are the core's to check)."""
+    after = None
+    if r.HasField("cursor"):
+        after = (r.cursor.last_created_us, r.cursor.last_session_id)
+    return views.SessionQuery(
+        session_id=r.session_id if r.HasField("session_id") else None,
+        project_ids=tuple(r.project_ids) or None,
+        user_metadata=dict(r.user_metadata),
+        display_name=r.display_name if r.HasField("display_name") else None,
+        owners=tuple(r.owners),
+        statuses=tuple(views.StatusQuery(q.type, tuple(q.reasons) or None) for q in r.statuses)
+        or None,
+        limit=r.limit or 50,
+        after=after,
+    )
+
+
+def session_page(page: views.SessionPage) -> pb.SearchSessionsResponse:
+    out = pb.SearchSessionsResponse(
+        sessions=[
+            pb.SessionSummary(
+                session_id=s.session_id,
+                created_us=s.created_us,
+                owner=s.owner,
+                project_id=s.project_id,
+                status=s.status or "",
+                finish_reason=s.finish_reason or "",
+                checkpoints_count=s.checkpoints_count,
+                checkpoint_storage_bytes=s.checkpoint_storage_bytes,
+                display_name=s.display_name or "",
+                user_metadata=s.user_metadata,
+            )
+            for s in page.sessions
+        ]
+    )
+    if page.next_cursor is not None:
+        out.next_cursor.last_created_us, out.next_cursor.last_session_id = page.next_cursor
+    return out
+
+
 def sampler(record: SamplerRecord) -> pb.GetSamplerResponse:
     return pb.GetSamplerResponse(
         sampler_id=record.sampler_id,

@@ -17,9 +17,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.service import external_weights
 from tinker_jax.service import grpc_codec as codec
 from tinker_jax.service.core import ServiceCore
-from tinker_jax.service.errors import ServiceError
+from tinker_jax.service.errors import FailedPrecondition, ServiceError
 from tinker_jax.service.limits import poll_threads
 from tinker_jax.v1 import tinker_pb2 as pb
 from tinker_jax.v1 import tinker_pb2_grpc
@@ -85,10 +86,12 @@ class LenientDecoding(grpc.ServerInterceptor):
 
 
 class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
-    """Every RPC of `tinker_jax.v1.Tinker`, delegated to the service core."""
+    """Every RPC of `tinker_jax.v1.Tinker`, delegated to the service core. `http_port`: the
+    HTTP front end's, which serves external weights downloads (None: not running)."""
 
-    def __init__(self, core: ServiceCore):
+    def __init__(self, core: ServiceCore, http_port: int | None = None):
         self.core = core
+        self.http_port = http_port
 
     @_rpc
     def GetServerCapabilities(self, user, request):
@@ -258,7 +261,7 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
     @_rpc
     def ListTrainingRuns(self, user, r):
         return codec.training_runs(
-            self.core.list_training_runs(user, r.limit, r.offset, r.access_scope)
+            self.core.list_training_runs(user, r.limit, r.offset, r.access_scope, r.project_id)
         )
 
     @_rpc
@@ -300,11 +303,34 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
 
     @_rpc
     def GetSession(self, user, r):
-        return codec.session(self.core.get_session(user, r.session_id))
+        return codec.session(self.core.get_session(user, r.session_id, r.access_scope))
 
     @_rpc
     def ListSessions(self, user, r):
-        return pb.ListSessionsResponse(sessions=self.core.list_sessions(user, r.limit, r.offset))
+        return pb.ListSessionsResponse(
+            sessions=self.core.list_sessions(user, r.limit, r.offset, r.access_scope)
+        )
+
+    # Sessions (#16)
+
+    @_rpc
+    def AssignSessionProject(self, user, r):
+        self.core.assign_session_project(user, r.session_id, r.project_id)
+        return pb.Empty()
+
+    @_rpc
+    def SearchSessions(self, user, r):
+        return codec.session_page(self.core.search_sessions(user, codec.session_query(r)))
+
+    @_rpc
+    def ExportSessionTrace(self, user, r):
+        """Where the session's trace downloads (it is built on download): a signed path on
+        the HTTP front end's port, as for external weights."""
+        query, _ = self.core.session_trace_query(user, r.session_id)
+        return pb.ExportSessionTraceResponse(
+            path=f"/api/v1/session_traces/{r.session_id}?{query}",
+            http_port=self._download_port(),
+        )
 
     @_rpc
     def GetSampler(self, user, r):
@@ -321,9 +347,74 @@ class TinkerServicer(tinker_pb2_grpc.TinkerServicer):
         self.core.revoke_weights_access_token(user, r.token)
         return pb.Empty()
 
+    # Weights copy and import (#18)
 
-def start_grpc(core: ServiceCore, host: str, port: int) -> tuple[grpc.Server, int]:
-    """Starts the gRPC server; returns it and the bound port (port 0 picks a free one)."""
+    @_rpc
+    def SaveWeightsExternal(self, user, r):
+        ttl = r.ttl_seconds if r.HasField("ttl_seconds") else None
+        return pb.SubmitResponse(
+            model_id=r.model_id,
+            request_id=self.core.save_weights(
+                user,
+                r.request_id,
+                r.model_id,
+                r.seq_id,
+                r.name,
+                ttl,
+                False,
+                {},
+                kind="external_weights",
+                age_recipients=list(r.age_encryption_recipients),
+            ),
+        )
+
+    @_rpc
+    def GetExternalWeightsUrls(self, user, r):
+        """Each file's URL as its path and query on the HTTP front end: this server knows its
+        HTTP port but not the host name the client reaches it by."""
+        port = self._download_port()
+        queries, expires = self.core.external_weights_urls(user, r.tinker_path)
+        return pb.ExternalWeightsUrlsResponse(
+            urls=external_weights.download_paths(r.tinker_path, queries),
+            expires=expires,
+            http_port=port,
+        )
+
+    def _download_port(self) -> int:
+        """The HTTP front end's port, where signed downloads are served; FailedPrecondition
+        when this server does not run one."""
+        if self.http_port is None:
+            raise FailedPrecondition(
+                "downloads are served by the HTTP front end, which this server does not run "
+                "(start it with --http-port)"
+            )
+        return self.http_port
+
+    @_rpc
+    def CopyWeights(self, user, r):
+        path = self.core.copy_weights(
+            user,
+            r.request_id,
+            r.source_path,
+            destination_project_id=r.destination_project_id,
+            session_id=r.session_id,
+            model_seq_id=r.model_seq_id if r.HasField("model_seq_id") else None,
+            ttl_seconds=r.ttl_seconds if r.HasField("ttl_seconds") else None,
+            weights_access_token=r.weights_access_token,
+        )
+        return pb.WeightsPathResponse(tinker_path=path)
+
+    @_rpc
+    def ImportPeft(self, user, r):
+        path = self.core.import_peft(user, dict(r.files), r.base_model, r.name)
+        return pb.WeightsPathResponse(tinker_path=path)
+
+
+def start_grpc(
+    core: ServiceCore, host: str, port: int, http_port: int | None = None
+) -> tuple[grpc.Server, int]:
+    """Starts the gRPC server; returns it and the bound port (port 0 picks a free one).
+    `http_port`: the HTTP front end's, if it runs (download URLs point there)."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(
             max_workers=poll_threads(core.config.max_long_polls_per_user)
@@ -331,7 +422,7 @@ def start_grpc(core: ServiceCore, host: str, port: int) -> tuple[grpc.Server, in
         interceptors=[LenientDecoding()],
         options=CHANNEL_OPTIONS,
     )
-    tinker_pb2_grpc.add_TinkerServicer_to_server(TinkerServicer(core), server)
+    tinker_pb2_grpc.add_TinkerServicer_to_server(TinkerServicer(core, http_port), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")

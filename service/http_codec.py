@@ -10,6 +10,7 @@ core's results and views into Tinker's JSON and protobuf.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import math
@@ -163,6 +164,20 @@ def metadata(value: Any, field: str = "user_metadata") -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValidationError(field, f"expected an object, got {_kind(value)}")
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+
+
+def files_from_json(files: Fields) -> dict[str, bytes]:
+    """The files of an upload (`{"<file name>": "<base64 content>", ...}`), decoded; the
+    core checks which names it takes."""
+    decoded = {}
+    for name, text in files.value.items():
+        if not isinstance(text, str):
+            raise ValidationError(files.name(str(name)[:64]), "expected a base64 string")
+        try:
+            decoded[name] = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValidationError(files.name(str(name)[:64]), "is not valid base64") from None
+    return decoded
 
 
 # ---------------------------------------------------------------------------- request tensors
@@ -781,6 +796,110 @@ def session_json(s: views.Session) -> dict:
         "sampler_ids": list(s.sampler_ids),
         "user_metadata": dict(s.user_metadata),
         "display_name": s.display_name or None,
+    }
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+def _from_micros(us: int) -> str:
+    """Whole microseconds since the epoch as an ISO 8601 UTC timestamp, exactly."""
+    return (_EPOCH + us * _MICROSECOND).isoformat()
+
+
+def _to_micros(value: str, field: str) -> int:
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(field, f"{value!r:.64} is not an ISO 8601 timestamp") from None
+    if moment.tzinfo is None:
+        raise ValidationError(field, "needs a time zone")
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _strings(f: Fields, key: str, limit: int) -> tuple[str, ...] | None:
+    """An optional list of at most `limit` strings."""
+    values = f.list(key)
+    if values is None:
+        return None
+    if len(values) > limit or not all(isinstance(v, str) for v in values):
+        raise ValidationError(f.name(key), f"expected at most {limit} strings")
+    return tuple(values)
+
+
+def session_query(f: Fields) -> views.SessionQuery:
+    """Tinker's SessionSearchRequest body as the core's query. Owner "own" and "accessible"
+    both search the caller's sessions (no one else's are listed here); "user" names owners."""
+    metadata = f.object("user_metadata")
+    pairs = {} if metadata is None else metadata.value
+    if not all(isinstance(v, str) for v in pairs.values()):
+        raise ValidationError(f.name("user_metadata"), "values must be strings")
+    owner = f.object("owner")
+    kind = "own" if owner is None else owner.str("type", "own")
+    owners: tuple[str, ...] = ()
+    if owner is not None and kind == "user":
+        owners = _strings(owner, "owner_urns", 10) or ()
+    elif owner is not None and kind not in ("own", "accessible"):
+        raise ValidationError(owner.name("type"), f"{kind!r:.40} is not own, accessible or user")
+    statuses = f.list("statuses")
+    if statuses is not None:
+        if len(statuses) > 8:
+            raise ValidationError(f.name("statuses"), "at most 8 statuses")
+        statuses = tuple(
+            views.StatusQuery(s.str("type", required=True), _strings(s, "reasons", 3))
+            for s in (Fields(v, f"{f.name('statuses')}[{i}]") for i, v in enumerate(statuses))
+        )
+    cursor = f.object("cursor")
+    after = None
+    if cursor is not None:
+        after = (
+            _to_micros(
+                cursor.str("last_created_at", required=True), cursor.name("last_created_at")
+            ),
+            cursor.str("last_session_id", required=True),
+        )
+    return views.SessionQuery(
+        session_id=f.str("session_id"),
+        project_ids=_strings(f, "project_ids", 100),
+        user_metadata=dict(pairs),
+        display_name=f.str("display_name"),
+        owners=owners,
+        statuses=statuses,
+        limit=f.int("limit", 50),
+        after=after,
+    )
+
+
+def session_page_json(page: views.SessionPage) -> dict:
+    """A session search's page as Tinker's SessionSearchResponse."""
+
+    def status(s: views.SessionSummary) -> dict | None:
+        if s.status == "client_finished":
+            return {"type": "client_finished", "reason": {"type": s.finish_reason}}
+        return None if s.status is None else {"type": s.status}
+
+    return {
+        "sessions": [
+            {
+                "session_id": s.session_id,
+                "created_at": _from_micros(s.created_us),
+                "owner": s.owner,
+                "project_id": s.project_id,
+                "status": status(s),
+                "checkpoints_count": s.checkpoints_count,
+                "display_name": s.display_name,
+                "user_metadata": dict(s.user_metadata),
+                "checkpoint_storage_bytes": s.checkpoint_storage_bytes,
+            }
+            for s in page.sessions
+        ],
+        "next_cursor": None
+        if page.next_cursor is None
+        else {
+            "last_created_at": _from_micros(page.next_cursor[0]),
+            "last_session_id": page.next_cursor[1],
+        },
     }
 
 

@@ -34,7 +34,6 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import quote
 
 import uvicorn
 from google.protobuf.message import DecodeError
@@ -45,6 +44,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.service import external_weights
 from tinker_jax.service import http_codec as codec
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
@@ -80,7 +80,6 @@ DYNAMIC_CONFIG = {
     "sample_cancel_max_batch_size": 64,
 }
 UNSUPPORTED = {
-    "copy_weights": "copying weights between projects",
     "create_custom_loss": "server-side custom losses",
     "join_sampling_session": "joining sampling sessions",
     "retrieve_futures": "batched future retrieval",
@@ -200,9 +199,16 @@ class TinkerHTTP:
             self._route("/asample", self.sample),
             self._route("/retrieve_future", self.retrieve_future, pool=self.poll_pool),
             self._route("/weights_info", self.weights_info),
+            self._route("/copy_weights", self.copy_weights),
+            self._route("/import_peft", self.import_peft),
             self._route("/samplers/{sampler_id}", self.get_sampler, "GET"),
             self._route("/sessions", self.list_sessions, "GET"),
+            self._route("/sessions/search", self.search_sessions),
             self._route("/sessions/{session_id}", self.get_session, "GET"),
+            self._route("/sessions/{session_id}/project", self.assign_session_project, "PUT"),
+            self._route("/sessions/{session_id}/trace_export", self.trace_export, "GET"),
+            # A signed trace URL: no API key, the signature is the permission.
+            Route(v1 + "/session_traces/{session_id}", self._trace, methods=["GET"]),
             self._route("/checkpoints", self.list_user_checkpoints, "GET"),
             self._route("/training_runs", self.list_training_runs, "GET"),
             self._route("/training_runs/{run_id}", self.get_training_run, "GET"),
@@ -625,16 +631,51 @@ class TinkerHTTP:
     def list_sessions(self, call: Call):
         return {
             "sessions": self.core.list_sessions(
-                call.user, call.query_int("limit"), call.query_int("offset")
+                call.user,
+                call.query_int("limit"),
+                call.query_int("offset"),
+                call.query("access_scope"),
             )
         }
 
     def get_session(self, call: Call):
-        return codec.session_json(self.core.get_session(call.user, call.path("session_id")))
+        return codec.session_json(
+            self.core.get_session(call.user, call.path("session_id"), call.query("access_scope"))
+        )
+
+    def search_sessions(self, call: Call):
+        page = self.core.search_sessions(call.user, codec.session_query(call.fields))
+        return codec.session_page_json(page)
+
+    def assign_session_project(self, call: Call):
+        project = call.fields.str("project_id", required=True)
+        self.core.assign_session_project(call.user, call.path("session_id"), project)
+        return {}
+
+    def trace_export(self, call: Call):
+        """Tinker's trace export poll: the trace is built when downloaded, so it is always
+        ready, with a signed URL valid for an hour."""
+        session_id = call.path("session_id")
+        query, _ = self.core.session_trace_query(call.user, session_id)
+        base = str(call.request.base_url).rstrip("/")
+        return {"status": "ready", "url": f"{base}/api/v1/session_traces/{session_id}?{query}"}
+
+    async def _trace(self, request: Request) -> Response:
+        """A session's trace file, for a URL `trace_export` signed (403 altered or expired)."""
+        session_id = request.path_params["session_id"]
+        return await self._signed(
+            request,
+            functools.partial(self.core.session_trace, session_id),
+            lambda trace: Response(trace, media_type="application/json"),
+        )
 
     def list_training_runs(self, call: Call):
         runs = self.core.list_training_runs(
-            call.user, call.query_int("limit"), call.query_int("offset"), call.query("access_scope")
+            call.user,
+            call.query_int("limit"),
+            call.query_int("offset"),
+            call.query("access_scope"),
+            call.query("project_id"),
         )
         return {
             "training_runs": [codec.training_run_json(r) for r in runs.items],
@@ -688,36 +729,49 @@ class TinkerHTTP:
         ExternalWeightsUrlsResponse), valid without an API key until `expires`."""
         tinker_path = self._tinker_path(call)
         queries, expires = self.core.external_weights_urls(call.user, tinker_path)
-        run_id, _, name = tinker_path.removeprefix("tinker://").split("/", 2)
-        base = f"{str(call.request.base_url).rstrip('/')}/api/v1/external_weights"
-        folder = f"{base}/{quote(run_id, safe='')}/{quote(name, safe='')}"
+        base = str(call.request.base_url).rstrip("/")
+        paths = external_weights.download_paths(tinker_path, queries)
         return {
-            "urls": {f: f"{folder}/{quote(f)}?{q}" for f, q in queries.items()},
+            "urls": {file: base + path for file, path in paths.items()},
             "expires": codec.timestamp(expires),
         }
 
     async def _download(self, request: Request) -> Response:
         """One file of an external weights checkpoint, for a signed URL (403 when altered or
         expired); byte ranges are served as asked."""
-        p, q = request.path_params, request.query_params
+        p = request.path_params
+        name = p["file"].rsplit("/", 1)[-1]
+        return await self._signed(
+            request,
+            functools.partial(
+                self.core.external_weights_file,
+                f"tinker://{p['run_id']}/external_weights/{p['name']}",
+                p["file"],
+            ),
+            lambda path: FileResponse(path, filename=name),
+        )
+
+    async def _signed(
+        self,
+        request: Request,
+        fetch: Callable[[int, str], Any],
+        respond: Callable[[Any], Response],
+    ) -> Response:
+        """A download by signed URL (no API key): `fetch(expires, signature)` runs on the
+        pool and checks the URL's query; an altered or expired one gets 403."""
+        q = request.query_params
         try:
             expires = int(q.get("expires", ""))
         except ValueError:
             return _error(400, "expires: expected an integer (unix seconds)")
         try:
-            path = await asyncio.get_running_loop().run_in_executor(
-                self.pool,
-                self.core.external_weights_file,
-                f"tinker://{p['run_id']}/external_weights/{p['name']}",
-                p["file"],
-                expires,
-                q.get("signature", ""),
-            )
+            loop = asyncio.get_running_loop()
+            value = await loop.run_in_executor(self.pool, fetch, expires, q.get("signature", ""))
         except ValidationError as e:
             return _error(403, str(e))
         except Exception as e:  # noqa: BLE001 - every failure becomes a response
             return self._failure(e, request)
-        return FileResponse(path, filename=p["file"].rsplit("/", 1)[-1])
+        return respond(value)
 
     def save_weights_external(self, call: Call):
         """The run's adapter as a PEFT folder, `tinker://<run>/external_weights/<path>`."""
@@ -738,6 +792,37 @@ class TinkerHTTP:
                 age_recipients=recipients,
             ),
         )
+
+    def copy_weights(self, call: Call):
+        """SDK 0.38's copy_weights, answered at once (no future): `{"tinker_path"}` of the
+        caller's copy. The SDK sends a weights access token as a header."""
+        f = call.fields
+        token = call.request.headers.get("x-tinker-weights-access-token")
+        path = self.core.copy_weights(
+            call.user,
+            call.request_id,
+            f.str("source_path", required=True),
+            destination_project_id=f.str("destination_project_id", ""),
+            session_id=f.str("session_id", ""),
+            model_seq_id=f.int("model_seq_id"),
+            ttl_seconds=f.int("ttl_seconds"),
+            weights_access_token=token or f.str("weights_access_token", ""),
+        )
+        return {"tinker_path": path}
+
+    def import_peft(self, call: Call):
+        """tinker-jax's own route: a PEFT adapter folder made elsewhere becomes the caller's
+        `tinker://<run>/weights/<name>` (`{"tinker_path"}`), as `tinker-jax import-peft`
+        makes it. Body: `{"base_model", "name", "files": {"adapter_config.json": base64,
+        "adapter_model.safetensors": base64}}`, within http_max_body_bytes (413 beyond)."""
+        f = call.fields
+        path = self.core.import_peft(
+            call.user,
+            codec.files_from_json(f.object("files", required=True)),
+            f.str("base_model", required=True),
+            f.str("name", required=True),
+        )
+        return {"tinker_path": path}
 
     def set_ttl(self, call: Call):
         self.core.set_ttl(call.user, self._tinker_path(call), call.fields.int("ttl_seconds"))

@@ -119,7 +119,6 @@ class Server:
             log.info("loading %s", name)
             self.workers[name] = EngineWorker(name, settings, self.stream)
         self.core = ServiceCore(config, self.store, self.workers)
-        self.grpc, self.port = start_grpc(self.core, config.host, config.port)
         self.http = None
         if config.http_port is not None:
             from tinker_jax.service.http_server import HTTPServer
@@ -127,6 +126,8 @@ class Server:
             self.http = HTTPServer(
                 self.core, config.host, config.http_port, config.http_max_body_bytes
             )
+        # After HTTP: the gRPC front end's download URLs name its port.
+        self.grpc, self.port = start_grpc(self.core, config.host, config.port, self.http_port)
         self._stopped = threading.Event()
         self._janitor = threading.Thread(target=self._housekeeping, name="janitor", daemon=True)
         self._janitor.start()

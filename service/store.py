@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +181,18 @@ CREATE TABLE IF NOT EXISTS sampled_sequences (
 );
 CREATE INDEX IF NOT EXISTS sampled_by_request ON sampled_sequences(user_id, request_id);
 CREATE INDEX IF NOT EXISTS sampled_by_use ON sampled_sequences(last_used);
+CREATE INDEX IF NOT EXISTS sampled_by_user_use ON sampled_sequences(user_id, last_used);
+CREATE TABLE IF NOT EXISTS request_log (
+    request_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    created REAL NOT NULL,
+    completed REAL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS request_log_by_session ON request_log(session_id, created);
+CREATE INDEX IF NOT EXISTS request_log_by_age ON request_log(created);
 """
 
 _JSON_FIELDS = frozenset({"user_metadata", "tags"})
@@ -313,6 +325,31 @@ class FutureRecord:
     created: float
     completed: float | None
     delivered: float | None
+
+
+@dataclass(frozen=True)
+class RequestLogRecord:
+    """One request in its session's timeline (`export_session_trace`): what it did to which
+    run or sampler (`target`), when it was submitted and settled, and how it ended. Kept
+    REQUEST_LOG_TTL_SECONDS, long after the future's result is purged."""
+
+    request_id: str
+    session_id: str
+    kind: str
+    target: str
+    created: float
+    completed: float | None
+    state: str  # "pending" | "done" | "failed"
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """What a session search shows of a session besides its record: its checkpoints' count
+    and bytes, and its owner's name."""
+
+    owner: str
+    checkpoints_count: int
+    checkpoint_storage_bytes: int
 
 
 @dataclass(frozen=True)
@@ -766,6 +803,70 @@ class Store:
         rows, _ = self._page("sessions", "user_id = :user_id", {"user_id": user_id}, limit, offset)
         return [row["session_id"] for row in rows]
 
+    def set_session_project(self, session_id: str, project_id: str) -> None:
+        """Moves a session, and with it its runs and samplers, into a project; KeyError for an
+        unknown session."""
+        self._update_one(
+            "session",
+            session_id,
+            "UPDATE sessions SET project_id = ? WHERE session_id = ?",
+            project_id,
+            session_id,
+        )
+
+    def user_sessions(
+        self,
+        user_id: str,
+        project_ids: Sequence[str] | None = None,
+        after: tuple[int, str] | None = None,
+    ) -> Iterator[tuple[SessionRecord, int]]:
+        """A user's sessions with their creation time in whole microseconds (the key a cursor
+        holds, exact where a float is not), newest first, ties by id descending; optionally
+        only those of some projects, and only those after the cursor `after` = (created
+        microseconds, session id)."""
+        key = "CAST(round(created * 1000000) AS INTEGER)"
+        where, params = ["user_id = ?"], [user_id]
+        if project_ids is not None:
+            where.append(f"project_id IN ({', '.join('?' * len(project_ids))})")
+            params.extend(project_ids)
+        if after is not None:
+            where.append(f"({key} < ? OR ({key} = ? AND session_id < ?))")
+            params.extend([after[0], after[0], after[1]])
+        rows = self._rows(
+            f"SELECT *, {key} AS created_us FROM sessions WHERE {' AND '.join(where)}"
+            f" ORDER BY {key} DESC, session_id DESC",
+            *params,
+        )
+        return ((_from_row(SessionRecord, row), row["created_us"]) for row in rows)
+
+    def session_stats(self, session_id: str) -> SessionStats:
+        """A session's owner name and its checkpoints' count and total bytes."""
+        row = self._row(
+            "SELECT u.name AS owner,"
+            " (SELECT COUNT(*) FROM checkpoints c JOIN runs r ON c.run_id = r.run_id"
+            "  WHERE r.session_id = s.session_id) AS checkpoints_count,"
+            " (SELECT COALESCE(SUM(c.size_bytes), 0) FROM checkpoints c"
+            "  JOIN runs r ON c.run_id = r.run_id WHERE r.session_id = s.session_id)"
+            " AS checkpoint_storage_bytes"
+            " FROM sessions s JOIN users u ON u.user_id = s.user_id WHERE s.session_id = ?",
+            session_id,
+        )
+        if row is None:
+            raise KeyError(f"no session {session_id!r}")
+        return SessionStats(**dict(row))
+
+    def session_requests(self, session_id: str) -> list[RequestLogRecord]:
+        """The requests of a session's timeline, in submission order."""
+        rows = self._rows(
+            "SELECT * FROM request_log WHERE session_id = ? ORDER BY created, rowid", session_id
+        )
+        return [_from_row(RequestLogRecord, row) for row in rows]
+
+    def purge_request_log(self, before: float) -> int:
+        """Deletes the timeline entries of requests submitted before `before`; how many."""
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM request_log WHERE created < ?", (before,)).rowcount
+
     def stale_sessions(self, older_than: float) -> list[str]:
         """Unfinished sessions whose last heartbeat is before `older_than`, stalest first."""
         rows = self._rows(
@@ -804,11 +905,17 @@ class Store:
         )
 
     def list_runs(
-        self, user_id: str, limit: int, offset: int, access_scope: str = "owned"
+        self,
+        user_id: str,
+        limit: int,
+        offset: int,
+        access_scope: str = "owned",
+        project_id: str | None = None,
     ) -> tuple[list[RunRecord], int]:
         """A page of runs, newest first, and how many there are in all.
 
         "owned": the user's runs; "accessible": those plus every run with a public checkpoint.
+        With `project_id`, only the runs whose session is in that project.
         """
         if access_scope == "owned":
             where = "user_id = :user_id"
@@ -821,7 +928,13 @@ class Store:
             raise ValidationError(
                 "access_scope", f"expected one of {ACCESS_SCOPES}, got {access_scope!r:.80}"
             )
-        rows, total = self._page("runs", where, {"user_id": user_id}, limit, offset)
+        if project_id is not None:
+            where = (
+                f"({where}) AND session_id IN"
+                " (SELECT session_id FROM sessions WHERE project_id = :project_id)"
+            )
+        params = {"user_id": user_id, "project_id": project_id}
+        rows, total = self._page("runs", where, params, limit, offset)
         return [_from_row(RunRecord, row) for row in rows], total
 
     def runs_of_session(self, session_id: str) -> list[str]:
@@ -953,11 +1066,13 @@ class Store:
         prompt: bytes,
         sequences: list[tuple[str, bytes, bytes]],
         now: float | None = None,
+        keep: int | None = None,
     ) -> None:
         """Records one sampling request's prompt and its sequences, given as
         (sequence_id, tokens, logprobs). Records are keyed by user, so no other user's request
         ids can touch them; a request id the user records again (reused after its future was
-        purged) replaces what it recorded before."""
+        purged) replaces what it recorded before. With `keep`, the user's records beyond the
+        `keep` most recently used (these new ones first) are dropped."""
         now = _now(now)
         with self._transaction() as conn:
             conn.execute(
@@ -971,6 +1086,25 @@ class Store:
             conn.executemany(
                 "INSERT OR REPLACE INTO sampled_sequences VALUES (?, ?, ?, ?, ?, ?)",
                 [(user_id, sid, request_id, tokens, lp, now) for sid, tokens, lp in sequences],
+            )
+            if keep is not None:
+                self._drop_least_used(conn, user_id, keep)
+
+    @staticmethod
+    def _drop_least_used(conn: sqlite3.Connection, user_id: str, keep: int) -> None:
+        """Deletes a user's recorded sequences beyond the `keep` most recently used, and the
+        prompts left without one."""
+        dropped = conn.execute(
+            "DELETE FROM sampled_sequences WHERE rowid IN (SELECT rowid FROM sampled_sequences"
+            " WHERE user_id = ? ORDER BY last_used DESC, rowid DESC LIMIT -1 OFFSET ?)",
+            (user_id, keep),
+        ).rowcount
+        if dropped:
+            conn.execute(
+                "DELETE FROM sampled_prompts WHERE user_id = ? AND NOT EXISTS (SELECT 1 FROM"
+                " sampled_sequences s WHERE s.user_id = sampled_prompts.user_id"
+                " AND s.request_id = sampled_prompts.request_id)",
+                (user_id,),
             )
 
     def use_sampled(
@@ -1021,9 +1155,11 @@ class Store:
         kind: str,
         run_id: str | None = None,
         now: float | None = None,
+        target: str | None = None,
     ) -> bool:
         """Records a pending request; False (and no change) if `request_id` already exists, so a
-        resubmission is recognised and not run twice."""
+        resubmission is recognised and not run twice. A request on a run or sampler (`target`,
+        whose id starts with its session's) also enters its session's timeline."""
         record = FutureRecord(
             request_id=request_id,
             user_id=user_id,
@@ -1042,6 +1178,17 @@ class Store:
             cursor = self._insert(
                 conn, "futures", _to_row(record), on_conflict="ON CONFLICT(request_id) DO NOTHING"
             )
+            if cursor.rowcount == 1 and target is not None:
+                entry = RequestLogRecord(
+                    request_id=request_id,
+                    session_id=target.partition(":")[0],
+                    kind=kind,
+                    target=target,
+                    created=record.created,
+                    completed=None,
+                    state="pending",
+                )
+                self._insert(conn, "request_log", _to_row(entry))
         return cursor.rowcount == 1
 
     def get_future(self, request_id: str) -> FutureRecord | None:
@@ -1060,6 +1207,11 @@ class Store:
                 " WHERE request_id = :request_id AND state = 'pending'",
                 {**values, "request_id": request_id},
             )
+            if cursor.rowcount == 1:
+                conn.execute(
+                    "UPDATE request_log SET state = ?, completed = ? WHERE request_id = ?",
+                    (values["state"], values["completed"], request_id),
+                )
             if (
                 cursor.rowcount == 0
                 and not conn.execute(

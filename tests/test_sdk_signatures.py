@@ -14,11 +14,10 @@ import tinker_jax.client as ours
 tinker = pytest.importorskip("tinker")
 
 CLASSES = ("ServiceClient", "TrainingClient", "SamplingClient", "RestClient")
-NOT_YET = "not implemented yet (issue #16/#18/#20)"
+NOT_YET = "not implemented yet (issue #20)"
 # (class, method) -> why ours differs. "missing": the SDK has it, we do not; "extra": ours only;
 # otherwise the parameter names differ.
 DIFFERENCES = {
-    ("ServiceClient", "copy_weights"): ("missing", NOT_YET),
     ("ServiceClient", "create_custom_loss"): ("missing", "server-side custom losses: not offered"),
     ("ServiceClient", "get_console_url"): ("missing", NOT_YET),
     ("ServiceClient", "get_telemetry"): ("missing", "no telemetry is collected"),
@@ -38,14 +37,7 @@ DIFFERENCES = {
         "missing",
         "load_state is not supported either",
     ),
-    ("TrainingClient", "save_weights_external"): ("missing", NOT_YET),
-    ("TrainingClient", "save_weights_external_async"): ("missing", NOT_YET),
     ("TrainingClient", "result"): ("extra", "a client is its own completed future"),
-    ("TrainingClient", "forward_backward_custom"): ("params", "loss_type_input: " + NOT_YET),
-    ("TrainingClient", "forward_backward_custom_async"): (
-        "params",
-        "loss_type_input: " + NOT_YET,
-    ),
     ("TrainingClient", "load_state"): ("params", "refused with a message: not supported"),
     ("TrainingClient", "load_state_with_optimizer"): (
         "params",
@@ -62,21 +54,13 @@ DIFFERENCES = {
     ("RestClient", "revoke_weights_access_token_async"): ("extra", "weights access tokens (ours)"),
     ("RestClient", "get_server_capabilities_async"): ("extra", "async twin the SDK lacks"),
     ("RestClient", "get_weights_info_by_tinker_path_async"): ("extra", "async twin the SDK lacks"),
-    **{
-        ("RestClient", name): ("missing", NOT_YET)
-        for name in (
-            "assign_session_project",
-            "assign_session_project_async",
-            "copy_weights",
-            "copy_weights_async",
-            "export_session_trace",
-            "export_session_trace_async",
-            "get_external_weights_urls",
-            "get_external_weights_urls_async",
-            "search_sessions",
-            "whoami",
-        )
-    },
+    ("RestClient", "import_peft"): ("extra", "PEFT adapters made elsewhere, uploaded (ours)"),
+    ("RestClient", "import_peft_async"): ("extra", "PEFT adapters made elsewhere, uploaded (ours)"),
+    ("RestClient", "whoami"): (
+        "missing",
+        "the SDK reads it from a JWT; this server authenticates plain API keys (against it "
+        "the SDK's own whoami raises)",
+    ),
     **{
         ("RestClient", name): ("missing", "billing and audit: not kept by this server")
         for name in (
@@ -89,12 +73,6 @@ DIFFERENCES = {
         )
     },
     ("RestClient", "get_telemetry"): ("missing", "no telemetry is collected"),
-    **{
-        ("RestClient", name): ("params", "access_scope: " + NOT_YET)
-        for name in ("get_session", "get_session_async", "list_sessions", "list_sessions_async")
-    },
-    ("RestClient", "list_training_runs"): ("params", "project_id: " + NOT_YET),
-    ("RestClient", "list_training_runs_async"): ("params", "project_id: " + NOT_YET),
 }
 
 

@@ -163,6 +163,29 @@ def test_records_live_a_day_after_their_last_use_and_survive_a_restart(tmp_path)
     store.close()
 
 
+def test_each_user_keeps_only_their_most_recently_used_records(tmp_path):
+    """A user's records beyond the cap go, least recently used first; another user's stay."""
+    store = Store(tmp_path)
+    prompt = np.arange(3, dtype="<i4").tobytes()
+    seq = (np.arange(2, dtype="<i4").tobytes(), np.array([-1.0, -2.0], "<f4").tobytes())
+
+    def record(user: str, request: str, now: float) -> None:
+        pair = [(f"{request}:0", *seq), (f"{request}:1", *seq)]
+        store.record_sampled(request, user, "s", prompt, pair, now=now, keep=4)
+
+    record("v", "r0", 50.0)
+    record("u", "r1", 100.0)
+    record("u", "r2", 200.0)
+    store.use_sampled(["r1:0", "r1:1"], "u", "s", now=300.0)  # r1 is used after r2 now
+    record("u", "r3", 400.0)  # six of u's records: r2's two (least recently used) go
+    ids = ["r1:0", "r1:1", "r2:0", "r2:1", "r3:0", "r3:1"]
+    assert set(store.use_sampled(ids, "u", "s", now=500.0)) == {"r1:0", "r1:1", "r3:0", "r3:1"}
+    assert set(store.use_sampled(["r0:0", "r0:1"], "v", "s", now=500.0)) == {"r0:0", "r0:1"}
+    prompts = store._rows("SELECT request_id FROM sampled_prompts WHERE user_id = 'u'")
+    assert sorted(row["request_id"] for row in prompts) == ["r1", "r3"]  # r2's prompt too
+    store.close()
+
+
 def test_our_client_records_and_trains(server):
     from tinker_jax import ServiceClient
     from tinker_jax.client import types as ours

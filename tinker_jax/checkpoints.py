@@ -418,6 +418,7 @@ def import_peft(
     differ from the base model's, another base model, or PEFT options we do not compute
     (DoRA, rsLoRA, biases, fan_in_fan_out, modules_to_save)."""
     from flax import nnx
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from tinker_jax.lora import LoRAParam, LoRASpec, SlotLayout
@@ -428,7 +429,7 @@ def import_peft(
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
         tensors = load_file(folder / "adapter_model.safetensors")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ValidationError("adapter_dir", f"not a PEFT adapter folder ({e})") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise ValidationError("peft_type", f"{config.get('peft_type')!r} is not LORA")

@@ -173,8 +173,9 @@ def _source(
         raise ValidationError(
             name,
             f"sequence_id {span.sequence_id!r} names no recorded sample of this session: unknown, "
-            "another session's, expired (a day after its last use) or sampled without "
-            "record_stability_info",
+            "another session's, expired (a day after its last use), dropped (beyond the "
+            "server's max_recorded_sequences_per_user, least recently used first) or "
+            "sampled without record_stability_info",
             datum=index,
         )
     source = record.tokens if span.sampled else record.prompt

@@ -81,6 +81,33 @@ def remove_tree(location: str | os.PathLike) -> None:
         log.warning("could not remove %s: %s", path, e)
 
 
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies the folder at `source` to `target`, which must not exist. On a local file
+    system each file is hard-linked where it can be (a checkpoint's files are never changed
+    after they are written, so both folders share the bytes, and removing either leaves the
+    other whole), else copied; on object storage every object is copied."""
+    src, dst = resolve(source), resolve(target)
+    if is_local(src) and is_local(dst):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        return
+    import fsspec  # lists objects under a prefix (epath's recursive glob refuses gs://)
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(src))
+    for found in fs.find(root):
+        name = found.removeprefix(root).lstrip("/")
+        if is_local(dst):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).copy(dst / name)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link `dst` to `src`, or a copy where linking is refused (another device)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def tree_size(path: epath.Path) -> int:
     """Total bytes of the regular files (objects) under `path`; local symlinks are not
     followed."""

@@ -679,14 +679,16 @@ class TrainingRun(_message.Message):
     def __init__(self, training_run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., model_owner: _Optional[str] = ..., is_lora: _Optional[bool] = ..., corrupted: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., last_request_time: _Optional[float] = ..., last_checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., last_sampler_checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListTrainingRunsRequest(_message.Message):
-    __slots__ = ("limit", "offset", "access_scope")
+    __slots__ = ("limit", "offset", "access_scope", "project_id")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     ACCESS_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     limit: int
     offset: int
     access_scope: str
-    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., access_scope: _Optional[str] = ...) -> None: ...
+    project_id: str
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., access_scope: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
 
 class ListTrainingRunsResponse(_message.Message):
     __slots__ = ("training_runs", "cursor")
@@ -773,10 +775,12 @@ class WeightsInfoResponse(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., train_unembed: _Optional[bool] = ..., train_mlp: _Optional[bool] = ..., train_attn: _Optional[bool] = ..., optimizer_config: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "access_scope")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_SCOPE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    access_scope: str
+    def __init__(self, session_id: _Optional[str] = ..., access_scope: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
     __slots__ = ("training_run_ids", "sampler_ids", "user_metadata", "display_name")
@@ -798,12 +802,14 @@ class GetSessionResponse(_message.Message):
     def __init__(self, training_run_ids: _Optional[_Iterable[str]] = ..., sampler_ids: _Optional[_Iterable[str]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("limit", "offset")
+    __slots__ = ("limit", "offset", "access_scope")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_SCOPE_FIELD_NUMBER: _ClassVar[int]
     limit: int
     offset: int
-    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    access_scope: str
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., access_scope: _Optional[str] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)
@@ -826,3 +832,181 @@ class GetSamplerResponse(_message.Message):
     base_model: str
     model_path: str
     def __init__(self, sampler_id: _Optional[str] = ..., base_model: _Optional[str] = ..., model_path: _Optional[str] = ...) -> None: ...
+
+class SaveWeightsExternalRequest(_message.Message):
+    __slots__ = ("request_id", "model_id", "seq_id", "name", "ttl_seconds", "age_encryption_recipients")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGE_ENCRYPTION_RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_id: str
+    seq_id: int
+    name: str
+    ttl_seconds: int
+    age_encryption_recipients: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., age_encryption_recipients: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExternalWeightsUrlsResponse(_message.Message):
+    __slots__ = ("urls", "expires", "http_port")
+    class UrlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    URLS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
+    urls: _containers.ScalarMap[str, str]
+    expires: int
+    http_port: int
+    def __init__(self, urls: _Optional[_Mapping[str, str]] = ..., expires: _Optional[int] = ..., http_port: _Optional[int] = ...) -> None: ...
+
+class CopyWeightsRequest(_message.Message):
+    __slots__ = ("request_id", "source_path", "destination_project_id", "session_id", "model_seq_id", "ttl_seconds", "weights_access_token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PATH_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    source_path: str
+    destination_project_id: str
+    session_id: str
+    model_seq_id: int
+    ttl_seconds: int
+    weights_access_token: str
+    def __init__(self, request_id: _Optional[str] = ..., source_path: _Optional[str] = ..., destination_project_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_seq_id: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., weights_access_token: _Optional[str] = ...) -> None: ...
+
+class ImportPeftRequest(_message.Message):
+    __slots__ = ("base_model", "name", "files")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    name: str
+    files: _containers.ScalarMap[str, bytes]
+    def __init__(self, base_model: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class WeightsPathResponse(_message.Message):
+    __slots__ = ("tinker_path",)
+    TINKER_PATH_FIELD_NUMBER: _ClassVar[int]
+    tinker_path: str
+    def __init__(self, tinker_path: _Optional[str] = ...) -> None: ...
+
+class AssignSessionProjectRequest(_message.Message):
+    __slots__ = ("session_id", "project_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    project_id: str
+    def __init__(self, session_id: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
+
+class SessionStatusQuery(_message.Message):
+    __slots__ = ("type", "reasons")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SessionSearchCursor(_message.Message):
+    __slots__ = ("last_created_us", "last_session_id")
+    LAST_CREATED_US_FIELD_NUMBER: _ClassVar[int]
+    LAST_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    last_created_us: int
+    last_session_id: str
+    def __init__(self, last_created_us: _Optional[int] = ..., last_session_id: _Optional[str] = ...) -> None: ...
+
+class SearchSessionsRequest(_message.Message):
+    __slots__ = ("session_id", "project_ids", "user_metadata", "display_name", "owners", "statuses", "limit", "cursor")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    project_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_metadata: _containers.ScalarMap[str, str]
+    display_name: str
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    statuses: _containers.RepeatedCompositeFieldContainer[SessionStatusQuery]
+    limit: int
+    cursor: SessionSearchCursor
+    def __init__(self, session_id: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., display_name: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[SessionStatusQuery, _Mapping]]] = ..., limit: _Optional[int] = ..., cursor: _Optional[_Union[SessionSearchCursor, _Mapping]] = ...) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "created_us", "owner", "project_id", "status", "finish_reason", "checkpoints_count", "checkpoint_storage_bytes", "display_name", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_US_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    created_us: int
+    owner: str
+    project_id: str
+    status: str
+    finish_reason: str
+    checkpoints_count: int
+    checkpoint_storage_bytes: int
+    display_name: str
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., created_us: _Optional[int] = ..., owner: _Optional[str] = ..., project_id: _Optional[str] = ..., status: _Optional[str] = ..., finish_reason: _Optional[str] = ..., checkpoints_count: _Optional[int] = ..., checkpoint_storage_bytes: _Optional[int] = ..., display_name: _Optional[str] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SearchSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_cursor")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionSummary]
+    next_cursor: SessionSearchCursor
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionSummary, _Mapping]]] = ..., next_cursor: _Optional[_Union[SessionSearchCursor, _Mapping]] = ...) -> None: ...
+
+class ExportSessionTraceRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionTraceResponse(_message.Message):
+    __slots__ = ("path", "http_port")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    http_port: int
+    def __init__(self, path: _Optional[str] = ..., http_port: _Optional[int] = ...) -> None: ...

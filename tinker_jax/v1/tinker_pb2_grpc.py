@@ -169,6 +169,41 @@ class TinkerStub:
                 request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.SerializeToString,
                 response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
                 _registered_method=True)
+        self.AssignSessionProject = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/AssignSessionProject',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.AssignSessionProjectRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SearchSessions = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/SearchSessions',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsResponse.FromString,
+                _registered_method=True)
+        self.ExportSessionTrace = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/ExportSessionTrace',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceResponse.FromString,
+                _registered_method=True)
+        self.SaveWeightsExternal = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/SaveWeightsExternal',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.SaveWeightsExternalRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.SubmitResponse.FromString,
+                _registered_method=True)
+        self.GetExternalWeightsUrls = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/GetExternalWeightsUrls',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.ExternalWeightsUrlsResponse.FromString,
+                _registered_method=True)
+        self.CopyWeights = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/CopyWeights',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.CopyWeightsRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.FromString,
+                _registered_method=True)
+        self.ImportPeft = channel.unary_unary(
+                '/tinker_jax.v1.Tinker/ImportPeft',
+                request_serializer=tinker__jax_dot_v1_dot_tinker__pb2.ImportPeftRequest.SerializeToString,
+                response_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.FromString,
+                _registered_method=True)
 
 
 class TinkerServicer:
@@ -336,6 +371,50 @@ class TinkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignSessionProject(self, request, context):
+        """Sessions (#16)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSessionTrace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveWeightsExternal(self, request, context):
+        """Weights copy and import (#18)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExternalWeightsUrls(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPeft(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TinkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -473,6 +552,41 @@ def add_TinkerServicer_to_server(servicer, server):
                     servicer.RevokeWeightsAccessToken,
                     request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.FromString,
                     response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.SerializeToString,
+            ),
+            'AssignSessionProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignSessionProject,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.AssignSessionProjectRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.Empty.SerializeToString,
+            ),
+            'SearchSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSessions,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsResponse.SerializeToString,
+            ),
+            'ExportSessionTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSessionTrace,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceResponse.SerializeToString,
+            ),
+            'SaveWeightsExternal': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWeightsExternal,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.SaveWeightsExternalRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.SubmitResponse.SerializeToString,
+            ),
+            'GetExternalWeightsUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExternalWeightsUrls,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.CheckpointRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.ExternalWeightsUrlsResponse.SerializeToString,
+            ),
+            'CopyWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyWeights,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.CopyWeightsRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.SerializeToString,
+            ),
+            'ImportPeft': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPeft,
+                    request_deserializer=tinker__jax_dot_v1_dot_tinker__pb2.ImportPeftRequest.FromString,
+                    response_serializer=tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1204,6 +1318,195 @@ class Tinker:
             '/tinker_jax.v1.Tinker/RevokeWeightsAccessToken',
             tinker__jax_dot_v1_dot_tinker__pb2.WeightsAccessToken.SerializeToString,
             tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignSessionProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/AssignSessionProject',
+            tinker__jax_dot_v1_dot_tinker__pb2.AssignSessionProjectRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/SearchSessions',
+            tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.SearchSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSessionTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/ExportSessionTrace',
+            tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.ExportSessionTraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWeightsExternal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/SaveWeightsExternal',
+            tinker__jax_dot_v1_dot_tinker__pb2.SaveWeightsExternalRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExternalWeightsUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/GetExternalWeightsUrls',
+            tinker__jax_dot_v1_dot_tinker__pb2.CheckpointRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.ExternalWeightsUrlsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/CopyWeights',
+            tinker__jax_dot_v1_dot_tinker__pb2.CopyWeightsRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPeft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinker_jax.v1.Tinker/ImportPeft',
+            tinker__jax_dot_v1_dot_tinker__pb2.ImportPeftRequest.SerializeToString,
+            tinker__jax_dot_v1_dot_tinker__pb2.WeightsPathResponse.FromString,
             options,
             channel_credentials,
             insecure,
