@@ -1178,7 +1178,7 @@ class ServiceCore:
                 "download URLs are served for checkpoints on a local file system only; this "
                 "server stores them on object storage"
             )
-        expires = int((time.time() if now is None else now) + external_weights.URL_TTL_SECONDS)
+        expires = external_weights.url_expiry(now)
         path, sign = record.tinker_path, self.url_signer.signature
         return {
             file: f"expires={expires}&signature={sign(path, file, expires)}"
@@ -1433,7 +1433,7 @@ class ServiceCore:
         """The query (`expires`, `signature`) of a download URL for the trace of one of the
         user's sessions (`session_trace`), valid until the returned expiry (unix seconds)."""
         record = self._own_session(user, session_id)
-        expires = int((time.time() if now is None else now) + external_weights.URL_TTL_SECONDS)
+        expires = external_weights.url_expiry(now)
         sign = self.url_signer.signature
         signature = sign(_trace_key(record.session_id), session_trace.FILE_NAME, expires)
         return f"expires={expires}&signature={signature}", expires

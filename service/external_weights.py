@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -80,6 +81,12 @@ def download_paths(tinker_path: str, queries: Mapping[str, str]) -> dict[str, st
     run_id, _, name = tinker_path.removeprefix("tinker://").split("/", 2)
     folder = f"{DOWNLOAD_PREFIX}/{quote(run_id, safe='')}/{quote(name, safe='')}"
     return {file: f"{folder}/{quote(file)}?{query}" for file, query in queries.items()}
+
+
+def url_expiry(now: float | None = None) -> int:
+    """When a download URL signed at `now` (default: the clock) stops working, in unix
+    seconds: URL_TTL_SECONDS later."""
+    return int((time.time() if now is None else now) + URL_TTL_SECONDS)
 
 
 class UrlSigner:

@@ -116,7 +116,7 @@ def test_search_filters_and_summaries(server, sessions):
     assert _names(active, sessions) == ["nightly eval"]
     errored = _search(server, statuses=[T.ClientFinishedSessionStatusQuery(reasons=["errored"])])
     assert _names(errored, sessions) == ["debug"]
-    assert mine >= set(_names(every, sessions)) - {s + " run" for s in mine}
+    assert set(_names(every, sessions)) <= mine
 
 
 def test_search_pages_with_the_cursor(server, sessions):
@@ -205,11 +205,10 @@ def test_trace_export_is_the_sessions_timeline(server, sessions):
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(altered, timeout=60)
     assert raised.value.code == 403
-    parts = urllib.parse.urlsplit(url)
     other = url.replace(sessions["nightly sweep"], sessions["debug"])
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(other, timeout=60)
-    assert raised.value.code == 403 and parts.query
+    assert raised.value.code == 403
 
 
 def test_our_client_searches_assigns_and_exports(server, sessions):
