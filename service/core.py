@@ -1173,32 +1173,28 @@ class ServiceCore:
         _, record = self._readable_checkpoint(
             user, tinker_path, "tinker_path", kinds=("external_weights",)
         )
-        if not storage.is_local(storage.resolve(record.location)):
-            raise FailedPrecondition(
-                "download URLs are served for checkpoints on a local file system only; this "
-                "server stores them on object storage"
-            )
         expires = external_weights.url_expiry(now)
         path, sign = record.tinker_path, self.url_signer.signature
         return {
             file: f"expires={expires}&signature={sign(path, file, expires)}"
-            for file in external_weights.files(record.location)
+            for file in storage.file_sizes(record.location)
         }, expires
 
     def external_weights_file(
         self, tinker_path: str, file: str, expires: int, signature: str, now: float | None = None
-    ) -> str:
-        """The local path of one file of an external weights checkpoint, for a download URL
-        signed by `external_weights_urls` and not expired; NotFound for a file the checkpoint
-        does not hold (or no longer exists)."""
+    ) -> tuple[epath.Path, int]:
+        """The path (local or gs://) and size of one file of an external weights checkpoint,
+        for a download URL signed by `external_weights_urls` and not expired; NotFound for a
+        file the checkpoint does not hold (or no longer exists)."""
         parsed = TinkerPath.parse(tinker_path, "tinker_path")
         self.url_signer.check(
             str(parsed), file, expires, signature, time.time() if now is None else now
         )
         record = self.store.get_checkpoint(str(parsed))
-        if record is None or file not in external_weights.files(record.location):
+        sizes = {} if record is None else storage.file_sizes(record.location)
+        if file not in sizes:
             raise NotFound(f"{tinker_path} holds no file {file!r}")
-        return os.path.join(record.location, file)
+        return storage.resolve(record.location) / file, sizes[file]
 
     def copy_weights(
         self,

@@ -63,16 +63,6 @@ def encrypter(recipients: Sequence[str]):
     return seal
 
 
-def files(folder: str | os.PathLike) -> dict[str, int]:
-    """Every file of an export folder, by its path relative to the folder, with its size."""
-    root = Path(folder)
-    return {
-        p.relative_to(root).as_posix(): p.stat().st_size
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def download_paths(tinker_path: str, queries: Mapping[str, str]) -> dict[str, str]:
     """Each file's signed download URL but for its scheme and host: the HTTP front end's
     route (DOWNLOAD_PREFIX) for the file, with the query that signs it (`queries`, from

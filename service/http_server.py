@@ -43,8 +43,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from tinker_jax import storage
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import external_weights
+from tinker_jax.service import external_weights, object_download
 from tinker_jax.service import http_codec as codec
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
@@ -748,8 +749,16 @@ class TinkerHTTP:
                 f"tinker://{p['run_id']}/external_weights/{p['name']}",
                 p["file"],
             ),
-            lambda path: FileResponse(path, filename=name),
+            lambda found: self._file_response(*found, request, name),
         )
+
+    @staticmethod
+    def _file_response(path, size: int, request: Request, name: str) -> Response:
+        """A checkpoint file as a download: local files through Starlette (ranges included),
+        objects of gs:// storage streamed by `object_download`."""
+        if storage.is_local(path):
+            return FileResponse(path, filename=name)
+        return object_download.object_response(path, size, request.headers.get("range"), name)
 
     async def _signed(
         self,

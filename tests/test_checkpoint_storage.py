@@ -13,6 +13,7 @@ from tests.test_store import RUN, checkpoint, run_record
 from tinker_jax import storage
 from tinker_jax.checkpoints import FORMAT, FORMAT_VERSION, INFO_FILE
 from tinker_jax.errors import ValidationError
+from tinker_jax.service import external_weights
 from tinker_jax.service.checkpoint_storage import DATABASE_COPY, DATABASE_MARK, restore
 from tinker_jax.service.cli import main as cli
 from tinker_jax.service.config import ServerConfig
@@ -160,3 +161,45 @@ def test_database_copy_follows_the_database_and_restores_onto_a_new_disk(
     with pytest.raises(ValidationError, match="belongs to") as e:
         restore(tmp_path / "other", checkpoint_root)
     assert not (tmp_path / "other" / DB_NAME).exists()
+
+
+def test_an_export_downloads_by_signed_url_from_either_storage(tmp_path, checkpoint_root):
+    """Signed download URLs of an external weights checkpoint work on local and gs://
+    storage alike, through the HTTP route: whole files, a byte range, a suffix range, a range
+    past the end (416), a file in a subfolder, and an altered signature (403)."""
+    from starlette.testclient import TestClient
+
+    from tinker_jax.service.http_server import TinkerHTTP
+
+    store = Store(tmp_path / "db")
+    core = ServiceCore(_config(tmp_path / "db", checkpoint_root), store, {})
+    user, _ = store.create_user("alice")
+    session = store.create_session(
+        user, user_metadata={}, project_id=None, display_name=None, tags=[]
+    )
+    store.create_run(run_record(user, session))
+    folder = storage.resolve(checkpoint_root) / RUN / "external_weights" / "final-0a1b2c3d"
+    blob = bytes(range(256)) * 4100  # over 1 MiB: more than one download chunk
+    files = {"adapter_config.json": b'{"r": 4}', "nested/adapter_model.safetensors": blob}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    path = f"tinker://{RUN}/external_weights/final"
+    store.put_checkpoint(
+        checkpoint(user, name="final", kind="external_weights", location=os.fspath(folder))
+    )
+    queries, _ = core.external_weights_urls(user, path)
+    assert sorted(queries) == sorted(files)
+    urls = external_weights.download_paths(path, queries)
+    http = TestClient(TinkerHTTP(core, 1 << 20).app)
+    for name, data in files.items():
+        got = http.get(urls[name])
+        assert got.status_code == 200 and got.content == data, name
+    big = urls["nested/adapter_model.safetensors"]
+    part = http.get(big, headers={"range": "bytes=1000-1099"})
+    assert part.status_code == 206 and part.content == blob[1000:1100]
+    assert part.headers["content-range"] == f"bytes 1000-1099/{len(blob)}"
+    tail = http.get(big, headers={"range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.content == blob[-10:]
+    assert http.get(big, headers={"range": f"bytes={len(blob)}-"}).status_code == 416
+    assert http.get(big.replace("signature=", "signature=0")).status_code == 403

@@ -108,6 +108,31 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def file_sizes(location: str | os.PathLike) -> dict[str, int]:
+    """Every regular file (object) under the folder at `location`, by its path relative to
+    the folder ('/'-separated), with its size in bytes; empty when there is none. Local
+    symlinks are not followed."""
+    path = resolve(location)
+    if not is_local(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(os.fspath(path))
+        found = fs.find(root, detail=True)
+        return {
+            name.removeprefix(root).lstrip("/"): int(info["size"])
+            for name, info in sorted(found.items())
+            if info.get("type") == "file"
+        }
+    sizes: dict[str, int] = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                sizes[os.path.relpath(full, path).replace(os.sep, "/")] = st.st_size
+    return dict(sorted(sizes.items()))
+
+
 def tree_size(path: epath.Path) -> int:
     """Total bytes of the regular files (objects) under `path`; local symlinks are not
     followed."""
