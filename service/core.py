@@ -52,6 +52,22 @@ from tinker_jax.service.errors import (
     Unauthenticated,
 )
 from tinker_jax.service.limits import PerKeyLimit
+from tinker_jax.service.operations import (
+    CreateRun,
+    Done,
+    ExportExternal,
+    Fail,
+    ForwardBackward,
+    LoadIntoRun,
+    LoadRun,
+    Op,
+    OpenSampler,
+    OptimStep,
+    Refused,
+    Sample,
+    SaveState,
+    SnapshotForSampler,
+)
 from tinker_jax.service.paths import CHECKPOINT_KINDS, TinkerPath, validate_name
 from tinker_jax.service.results import (
     CreateModelResult,
@@ -74,23 +90,7 @@ from tinker_jax.service.store import (
     SessionRecord,
     Store,
 )
-from tinker_jax.service.worker import (
-    CreateRun,
-    Done,
-    EngineWorker,
-    ExportExternal,
-    Fail,
-    ForwardBackward,
-    LoadIntoRun,
-    LoadRun,
-    Op,
-    OpenSampler,
-    OptimStep,
-    Refused,
-    Sample,
-    SaveState,
-    SnapshotForSampler,
-)
+from tinker_jax.service.worker import EngineWorker
 from tinker_jax.trainer import ForwardBackwardOutput, LoraConfig
 from tinker_jax.weights import resolve_model_dir
 
