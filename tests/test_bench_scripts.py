@@ -121,3 +121,19 @@ def test_profile_decode(outputs):
 def test_measure_logprob_agreement(outputs):
     out = run_output(outputs, "logprob-agreement")
     assert "importance ratio within [1.0000, 1.0000]" in out
+
+
+@pytest.mark.slow
+def test_bench_rl():
+    """scripts/bench_rl.py (the cookbook's RL loop, sync against async, on a server of its
+    own) in .ci/run's slow step: it starts a server and runs the cookbook four times."""
+    pytest.importorskip("tinker_cookbook")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_rl.py"), "--steps", "2", "--repeats", "1",
+         "--groups", "2", "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=1200,
+        env={**env, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ratio async/sync" in done.stdout and "sampled sequences/s" in done.stdout
