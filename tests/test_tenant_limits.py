@@ -551,3 +551,50 @@ def test_a_runs_inflight_samplers_share_one_slot_until_the_session_ends(env):
     env.core.finish_session(user, session, "")
     _settled(env)
     _free_slots_become(env, free)  # the release runs on the engine thread
+
+
+def test_training_and_an_inflight_save_run_between_the_decode_steps_of_a_sample(env, monkeypatch):
+    """A long sample from a run's inflight target keeps decoding while the run trains and
+    saves new inflight weights: the engine thread runs each training operation between two
+    decode calls (the order of its engine calls shows it), the save rewrites the target
+    while the sample is in the sampler, and the sample still ends with every token asked."""
+    user = env.users["erin"]
+    session = env.session("erin")
+    run = env.run("erin", session)
+    rid = env.core.snapshot_for_sampler(user, "", run, 1, 0, inflight=True)
+    sampler = _ok(env.outcome("erin", rid)).sampling_session_id
+    log: list[str] = []
+    # The first decode call starts, then waits until the training is queued.
+    decoding, queued = threading.Event(), threading.Event()
+    call = env.worker.engine.call
+
+    def logged(engine_call):
+        name = type(engine_call).__name__
+        if name == "Step" and not decoding.is_set():
+            decoding.set()
+            assert queued.wait(WAIT_SECONDS)
+        out = call(engine_call)
+        log.append(name + ("+done" if name == "Step" and out else ""))
+        return out
+
+    monkeypatch.setattr(env.worker.engine, "call", logged)
+    tokens = 64 - 3  # the env's max_seq_len less the prompt: several decode calls
+    params = SamplingParams(max_tokens=tokens, seed=7, stop=[])
+    sample, _ = env.core.sample(user, "", sampler, np.asarray([3, 1, 4]), 1, params, False, 0)
+    assert decoding.wait(WAIT_SECONDS)
+    data = [Datum(np.arange(1, 8), {"target_tokens": np.arange(2, 9), "weights": np.ones(7)})]
+    fb = env.core.forward_backward(user, "", run, 2, data, "cross_entropy", {}, False)
+    optim = env.optim("erin", run, 3)
+    save = env.core.snapshot_for_sampler(user, "", run, 4, 1, inflight=True)
+    queued.set()
+    for request in (fb, optim, save):
+        _ok(env.outcome("erin", request))
+    assert len(_ok(env.outcome("erin", sample)).sequences[0].tokens) == tokens
+    monkeypatch.undo()
+    training = [log.index(name) for name in ("ForwardBackward", "OptimStep", "RefreshSnapshot")]
+    assert training == sorted(training) and log.index("Step") < training[0], log
+    for before, after in zip(training, [*training[1:], len(log)]):
+        assert any(entry.startswith("Step") for entry in log[before + 1 : after]), log
+    assert log.index("Step+done") > training[-1], log  # decoded on after the new weights
+    env.core.finish_session(user, session, "")
+    _settled(env)
