@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--remat", choices=["none", "dots", "full"], default="none")
     p.add_argument(
         "--attention",
-        choices=["auto", "einsum", "xla", "cudnn"],
+        choices=["auto", "einsum", "chunked", "xla", "cudnn"],
         default="auto",
         help="our self-attention kernel (auto: what `tinker-jax serve` picks here)",
     )

@@ -8,16 +8,18 @@ local backend, then compares it with what a decode step must read at least:
                   it is the tied lm head), each distinct adapter in use once, and the keys and
                   values of every row over the attended prefix (`--context` positions)
   bytes_accessed  XLA's `compiled.cost_analysis()` of the program: one iteration of the decode
-                  loop (XLA counts a loop body once) plus what runs once per call
+                  loop (XLA counts a loop body once; the layers are unrolled in it, so every
+                  layer counts) plus what runs once per call
   large_copies    copy / dynamic-slice / slice instructions, or fusions that do nothing else,
                   whose output is at least `--copy-mib` MiB, per decode step (inside a loop of
-                  known trip count, such as a scan over layers, counted once per iteration);
-                  those shaped like a weight are also counted as `weight_copies`
+                  known trip count counted once per iteration); those shaped like a weight are
+                  also counted as `weight_copies`. On CPU each layer's attended keys show here:
+                  XLA's CPU backend materialises that slice of the cache for its reduction
   fusions         fusion instructions (kernels) per decode step, and `kernels`: every
                   instruction that does work (fusions, dots, copies, sorts...), per decode step
 
-When the step itself holds a loop (a scan over the layers), `bytes_accessed` counts its body
-once: `step_loops` names the trip counts, and the ratio undercounts accordingly.
+When the step itself holds a loop, `bytes_accessed` counts its body once: `step_loops` names
+the trip counts (the sampler's random bits, a few small arrays; the layers are no loop).
 
     python scripts/inspect_decode.py --preset qwen3-1.7b --batch 1
     python scripts/inspect_decode.py --preset qwen3-1.7b --batch 64 --adapters 4 --json

@@ -39,6 +39,14 @@ RUNS = {  # the profile first: its --by-op sets XLA_FLAGS (an HLO dump), read wh
         "--compilation-cache", jax.config.jax_compilation_cache_dir,
     ),
     "logprob-agreement": ("measure_logprob_agreement.py", "--dtypes", "float32", "--prompts", "2"),
+    "prefix-cache": (
+        "bench_prefix_cache.py", *TINY, "--conversations", "2", "--turns", "2",
+        "--system-len", "32", "--user-len", "8", "--reply-len", "4", "--groups", "1",
+        "--group-size", "2", "--group-prompt-len", "32", "--group-reply-len", "4",
+    ),
+    "long-context": (
+        "bench_long_context.py", *TINY, "--lengths", "64", "--shards", "2", "--steps", "1",
+    ),
 }  # fmt: skip
 # Reads {run: [script path, *args]} as JSON on stdin, runs each script as __main__ with its
 # arguments and writes {run: {"out": its stdout, "error": why it failed, or null}} as JSON to
@@ -116,6 +124,18 @@ def test_profile_decode(outputs):
     # Kernels of the named decode programs, traced back to the JAX operations they run.
     by_op = out.split("decode kernels by JAX operation")[1].split("decode kernels:")[0]
     assert len(re.findall(r"^\s+[\d.]+ ms\s+[\d.]+%\s+[a-z_]+$", by_op, re.M)) == 3
+
+
+def test_bench_prefix_cache(outputs):
+    out = run_output(outputs, "prefix-cache")
+    assert "multi-turn:" in out and "rl-group:" in out and "fewer prefill tokens" in out
+    assert "greedy replies equal in 4/4 turns" in out
+
+
+def test_bench_long_context(outputs):
+    out = run_output(outputs, "long-context")
+    assert re.search(r"^\s+64\s+2\s+\d+\s+[\d.]+ [KMG]iB\s+[\d.]+ [KMG]iB$", out, re.M)
+    assert "Qwen3-8B at 128k tokens" in out and "8x H200: " in out
 
 
 def test_measure_logprob_agreement(outputs):

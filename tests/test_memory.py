@@ -218,6 +218,25 @@ def test_plan_equals_allocated_bytes(model, mesh_shape, dtype, hf_model_dir, tmp
     )
     assert p.sampler_adapters == per_device(sampler.lora)
     assert p.kv_cache == per_device(sampler.cache)
+    # With a prefix cache, its blocks count with the KV cache.
+    share = 0.25
+    cached = Sampler.sharing_base(
+        loaded,
+        mesh,
+        slots=1,
+        rows=SETTINGS["sampler_rows"],
+        max_len=SETTINGS["max_seq_len"],
+        prefix_cache_share=share,
+    )
+    q = plan_memory(
+        cfg,
+        mesh_shape=mesh_shape,
+        n_devices=len(jax.devices()),
+        dtype=dtype,
+        prefix_cache_share=share,
+        **SETTINGS,
+    )
+    assert q.kv_cache == per_device((cached.cache, cached.prefix_store)) > p.kv_cache
 
 
 # ------------------------------------------------------------------ estimates against XLA

@@ -37,8 +37,8 @@ def test_2x2x2_mesh_matches_single_device(hf_model_dir):
         devices=jax.devices()[:8],
         mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
     )
-    q = sharded.base["layers"]["self_attn"]["q_proj"]["kernel"][...]
-    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    q = sharded.base["blocks"][0]["self_attn"]["q_proj"]["kernel"][...]
+    assert q.sharding.spec == PartitionSpec("fsdp", "tensor")
     single = make_trainer(folder, slots=2, max_rank=4)
     (s1, s2, sg), (r1, r2, rg) = _run(sharded), _run(single)
     for a, b in ((s1, r1), (s2, r2)):

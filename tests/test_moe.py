@@ -95,14 +95,14 @@ def test_each_device_reads_only_its_experts(hf_model_dir, monkeypatch):
     monkeypatch.setattr(SafetensorsIndex, "read", spy)
     mesh = make_mesh({"expert": 2, "tensor": 2}, devices=jax.devices()[:4])
     model, cfg = load_model(str(folder), lora=LoRASpec(2, 4), mesh=mesh)
-    kernel = model.layers.mlp.experts.gate_proj.kernel[...]
-    assert kernel.sharding.spec == PartitionSpec(None, "expert", None, "tensor")
+    kernel = model.blocks[0].mlp.experts.gate_proj.kernel[...]  # [experts, embed, mlp]
+    assert kernel.sharding.spec == PartitionSpec("expert", None, "tensor")
     # 4 devices, each holding half the experts of both layers: 4 * (2 layers * 4 experts).
     gate_reads = [k for k in reads if k.endswith("gate_proj.weight")]
     assert len(gate_reads) == 4 * 2 * 4
     down = load_file(folder / "model.safetensors")["model.layers.1.mlp.experts.5.down_proj.weight"]
     np.testing.assert_array_equal(
-        np.asarray(model.layers.mlp.experts.down_proj.kernel[...])[1, 5], down.T
+        np.asarray(model.blocks[1].mlp.experts.down_proj.kernel[...])[5], down.T
     )
     lora_b = model.layers.mlp.experts.gate_proj.lora_b[...]  # [layers, slots, experts, r, mlp]
     assert lora_b.sharding.spec == PartitionSpec(None, None, "expert", None, "tensor")
@@ -317,8 +317,8 @@ def test_expert_sharded_mesh_matches_single_device(hf_model_dir, trainer):
         devices=jax.devices()[:8],
         mesh_shape={"fsdp": 2, "expert": 2, "tensor": 2},
     )
-    kernel = sharded.base["layers"]["mlp"]["experts"]["down_proj"]["kernel"][...]
-    assert kernel.sharding.spec == PartitionSpec(None, "expert", "tensor", "fsdp")
+    kernel = sharded.base["blocks"][0]["mlp"]["experts"]["down_proj"]["kernel"][...]
+    assert kernel.sharding.spec == PartitionSpec("expert", "tensor", "fsdp")
     assert sharded.batch_multiple == 4  # fsdp x expert split the batch
 
     def run(t):

@@ -48,8 +48,9 @@ def test_each_device_reads_only_its_shard(hf_model_dir, monkeypatch):
     q_reads = [shape for key, shape in reads if key.endswith("layers.0.self_attn.q_proj.weight")]
     full = (cfg.hidden_size, cfg.q_size)
     assert q_reads and all(s == (full[0] // 4, full[1] // 2) for s in q_reads)
-    kernel = model.layers.self_attn.q_proj.kernel[...]
-    assert {s.data.shape for s in kernel.addressable_shards} == {(cfg.num_layers, 16, 48)}
+    for block in model.blocks:  # each layer's kernel is an array of its own
+        kernel = block.self_attn.q_proj.kernel[...]
+        assert {s.data.shape for s in kernel.addressable_shards} == {(16, 48)}
 
 
 def test_name_resolves_through_the_hf_cache(hf_model_dir, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from tinker_jax.lora import AdapterBatch, lora_hidden
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.sharding import chunk_shards, join_chunks, split_chunks
 
 # (target logprobs of one chunk [batch, chunk] or [batch, chunk, K], that chunk of the loss
 # inputs) -> (per-token loss [batch, chunk], {metric name: [batch, chunk]}).
@@ -72,17 +73,17 @@ def fused_head_loss(
     b = head.head.lora_b[...][adapter.group_slots] if with_lora else None  # [groups, r, vocab]
 
     def forward(h, a, b, targets, loss_inputs):
-        bsz, seq, _ = h.shape
-        n = seq // chunk
+        bsz = h.shape[0]
+        shards = chunk_shards(h.shape[1], chunk)
         two_d = targets.ndim == 3
         t = targets if two_d else targets[..., None]
         w = weight if a is None else jnp.concatenate([weight, b.reshape(-1, b.shape[-1])])
 
         def split(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [n, batch, chunk, ...]
-            return x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+            return split_chunks(x, chunk, shards)  # a chunk of each sequence shard per step
 
         def join(x: jax.Array) -> jax.Array:
-            return x.swapaxes(0, 1).reshape(bsz, seq, *x.shape[3:])
+            return join_chunks(x, shards)
 
         def one_chunk(acc, xs):
             h_c, t_c, inputs_c = xs

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from tinker_jax.lora import AdapterBatch
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.sharding import chunk_shards, join_chunks, split_chunks
 
 
 def target_logprobs(
@@ -26,12 +27,10 @@ def target_logprobs(
     hidden: [batch, seq, embed]; targets: [batch, seq] or [batch, seq, K] int32;
     chunk must divide seq. Returns float32 [batch, seq] or [batch, seq, K].
     """
-    b, s, e = hidden.shape
-    n = s // chunk
     two_d = targets.ndim == 3
     t = targets if two_d else targets[..., None]
-    h_chunks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)
-    t_chunks = t.reshape(b, n, chunk, t.shape[-1]).swapaxes(0, 1)
+    shards = chunk_shards(hidden.shape[1], chunk)  # a chunk of each sequence shard per step
+    h_chunks, t_chunks = split_chunks(hidden, chunk, shards), split_chunks(t, chunk, shards)
 
     @jax.checkpoint
     def one_chunk(h: jax.Array, tgt: jax.Array) -> jax.Array:
@@ -39,8 +38,7 @@ def target_logprobs(
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         return jnp.take_along_axis(logits, tgt, axis=-1) - lse
 
-    out = jax.lax.map(lambda xs: one_chunk(*xs), (h_chunks, t_chunks))
-    out = out.swapaxes(0, 1).reshape(b, s, t.shape[-1])
+    out = join_chunks(jax.lax.map(lambda xs: one_chunk(*xs), (h_chunks, t_chunks)), shards)
     return out if two_d else out[..., 0]
 
 

@@ -9,7 +9,9 @@ working set: training and sampling run on one engine thread, never at the same t
 
 Notation: L layers, E hidden, H heads, K kv heads, D head dim, F MLP width (of one expert),
 k experts per token (1 if dense), V vocabulary, r max LoRA rank, c bytes of the model dtype;
-B sequences of S positions per training step.
+B sequences of S positions per training step. Activations are per device: the `sequence`
+mesh axis splits each sequence's positions (`act_seq`), so it divides every term in S, except
+one layer's keys and values, which attention gathers whole (`models/sequence_parallel.py`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from jax.sharding import AbstractMesh
 from tinker_jax.buckets import batch_bucket, chunk_size, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRAParam, LoRASpec
+from tinker_jax.models.chunked_attention import BLOCK_K, BLOCK_Q
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import Transformer
+from tinker_jax.prefix_cache import PREFIX_BLOCK
 from tinker_jax.sampler import CACHE_AXES
 from tinker_jax.sharding import MESH_AXES, batch_multiple, logical_to_spec
 
@@ -37,8 +41,9 @@ LOGPROB_CHUNK = 256  # the trainer's and sampler's default lm-head chunk
 # [B, H, S, S] fp32 arrays that the backward pass of one layer's attention holds, by kernel:
 # "einsum" the gradients of its saved weights and of the scores; "xla" (its softmax is
 # recomputed, not saved) the scores and softmax again and both their gradients; cuDNN's flash
-# attention works in tiles and holds none.
-ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0}
+# attention works in tiles and holds none, nor does the "chunked" kernel (flash-style, on any
+# backend), whose [B, H, bq, bk] blocks are counted apart.
+ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0, "chunked": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +186,13 @@ def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def training_step_terms(
-    cfg: ModelConfig, batch: int, seq: int, rank: int, itemsize: int, attention: str = "einsum"
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    rank: int,
+    itemsize: int,
+    attention: str = "einsum",
+    sequence_shards: int = 1,
 ) -> list[Term]:
     """What one forward_backward holds at its peak (no rematerialisation; an estimate).
 
@@ -206,6 +217,10 @@ def training_step_terms(
     (at most G = B groups), and the gradient of the hidden states it keeps for the backward
     pass (B·S·E·c). `plan_memory` adds the step's gradient of
     every adapter slot (= adapter bytes).
+    "chunked" attention: per layer its fp32 log-sum-exp (B·H·S·4), and once the fp32 blocks of
+    one (query block, key block) pair in its backward pass (4·B·H·bq·bk·4).
+    With `sequence_shards` > 1, once: one layer's keys and values gathered whole, and their
+    gradients before the reduce-scatter (4·B·S·K·D·c, not divided by the axis).
     """
     L, E, H, K, D, V = (
         cfg.num_layers,
@@ -222,6 +237,9 @@ def training_step_terms(
     weights_axes = ("layers", "act_batch", "act_heads", "act_seq", None)
     qk_norm = int(cfg.qk_norm)
     saved = int(attention == "einsum")
+    chunked = int(attention == "chunked")
+    bq, bk = min(BLOCK_Q, S), min(BLOCK_K, S)
+    gathered = 4 * (sequence_shards > 1)
     terms = [
         Term("norm inputs (fp32)", (L, B, S, E), (*act, "act_embed"), 4, 2),
         Term("norm outputs", (L, B, S, E), (*act, "act_embed"), c, 2),
@@ -244,6 +262,27 @@ def training_step_terms(
             4,
             ATTENTION_BACKWARD_FLOATS[attention],
         ),
+        Term(
+            "attention log-sum-exp (fp32)",
+            (L, B, H, S),
+            (*act[:2], "act_heads", "act_seq"),
+            4,
+            chunked,
+        ),
+        Term(
+            "attention blocks (fp32)",
+            (B, H, bq, bk),
+            ("act_batch", "act_heads", None, None),
+            4,
+            4 * chunked,
+        ),
+        Term(
+            "gathered keys, values",
+            (B, S, K, D),
+            ("act_batch", None, "act_kv_heads", None),
+            c,
+            gathered,
+        ),
         Term("lm-head chunk (fp32)", (B, chunk, V), ("act_batch", "act_seq", "act_vocab"), 4, 3),
         Term("lm-head adapter groups", (B, rank * (E + V)), (None, None), c),
         Term("lm-head weight joined with B", (E, V), ("embed", "vocab"), c),
@@ -263,9 +302,9 @@ def prefill_terms(
     """What one sampler prefill of `rows` prompts of `seq` positions holds (an estimate).
 
     Every layer's new keys and values (2·L·B·S·K·D·c, returned to be copied into the cache);
-    one layer's attention at a time, except with cuDNN's flash attention: masked scores and
-    softmax in fp32, weights cast back (B·H·S²·(8 + c)); the hidden states (B·S·E·(4 + c));
-    one layer's gate and up outputs (2·B·S·k·F·c, MoE: plus the dispatched tokens
+    one layer's attention at a time, except with a flash-style kernel (cuDNN, "chunked"):
+    masked scores and softmax in fp32, weights cast back (B·H·S²·(8 + c)); the hidden states
+    (B·S·E·(4 + c)); one layer's gate and up outputs (2·B·S·k·F·c, MoE: plus the dispatched tokens
     2·B·S·k·E·c); the adapter rows gathered per prompt for one layer (B·r·W·c); the
     prompt-logprob lm head over one chunk (2·B·chunk·V·4).
     """
@@ -281,7 +320,7 @@ def prefill_terms(
     chunk = chunk_size(S, LOGPROB_CHUNK)
     act = ("act_batch", "act_seq")
     weights_axes = ("act_batch", "act_heads", "act_seq", None)
-    quadratic = int(attention != "cudnn")
+    quadratic = int(attention not in ("cudnn", "chunked"))
     return [
         Term("new keys, values", (cfg.num_layers, B, S, K, D), CACHE_AXES, c, 2),
         Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2 * quadratic),
@@ -309,6 +348,7 @@ def plan_memory(
     train_batch_tokens: int,
     train_seq_len: int | None = None,
     attention: str = "einsum",
+    prefix_cache_share: float = 0.0,
 ) -> MemoryPlan:
     """Per-device bytes of a server for `cfg` under these settings (nothing is allocated).
 
@@ -316,7 +356,8 @@ def plan_memory(
     sized for `train_batch_tokens` tokens in sequences of `train_seq_len` (default: as long as
     allowed, the worst case for attention), padded to the trainer's buckets. `attention` is
     the self-attention kernel (an ATTENTION_KERNELS name): what it keeps of the [batch, heads,
-    seq, seq] scores is most of a long sequence's activations.
+    seq, seq] scores is most of a long sequence's activations. The KV cache includes the
+    prefix cache's blocks (`prefix_cache_share` of its positions, as the sampler sizes it).
     """
     if dtype not in DTYPES:
         raise ValidationError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -359,13 +400,18 @@ def plan_memory(
     max_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     cache_shape = (cfg.num_layers, sampler_rows, max_len, cfg.num_kv_heads, cfg.head_dim)
     kv_cache = 2 * per_device_bytes(cache_shape, CACHE_AXES, itemsize, mesh)
+    blocks = int(prefix_cache_share * sampler_rows * max_len) // PREFIX_BLOCK
+    if blocks:
+        store = (cfg.num_layers, blocks, PREFIX_BLOCK, cfg.num_kv_heads, cfg.head_dim)
+        kv_cache += 2 * per_device_bytes(store, CACHE_AXES, itemsize, mesh)
 
     multiple = batch_multiple(mesh)
     seq_len = train_seq_len or min(train_batch_tokens, max_len)
     seq = seq_bucket(seq_len)
     batch = batch_bucket(-(-train_batch_tokens // seq_len), multiple)
     training = adapters + _terms_bytes(
-        training_step_terms(cfg, batch, seq, max_lora_rank, itemsize, attention), mesh
+        training_step_terms(cfg, batch, seq, max_lora_rank, itemsize, attention, sizes["sequence"]),
+        mesh,
     )
     prefill_rows = batch_bucket(sampler_rows, multiple)
     prefill = _terms_bytes(
@@ -432,8 +478,10 @@ def check_fits(
         (
             work,
             f"lower --max-seq-len (now {plan.max_len}) or the tokens per training step (now "
-            f"{plan.train_batch_tokens}): the largest working set (training step or sampler "
-            f"prefill, estimated) takes {format_bytes(work)}",
+            f"{plan.train_batch_tokens}), or split each sequence over more devices (--mesh "
+            f"sequence=N, now {plan.mesh['sequence']}, divides the activations by N): the "
+            f"largest working set (training step or sampler prefill, estimated) takes "
+            f"{format_bytes(work)}",
         ),
     ]
     weights = plan.base_weights

@@ -19,7 +19,7 @@ import collections
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,13 @@ from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer
+from tinker_jax.prefix_cache import (
+    PREFIX_BLOCK,
+    PrefixIndex,
+    Scope,
+    gather_prefix,
+    store_blocks,
+)
 from tinker_jax.programs import Programs
 from tinker_jax.sampling import (
     SamplingParams,
@@ -80,6 +87,12 @@ class SampleRequest:
     target_prompt_logprobs: Sequence[Sequence[int]] | np.ndarray | None = None
     # k draws at the request's temperature at every prompt position after the first.
     prompt_alt_tokens_k: int = 0
+    # Prompt logprobs (and top-k rows) of the last n positions only; the prefix before them
+    # may then come from the prefix cache. 1 <= n < len(prompt), with include_prompt_logprobs.
+    prompt_logprobs_last_n: int | None = None
+    # Requests share cached prompt keys and values only within one namespace (and adapter
+    # slot): the service gives each sampling client its own.
+    cache_namespace: Hashable | None = None
 
 
 @dataclasses.dataclass
@@ -231,6 +244,38 @@ def _bucket_width(k: int, vocab: int) -> int:
     return 0 if k == 0 else min(1 << (k - 1).bit_length(), vocab)
 
 
+def _common_blocks(a: np.ndarray, b: np.ndarray, block: int) -> int:
+    """How many leading full blocks of `block` tokens two prompts ([tokens]) share."""
+    n = min(a.size, b.size) // block * block
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return (differ[0] if differ.size else n) // block
+
+
+def _write_extended(
+    cache: KVCache,
+    known: KVCache,
+    new: tuple[jax.Array, jax.Array],
+    dst: jax.Array,
+    src: jax.Array,
+    positions: jax.Array,
+) -> KVCache:
+    """Writes each row's cached prefix and new keys and values: row dst[i] of the cache
+    gets group src[i]'s prefix at positions 0.. and its new tokens at `positions`.
+
+    cache arrays [layers, rows, max_len, kv_heads, head_dim]; known arrays [layers, groups,
+    prefix, ...] (real up to each group's first new position, which its new tokens then
+    overwrite); new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions [groups, seq].
+    A write past max_len (padding) or to a row >= rows is dropped."""
+    at = jnp.arange(known.k.shape[2])[None, :]
+    where = positions[src]
+
+    def one(c, prefix, x):
+        c = c.at[:, dst[:, None], at].set(prefix[:, src].astype(c.dtype), mode="drop")
+        return c.at[:, dst[:, None], where].set(x[:, src].astype(c.dtype), mode="drop")
+
+    return KVCache(one(cache.k, known.k, new[0]), one(cache.v, known.v, new[1]))
+
+
 class Sampler:
     """Continuous-batching sampler over one base model and a set of sampler adapter slots."""
 
@@ -247,10 +292,16 @@ class Sampler:
         steps_per_call: int = 16,
         decode_text: Callable[[list[int]], str] | None = None,
         logprob_chunk: int = 256,
+        prefix_cache_share: float = 0.0,
+        prefix_block: int = PREFIX_BLOCK,
     ):
         """`lora` holds the sampler's adapter slots (their count is its slot axis); `rows`
         and `max_len` size the KV cache (rows x max_len positions; `kv_cache_bytes` tells
-        its memory). `decode_text` (token ids -> text) enables stop strings."""
+        its memory). `decode_text` (token ids -> text) enables stop strings.
+        `prefix_cache_share` > 0 keeps prefilled prompts' keys and values in blocks of
+        `prefix_block` positions, up to that share of the cache's positions (`prefix_cache_bytes`
+        more memory), and prefills a prompt that starts with cached blocks from the first
+        position after them (see `tinker_jax.prefix_cache`)."""
         self.graphdef, self.base, self.config, self.mesh = graphdef, base, config, mesh
         self.lora = lora
         self.layout = SlotLayout(lora)
@@ -272,6 +323,22 @@ class Sampler:
         self._zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         self.cache = KVCache(self._zeros(), self._zeros())
         self.kv_cache_bytes = 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+        self.prefix_block = prefix_block
+        self._prefix: PrefixIndex | None = None
+        self.prefix_cache_bytes = 0
+        blocks = int(prefix_cache_share * rows * self.max_len) // prefix_block
+        if blocks > 0:
+            self._prefix = PrefixIndex(blocks, prefix_block)
+            store = (config.num_layers, blocks, prefix_block, config.num_kv_heads, config.head_dim)
+            self._store_sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, store, mesh))
+            self._store_zeros = jax.jit(
+                lambda: jnp.zeros(store, dtype), out_shardings=self._store_sharding
+            )
+            self.prefix_store = KVCache(self._store_zeros(), self._store_zeros())
+            self.prefix_cache_bytes = 2 * int(np.prod(store)) * jnp.dtype(dtype).itemsize
+        # Prompt tokens prefilled so far: computed, and served from the prefix cache.
+        self.prefill_tokens = 0
+        self.cached_prefill_tokens = 0
         self._rows = _Rows(rows)
         self._pending: dict[int, _Pending] = {}
         self._queue: collections.deque[int] = collections.deque()
@@ -330,6 +397,8 @@ class Sampler:
         )
         self.lora = fn(self.lora, jnp.int32(slot), values)
         self.slot_scale[slot] = float(scale)
+        if self._prefix is not None:  # prefixes cached under the slot's previous weights
+            self._prefix.drop(slot)
 
     def free_slots(self) -> list[int]:
         """The adapter slots that hold no snapshot, lowest first."""
@@ -341,6 +410,8 @@ class Sampler:
         if any(p.request.slot == slot for p in self._pending.values()):
             raise ValidationError("slot", f"sampler slot {slot} has requests in flight")
         del self.slot_scale[slot]
+        if self._prefix is not None:
+            self._prefix.drop(slot)
 
     # ---------------------------------------------------------------- requests
 
@@ -387,6 +458,16 @@ class Sampler:
         if request.target_prompt_logprobs is not None:
             targets = _target_ids(request.target_prompt_logprobs, prompt.size, vocab)
             request = dataclasses.replace(request, target_prompt_logprobs=targets)
+        last_n = request.prompt_logprobs_last_n
+        if last_n is not None:
+            if not request.include_prompt_logprobs:
+                raise ValidationError(
+                    "prompt_logprobs_last_n", "needs prompt logprobs to be requested"
+                )
+            if isinstance(last_n, bool) or not 1 <= last_n < prompt.size:
+                raise ValidationError(
+                    "prompt_logprobs_last_n", f"{last_n} is outside [1, {prompt.size - 1}]"
+                )
         room = self.max_len - prompt.size
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room or room < 1:
@@ -437,6 +518,12 @@ class Sampler:
             jax.block_until_ready(self.cache)
         except Exception:  # noqa: BLE001 - deleted, or the failed call's error
             self.cache = KVCache(self._zeros(), self._zeros())
+        if self._prefix is not None:  # a failed call may have written blocks half-way
+            self._prefix.clear()
+            try:
+                jax.block_until_ready(self.prefix_store)
+            except Exception:  # noqa: BLE001 - as the cache
+                self.prefix_store = KVCache(self._store_zeros(), self._store_zeros())
 
     def step(self) -> dict[int, SampleResult]:
         """Admits waiting requests into free rows, decodes up to `steps_per_call` tokens for
@@ -456,11 +543,22 @@ class Sampler:
         return [results[i] for i in ids]
 
     def compute_logprobs(
-        self, prompt: Sequence[int], slot: int | None = None
+        self,
+        prompt: Sequence[int],
+        slot: int | None = None,
+        prompt_logprobs_last_n: int | None = None,
+        cache_namespace: Hashable | None = None,
     ) -> list[float | None]:
-        """Logprob of every prompt token given the ones before it (the first is None)."""
+        """Logprob of every prompt token given the ones before it (the first is None), or
+        of the last `prompt_logprobs_last_n` only (the others None)."""
         request = SampleRequest(
-            prompt, 1, SamplingParams(max_tokens=1), slot, include_prompt_logprobs=True
+            prompt,
+            1,
+            SamplingParams(max_tokens=1),
+            slot,
+            include_prompt_logprobs=True,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
+            cache_namespace=cache_namespace,
         )
         return self.sample([request])[0].prompt_logprobs
 
@@ -473,30 +571,97 @@ class Sampler:
         )
 
     def _admit(self) -> None:
-        """Prefills as many queued samples as there are free rows (whole prompts once)."""
-        rows = self._rows
-        free = list(np.flatnonzero(rows.request < 0))
-        groups: list[tuple[int, list[int], list[int]]] = []  # (request, samples, rows)
+        """Prefills as many queued samples as there are free rows (whole prompts once), in
+        waves: a request that could start from blocks that a prompt of the current wave is
+        about to cache waits for the next wave (a prefill of its own, in this same call)."""
+        while self._queue and (self._rows.request < 0).any():
+            groups, chains = self._take()
+            self._prefill(groups, chains)
+            self._cache_prompts(groups)
+
+    def _take(self) -> tuple[list[tuple[int, list[int], list[int]]], list[list[int]]]:
+        """The next wave: queued samples in free rows, as (request, samples, rows) groups,
+        with the cached blocks each group's prompt starts from (none without the cache)."""
+        free = list(np.flatnonzero(self._rows.request < 0))
+        groups: list[tuple[int, list[int], list[int]]] = []
+        chains: list[list[int]] = []
+        if self._prefix is not None:
+            self._prefix.begin()
         while free and self._queue:
             rid = self._queue[0]
             pending = self._pending[rid]
+            chain = self._cached_prefix(pending, groups)
+            if chain is None:
+                break
             take = min(len(free), len(pending.to_admit))
             samples = [pending.to_admit.popleft() for _ in range(take)]
             groups.append((rid, samples, [free.pop(0) for _ in range(take)]))
+            chains.append(chain)
             if not pending.to_admit:
                 self._queue.popleft()
-        if not groups:
-            return
+        return groups, chains
+
+    def _scope(self, request: SampleRequest) -> Scope:
+        return (-1 if request.slot is None else request.slot, request.cache_namespace)
+
+    def _cached_prefix(
+        self, pending: _Pending, groups: list[tuple[int, list[int], list[int]]]
+    ) -> list[int] | None:
+        """The cached blocks `pending`'s prefill may start from (marked used), or None when
+        a prompt of this wave (`groups`) is about to cache more of them."""
+        if self._prefix is None:
+            return []
+        scope = self._scope(pending.request)
+        usable = self._reusable(pending) // self.prefix_block
+        cached = self._prefix.match(scope, pending.prompt)
+        if usable > len(cached):
+            for rid, _, _ in groups:
+                other = self._pending[rid]
+                if self._scope(other.request) != scope:
+                    continue
+                common = _common_blocks(pending.prompt, other.prompt, self.prefix_block)
+                if common > len(cached):
+                    return None
+        self._prefix.touch(cached)
+        return cached[:usable]
+
+    @staticmethod
+    def _reusable(pending: _Pending) -> int:
+        """How many leading prompt positions nothing of `pending` still needs the hidden
+        states of: the last one always feeds the first sample; prompt logprobs need every
+        position before the ones they score (all, or `prompt_logprobs_last_n`); target
+        logprobs and alternative draws need all of them."""
+        request, n = pending.request, pending.prompt.size
+        if request.target_prompt_logprobs is not None and pending.target_prompt_logprobs is None:
+            return 0
+        if request.prompt_alt_tokens_k and pending.prompt_alt is None:
+            return 0
+        scored = (request.include_prompt_logprobs and pending.prompt_logprobs is None) or (
+            request.topk_prompt_logprobs and pending.topk_prompt_logprobs is None
+        )
+        if scored:
+            last_n = request.prompt_logprobs_last_n
+            return n - last_n - 1 if last_n is not None else 0
+        return n - 1
+
+    def _prefill(
+        self, groups: list[tuple[int, list[int], list[int]]], chains: list[list[int]]
+    ) -> None:
+        """One prefill of `groups`' prompts, each from the end of its cached blocks `chains`
+        (all of it when none are cached), into their rows; starts their rows."""
         prompts = [self._pending[rid].prompt for rid, _, _ in groups]
+        starts = [len(chain) * self.prefix_block for chain in chains]
+        self.prefill_tokens += sum(p.size for p in prompts) - sum(starts)
+        self.cached_prefill_tokens += sum(starts)
         n_groups = batch_bucket(len(groups), self.batch_multiple)
-        seq = seq_bucket(max(p.size for p in prompts))
+        seq = seq_bucket(max(p.size - start for p, start in zip(prompts, starts)))
         tokens = np.zeros((n_groups, seq), np.int32)
         lengths = np.ones(n_groups, np.int32)
         slot = np.zeros(n_groups, np.int32)
         scale = np.zeros(n_groups, np.float32)
-        for g, ((rid, _, _), prompt) in enumerate(zip(groups, prompts)):
-            tokens[g, : prompt.size] = prompt
-            lengths[g] = prompt.size
+        for g, ((rid, _, _), prompt, start) in enumerate(zip(groups, prompts, starts)):
+            tokens[g, : prompt.size - start] = prompt[start:]
+            lengths[g] = prompt.size - start
             req_slot = self._pending[rid].request.slot
             slot[g] = req_slot or 0
             scale[g] = self.slot_scale[req_slot] if req_slot is not None else 0.0
@@ -526,11 +691,24 @@ class Sampler:
         topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
         chunk = chunk_size(seq, self.logprob_chunk)
         extra, widths = self._prefill_extras(groups, n_groups, seq)
+        # Prompts that start from cached blocks: a program of its own, which reads them.
+        prefix = batch_bucket(max(len(chain) for chain in chains)) if any(starts) else 0
+        store = ()
+        if prefix:
+            extra["prefix_blocks"] = np.zeros((n_groups, prefix), np.int32)
+            extra["prefix_len"] = np.zeros(n_groups, np.int32)
+            for g, (chain, start) in enumerate(zip(chains, starts)):
+                extra["prefix_blocks"][g, : len(chain)] = chain
+                extra["prefix_len"][g] = start
+            store = (self.prefix_store,)
         # Without the SDK 0.38 outputs the program and its name are the ones before them.
         name = "prefill" + "".join(f"{k}{v}" for k, v in widths.items() if v)
+        name += f"_prefix{prefix}" if prefix else ""
         fn = self._programs.get(
             f"{name}:{want_lp}:{topk}:{chunk}:{grouped}",
-            self._prefill_fn(want_lp, min(topk, self.config.vocab_size), chunk, grouped, **widths),
+            self._prefill_fn(
+                want_lp, min(topk, self.config.vocab_size), chunk, grouped, prefix > 0, **widths
+            ),
             donate_argnums=(2,),
             out_shardings=(self._cache_sharding,) + (self._replicated,) * 5,
         )
@@ -555,6 +733,7 @@ class Sampler:
             jax.device_put(group_slots, self._replicated),
             *(self._put(a) for a in args),
             {k: self._put(v) for k, v in extra.items()},
+            *store,
         )
         first, first_lp, prompt_lp, topk_out, extra_out = jax.device_get(
             (first, first_lp, prompt_lp, topk_out, extra_out)
@@ -562,17 +741,24 @@ class Sampler:
         i = 0
         for g, (rid, samples, row_ids) in enumerate(groups):
             pending = self._pending[rid]
-            n = pending.prompt.size
+            n, start = pending.prompt.size, starts[g]
+            # Output j of the group scores prompt position start + j + 1.
+            last_n = pending.request.prompt_logprobs_last_n
+            scored = range(n - last_n if last_n is not None else 1, n)
             self._keep_prompt_extras(pending, g, extra_out)
             if pending.request.include_prompt_logprobs and pending.prompt_logprobs is None:
-                pending.prompt_logprobs = [None] + [float(x) for x in prompt_lp[g, : n - 1]]
+                pending.prompt_logprobs = [None] * n
+                for p in scored:
+                    pending.prompt_logprobs[p] = float(prompt_lp[g, p - start - 1])
             k = pending.request.topk_prompt_logprobs
             if k and pending.topk_prompt_logprobs is None:
                 ids, lps = topk_out
-                pending.topk_prompt_logprobs = [None] + [
-                    [(int(t), float(lp)) for t, lp in zip(ids[g, p, :k], lps[g, p, :k])]
-                    for p in range(n - 1)
-                ]
+                pending.topk_prompt_logprobs = [None] * n
+                for p in scored:
+                    j = p - start - 1
+                    pending.topk_prompt_logprobs[p] = [
+                        (int(t), float(lp)) for t, lp in zip(ids[g, j, :k], lps[g, j, :k])
+                    ]
             for s, r in zip(samples, row_ids):
                 top = None
                 if "sample_topk" in extra_out:
@@ -581,6 +767,36 @@ class Sampler:
                     top = list(zip(ids[i, :k].tolist(), lps[i, :k].tolist()))
                 self._start_row(r, rid, s, int(first[i]), float(first_lp[i]), top)
                 i += 1
+
+    def _cache_prompts(self, groups: list[tuple[int, list[int], list[int]]]) -> None:
+        """Copies the full blocks of the prompts just prefilled that the prefix cache lacks
+        from each group's first row into the cache's blocks (as many as it has room for)."""
+        if self._prefix is None:
+            return
+        entries = []
+        for rid, _, row_ids in groups:
+            pending = self._pending[rid]
+            scope = self._scope(pending.request)
+            cached = self._prefix.match(scope, pending.prompt)
+            for block, i in self._prefix.insert(scope, pending.prompt, cached):
+                entries.append((block, row_ids[0], i * self.prefix_block))
+        if not entries:
+            return
+        n = batch_bucket(len(entries))
+        block = np.full(n, self._prefix.num_blocks, np.int32)  # out of range: dropped
+        row, start = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        block[: len(entries)], row[: len(entries)], start[: len(entries)] = zip(*entries)
+        fn = self._programs.get(
+            f"store_prefix_{n}",
+            store_blocks,
+            donate_argnums=(0,),
+            out_shardings=self._store_sharding,
+        )
+        self.prefix_store = fn(
+            self.prefix_store,
+            self.cache,
+            *jax.device_put((block, row, start), self._replicated),
+        )
 
     def _prefill_extras(
         self, groups: list[tuple[int, list[int], list[int]]], n_groups: int, seq: int
@@ -673,11 +889,15 @@ class Sampler:
         topk: int,
         chunk: int,
         grouped: bool,
+        prefix: bool = False,
         s: int = 0,
         t: int = 0,
         a: int = 0,
     ):
-        """The prefill program; `s`, `t`, `a` are the widths of `_prefill_extras`."""
+        """The prefill program; `s`, `t`, `a` are the widths of `_prefill_extras`. With
+        `prefix`, each group's tokens continue its cached blocks (`extra["prefix_blocks"]`
+        [groups, blocks] of the prefix store, its last argument; `extra["prefix_len"]`
+        [groups] positions), which the rows get too."""
 
         def prefill(
             lora,
@@ -697,6 +917,7 @@ class Sampler:
             top_k,
             top_p,
             extra,
+            store=None,
         ):
             model = nnx.merge(self.graphdef, lora, base)
             adapter = (
@@ -704,17 +925,24 @@ class Sampler:
                 if grouped
                 else AdapterBatch(slot, scale)
             )
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
-            width = min(tokens.shape[1], cache.k.shape[2])
-            cache = KVCache(
-                cache.k.at[:, dst, :width].set(
-                    k[:, src, :width].astype(cache.k.dtype), mode="drop"
-                ),
-                cache.v.at[:, dst, :width].set(
-                    v[:, src, :width].astype(cache.v.dtype), mode="drop"
-                ),
-            )
+            if prefix:
+                start = extra["prefix_len"]
+                positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+                known = gather_prefix(store, extra["prefix_blocks"])
+                hidden, (k, v) = model.extend(tokens, positions, adapter, known, start)
+                cache = _write_extended(cache, known, (k, v), dst, src, positions)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
+                width = min(tokens.shape[1], cache.k.shape[2])
+                cache = KVCache(
+                    cache.k.at[:, dst, :width].set(
+                        k[:, src, :width].astype(cache.k.dtype), mode="drop"
+                    ),
+                    cache.v.at[:, dst, :width].set(
+                        v[:, src, :width].astype(cache.v.dtype), mode="drop"
+                    ),
+                )
             last = hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None]
             logits = model.logits(last, adapter)[:, 0].astype(jnp.float32)[src]
             keys = step_keys(sequence_keys(seeds, sample_idx), jnp.zeros_like(sample_idx))
@@ -864,6 +1092,10 @@ def decode_loop(
     [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32, logprobs [rows,
     steps, topk]) of the most likely tokens at each step (`topk_sample_logprobs`).
     `scripts/inspect_decode.py` compiles this same function.
+
+    A step's keys and values are written into the cache at the start of the next step (and
+    after the loop), before anything reads it: that order lets XLA update the cache in place
+    (`Transformer.decode`).
     """
     max_len = cache.k.shape[2]
     model = nnx.merge(graphdef, lora, base)
@@ -872,8 +1104,9 @@ def decode_loop(
     n = rows["token"].shape[0]
 
     def body(carry):
-        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k = carry
-        hidden, cache = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
+        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k, kv = carry
+        cache = cache.write(*kv)
+        hidden, (k, v) = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
         logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
         keys = step_keys(base_keys, generated)
         new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
@@ -898,6 +1131,7 @@ def decode_loop(
             out_t,
             out_lp,
             out_k,
+            (k, v, position),
         )
 
     def cond(carry):
@@ -918,6 +1152,11 @@ def decode_loop(
         (jnp.zeros((n, steps, topk), jnp.int32), jnp.zeros((n, steps, topk), jnp.float32))
         if topk
         else (),
+        # Nothing to write before the first step: a position past max_len writes nothing.
+        (
+            *(jnp.zeros((cache.k.shape[0], n, *cache.k.shape[3:]), cache.k.dtype),) * 2,
+            jnp.full((n,), max_len, jnp.int32),
+        ),
     )
     out = jax.lax.while_loop(cond, body, init)
-    return (out[1], out[7], out[8]) + ((out[9],) if topk else ())
+    return (out[1].write(*out[10]), out[7], out[8]) + ((out[9],) if topk else ())

@@ -33,7 +33,7 @@ from tinker_jax.head_loss import fused_head_loss
 from tinker_jax.logprobs import target_logprobs
 from tinker_jax.lora import AdapterBatch, LoRALeaf, LoRAParam, SlotLayout
 from tinker_jax.losses import LOSS_FNS, token_losses
-from tinker_jax.models.decoder import Transformer
+from tinker_jax.models.decoder import SEQUENCE_KERNELS, Transformer
 from tinker_jax.models.moe import expert_load, load_metrics
 from tinker_jax.optim import (
     AdamParams,
@@ -44,7 +44,7 @@ from tinker_jax.optim import (
     dimuon_step,
 )
 from tinker_jax.programs import Programs
-from tinker_jax.sharding import batch_multiple, logical_to_spec
+from tinker_jax.sharding import batch_multiple, logical_to_spec, sequence_order, sequence_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,12 @@ class Trainer:
             max_step_tokens or self.config.max_position_embeddings,
         )
         self.mesh = mesh
+        self.sequence_shards = sequence_shards(mesh)
+        if self.sequence_shards > 1 and model.attention not in SEQUENCE_KERNELS:
+            raise ValueError(
+                f"attention {model.attention!r} assumes one device's positions 0..seq-1; a mesh "
+                f"with sequence={self.sequence_shards} needs one of {', '.join(SEQUENCE_KERNELS)}"
+            )
         self.lora_alpha = float(lora_alpha)
         self.logprob_chunk = logprob_chunk
         self.graphdef, lora, self.base = nnx.split(model, LoRAParam, ...)
@@ -337,7 +343,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- compute
 
-    def _batch_to_device(self, batch: HostBatch) -> dict:
+    def _batch_to_device(self, batch: HostBatch, order: np.ndarray | None = None) -> dict:
+        """The batch placed on the mesh: rows over the batch axes, and the positions of the
+        per-token arrays over `sequence`, in `order` (`sharding.sequence_order`) if given."""
+
         def put(x: np.ndarray, names: tuple[str | None, ...]):
             return jax.device_put(
                 x, NamedSharding(self.mesh, logical_to_spec(names, x.shape, self.mesh))
@@ -345,8 +354,14 @@ class Trainer:
 
         arrays = batch.arrays()
         group_slots = put(arrays.pop("group_slots"), (None,))  # every shard reads every group
+        tokens = {k: arrays.pop(k) for k in ("tokens", "positions", "targets", "mask", "inputs")}
+        if order is not None:
+            tokens = jax.tree.map(lambda x: x[:, order], tokens)
+        per_token = jax.tree.map(
+            lambda x: put(x, ("act_batch", "act_seq") + (None,) * (x.ndim - 2)), tokens
+        )
         on_device = jax.tree.map(lambda x: put(x, ("act_batch",) + (None,) * (x.ndim - 1)), arrays)
-        return {**on_device, "group_slots": group_slots}
+        return {**per_token, **on_device, "group_slots": group_slots}
 
     def _loss_fn(self, loss_fn: str, chunk: int, with_grad: bool):
         """The step's summed loss and its per-row outputs. With `with_grad` the lm head and
@@ -476,7 +491,8 @@ class Trainer:
         """One jitted step over a padded batch; the outputs of its real rows."""
         chunk = chunk_size(host.tokens.shape[1], self.logprob_chunk)
         compute = self._loss_fn(loss_fn, chunk, with_grad)
-        batch = self._batch_to_device(host)
+        order = sequence_order(host.tokens.shape[1], self.sequence_shards)
+        batch = self._batch_to_device(host, order)
         with jax.set_mesh(self.mesh):
             if with_grad:
                 # The step reads and differentiates only the batch's slots and changes nothing:
@@ -507,6 +523,8 @@ class Trainer:
                 aux = fn(self.lora, self.base, batch)
         self.steps_run += 1
         row_loss, row_terms, logp, load, finite = jax.device_get(aux)
+        if order is not None:  # back to position order
+            logp = logp[:, np.argsort(order)]
         return [
             _Row(
                 logprobs=logp[r, :n],

@@ -119,6 +119,19 @@ def _param_reader(
     return read
 
 
+def base_hf_key(name: str, hf_keys: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
+    """(HF key template, transposed) of a base parameter. Layer `i`'s parameters
+    (`blocks.{i}.self_attn.q_proj.kernel`) are the `layers.` entries of the family's table
+    with `{layer}` filled in."""
+    parts = name.split(".")
+    layer = parts[1] if parts[0] == "blocks" else None
+    table_name = ".".join(["layers", *parts[2:]]) if layer is not None else name
+    if table_name not in hf_keys:
+        raise ValidationError("base_model", f"no checkpoint key known for {name}")
+    hf_key, transpose = hf_keys[table_name]
+    return (hf_key if layer is None else hf_key.replace("{layer}", layer)), transpose
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -149,9 +162,7 @@ def load_model(
         if isinstance(var, LoRAParam):
             value = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
         else:
-            if name not in hf_keys:
-                raise ValidationError("base_model", f"no checkpoint key known for {name}")
-            hf_key, transpose = hf_keys[name]
+            hf_key, transpose = base_hf_key(name, hf_keys)
             reader = _param_reader(ckpt, name, hf_key, transpose, shape, np_dtype)
             value = jax.make_array_from_callback(shape, sharding, reader)
         return var.replace(value)

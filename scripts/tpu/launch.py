@@ -63,7 +63,7 @@ ACCELERATOR_RE = re.compile(r"^(v[0-9]+[a-z]*)-([0-9]+)$")
 VERSION_RE = re.compile(r"^[a-z0-9][-a-z0-9.]*$")
 WHEEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+\.whl$")
 BUCKET_RE = re.compile(r"^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?$")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "expert", "tensor")  # tinker_jax.sharding's
 PYTHON_RE = re.compile(r"^3\.[0-9]+(\.[0-9]+)?$")
 
 

@@ -1,9 +1,8 @@
 """The decoder-only transformer shared by the Qwen3, Llama 3 and Qwen3-MoE families.
 
-Layers are stored stacked (leading `layers` axis) and applied with `jax.lax.scan`, so
-compile time does not grow with depth; hence every layer has the same structure, and a model
-with `config.moe` has a mixture of experts (`moe.MoE`) as the feed-forward of every layer.
-Every linear layer carries the adapter slots of all runs.
+Every layer has the same structure (a model with `config.moe` has a mixture of experts,
+`moe.MoE`, as the feed-forward of every layer); each holds its base weights in arrays of its
+own, while the adapter slots of all runs are stacked over layers (`Transformer`).
 """
 
 from __future__ import annotations
@@ -16,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tinker_jax.lora import AdapterBatch, LoRALinear, LoRASpec, lora_delta
+from tinker_jax.lora import AdapterBatch, LoRALinear, LoRAParam, LoRASpec, lora_delta
+from tinker_jax.models.chunked_attention import chunked_attention
 from tinker_jax.models.config import ModelConfig, RopeConfig
 from tinker_jax.models.moe import MoE
+from tinker_jax.models.sequence_parallel import sequence_sharded
 from tinker_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -156,7 +157,7 @@ class Attention(nnx.Module):
         positions: jax.Array,
         adapter: AdapterBatch | None,
         cache: KVCache,
-        layer: jax.Array,
+        layer: int,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One new token per row against the cache, which it only reads.
@@ -165,13 +166,40 @@ class Attention(nnx.Module):
         max_len, ...], of which attention reads this layer's positions below each row's own
         (at most kv_len), then the new token itself. Returns (out [rows, 1, embed], the new
         token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
-        `positions` once every layer has run: a cache written inside the layer loop is a loop
-        carry that XLA copies.
+        `positions` before the cache is read again (`KVCache.write`).
         """
         q, k, v = self.project(x, positions, adapter)
         k, v = k[:, 0].astype(cache.k.dtype), v[:, 0].astype(cache.v.dtype)
         cached = (cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len])
         out = decode_attention(q, *cached, positions, k, v)
+        return self._out(out, adapter), (k, v)
+
+    def extend(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        prefix_k: jax.Array,
+        prefix_v: jax.Array,
+        prefix_len: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Self-attention of a sequence that continues a prefix whose keys and values are
+        known (a prefill served partly from the prefix cache).
+
+        x: [batch, seq, embed] at positions [batch, seq] (from each row's prefix length on);
+        prefix_k, prefix_v: [batch, prefix, kv_heads, head_dim] for positions 0..prefix-1, of
+        which each row's first prefix_len: [batch] are real (the rest are selected away, keys
+        and values). Returns (out [batch, seq, embed], the sequence's own (k, v))."""
+        q, k, v = self.project(x, positions, adapter)
+        seen = jnp.arange(prefix_k.shape[1])[None, :] < prefix_len[:, None]  # [batch, prefix]
+        hidden = jnp.iinfo(jnp.int32).max  # a position no query reaches
+        k_positions = jnp.concatenate(
+            [jnp.where(seen, jnp.arange(prefix_k.shape[1])[None, :], hidden), positions], axis=1
+        )
+        mask = seen[:, :, None, None]
+        keys = jnp.concatenate([jnp.where(mask, prefix_k, 0).astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([jnp.where(mask, prefix_v, 0).astype(v.dtype), v], axis=1)
+        out = attention(q, keys, values, positions, k_positions)
         return self._out(out, adapter), (k, v)
 
     def _out(self, out: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
@@ -186,6 +214,21 @@ class KVCache:
 
     k: jax.Array
     v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+        """The cache with one token per row written: k, v: [layers, rows, kv_heads,
+        head_dim] at positions: [rows] (a position past max_len writes nothing).
+
+        One scatter of layers * rows (layer, row, position) indices, even for one row: XLA
+        turns a scatter of a single index into a dynamic-update-slice, which it may fuse into
+        each reader of the written cache, reading the old cache after the in-place write
+        (and so copying the cache whole)."""
+        layers, rows = jnp.indices(k.shape[:2])
+        at = (layers, rows, jnp.broadcast_to(positions, k.shape[:2]))
+        return KVCache(
+            self.k.at[at].set(k.astype(self.k.dtype), mode="drop"),
+            self.v.at[at].set(v.astype(self.v.dtype), mode="drop"),
+        )
 
 
 def attention(
@@ -267,19 +310,27 @@ def fused_causal_attention(implementation: str):
 
 # Self-attention kernels by name: q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads,
 # head_dim], positions [batch, seq] -> [batch, seq, heads, head_dim].
+# "einsum" and "chunked" (flash-style, memory linear in seq) mask by positions: they also serve
+# a sequence split over the `sequence` mesh axis, in any token order (SEQUENCE_KERNELS).
 ATTENTION_KERNELS = {
-    "einsum": lambda q, k, v, positions: attention(q, k, v, positions, positions),
+    "einsum": sequence_sharded(attention),
+    "chunked": sequence_sharded(chunked_attention),
     "xla": fused_causal_attention("xla"),
     "cudnn": fused_causal_attention("cudnn"),
 }
+SEQUENCE_KERNELS = ("einsum", "chunked")
 
 
-def auto_attention_kernel(dtype: jnp.dtype) -> str:
+def auto_attention_kernel(dtype: jnp.dtype, sequence_shards: int = 1) -> str:
     """The fastest kernel measured on each backend (scripts/bench_train.py): cuDNN's fused
     attention on a GPU for 16-bit parameters (42% MFU vs 30% with "einsum" on an H200), the
     fused op lowered by XLA on CPU (0.87-0.92x torch+PEFT vs 0.82x with "einsum", 2 cores,
     before its softmax was recomputed in the backward pass), and
-    "einsum" where nothing was measured (TPU, GPU in fp32)."""
+    "einsum" where nothing was measured (TPU, GPU in fp32). A mesh that splits sequences
+    (`sequence_shards` other than 1; -1 is a mesh size still to resolve) needs a position-masked
+    kernel: "chunked", linear in memory."""
+    if sequence_shards != 1:
+        return "chunked"
     backend = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "gpu" and half:
@@ -338,12 +389,27 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         adapter: AdapterBatch | None,
         cache: KVCache,
-        layer: jax.Array,
+        layer: int,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [rows, 1, embed] -> (x, the new token's (k, v)); see `Attention.decode`."""
         attn, kv = self.self_attn.decode(
             self.input_layernorm(x), positions, adapter, cache, layer, kv_len
+        )
+        return self._mlp(x + attn, adapter)[0], kv
+
+    def extend(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        prefix_k: jax.Array,
+        prefix_v: jax.Array,
+        prefix_len: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: [batch, seq, embed] after a known prefix -> (x, (k, v)); see `Attention.extend`."""
+        attn, kv = self.self_attn.extend(
+            self.input_layernorm(x), positions, adapter, prefix_k, prefix_v, prefix_len
         )
         return self._mlp(x + attn, adapter)[0], kv
 
@@ -384,8 +450,39 @@ class Unembed(nnx.Module):
         return embedding if self.tied else self.head.kernel[...]
 
 
+def _stacked(adapters: nnx.State, layers: int) -> nnx.Dict:
+    """Zero adapter arrays for `layers` layers, shaped and named like one layer's `adapters`
+    with a leading `layers` axis (nested `nnx.Dict`s keep their names: `self_attn.q_proj...`)."""
+    out = {}
+    for name, value in adapters.items():
+        if isinstance(value, nnx.Variable):
+            axes = ("layers", *value.get_metadata("logical_axes"))
+            out[name] = LoRAParam(jnp.zeros((layers, *value.shape), value.dtype), logical_axes=axes)
+        else:
+            out[name] = _stacked(value, layers)
+    return nnx.Dict(out)
+
+
+def _unstack(tree, layers: int) -> list:
+    """Per-layer slices of a tree of arrays stacked [layers, ...]. `jnp.split`, whose transpose
+    is one concatenation: a gradient is assembled once, not summed from a padded array per
+    layer."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [jnp.split(x, layers) for x in leaves]
+    return [treedef.unflatten([p[i][0] for p in parts]) for i in range(layers)]
+
+
 class Transformer(nnx.Module):
-    """Token embedding, a scanned stack of decoder layers, final norm and lm head."""
+    """Token embedding, decoder layers, final norm and lm head.
+
+    Each layer's base weights are arrays of their own (`blocks[i]`, a `DecoderLayer` without
+    adapters), so every layer reads its matrices in place: slicing a layer out of arrays
+    stacked over layers inside the program materialised a copy of every matrix in every step
+    (on CPU, and on a GPU where the slice did not fuse into its matmul). The adapters stay
+    stacked over layers (`layers`, [layers, slots, ...] arrays named as in checkpoints and
+    PEFT export): the trainer, optimizer and slot layout address them per slot.
+    The layer loop is unrolled (compile time grows with depth; no step copies a weight).
+    """
 
     def __init__(
         self,
@@ -406,21 +503,30 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.remat = remat
         self.attention = attention
+        self.lora = lora
+        self.dtype = jnp.dtype(dtype)
         self.embed_tokens = nnx.Param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype) * 0.02,
             logical_axes=("vocab", "embed"),
         )
-
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make_layers(key):
-            return DecoderLayer(cfg, lora, dtype, nnx.Rngs(params=key))
-
-        self.layers = make_layers(jax.random.split(rngs.params(), cfg.num_layers))
-        for _, var in nnx.iter_graph(self.layers):
-            if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
-                var.set_metadata(logical_axes=("layers", *var.get_metadata("logical_axes")))
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        self.blocks = nnx.List(
+            [DecoderLayer(cfg, None, dtype, nnx.Rngs(params=key)) for key in keys]
+        )
+        self.layers = _stacked(nnx.state(self._layer_template(), LoRAParam), cfg.num_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = Unembed(cfg, lora, dtype, rngs)
+
+    def _layer_template(self) -> DecoderLayer:
+        """One layer with its adapters, abstract (no memory): the structure each layer has."""
+        return nnx.eval_shape(lambda: DecoderLayer(self.config, self.lora, self.dtype, nnx.Rngs(0)))
+
+    def _layer_states(self) -> tuple[nnx.GraphDef, list[tuple[nnx.State, nnx.State]]]:
+        """The graph of one layer and, per layer, (its base weights, its slice of every
+        adapter): `nnx.merge(graphdef, *states[i])` is layer i."""
+        graphdef = nnx.graphdef(self._layer_template())
+        adapters = _unstack(nnx.state(self.layers), self.config.num_layers)
+        return graphdef, [(nnx.state(b), a) for b, a in zip(self.blocks, adapters)]
 
     def __call__(
         self,
@@ -436,21 +542,23 @@ class Transformer(nnx.Module):
         with `return_aux` also (last) a dict of per-layer extras: for a MoE model "experts",
         the experts each token was routed to [layers, batch, seq, k] int32 (empty if dense)."""
         x = self._embed(tokens)
-        graphdef, state = nnx.split(self.layers)
+        graphdef, states = self._layer_states()
 
-        def body(h, layer_state):
-            layer = nnx.merge(graphdef, layer_state)
-            h, kv, experts = layer(h, positions, adapter, self.attention)
-            return h, (kv if return_kv else None, experts if return_aux else None)
+        def body(h, base, adapters):
+            return nnx.merge(graphdef, base, adapters)(h, positions, adapter, self.attention)
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, (kv, experts) = jax.lax.scan(body, x, state)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        kvs, experts = [], []
+        for base, adapters in states:
+            x, kv, routed = body(x, base, adapters)
+            kvs.append(kv)
+            experts.append(routed)
         out = (self.norm(x),)
         if return_kv:
-            out += (kv,)
+            out += (tuple(jnp.stack(t) for t in zip(*kvs)),)
         if return_aux:
-            out += ({} if experts is None else {"experts": experts},)
+            out += ({} if experts[0] is None else {"experts": jnp.stack(experts)},)
         return out if len(out) > 1 else out[0]
 
     def decode(
@@ -460,28 +568,48 @@ class Transformer(nnx.Module):
         adapter: AdapterBatch | None,
         cache: KVCache,
         kv_len: int,
-    ) -> tuple[jax.Array, KVCache]:
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
-        the cache with this token's keys and values written at its position).
+        the token's keys and values (k, v): [layers, rows, kv_heads, head_dim] each).
 
         Attention reads only the first `kv_len` cache positions; every position must be
         below it. Reading a short prefix of a long cache is what keeps a decode step's
-        memory traffic proportional to the context in use, not to max_len. The layers only
-        read the cache; the new keys and values of all layers are written after them, in
-        place (a cache carried through the layer loop was copied whole in every layer)."""
+        memory traffic proportional to the context in use, not to max_len. The cache is only
+        read: the caller writes the new keys and values (`KVCache.write`) before it reads
+        the cache again, at the start of the next step. Written here, after the layers,
+        nothing would order the write after the last layer's reads, and XLA would copy the
+        whole cache to keep what they read; written before the layers, every read depends on
+        it, and the cache is updated in place."""
         x = self._embed(tokens)
-        graphdef, state = nnx.split(self.layers)
+        graphdef, states = self._layer_states()
+        new = []
+        for i, (base, adapters) in enumerate(states):
+            layer = nnx.merge(graphdef, base, adapters)
+            x, kv = layer.decode(x, positions, adapter, cache, i, kv_len)
+            new.append(kv)
+        return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))
 
-        def body(h, xs):
-            layer_state, index = xs
-            return nnx.merge(graphdef, layer_state).decode(
-                h, positions, adapter, cache, index, kv_len
-            )
-
-        x, (k, v) = jax.lax.scan(body, x, (state, jnp.arange(self.config.num_layers)))
-        rows, at = jnp.arange(tokens.shape[0]), positions[:, 0]
-        cache = KVCache(cache.k.at[:, rows, at].set(k), cache.v.at[:, rows, at].set(v))
-        return self.norm(x), cache
+    def extend(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        adapter: AdapterBatch | None,
+        prefix: KVCache,
+        prefix_len: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """A prefill that continues known prefixes: tokens, positions [batch, seq] (each row
+        from its prefix_len: [batch] on), prefix arrays [layers, batch, prefix, kv_heads,
+        head_dim] -> (hidden [batch, seq, embed], every layer's (k, v) of the new tokens:
+        [layers, batch, seq, kv_heads, head_dim]). Equals `__call__` on the whole sequence at
+        the new positions, without recomputing the prefix."""
+        x = self._embed(tokens)
+        graphdef, states = self._layer_states()
+        new = []
+        for i, (base, adapters) in enumerate(states):
+            layer = nnx.merge(graphdef, base, adapters)
+            x, kv = layer.extend(x, positions, adapter, prefix.k[i], prefix.v[i], prefix_len)
+            new.append(kv)
+        return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return constrain(self.embed_tokens[...][tokens], ("act_batch", "act_seq", "act_embed"))

@@ -12,7 +12,8 @@ from typing import Any
 STACKED_AXES = ("layer", "expert")
 
 # Our parameter path -> (HF safetensors key, whether HF stores it transposed [out, in]).
-# `{layer}` is filled for each entry of the stacked `layers` axis.
+# A `layers.` path names one parameter of every layer: layer i's own array is
+# `blocks.{i}.<rest>` and reads the key with `{layer}` = i (`weights.base_hf_key`).
 DENSE_HF_KEYS: dict[str, tuple[str, bool]] = {
     "embed_tokens": ("model.embed_tokens.weight", False),
     "norm.weight": ("model.norm.weight", False),

@@ -18,8 +18,8 @@ from tinker_jax.models.qwen3 import QWEN3
 
 
 def moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """`ModelConfig.moe` from a qwen3_moe config. Layers are scanned, so they must all be
-    alike: every layer sparse (no `mlp_only_layers`, `decoder_sparse_step` 1), as in every
+    """`ModelConfig.moe` from a qwen3_moe config. Layers share one structure, so they must all
+    be alike: every layer sparse (no `mlp_only_layers`, `decoder_sparse_step` 1), as in every
     released Qwen3-MoE; anything else is refused."""
     # The hub's config.json says num_experts; transformers 5 writes num_local_experts.
     experts = cfg.get("num_experts", cfg.get("num_local_experts"))
@@ -34,7 +34,7 @@ def moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "config.mlp_only_layers",
             f"layers {dense} have a dense MLP (mlp_only_layers={sorted(dense_only)}, "
             f"decoder_sparse_step={step}, num_experts={experts}); only Qwen3-MoE models whose "
-            "every layer is sparse are supported (layers are scanned and must be alike)",
+            "every layer is sparse are supported (layers share one structure)",
         )
     if cfg.get("use_sliding_window"):
         raise ValidationError(
