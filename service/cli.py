@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from tinker_jax.service.store import KeyRecord, Store
 
 from tinker_jax.errors import ValidationError
+from tinker_jax.service.logs import FORMATS, formatter
 from tinker_jax.xla_flags import apply_xla_flags
 
 
@@ -31,10 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "http_port": args.http_port,
         "http_max_body_bytes": args.http_max_body_bytes,
+        "metrics_without_key": args.metrics_without_key or None,
         "max_lora_rank": args.max_lora_rank,
         "max_adapters": args.max_adapters,
         "dtype": args.dtype,
         "attention": args.attention,
+        "prefix_cache_share": args.prefix_cache_share,
         "mesh": parse_mesh(args.mesh) if args.mesh else None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -256,15 +259,39 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--http-max-body-bytes", type=int, default=None, help="largest HTTP request body"
     )
-    serve.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1,tensor=1")
+    serve.add_argument(
+        "--metrics-without-key",
+        action="store_true",
+        help="serve GET /metrics without an API key (a Prometheus on a trusted network)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text lines for people, or one JSON object per line for machines",
+    )
+    serve.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh axis sizes, e.g. data=1,fsdp=-1,tensor=1; sequence=N splits each training "
+        "sequence over N devices (long context)",
+    )
     serve.add_argument("--max-lora-rank", type=int, default=None)
     serve.add_argument("--max-adapters", type=int, default=None)
     serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     serve.add_argument(
         "--attention",
-        choices=["auto", "einsum", "xla", "cudnn"],
+        choices=["auto", "einsum", "chunked", "xla", "cudnn"],
         default=None,
-        help="self-attention kernel (auto: cuDNN on a GPU in bfloat16, xla on CPU, else einsum)",
+        help="self-attention kernel (auto: chunked with a sequence mesh axis, else cuDNN on a "
+        "GPU in bfloat16, xla on CPU, else einsum; chunked: flash-style, memory linear in "
+        "the sequence length)",
+    )
+    serve.add_argument(
+        "--prefix-cache-share",
+        type=float,
+        default=None,
+        help="KV prefix cache size, as a share of the KV cache (default 0.25; 0: off)",
     )
     serve.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")
@@ -345,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         return args.func(args)
     except ValidationError as e:
@@ -353,11 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _configure_logging(level: str) -> None:
-    """Our own lines (start-up, listening, memory plan, errors, one per checkpoint) at `level`;
-    the libraries' chatter (Orbax's many lines per checkpoint, JAX's backend probing) only
-    with "debug", and their warnings always."""
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    """Our own lines (start-up, listening, memory plan, errors, one per checkpoint, one per
+    request) at `level`, as `log_format` (`logs.FORMATS`); the libraries' chatter (Orbax's
+    many lines per checkpoint, JAX's backend probing) only with "debug", and their warnings
+    always."""
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: a host (pytest) may have its own
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(formatter(log_format))
+        root.addHandler(handler)
     logging.getLogger().setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("tinker_jax").setLevel(level.upper())
 

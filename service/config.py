@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.models.decoder import ATTENTION_KERNELS
+from tinker_jax.models.decoder import ATTENTION_KERNELS, SEQUENCE_KERNELS
 from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.sharding import MESH_AXES
 from tinker_jax.storage import resolve as resolve_location
@@ -30,6 +30,9 @@ class ServerConfig:
     # Tinker's HTTP protocol (the official SDK) on this port too; None = off, 0 = a free port.
     http_port: int | None = None
     http_max_body_bytes: int = 256 * 1024 * 1024
+    # GET /metrics (HTTP port) without an API key, for a Prometheus on a trusted network; by
+    # default any user's key may scrape (the metrics name no user's work).
+    metrics_without_key: bool = False
     mesh: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}
     )
@@ -37,6 +40,10 @@ class ServerConfig:
     max_adapters: int = 32
     sampler_slots: int = 32
     sampler_rows: int = 32
+    # Share of the KV cache's positions (sampler_rows x max_seq_len) that the prefix cache may
+    # hold on top of it, in blocks of prompts already prefilled: a sampling client's prompt
+    # that starts with its own earlier prompt prefills only the rest. 0 turns it off.
+    prefix_cache_share: float = 0.25
     max_seq_len: int | None = 4096
     dtype: str = "float32"
     # Self-attention kernel for training and prefill: "auto" is auto_attention_kernel's pick
@@ -89,6 +96,10 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValidationError(name, f"{getattr(self, name)} must be >= 1")
+        if not 0 <= self.prefix_cache_share <= 1:
+            raise ValidationError(
+                "prefix_cache_share", f"{self.prefix_cache_share} is outside [0, 1]"
+            )
         for name in ("result_ttl_seconds", "session_ttl_seconds", "sweep_interval_seconds"):
             if not getattr(self, name) > 0:
                 raise ValidationError(name, f"{getattr(self, name)} must be > 0")
@@ -110,6 +121,13 @@ class ServerConfig:
                 "mesh",
                 f"axes {sorted(set(self.mesh) - set(MESH_AXES))} are "
                 f"unknown; allowed {', '.join(MESH_AXES)}",
+            )
+        sequence = self.mesh.get("sequence", 1)
+        if sequence != 1 and self.attention not in ("auto", *SEQUENCE_KERNELS):
+            raise ValidationError(
+                "attention",
+                f"{self.attention!r} cannot split a sequence over devices (mesh sequence="
+                f"{sequence}); use auto or one of {', '.join(SEQUENCE_KERNELS)}",
             )
 
     @property
@@ -147,7 +165,8 @@ class ServerConfig:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """`data=1,fsdp=-1,tensor=1` -> {"data": 1, "fsdp": -1, "tensor": 1}."""
+    """`data=1,fsdp=-1,sequence=2,tensor=1` -> {"data": 1, "fsdp": -1, "sequence": 2,
+    "tensor": 1}."""
     mesh = {}
     for part in filter(None, text.split(",")):
         name, _, size = part.partition("=")

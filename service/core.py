@@ -52,6 +52,7 @@ from tinker_jax.service.errors import (
     Unauthenticated,
 )
 from tinker_jax.service.limits import PerKeyLimit
+from tinker_jax.service.observer import OK, Observer, error_code
 from tinker_jax.service.operations import (
     CreateRun,
     Done,
@@ -131,10 +132,19 @@ class ServiceCore:
     """Every API call, in the service's own types (engine host types, `results`, `views`):
     the front ends convert their formats to and from these."""
 
-    def __init__(self, config: ServerConfig, store: Store, workers: dict[str, EngineWorker]):
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        workers: dict[str, EngineWorker],
+        observer: Observer | None = None,
+    ):
         self.config = config
         self.store = store
         self.workers = workers
+        # Told of every operation's submission and outcome (the server's metrics).
+        self.observer = observer or Observer()
+        self._user_names: dict[str, str] = {}
         self.checkpoint_root = storage.resolve(config.checkpoint_location, "checkpoint_storage")
         self.url_signer = external_weights.UrlSigner(store.root)
         self._completed = threading.Condition()
@@ -150,6 +160,11 @@ class ServiceCore:
         # here, delivered by `retrieve`, written by `sweep` once the store takes writes again.
         self._unsaved: dict[str, _Outcome] = {}
         self._delivered_unsaved: set[str] = set()
+        # `openai_sampler`'s samplers by (user, model, checkpoint folder), its session per
+        # user, and a lock per user so that concurrent first requests open one sampler.
+        self._openai_samplers: dict[tuple[str, str, str], str] = {}
+        self._openai_sessions: dict[str, str] = {}
+        self._openai_locks: dict[str, threading.Lock] = {}
         lost = store.fail_pending(
             "the server restarted while this request was in flight; submit it again"
         )
@@ -203,6 +218,14 @@ class ServiceCore:
         if user is None:
             raise Unauthenticated("missing or invalid API key (send it as x-api-key)")
         return user
+
+    def user_name(self, user: str) -> str:
+        """The name of the user with id `user` (request logs show it), read once: names never
+        change."""
+        name = self._user_names.get(user)
+        if name is None:
+            name = self._user_names[user] = self.store.user_name(user) or user
+        return name
 
     def _own_session(self, user: str, session_id: str) -> SessionRecord:
         record = self.store.get_session(_id(session_id, "session_id"))
@@ -334,11 +357,14 @@ class ServiceCore:
         start: Callable[[Callable, Callable], None],
         sequences: int = 0,
         target: str | None = None,
+        tokens: int = 0,
     ) -> str:
         """Creates the future and starts the work, once per request id (a resubmission with
         the same id returns the existing future and runs nothing). The work holds a place in
         the worker's queue (`sequences`: sampled sequences) from here until its outcome is
-        recorded; every path that ends sooner returns it."""
+        recorded; every path that ends sooner returns it. The observer hears of the outcome
+        before it is recorded, so a client that has the result also finds it in the metrics;
+        `tokens` are the tokens a success trained (a sample's are counted from its result)."""
         request_id = _id(request_id, "request_id") if request_id else str(uuid.uuid4())
         place = worker.reserve(user, sequences)
         try:
@@ -354,15 +380,21 @@ class ServiceCore:
             if existing is None or existing.user_id != user:
                 raise PermissionDenied(f"request id {request_id} is in use")
             return request_id
+        base_model, started = worker.base_model, time.monotonic()
+        self.observer.submitted(base_model, kind)
 
         def complete(result: Result) -> None:
             try:
+                done = tokens + _sampled_tokens(result)
+                self.observer.finished(base_model, kind, time.monotonic() - started, OK, done)
                 self._complete(request_id, result)
             finally:
                 place.release()
 
         def fail(error: Exception) -> None:
             try:
+                code = error_code(error)
+                self.observer.finished(base_model, kind, time.monotonic() - started, code, 0)
                 self._fail(request_id, error)
             finally:
                 place.release()
@@ -386,6 +418,7 @@ class ServiceCore:
         seq_id: int | None = None,
         sequences: int = 0,
         target: str | None = None,
+        tokens: int = 0,
     ) -> str:
         """What every engine operation does once its request is checked: the future is
         created (`_submit`) and `op(done, fail)` queued, in the run's seq_id order when
@@ -402,7 +435,9 @@ class ServiceCore:
             else:
                 worker.submit_run_op(run_id, seq_id, queued)
 
-        return self._submit(user, request_id, kind, run_id, worker, start, sequences, target)
+        return self._submit(
+            user, request_id, kind, run_id, worker, start, sequences, target, tokens
+        )
 
     def _replayed(self, user: str, request_id: str) -> str | None:
         """The run id of an already-submitted request (a client's resubmission after a lost
@@ -760,6 +795,7 @@ class ServiceCore:
             _forward_backward_result,
             run_id=model_id,
             seq_id=seq_id,
+            tokens=0 if forward_only else sum(len(d.tokens) for d in datums),
         )
 
     def _resolve_provenance(
@@ -1045,18 +1081,10 @@ class ServiceCore:
             topk_sample_logprobs,
             target_prompt_logprobs,
             prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
         )
-        checked = worker.check_sample(request)
+        checked = worker.check_sample(request)  # checks prompt_logprobs_last_n too
         last_n = prompt_logprobs_last_n
-        if last_n is not None:
-            if not include_prompt_logprobs:
-                raise ValidationError(
-                    "prompt_logprobs_last_n", "needs prompt logprobs to be requested"
-                )
-            if not 1 <= last_n < len(request.prompt):
-                raise ValidationError(
-                    "prompt_logprobs_last_n", f"{last_n} is outside [1, {len(request.prompt) - 1}]"
-                )
         request_id = request_id or str(uuid.uuid4())
         sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
 
@@ -1099,6 +1127,58 @@ class ServiceCore:
         if record is None or record.user_id != user:
             raise NotFound(f"sampler {sampler_id} not found")
         return record
+
+    def openai_sampler(
+        self, user: str, model: str, weights_access_token: str = ""
+    ) -> SamplerRecord:
+        """The sampler on which `user`'s OpenAI-compatible requests for `model` run, through
+        `sample` like any sampling client's. `model` is a served base model's name or a
+        `tinker://<run>/sampler_weights/<name>` path the user may read (their own, a published
+        one, or one `weights_access_token` opens), checked on every call so that unpublishing
+        or deleting takes effect at once. The sampler is opened on first use in a session of
+        the user's own ("OpenAI-compatible endpoint", tag "openai") and reused while loaded;
+        each use heartbeats that session, which expires like any other once unused."""
+        location = ""
+        if model.startswith("tinker://"):
+            _, ckpt = self._readable_checkpoint(
+                user, model, "model", weights_access_token, kinds=("sampler_weights",)
+            )
+            location = ckpt.location  # a new checkpoint under an old name is another sampler
+        else:
+            self._worker(model, "model")
+        with self._openai_locks.setdefault(user, threading.Lock()):
+            key = (user, model, location)
+            record = self.store.get_sampler(self._openai_samplers.get(key, ""))
+            if record is not None and self._worker(record.base_model).has_sampler(
+                record.sampler_id
+            ):
+                session = self.store.get_session(record.session_id)
+                if session is not None and not session.finished:
+                    self.store.heartbeat(record.session_id)
+                    return record
+            session = self.store.get_session(self._openai_sessions.get(user, ""))
+            if session is None or session.finished:
+                session_id = self.create_session(
+                    user, {}, "", "OpenAI-compatible endpoint", ["openai"]
+                )
+                self._openai_sessions[user] = session_id
+            else:
+                session_id = session.session_id
+            sampler_id = self.create_sampling_session(
+                user,
+                session_id,
+                len(self.store.samplers_of_session(session_id)),
+                "" if location else model,
+                model if location else "",
+                weights_access_token,
+            )
+            self._openai_samplers[key] = sampler_id
+            return self.get_sampler(user, sampler_id)
+
+    def tokenizer(self, base_model: str) -> Any:
+        """The `transformers` tokenizer of a served base model (None when its folder has
+        none), for the front ends that take and give text (the OpenAI-compatible routes)."""
+        return self._worker(base_model, "model").engine.tokenizer
 
     # ---------------------------------------------------------------- runs and checkpoints
 
@@ -1343,6 +1423,13 @@ class ServiceCore:
         self.copy_due.set()
         return str(path)
 
+    def checkpoint_usage(self, user: str, project_id: str = "") -> list[views.StorageUsage]:
+        """The storage `user`'s checkpoints take, per project (only `project_id`'s if given):
+        Tinker's checkpoint storage usage, of which a self-hosted key's organization is its
+        user."""
+        rows = self.store.checkpoint_usage(user, _project(project_id) if project_id else None)
+        return [views.StorageUsage(*row) for row in rows]
+
     def delete_checkpoint(self, user: str, tinker_path: str) -> None:
         record = self._owned_checkpoint(user, tinker_path)
         self.store.delete_checkpoint(record.tinker_path)
@@ -1477,6 +1564,13 @@ def _id(value: str, field: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
         raise ValidationError(field, f"must be 1..{MAX_ID_LENGTH} printable characters")
     return value
+
+
+def _sampled_tokens(result: Result) -> int:
+    """The tokens a sample request's result holds (0 for any other result)."""
+    if not isinstance(result, SampleResult):
+        return 0
+    return sum(len(seq.tokens) for seq in result.sequences)
 
 
 def _delivered(outcome: _Outcome) -> Result | Failure:

@@ -32,7 +32,7 @@ from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.sampler import Sampler
 from tinker_jax.service import engine_calls as calls
 from tinker_jax.service import external_weights
-from tinker_jax.sharding import make_mesh
+from tinker_jax.sharding import make_mesh, sequence_shards
 from tinker_jax.trainer import SlotState, Trainer
 from tinker_jax.weights import load_model, resolve_model_dir
 
@@ -49,6 +49,7 @@ class EngineSettings:
     max_lora_rank: int = 32
     sampler_slots: int = 32
     sampler_rows: int = 32
+    prefix_cache_share: float = 0.0  # see ServerConfig
     max_seq_len: int | None = None
     mesh: dict[str, int] | None = None
     dtype: str = "float32"
@@ -78,7 +79,9 @@ class Engine:
             mesh=mesh,
             dtype=dtype,
             attention=(
-                auto_attention_kernel(dtype) if settings.attention == "auto" else settings.attention
+                auto_attention_kernel(dtype, sequence_shards(mesh))
+                if settings.attention == "auto"
+                else settings.attention
             ),
         )
         self.trainer = Trainer(
@@ -91,6 +94,7 @@ class Engine:
             slots=settings.sampler_slots,
             rows=settings.sampler_rows,
             max_len=settings.max_seq_len,
+            prefix_cache_share=settings.prefix_cache_share,
             decode_text=self.tokenizer.decode if self.tokenizer is not None else None,
         )
         trainer, sampler = self.trainer, self.sampler

@@ -22,6 +22,8 @@ from tinker_jax.service import grpc_codec as codec
 from tinker_jax.service.core import ServiceCore
 from tinker_jax.service.errors import FailedPrecondition, ServiceError
 from tinker_jax.service.limits import poll_threads
+from tinker_jax.service.logs import RequestEntry
+from tinker_jax.service.observer import OK, error_code
 from tinker_jax.v1 import tinker_pb2 as pb
 from tinker_jax.v1 import tinker_pb2_grpc
 
@@ -35,25 +37,39 @@ CHANNEL_OPTIONS = [
 
 
 def _rpc(method):
-    """Authenticates the caller, runs the method with its user id, maps errors to codes."""
+    """Authenticates the caller, runs the method with its user id, maps errors to codes; logs
+    the request's line (`logs.RequestEntry`, naming the future it submitted or polled) and
+    counts it (`core.observer`) before the answer leaves."""
 
     @functools.wraps(method)
     def wrapper(self: TinkerServicer, request, context: grpc.ServicerContext):
+        entry = RequestEntry(method.__name__, request_id=getattr(request, "request_id", "") or "-")
+        code = OK
         try:
             key = dict(context.invocation_metadata()).get("x-api-key")
             user = self.core.authenticate(key)
+            entry.user = self.core.user_name(user)
             if isinstance(request, Undecodable):
                 raise ValidationError("request", request.message)
-            return method(self, user, request)
+            response = method(self, user, request)
+            entry.request_id = getattr(response, "request_id", "") or entry.request_id
+            return response
         except ValidationError as e:
+            code = error_code(e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ServiceError as e:
+            code = error_code(e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError as e:
+            code = error_code(e)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the engine did not answer in time")
         except Exception as e:  # noqa: BLE001 - one bad call must not stop the server
+            code = error_code(e)
             log.error("%s failed: %s", method.__name__, traceback.format_exc())
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.core.observer.request("grpc", method.__name__, code)
+            entry.log(code)
 
     return wrapper
 

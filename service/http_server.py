@@ -33,7 +33,7 @@ import threading
 import traceback
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from google.protobuf.message import DecodeError
@@ -45,14 +45,20 @@ from starlette.routing import Route
 
 from tinker_jax import storage
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import external_weights, object_download
+from tinker_jax.service import external_weights, object_download, openai_http
 from tinker_jax.service import http_codec as codec
+from tinker_jax.service.auth import display_prefix, hash_key
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
 from tinker_jax.service.errors import ServiceError, SessionFinished
 from tinker_jax.service.limits import poll_threads
+from tinker_jax.service.logs import RequestEntry
+from tinker_jax.service.observer import OK, Observer, error_code
 from tinker_jax.service.paths import validate_name
 from tinker_jax.service.results import Failure, ForwardBackwardResult, Pending, SampleResult
 from tinker_jax.tinker_proto import tinker_public_pb2 as tp
+
+if TYPE_CHECKING:
+    from tinker_jax.service.metrics import Metrics
 
 log = logging.getLogger("tinker_jax.http")
 
@@ -165,11 +171,15 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
 
 
 class TinkerHTTP:
-    """The Starlette application over a service core; `app` is the ASGI callable."""
+    """The Starlette application over a service core; `app` is the ASGI callable. Every
+    request is logged (`logs.RequestEntry`) and counted by `metrics`, which `GET /metrics`
+    serves (`service.metrics.Metrics`; None: no metrics, 404)."""
 
-    def __init__(self, core: ServiceCore, max_body_bytes: int):
+    def __init__(self, core: ServiceCore, max_body_bytes: int, metrics: Metrics | None = None):
         self.core = core
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.observer = metrics or Observer()
         self.pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="tinker-http")
         # Long-polls hold a thread each for up to MAX_LONG_POLL_SECONDS: their own (lazily
         # grown) pool, so that waiting clients never delay submissions.
@@ -179,6 +189,7 @@ class TinkerHTTP:
         v1 = "/api/v1"
         ckpt = v1 + "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}"
         routes = [
+            Route("/metrics", self._metrics, methods=["GET"]),
             Route(v1 + "/healthz", self._healthz, methods=["GET"]),
             self._route("/client/config", self.client_config),
             self._route("/client/dynamic_config", self.dynamic_config),
@@ -210,6 +221,12 @@ class TinkerHTTP:
             self._route("/sessions/{session_id}/trace_export", self.trace_export, "GET"),
             # A signed trace URL: no API key, the signature is the permission.
             Route(v1 + "/session_traces/{session_id}", self._trace, methods=["GET"]),
+            self._route("/auth/apikey/me", self.api_key_me, "GET"),
+            # AdminClient's (`tinker billing`): a self-hosted server bills nobody, but tells
+            # the storage its checkpoints take.
+            self._route("/billing/usage/events", self.unsupported("billing"), "GET"),
+            self._route("/billing/usage/checkpoints/current", self.checkpoint_storage, "GET"),
+            self._route("/audit", self.unsupported("audit logs"), "GET"),
             self._route("/checkpoints", self.list_user_checkpoints, "GET"),
             self._route("/training_runs", self.list_training_runs, "GET"),
             self._route("/training_runs/{run_id}", self.get_training_run, "GET"),
@@ -239,6 +256,17 @@ class TinkerHTTP:
         routes += [
             self._route("/" + path, self.unsupported(what)) for path, what in UNSUPPORTED.items()
         ]
+        # OpenAI-compatible inference: answers wait for the sampler, so on the long-poll pool.
+        openai = openai_http.OpenAIRoutes(core).handlers()
+        routes += [
+            Route(
+                prefix + path,
+                self._wrap(handler, pool=self.poll_pool, errors=openai_http.error_response),
+                methods=[method],
+            )
+            for prefix in openai_http.PREFIXES
+            for path, method, handler in openai
+        ]
         self.app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},
@@ -255,28 +283,52 @@ class TinkerHTTP:
     ):
         return Route("/api/v1" + path, self._wrap(handler, body, pool), methods=[method])
 
-    def _wrap(self, handler: Callable[[Call], Any], body: str = "json", pool=None):
+    def _wrap(
+        self,
+        handler: Callable[[Call], Any],
+        body: str = "json",
+        pool=None,
+        errors: Callable[[Exception, Response], Response] | None = None,
+    ):
         """An async endpoint: authenticate, read the (still compressed) body, then decode it
         and run the handler on the pool; the handler's dict becomes a JSON response, errors
-        become status codes. The key is checked before the body is read, so a caller without
-        one costs nothing but the lookup; decompressing and parsing run on the pool, so a large
-        body never holds the event loop that answers everyone else."""
+        become status codes (rewritten by `errors` for another API's error shape). The key is
+        checked before the body is read, so a caller without one costs nothing but the lookup;
+        decompressing and parsing run on the pool, so a large body never holds the event loop
+        that answers everyone else."""
+
+        operation = handler.__name__
 
         async def endpoint(request: Request) -> Response:
+            entry = RequestEntry(operation)
             try:
                 loop = asyncio.get_running_loop()
                 key = request.headers.get("x-api-key") or _bearer(request)
-                user = await loop.run_in_executor(pool or self.pool, self.core.authenticate, key)
+                user = await loop.run_in_executor(pool or self.pool, self._identify, key, entry)
                 chunks = await self._read_body(request)
                 result = await loop.run_in_executor(
                     pool or self.pool,
-                    functools.partial(self._run, handler, user, request, chunks, body),
+                    functools.partial(self._run, handler, user, request, chunks, body, entry),
                 )
             except Exception as e:  # noqa: BLE001 - every failure becomes a response
-                return self._failure(e, request)
-            return result if isinstance(result, Response) else _json(result)
+                response = self._failure(e, request)
+                response = errors(e, response) if errors else response
+                code = "INVALID_ARGUMENT" if isinstance(e, ProtocolError) else error_code(e)
+            else:
+                response = result if isinstance(result, Response) else _json(result)
+                code = OK
+            # Counted before the answer leaves: a client that has it finds it in the metrics.
+            self.observer.request("http", operation, code)
+            entry.log(code, response.status_code)
+            return response
 
         return endpoint
+
+    def _identify(self, key: str | None, entry: RequestEntry) -> str:
+        """On a pool thread: the key's user id, whose name the request's log line shows."""
+        user = self.core.authenticate(key)
+        entry.user = self.core.user_name(user)
+        return user
 
     def _run(
         self,
@@ -285,14 +337,25 @@ class TinkerHTTP:
         request: Request,
         chunks: list[bytes],
         body: str,
+        entry: RequestEntry,
     ) -> Any:
-        """On a pool thread: decompresses and parses the body, then runs the handler."""
+        """On a pool thread: decompresses and parses the body, then runs the handler. The
+        request's log line names the future it submitted or polled, else the client's
+        idempotency key."""
+        entry.request_id = request.headers.get("x-idempotency-key", "-")
         raw = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity") and raw:
             raw = _decompress(raw, encoding, self.max_body_bytes)
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        return handler(Call(user, request, _parse(raw, content_type, body), content_type))
+        call = Call(user, request, _parse(raw, content_type, body), content_type)
+        polled = call.fields.value.get("request_id")
+        if isinstance(polled, str):
+            entry.request_id = polled
+        result = handler(call)
+        if isinstance(result, dict) and isinstance(result.get("request_id"), str):
+            entry.request_id = result["request_id"]
+        return result
 
     async def _read_body(self, request: Request) -> list[bytes]:
         """The body as received (still compressed, not joined: that is left to the pool),
@@ -327,6 +390,23 @@ class TinkerHTTP:
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
+    async def _metrics(self, request: Request) -> Response:
+        """Prometheus's scrape (`service.metrics`). It takes any user's API key (X-API-Key,
+        or `Authorization: Bearer`, as Prometheus sends one): the metrics are server-wide
+        totals that name no user, run or checkpoint. `metrics_without_key` (an operator's
+        setting, for a scraper on a trusted network) serves it without one."""
+        if self.metrics is None:
+            return _error(404, "this server keeps no metrics")
+        try:
+            loop = asyncio.get_running_loop()
+            if not self.core.config.metrics_without_key:
+                key = request.headers.get("x-api-key") or _bearer(request)
+                await loop.run_in_executor(self.pool, self.core.authenticate, key)
+            text, content_type = await loop.run_in_executor(self.pool, self.metrics.exposition)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a response
+            return self._failure(e, request)
+        return Response(text, headers={"content-type": content_type})
+
     async def _healthz(self, request: Request) -> Response:
         """200 while every engine can serve; 503 naming what cannot (a stopped engine thread),
         so a load balancer or an operator sees a server that accepts work it cannot do."""
@@ -336,6 +416,22 @@ class TinkerHTTP:
         return _json({"status": "ok"})
 
     # ------------------------------------------------------------------ sessions
+
+    def api_key_me(self, call: Call):
+        """`tinker auth login`'s check of a pasted key: its public description. The key's
+        name is its non-secret prefix (as `tinker-jax keys list` shows it), its number one the
+        CLI files it under (from the key's hash), the user's name stands for the e-mail address
+        this server does not know, and the server for the organization."""
+        key = call.request.headers.get("x-api-key") or _bearer(call.request) or ""
+        return {
+            "key_id": int(hash_key(key)[:12], 16),
+            "name": display_prefix(key),
+            "note": "",
+            "details": {
+                "org_details": {"name": "tinker-jax"},
+                "user_details": {"email": self.core.user_name(call.user)},
+            },
+        }
 
     def client_config(self, call: Call):
         return CLIENT_CONFIG
@@ -666,6 +762,7 @@ class TinkerHTTP:
         session_id = request.path_params["session_id"]
         return await self._signed(
             request,
+            "session_trace",
             functools.partial(self.core.session_trace, session_id),
             lambda trace: Response(trace, media_type="application/json"),
         )
@@ -713,6 +810,25 @@ class TinkerHTTP:
     def _tinker_path(call: Call) -> str:
         return f"tinker://{call.path('run_id')}/{call.path('checkpoint_id')}"
 
+    def checkpoint_storage(self, call: Call):
+        """`tinker billing checkpoint-storage`: the caller's checkpoints per project, with
+        costs and rates null (this server bills nobody)."""
+        name = self.core.user_name(call.user)
+        return {
+            "effective_rate_usd_per_gigabyte_month": None,
+            "data": [
+                {
+                    "project_id": u.project_id,
+                    "user_name": name,
+                    "checkpoint_count": u.checkpoints,
+                    "size_bytes": u.size_bytes,
+                    "size_gigabytes": u.size_bytes / 1e9,
+                    "estimated_monthly_cost_usd": None,
+                }
+                for u in self.core.checkpoint_usage(call.user, call.query("project_id"))
+            ],
+        }
+
     def delete_checkpoint(self, call: Call):
         self.core.delete_checkpoint(call.user, self._tinker_path(call))
         return {}
@@ -744,6 +860,7 @@ class TinkerHTTP:
         name = p["file"].rsplit("/", 1)[-1]
         return await self._signed(
             request,
+            "external_weights_file",
             functools.partial(
                 self.core.external_weights_file,
                 f"tinker://{p['run_id']}/external_weights/{p['name']}",
@@ -763,24 +880,33 @@ class TinkerHTTP:
     async def _signed(
         self,
         request: Request,
+        operation: str,
         fetch: Callable[[int, str], Any],
         respond: Callable[[Any], Response],
     ) -> Response:
         """A download by signed URL (no API key): `fetch(expires, signature)` runs on the
-        pool and checks the URL's query; an altered or expired one gets 403."""
+        pool and checks the URL's query; an altered or expired one gets 403. Logged and
+        counted as `operation`, without a user (the signature is the permission)."""
+        entry = RequestEntry(operation)
         q = request.query_params
         try:
             expires = int(q.get("expires", ""))
         except ValueError:
-            return _error(400, "expires: expected an integer (unix seconds)")
-        try:
-            loop = asyncio.get_running_loop()
-            value = await loop.run_in_executor(self.pool, fetch, expires, q.get("signature", ""))
-        except ValidationError as e:
-            return _error(403, str(e))
-        except Exception as e:  # noqa: BLE001 - every failure becomes a response
-            return self._failure(e, request)
-        return respond(value)
+            response = _error(400, "expires: expected an integer (unix seconds)")
+            code = "INVALID_ARGUMENT"
+        else:
+            try:
+                loop = asyncio.get_running_loop()
+                signature = q.get("signature", "")
+                value = await loop.run_in_executor(self.pool, fetch, expires, signature)
+                response, code = respond(value), OK
+            except ValidationError as e:
+                response, code = _error(403, str(e)), "PERMISSION_DENIED"
+            except Exception as e:  # noqa: BLE001 - every failure becomes a response
+                response, code = self._failure(e, request), error_code(e)
+        self.observer.request("http", operation, code)
+        entry.log(code, response.status_code)
+        return response
 
     def save_weights_external(self, call: Call):
         """The run's adapter as a PEFT folder, `tinker://<run>/external_weights/<path>`."""
@@ -839,10 +965,10 @@ class TinkerHTTP:
 
     @staticmethod
     def unsupported(what: str) -> Callable[[Call], Any]:
-        def handler(call: Call):
+        def unsupported(call: Call):
             raise ValidationError(call.request.url.path, f"{what} is not supported by this server")
 
-        return handler
+        return unsupported
 
 
 def _bearer(request: Request) -> str | None:
@@ -976,8 +1102,15 @@ def _bounded(chunks: Iterable[bytes], limit: int) -> bytes:
 class HTTPServer:
     """uvicorn serving the app on its own thread and event loop; `port` is the bound port."""
 
-    def __init__(self, core: ServiceCore, host: str, port: int, max_body_bytes: int):
-        self.tinker = TinkerHTTP(core, max_body_bytes)
+    def __init__(
+        self,
+        core: ServiceCore,
+        host: str,
+        port: int,
+        max_body_bytes: int,
+        metrics: Metrics | None = None,
+    ):
+        self.tinker = TinkerHTTP(core, max_body_bytes, metrics)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

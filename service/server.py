@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+import jax
+
 from tinker_jax.distributed import MessageStream, is_multiprocess
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.core import ServiceCore
@@ -23,6 +25,7 @@ from tinker_jax.service.engine import (
     publish_stop,
 )
 from tinker_jax.service.grpc_server import start_grpc
+from tinker_jax.service.metrics import Metrics, count_compilations
 from tinker_jax.service.store import Store
 from tinker_jax.service.worker import EngineWorker
 
@@ -32,8 +35,6 @@ log = logging.getLogger("tinker_jax.server")
 def _plan_memory(config: ServerConfig) -> None:
     """Logs each base model's per-device memory plan and refuses, before anything is loaded,
     a configuration that cannot fit the accelerator (no limit is known on CPU)."""
-    import jax
-
     from tinker_jax.memory import DTYPES, check_fits, device_memory_bytes, plan_memory
     from tinker_jax.models.config import load_config
     from tinker_jax.models.decoder import auto_attention_kernel
@@ -42,7 +43,7 @@ def _plan_memory(config: ServerConfig) -> None:
     limit, planned = device_memory_bytes(jax.local_devices()[0]), 0
     attention = config.attention
     if attention == "auto":
-        attention = auto_attention_kernel(DTYPES[config.dtype])
+        attention = auto_attention_kernel(DTYPES[config.dtype], config.mesh.get("sequence", 1))
     for name in config.base_models:
         plan = plan_memory(
             load_config(resolve_model_dir(name)),
@@ -53,6 +54,7 @@ def _plan_memory(config: ServerConfig) -> None:
             max_lora_rank=config.max_lora_rank,
             sampler_slots=config.sampler_slots,
             sampler_rows=config.sampler_rows,
+            prefix_cache_share=config.prefix_cache_share,
             max_seq_len=config.max_seq_len,
             train_batch_tokens=step_tokens(config),
             attention=attention,
@@ -75,6 +77,7 @@ def _engine_settings(config: ServerConfig) -> EngineSettings:
         max_lora_rank=config.max_lora_rank,
         sampler_slots=config.sampler_slots,
         sampler_rows=config.sampler_rows,
+        prefix_cache_share=config.prefix_cache_share,
         max_seq_len=config.max_seq_len,
         mesh=config.mesh,
         dtype=config.dtype,
@@ -109,6 +112,7 @@ class Server:
         config.storage.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.storage)
         settings = _engine_settings(config)
+        count_compilations()  # before the engines compile anything
         _plan_memory(config)
         # Multi-host: every engine call is published to the other processes before it runs.
         self.stream = MessageStream() if is_multiprocess() else None
@@ -118,13 +122,18 @@ class Server:
         for name in config.base_models:
             log.info("loading %s", name)
             self.workers[name] = EngineWorker(name, settings, self.stream)
-        self.core = ServiceCore(config, self.store, self.workers)
+        self.metrics = Metrics(self.workers, jax.local_devices)
+        self.core = ServiceCore(config, self.store, self.workers, self.metrics)
         self.http = None
         if config.http_port is not None:
             from tinker_jax.service.http_server import HTTPServer
 
             self.http = HTTPServer(
-                self.core, config.host, config.http_port, config.http_max_body_bytes
+                self.core,
+                config.host,
+                config.http_port,
+                config.http_max_body_bytes,
+                self.metrics,
             )
         # After HTTP: the gRPC front end's download URLs name its port.
         self.grpc, self.port = start_grpc(self.core, config.host, config.port, self.http_port)

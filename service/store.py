@@ -1021,6 +1021,25 @@ class Store:
         rows, total = self._page("checkpoints", where, filters, limit, offset)
         return [_from_row(CheckpointRecord, row) for row in rows], total
 
+    def checkpoint_usage(
+        self, owner: str, project_id: str | None = None, now: float | None = None
+    ) -> list[tuple[str | None, int, int]]:
+        """(project, count, bytes) of `owner`'s unexpired checkpoints per project of the
+        session that made their run (None: no project), by project; only `project_id`'s when
+        given."""
+        sql = (
+            "SELECT s.project_id AS project_id, COUNT(*) AS n, SUM(c.size_bytes) AS size"
+            " FROM checkpoints AS c JOIN runs AS r ON r.run_id = c.run_id"
+            " LEFT JOIN sessions AS s ON s.session_id = r.session_id"
+            " WHERE c.owner = ? AND (c.expires_at IS NULL OR c.expires_at > ?)"
+        )
+        params: list[Any] = [owner, time.time() if now is None else now]
+        if project_id is not None:
+            sql += " AND s.project_id = ?"
+            params.append(project_id)
+        sql += " GROUP BY s.project_id ORDER BY s.project_id"
+        return [(row["project_id"], row["n"], row["size"]) for row in self._rows(sql, *params)]
+
     def delete_checkpoint(self, tinker_path: str) -> None:
         """Forgets a checkpoint (its files are the caller's to remove); no-op if unknown, so a
         user's delete and the expiry sweep may race harmlessly."""

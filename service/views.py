@@ -47,6 +47,16 @@ class TrainingRun:
 
 
 @dataclasses.dataclass(frozen=True)
+class StorageUsage:
+    """The checkpoints of one user in one project (None: sessions in no project) that have
+    not expired: how many, and their bytes."""
+
+    project_id: str | None
+    checkpoints: int
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Session:
     training_run_ids: list[str]
     sampler_ids: list[str]

@@ -314,6 +314,11 @@ class EngineWorker:
         with self._cond:
             return run_id in self._runs
 
+    def live(self) -> tuple[int, int]:
+        """The training runs loaded here and the sampling sessions open here (for metrics)."""
+        with self._cond:
+            return len(self._runs), sum(not s.closing for s in self._samplers.values())
+
     def has_sampler(self, sampler_id: str) -> bool:
         """Whether the sampler is open here (not after a restart or its session's end)."""
         sampler = self._samplers.get(sampler_id)
@@ -589,8 +594,11 @@ class EngineWorker:
         sampler slot. Only the first computes prompt logprobs, target logprobs and alternative
         draws. A seeded request's later chunks draw from seeds derived from (seed, start), so
         its samples stay distinct and reproducible."""
+        # Each sampling client caches its prompts' prefixes apart from every other's.
         request = dataclasses.replace(
-            op.request.request, slot=self._sampler_slot(op.sampler_id, op.user)
+            op.request.request,
+            slot=self._sampler_slot(op.sampler_id, op.user),
+            cache_namespace=op.sampler_id,
         )
         if chunk.count != request.num_samples:
             params = request.params
@@ -603,6 +611,7 @@ class EngineWorker:
                 num_samples=chunk.count,
                 params=params,
                 include_prompt_logprobs=request.include_prompt_logprobs and first,
+                prompt_logprobs_last_n=request.prompt_logprobs_last_n if first else None,
                 topk_prompt_logprobs=request.topk_prompt_logprobs if first else 0,
                 target_prompt_logprobs=request.target_prompt_logprobs if first else None,
                 prompt_alt_tokens_k=request.prompt_alt_tokens_k if first else 0,

@@ -88,8 +88,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Each message as "role: content" on its own line, then "assistant:" for the reply: a chat
+# template as small as a chat model's, for the OpenAI-compatible endpoint's chat route.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def make_tokenizer(vocab_size: int):
-    """A BPE tokenizer trained on the spot, wrapped as a transformers fast tokenizer."""
+    """A BPE tokenizer trained on the spot, wrapped as a transformers fast tokenizer, with a
+    chat template (CHAT_TEMPLATE)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,7 +111,9 @@ def make_tokenizer(vocab_size: int):
     )
     text = ["the quick brown fox jumps over the lazy dog " * 4, "hello world, tinker jax " * 4]
     tok.train_from_iterator(text, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def save_hf_model(folder: Path, config: dict[str, Any], seed: int = 0) -> Path:

@@ -54,6 +54,9 @@ class _Core:
             raise Unauthenticated("missing or invalid API key (send it as x-api-key)")
         return "alice"
 
+    def user_name(self, user: str) -> str:
+        return user
+
     def health(self) -> str | None:
         return self.problem
 
