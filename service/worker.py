@@ -52,6 +52,8 @@ from tinker_jax.service.operations import (
 )
 from tinker_jax.service.scheduler import (
     Chunk,
+    QueueBounds,
+    RunOrder,
     SequenceAdmission,
     SlotHolder,
     TenantLimits,
@@ -83,16 +85,6 @@ class _Sampler:
     # The training run whose inflight target this sampler samples from (its slot is shared
     # with the run's other inflight samplers, and updated by each inflight save).
     inflight_of: str | None = None
-
-
-@dataclasses.dataclass
-class _Run:
-    slot: int
-    user: str = ""
-    next_seq: int = 1
-    pending: dict[int, Op] = dataclasses.field(default_factory=dict)
-    # When the run began waiting for a missing seq_id (None: nothing waits behind a gap).
-    gap_since: float | None = None
 
 
 @dataclasses.dataclass
@@ -143,7 +135,7 @@ class EngineWorker:
         self.sampler = self.engine.sampler  # read-only uses: validation, has_work
         self.max_context = self.sampler.max_len
         self._clock = clock
-        self._runs: dict[str, _Run] = {}
+        self._order: RunOrder[Op] = RunOrder(base_model)
         self._samplers: dict[str, _Sampler] = {}
         self._uses = itertools.count()  # the clock of _Sampler.last_used
         self._unordered: collections.deque[Op] = collections.deque()
@@ -153,9 +145,7 @@ class EngineWorker:
             chunk=self.sampler.rows, capacity=2 * self.sampler.rows
         )
         self._in_flight: dict[int, tuple[_SampleJob, Chunk[_SampleJob]]] = {}  # by sampler id
-        self._held = 0  # places reserved and not released
-        self._user_held: collections.Counter[str] = collections.Counter()
-        self._user_sequences: collections.Counter[str] = collections.Counter()
+        self._bounds = QueueBounds(base_model, settings.max_queue)
         self._cond = threading.Condition()
         self._stop = False
         # The executor of each operation type: unordered ones, and a run's ordered ones
@@ -186,29 +176,8 @@ class EngineWorker:
         (max_queue), the user's operations queued or in flight (max_queued_per_user), the
         user's sampled sequences queued or in flight (`sequences` more:
         max_sequences_in_flight_per_user). The place is held until `Place.release`."""
-        limits = self.limits
         with self._cond:
-            if self._held >= self.settings.max_queue:
-                raise ResourceExhausted(
-                    f"the queue of {self.base_model} holds "
-                    f"{self.settings.max_queue} operations (max_queue); retry shortly"
-                )
-            if self._user_held[user] >= limits.max_queued_per_user:
-                raise ResourceExhausted(
-                    f"you have {self._user_held[user]} operations queued or in flight on "
-                    f"{self.base_model}, the most allowed (max_queued_per_user = "
-                    f"{limits.max_queued_per_user}); wait for some to finish"
-                )
-            if self._user_sequences[user] + sequences > limits.max_sequences_in_flight_per_user:
-                raise ResourceExhausted(
-                    f"{sequences} more sampled sequences would put yours queued or in flight on "
-                    f"{self.base_model} at {self._user_sequences[user] + sequences}, above "
-                    "max_sequences_in_flight_per_user = "
-                    f"{limits.max_sequences_in_flight_per_user}; wait for some to finish"
-                )
-            self._held += 1
-            self._user_held[user] += 1
-            self._user_sequences[user] += sequences
+            self._bounds.take(user, sequences, self.limits)
         return Place(self, user, sequences)
 
     def _give_back(self, place: Place) -> None:
@@ -216,17 +185,12 @@ class EngineWorker:
             if not place._held:
                 return
             place._held = False
-            self._held -= 1
-            self._user_held[place.user] -= 1
-            self._user_sequences[place.user] -= place.sequences
-            for counter in (self._user_held, self._user_sequences):
-                if counter[place.user] <= 0:
-                    del counter[place.user]
+            self._bounds.give_back(place.user, place.sequences)
 
     def held(self, user: str | None = None) -> int:
         """Places held: all of them, or `user`'s."""
         with self._cond:
-            return self._held if user is None else self._user_held[user]
+            return self._bounds.held if user is None else self._bounds.held_by(user)
 
     def submit(self, op: Op) -> None:
         """Queues an operation that does not belong to a run's ordered stream (after
@@ -239,48 +203,14 @@ class EngineWorker:
         """Refuses a seq_id this run has used or cannot reach, and one that would wait behind
         a missing seq_id when `max_parked_per_run` operations already do."""
         with self._cond:
-            self._check_seq(run_id, seq_id)
-
-    def _check_seq(self, run_id: str, seq_id: int) -> _Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            raise ValidationError(
-                "model_id", f"training run {run_id} is not loaded on {self.base_model}"
-            )
-        if seq_id < run.next_seq or seq_id in run.pending:
-            raise ValidationError(
-                "seq_id", f"{seq_id} was already used by this run (next expected: {run.next_seq})"
-            )
-        if seq_id > run.next_seq + 4096:
-            raise ValidationError("seq_id", f"{seq_id} is too far ahead of {run.next_seq}")
-        missing = run.next_seq
-        while missing in run.pending:
-            missing += 1
-        parked = sum(s > missing for s in run.pending)
-        if seq_id > missing and parked >= self.limits.max_parked_per_run:
-            raise ResourceExhausted(
-                f"{parked} operations of training run {run_id} already wait for its seq_id "
-                f"{missing} (max_parked_per_run = {self.limits.max_parked_per_run}); send "
-                f"seq_id {missing} first"
-            )
-        return run
+            self._order.check(run_id, seq_id, self.limits)
 
     def submit_run_op(self, run_id: str, seq_id: int, op: Op) -> None:
         """Queues a run's operation (after `reserve`); it executes after every lower seq_id
         of the run."""
         with self._cond:
-            run = self._check_seq(run_id, seq_id)
-            run.pending[seq_id] = op
-            self._note_gap(run, progressed=False)
+            self._order.put(run_id, seq_id, op, self.limits, self._clock())
             self._cond.notify()
-
-    def _note_gap(self, run: _Run, progressed: bool) -> None:
-        """Starts (or, after progress, restarts) the gap timer of a run whose next seq_id is
-        missing while later ones wait; stops it when nothing waits behind a gap."""
-        if not run.pending or run.next_seq in run.pending:
-            run.gap_since = None
-        elif progressed or run.gap_since is None:
-            run.gap_since = self._clock()
 
     def expire_parked(self, now: float | None = None) -> int:
         """Fails the operations of every run whose missing seq_id has not arrived within
@@ -288,36 +218,27 @@ class EngineWorker:
         it carries on with new seq_ids. Returns how many operations failed."""
         now = self._clock() if now is None else now
         timeout = self.limits.parked_timeout_seconds
-        expired: list[tuple[str, int, int, list[Op]]] = []
         with self._cond:
-            for run_id, run in self._runs.items():
-                if run.gap_since is None or now - run.gap_since < timeout:
-                    continue
-                missing = run.next_seq
-                ops = [op for _, op in sorted(run.pending.items())]
-                run.next_seq = max(run.pending) + 1
-                run.pending.clear()
-                run.gap_since = None
-                expired.append((run_id, missing, run.next_seq, ops))
-        for run_id, missing, next_seq, ops in expired:
+            expired = self._order.expire(now, timeout)
+        for e in expired:
             error = ValidationError(
                 "seq_id",
-                f"seq_id {missing} of training run {run_id} did not arrive within "
-                f"{timeout:g} s (parked_timeout_seconds); the {len(ops)} operations waiting "
-                f"for it failed, and the run continues from seq_id {next_seq}",
+                f"seq_id {e.missing} of training run {e.run_id} did not arrive within "
+                f"{timeout:g} s (parked_timeout_seconds); the {len(e.ops)} operations waiting "
+                f"for it failed, and the run continues from seq_id {e.next_seq}",
             )
-            for op in ops:
+            for op in e.ops:
                 self._fail(op, error)
-        return sum(len(ops) for *_, ops in expired)
+        return sum(len(e.ops) for e in expired)
 
     def has_run(self, run_id: str) -> bool:
         with self._cond:
-            return run_id in self._runs
+            return run_id in self._order.runs
 
     def live(self) -> tuple[int, int]:
         """The training runs loaded here and the sampling sessions open here (for metrics)."""
         with self._cond:
-            return len(self._runs), sum(not s.closing for s in self._samplers.values())
+            return len(self._order.runs), sum(not s.closing for s in self._samplers.values())
 
     def has_sampler(self, sampler_id: str) -> bool:
         """Whether the sampler is open here (not after a restart or its session's end)."""
@@ -331,12 +252,12 @@ class EngineWorker:
         failing the run later."""
         with self._cond:
             queued = [op for op in self._unordered if isinstance(op, (CreateRun, LoadRun))]
-            if len(self._runs) + len(queued) >= self.settings.max_adapters:
+            if len(self._order.runs) + len(queued) >= self.settings.max_adapters:
                 raise ResourceExhausted(
                     f"all {self.settings.max_adapters} adapter slots of {self.base_model} are "
                     "in use (max_adapters); retry when a session finishes or expires"
                 )
-            mine = sum(r.user == user for r in self._runs.values())
+            mine = sum(r.user == user for r in self._order.runs.values())
             mine += sum(op.user == user for op in queued)
             if mine >= self.limits.max_runs_per_user:
                 raise ResourceExhausted(
@@ -415,13 +336,7 @@ class EngineWorker:
                 return False
             unordered = list(self._unordered)
             self._unordered.clear()
-            ready = []
-            for run_id, run in self._runs.items():
-                op = run.pending.pop(run.next_seq, None)
-                if op is not None:
-                    run.next_seq += 1
-                    self._note_gap(run, progressed=True)
-                    ready.append((run_id, op))
+            ready = self._order.take_ready(self._clock())
         for op in unordered:
             self._guard(op, self._execute_unordered, op)
         self._execute_ready(ready)
@@ -431,7 +346,7 @@ class EngineWorker:
         return True
 
     def _has_ready(self) -> bool:
-        return bool(self._unordered) or any(r.next_seq in r.pending for r in self._runs.values())
+        return bool(self._unordered) or self._order.has_ready()
 
     def _guard(self, op: Op | None, fn: Callable, *args) -> None:
         """Runs fn; a failure fails the op (user errors as such) and never the thread."""
@@ -473,13 +388,13 @@ class EngineWorker:
     def _create_run(self, op: CreateRun) -> None:
         slot = self.engine.call(calls.CreateSlot(op.lora, op.optimizer))
         with self._cond:
-            self._runs[op.run_id] = _Run(slot, op.user)
+            self._order.add(op.run_id, slot, op.user)
         self._done(op, slot)
 
     def _load_run(self, op: LoadRun) -> None:
         slot, state = self.engine.call(calls.LoadSlot(op.location, op.with_optimizer, op.optimizer))
         with self._cond:
-            self._runs[op.run_id] = _Run(slot, op.user)
+            self._order.add(op.run_id, slot, op.user)
         self._done(op, state)
 
     def _open_sampler(self, op: OpenSampler) -> None:
@@ -500,21 +415,22 @@ class EngineWorker:
     def _execute_ready(self, ready: list[tuple[str, Op]]) -> None:
         groups: dict[tuple[str, bool], list[tuple[str, ForwardBackward]]] = {}
         for run_id, op in ready:
-            if run_id not in self._runs:  # its session ended in this tick's release
+            if run_id not in self._order.runs:  # its session ended in this tick's release
                 self._fail(op, ValidationError("model_id", f"training run {run_id} ended"))
             elif isinstance(op, ForwardBackward):
                 groups.setdefault((op.loss_fn, op.forward_only), []).append((run_id, op))
         for (loss_fn, forward_only), items in groups.items():
             self._guard_group(items, loss_fn, forward_only)
+        runs = self._order.runs
         for run_id, op in ready:
-            if run_id in self._runs and not isinstance(op, ForwardBackward):
-                self._guard(op, self._run_executors[type(op)], self._runs[run_id].slot, run_id, op)
+            if run_id in runs and not isinstance(op, ForwardBackward):
+                self._guard(op, self._run_executors[type(op)], runs[run_id].slot, run_id, op)
 
     def _guard_group(self, items, loss_fn: str, forward_only: bool) -> None:
         """One engine call for the group; if it fails, each op runs alone so that only the
         failing one fails."""
         runs = [
-            RunBatch(self._runs[run_id].slot, op.data, op.loss_fn_config, checked=True)
+            RunBatch(self._order.runs[run_id].slot, op.data, op.loss_fn_config, checked=True)
             for run_id, op in items
         ]
         if len(items) > 1:
@@ -549,7 +465,7 @@ class EngineWorker:
     def _load_into_run(self, slot: int, run_id: str, op: LoadIntoRun) -> None:
         new_slot, state = self.engine.call(calls.ReplaceSlot(slot, op.location, op.with_optimizer))
         with self._cond:
-            self._runs[run_id].slot = new_slot
+            self._order.runs[run_id].slot = new_slot
         self._done(op, state)
 
     def _snapshot_for_sampler(self, slot: int, run_id: str, op: SnapshotForSampler) -> None:
@@ -746,7 +662,7 @@ class EngineWorker:
             slots = []
             with self._cond:
                 for run_id in run_ids:
-                    run = self._runs.pop(run_id, None)
+                    run = self._order.remove(run_id)
                     if run is not None:
                         slots.append(run.slot)
                         dropped += [(run_id, s, op) for s, op in sorted(run.pending.items())]
