@@ -66,18 +66,27 @@ def _loss_and_grads(trainer, runs, loss_fn, fused):
 
 
 @pytest.fixture(scope="module")
-def trained(request, hf_model_dir):
-    """A trainer on config `request.param` ("qwen3": untied head, "llama": tied) with two
-    slots of different ranks, each trained one step."""
-    trainer = make_trainer(hf_model_dir(request.param), slots=3, max_rank=8, logprob_chunk=8)
-    rng = np.random.default_rng(0)
-    slots = []
-    for seed, rank in ((1, 4), (2, 8)):  # one step each, so every B (lm head's too) is non-zero
-        slot = trainer.create_slot(LoraConfig(rank=rank, seed=seed))
-        trainer.forward_backward([RunBatch(slot, [sft_datum(rng, 24, VOCAB)])], "cross_entropy")
-        trainer.optim_step(slot, AdamParams(learning_rate=0.05))
-        slots.append(slot)
-    return trainer, slots
+def trained(hf_model_dir):
+    """A function: config name ("qwen3": untied head, "llama": tied) -> a trainer with two
+    slots of different ranks, each trained one step (made once per config: a parametrization
+    over both the config and the case would rebuild it for every case)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            trainer = make_trainer(hf_model_dir(name), slots=3, max_rank=8, logprob_chunk=8)
+            rng = np.random.default_rng(0)
+            slots = []
+            for seed, rank in ((1, 4), (2, 8)):  # one step each: every B (lm head's) non-zero
+                slot = trainer.create_slot(LoraConfig(rank=rank, seed=seed))
+                batch = [RunBatch(slot, [sft_datum(rng, 24, VOCAB)])]
+                trainer.forward_backward(batch, "cross_entropy")
+                trainer.optim_step(slot, AdamParams(learning_rate=0.05))
+                slots.append(slot)
+            made[name] = trainer, slots
+        return made[name]
+
+    return get
 
 
 CASES = {
@@ -94,10 +103,10 @@ CASES = {
 PARAMS = [("qwen3", case) for case in CASES] + [("llama", "cross_entropy"), ("llama", "ppo")]
 
 
-@pytest.mark.parametrize("trained, case", PARAMS, indirect=["trained"])
-def test_fused_gradients_equal_autodiff(trained, case):
+@pytest.mark.parametrize("model, case", PARAMS)
+def test_fused_gradients_equal_autodiff(trained, model, case):
     loss_fn, config, make = CASES[case]
-    trainer, (s1, s2) = trained
+    trainer, (s1, s2) = trained(model)
     rng = np.random.default_rng(3)
     runs = [
         RunBatch(s1, [make(rng, 21), make(rng, 30)], config),
