@@ -9,7 +9,9 @@ forward_backward of a single datum (compilation), then `--steps` timed ones. Mem
 timed steps' peak resident memory above what the process held before them (Linux's VmHWM,
 reset through /proc/self/clear_refs), divided by the devices, since on CPU every device lives
 in the one process; a fresh process per case keeps the freed buffers of one case from hiding
-the next one's. Beside it, the memory plan's training-step estimate per device (`memory.py`).
+the next one's. Beside it, the memory plan's training-step estimate per device (`memory.py`),
+and the case's wall time (process start, compilation and every step: at 16k tokens on 2 CPU
+cores a case takes minutes, so the time is printed to plan a run).
 Then the plan's per-device table for Qwen3-8B at 32k and 128k tokens with each sequence over 8
 devices, and whether it fits a TPU v5p-16 slice (8 chips of 95 GiB) and 8 H200s
 (`--no-presets` to skip).
@@ -180,19 +182,23 @@ def main() -> None:
             f"{args.dtype}, chunked attention, one sequence per step, CPU"
         )
         header = (
-            f"{'tokens':>7} {'sequence':>8} {'tokens/s':>9} {'peak/device':>12} {'plan/device':>12}"
+            f"{'tokens':>7} {'sequence':>8} {'tokens/s':>9} {'peak/device':>12} "
+            f"{'plan/device':>12} {'case s':>7}"
         )
         print(header)
+        start = time.perf_counter()
         for length in args.lengths:
             for shards in args.shards:
+                case_start = time.perf_counter()
                 result = run_case(folder, shards, length)
                 plan = planned_step(cfg, args, shards, length)
                 print(
                     f"{length:>7} {shards:>8} {result['tokens_per_s']:>9.0f} "
                     f"{format_bytes(int(result['peak_per_device'])):>12} "
-                    f"{format_bytes(plan):>12}",
+                    f"{format_bytes(plan):>12} {time.perf_counter() - case_start:>7.0f}",
                     flush=True,
                 )
+        print(f"all cases: {time.perf_counter() - start:.0f} s")
     if not args.no_presets:
         print_presets()
 

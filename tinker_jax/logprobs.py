@@ -73,14 +73,16 @@ def prompt_draws(
     temperature: jax.Array,
     k: int,
     chunk: int,
+    offset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """k independent draws, with replacement, from softmax(logits / temperature) of the next
     token at every position, a chunk at a time (temperature 0: the argmax, k times).
 
     hidden: [batch, seq, embed]; keys: [batch] typed keys (position p draws from
-    fold_in(key, p)); temperature: [batch]. Returns (token ids [batch, seq, k] int32, their
-    logprobs [batch, seq, k] float32 under the model's own distribution, temperature 1, as
-    sampled-token logprobs are reported).
+    fold_in(key, p)); temperature: [batch]; offset: [batch] uint32, the position of each row's
+    first hidden state (a chunk of a long prompt; default 0). Returns (token ids
+    [batch, seq, k] int32, their logprobs [batch, seq, k] float32 under the model's own
+    distribution, temperature 1, as sampled-token logprobs are reported).
 
     Each draw inverts the cumulative distribution at a uniform point: one cumulative sum per
     position serves all k draws, where Gumbel-max would draw k x vocab noise values.
@@ -90,6 +92,7 @@ def prompt_draws(
     starts = jnp.arange(s // chunk, dtype=jnp.uint32) * chunk
     t = temperature.astype(jnp.float32)[:, None, None]
     greedy = t == 0
+    first = jnp.zeros(b, jnp.uint32) if offset is None else offset.astype(jnp.uint32)
 
     def one_chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h, start = xs
@@ -100,12 +103,12 @@ def prompt_draws(
         cdf = jnp.cumsum(probs, axis=-1)
         positions = start + jnp.arange(chunk, dtype=jnp.uint32)
 
-        def uniforms(key: jax.Array) -> jax.Array:
+        def uniforms(key: jax.Array, first: jax.Array) -> jax.Array:
             return jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p), (k,)))(
-                positions
+                first + positions
             )
 
-        u = jax.vmap(uniforms)(keys) * cdf[..., -1:]  # [batch, chunk, k]
+        u = jax.vmap(uniforms)(keys, first) * cdf[..., -1:]  # [batch, chunk, k]
         ids = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right")))(cdf, u)
         # Rounding can put a point at the very end: keep it on a token of positive probability.
         last = vocab - 1 - jnp.argmax((probs > 0)[..., ::-1], axis=-1)

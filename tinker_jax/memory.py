@@ -12,11 +12,15 @@ k experts per token (1 if dense), V vocabulary, r max LoRA rank, c bytes of the 
 B sequences of S positions per training step. Activations are per device: the `sequence`
 mesh axis splits each sequence's positions (`act_seq`), so it divides every term in S, except
 one layer's keys and values, which attention gathers whole (`models/sequence_parallel.py`).
+It splits the KV cache's positions too (`cache_len`), so the cache divides by it; the sampler
+prefills a long prompt a chunk at a time, so its working set grows with the chunk, not with
+the context, but for one layer's keys and values of the prompt so far, read whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -31,7 +35,7 @@ from tinker_jax.models.chunked_attention import BLOCK_K, BLOCK_Q
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.prefix_cache import PREFIX_BLOCK
-from tinker_jax.sampler import CACHE_AXES
+from tinker_jax.sampler import CACHE_AXES, PREFILL_CHUNK, STORE_AXES
 from tinker_jax.sharding import MESH_AXES, batch_multiple, logical_to_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -41,9 +45,11 @@ LOGPROB_CHUNK = 256  # the trainer's and sampler's default lm-head chunk
 # [B, H, S, S] fp32 arrays that the backward pass of one layer's attention holds, by kernel:
 # "einsum" the gradients of its saved weights and of the scores; "xla" (its softmax is
 # recomputed, not saved) the scores and softmax again and both their gradients; cuDNN's flash
-# attention works in tiles and holds none, nor does the "chunked" kernel (flash-style, on any
-# backend), whose [B, H, bq, bk] blocks are counted apart.
-ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0, "chunked": 0}
+# attention works in tiles and holds none, nor do the "chunked" kernel (flash-style, on any
+# backend) and the "pallas" one (its backward is chunked's), whose [B, H, bq, bk] blocks are
+# counted apart.
+ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0, "chunked": 0, "pallas": 0}
+FLASH_KERNELS = ("chunked", "pallas")  # per-layer log-sum-exp, no [S, S] term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,7 @@ class MemoryPlan:
     max_len: int  # the KV cache length (max_seq_len capped by the model's context)
     train_batch_tokens: int
     train_seq_len: int
+    prefill_chunk: int = PREFILL_CHUNK
 
     @property
     def persistent(self) -> int:
@@ -109,7 +116,8 @@ class MemoryPlan:
                 self.training_step,
             ),
             (
-                f"sampler prefill, estimate ({self.sampler_rows} x {self.max_len})",
+                f"sampler prefill, estimate ({self.sampler_rows} x {self.max_len}, chunks of "
+                f"{min(self.prefill_chunk, self.max_len)})",
                 self.sampler_prefill,
             ),
         ]
@@ -237,7 +245,7 @@ def training_step_terms(
     weights_axes = ("layers", "act_batch", "act_heads", "act_seq", None)
     qk_norm = int(cfg.qk_norm)
     saved = int(attention == "einsum")
-    chunked = int(attention == "chunked")
+    chunked = int(attention in FLASH_KERNELS)
     bq, bk = min(BLOCK_Q, S), min(BLOCK_K, S)
     gathered = 4 * (sequence_shards > 1)
     terms = [
@@ -297,10 +305,21 @@ def training_step_terms(
 
 
 def prefill_terms(
-    cfg: ModelConfig, rows: int, seq: int, rank: int, itemsize: int, attention: str = "einsum"
+    cfg: ModelConfig,
+    rows: int,
+    seq: int,
+    rank: int,
+    itemsize: int,
+    attention: str = "einsum",
+    prefill_chunk: int | None = None,
 ) -> list[Term]:
     """What one sampler prefill of `rows` prompts of `seq` positions holds (an estimate).
 
+    A prompt longer than `prefill_chunk` is prefilled a chunk at a time: S below is then the
+    chunk, and each chunk also holds one layer's keys and values of the prompt so far, read
+    from the cache whole (not split over `sequence`) and joined with the chunk's own
+    (4·B·seq·K·D·c), and the flash-style kernel's fp32 blocks of one (query block, key block)
+    pair (4·B·H·bq·bk·4) instead of any [S, seq] scores.
     Every layer's new keys and values (2·L·B·S·K·D·c, returned to be copied into the cache);
     one layer's attention at a time, except with a flash-style kernel (cuDNN, "chunked"):
     masked scores and softmax in fp32, weights cast back (B·H·S²·(8 + c)); the hidden states
@@ -316,12 +335,23 @@ def prefill_terms(
         cfg.vocab_size,
     )
     k, F, W = _dims(cfg)
-    B, S, c = rows, seq, itemsize
+    chunked = prefill_chunk is not None and seq > prefill_chunk
+    B, S, c = rows, (prefill_chunk if chunked else seq), itemsize
     chunk = chunk_size(S, LOGPROB_CHUNK)
     act = ("act_batch", "act_seq")
     weights_axes = ("act_batch", "act_heads", "act_seq", None)
-    quadratic = int(attention not in ("cudnn", "chunked"))
-    return [
+    quadratic = int(attention not in ("cudnn", *FLASH_KERNELS))
+    prefix = [
+        Term("prefix keys, values, one layer", (B, seq, K, D), ("act_batch", None), c, 4),
+        Term(
+            "prefix attention blocks (fp32)",
+            (B, H, min(BLOCK_Q, S), min(BLOCK_K, seq)),
+            ("act_batch", "act_heads", None, None),
+            4,
+            4,
+        ),
+    ]
+    return (prefix if chunked else []) + [
         Term("new keys, values", (cfg.num_layers, B, S, K, D), CACHE_AXES, c, 2),
         Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2 * quadratic),
         Term("attention weights", (B, H, S, S), weights_axes, c, quadratic),
@@ -332,6 +362,27 @@ def prefill_terms(
         Term("lora rows", (B, rank * W), ("act_batch", None), c),
         Term("lm-head chunk (fp32)", (B, chunk, V), (*act, "act_vocab"), 4, 2),
     ]
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(
+    cfg: ModelConfig, lora: LoRASpec, dtype: str
+) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
+    """(shape, itemsize, logical axes, is a LoRA array) of every parameter of the model,
+    from an abstract model (no memory). Cached: building even an abstract 36-layer model
+    traces every layer's initialisers (seconds), and plans differ mostly in other settings."""
+    abstract = nnx.eval_shape(
+        lambda: Transformer(cfg, lora=lora, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
+    )
+    return tuple(
+        (
+            tuple(var.shape),
+            jnp.dtype(var.dtype).itemsize,
+            tuple(var.get_metadata("logical_axes")),
+            isinstance(var, LoRAParam),
+        )
+        for _, var in nnx.to_flat_state(nnx.state(abstract))
+    )
 
 
 def plan_memory(
@@ -349,6 +400,7 @@ def plan_memory(
     train_seq_len: int | None = None,
     attention: str = "einsum",
     prefix_cache_share: float = 0.0,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> MemoryPlan:
     """Per-device bytes of a server for `cfg` under these settings (nothing is allocated).
 
@@ -357,7 +409,9 @@ def plan_memory(
     allowed, the worst case for attention), padded to the trainer's buckets. `attention` is
     the self-attention kernel (an ATTENTION_KERNELS name): what it keeps of the [batch, heads,
     seq, seq] scores is most of a long sequence's activations. The KV cache includes the
-    prefix cache's blocks (`prefix_cache_share` of its positions, as the sampler sizes it).
+    prefix cache's blocks (`prefix_cache_share` of its positions, as the sampler sizes it);
+    a mesh with a `sequence` axis splits it (`cache_len`). The sampler's prefill is sized for
+    prompts of the whole context, prefilled `prefill_chunk` positions at a time.
     """
     if dtype not in DTYPES:
         raise ValidationError("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
@@ -380,14 +434,10 @@ def plan_memory(
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
     jdtype = DTYPES[dtype]
     itemsize = jnp.dtype(jdtype).itemsize
-    lora = LoRASpec(max_adapters, max_lora_rank)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, lora=lora, dtype=jdtype, rngs=nnx.Rngs(0)))
-
     base = adapters = sampler_adapters = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract)):
-        axes = var.get_metadata("logical_axes")
-        shape, size = tuple(var.shape), jnp.dtype(var.dtype).itemsize
-        if not isinstance(var, LoRAParam):
+    lora = LoRASpec(max_adapters, max_lora_rank)
+    for shape, size, axes, is_lora in _parameters(cfg, lora, dtype):
+        if not is_lora:
             base += per_device_bytes(shape, axes, size, mesh)
             continue
         adapters += per_device_bytes(shape, axes, size, mesh)
@@ -403,7 +453,7 @@ def plan_memory(
     blocks = int(prefix_cache_share * sampler_rows * max_len) // PREFIX_BLOCK
     if blocks:
         store = (cfg.num_layers, blocks, PREFIX_BLOCK, cfg.num_kv_heads, cfg.head_dim)
-        kv_cache += 2 * per_device_bytes(store, CACHE_AXES, itemsize, mesh)
+        kv_cache += 2 * per_device_bytes(store, STORE_AXES, itemsize, mesh)
 
     multiple = batch_multiple(mesh)
     seq_len = train_seq_len or min(train_batch_tokens, max_len)
@@ -415,7 +465,15 @@ def plan_memory(
     )
     prefill_rows = batch_bucket(sampler_rows, multiple)
     prefill = _terms_bytes(
-        prefill_terms(cfg, prefill_rows, seq_bucket(max_len), max_lora_rank, itemsize, attention),
+        prefill_terms(
+            cfg,
+            prefill_rows,
+            seq_bucket(max_len),
+            max_lora_rank,
+            itemsize,
+            attention,
+            prefill_chunk,
+        ),
         mesh,
     )
     return MemoryPlan(
@@ -436,6 +494,7 @@ def plan_memory(
         max_len=max_len,
         train_batch_tokens=train_batch_tokens,
         train_seq_len=seq_len,
+        prefill_chunk=prefill_chunk,
     )
 
 
@@ -473,11 +532,14 @@ def check_fits(
         (
             plan.kv_cache,
             f"lower --sampler-rows (now {plan.sampler_rows}) or --max-seq-len (now "
-            f"{plan.max_len}): the KV cache takes {format_bytes(plan.kv_cache)}",
+            f"{plan.max_len}), or split the cache's positions over more devices (--mesh "
+            f"sequence=N, now {plan.mesh['sequence']}): the KV cache takes "
+            f"{format_bytes(plan.kv_cache)}",
         ),
         (
             work,
-            f"lower --max-seq-len (now {plan.max_len}) or the tokens per training step (now "
+            f"lower --max-seq-len (now {plan.max_len}), --prefill-chunk (now "
+            f"{plan.prefill_chunk}) or the tokens per training step (now "
             f"{plan.train_batch_tokens}), or split each sequence over more devices (--mesh "
             f"sequence=N, now {plan.mesh['sequence']}, divides the activations by N): the "
             f"largest working set (training step or sampler prefill, estimated) takes "

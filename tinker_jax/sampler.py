@@ -7,6 +7,9 @@ admits what fits, then runs up to `steps_per_call` decode steps for all rows in 
 `while_loop` that exits early when every row has stopped, or, while requests wait for rows,
 as soon as one row stops (so that the next call admits a waiting request into it). Rows of
 different requests may use different sampler adapters (or none): each row carries its slot.
+A prompt longer than `prefill_chunk` positions is prefilled a chunk at a time (`_prefill`), and
+on a mesh with a `sequence` axis the cache's positions are split over it (`CACHE_AXES`), so a
+long context needs neither its activations nor its cache whole on one device.
 
 Sampler weights live in the sampler's own stacked LoRA arrays, loaded from a snapshot of a
 training slot (or a checkpoint). They are immutable: nothing here writes a training slot, and
@@ -28,12 +31,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import token_ids
-from tinker_jax.buckets import batch_bucket, chunk_size, kv_bucket, seq_bucket
+from tinker_jax.buckets import MIN_SEQ_BUCKET, batch_bucket, chunk_size, kv_bucket, seq_bucket
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer
+from tinker_jax.models.sequence_parallel import CACHE_AXES
 from tinker_jax.prefix_cache import (
     PREFIX_BLOCK,
     PrefixIndex,
@@ -67,7 +71,12 @@ MAX_TARGET_PROMPT_LOGPROBS = 64  # columns of target_prompt_logprobs
 MAX_PROMPT_ALT_TOKENS = 64
 # Per request: the service names every sample, so an unbounded count is unbounded memory.
 MAX_NUM_SAMPLES = 4096
-CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
+# The prefix cache's blocks [layers, blocks, block, kv_heads, head_dim]: the cache's axes (the
+# blocks take the rows' place) but for the block's few positions, which stay whole.
+STORE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
+# Prompt positions one prefill call computes at most: a longer prompt is prefilled a chunk at
+# a time (`Sampler._prefill`).
+PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +253,44 @@ def _bucket_width(k: int, vocab: int) -> int:
     return 0 if k == 0 else min(1 << (k - 1).bit_length(), vocab)
 
 
+def check_prefill_chunk(chunk: object) -> None:
+    """`prefill_chunk`: a power of two (a sequence bucket, so that every chunk of every prompt
+    runs one program) in [MIN_SEQ_BUCKET, 2**20]."""
+    power = isinstance(chunk, int) and not isinstance(chunk, bool) and chunk & (chunk - 1) == 0
+    if not power or not MIN_SEQ_BUCKET <= chunk <= 1 << 20:
+        raise ValidationError(
+            "prefill_chunk", f"{chunk!r} is not a power of two in [{MIN_SEQ_BUCKET}, {1 << 20}]"
+        )
+
+
+def _join_chunks(outs: list, last_chunk: np.ndarray) -> list:
+    """The host outputs of a prefill's chunks, each (first, first_lp, prompt_lp, topk_out,
+    extra_out) as `Sampler._prefill_fn` returns them, as those of one prefill: the per-row
+    ones (the first token [rows], its logprob, `sample_topk`) from the chunk `last_chunk`
+    [rows] that holds each row's last prompt position, the per-position ones ([groups, seq,
+    ...]) joined along the positions."""
+    if len(outs) == 1:
+        return outs[0]
+    rows = np.arange(last_chunk.size)
+
+    def pick(*chunks: np.ndarray) -> np.ndarray:
+        return np.stack(chunks)[last_chunk, rows]
+
+    def join(*chunks: np.ndarray) -> np.ndarray:
+        return np.concatenate(chunks, axis=1)
+
+    extra = {
+        key: jax.tree.map(pick if key == "sample_topk" else join, *(o[4][key] for o in outs))
+        for key in outs[0][4]
+    }
+    return [
+        pick(*(o[0] for o in outs)),
+        pick(*(o[1] for o in outs)),
+        *(jax.tree.map(join, *(o[j] for o in outs)) for j in (2, 3)),
+        extra,
+    ]
+
+
 def _common_blocks(a: np.ndarray, b: np.ndarray, block: int) -> int:
     """How many leading full blocks of `block` tokens two prompts ([tokens]) share."""
     n = min(a.size, b.size) // block * block
@@ -267,13 +314,35 @@ def _write_extended(
     overwrite); new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions [groups, seq].
     A write past max_len (padding) or to a row >= rows is dropped."""
     at = jnp.arange(known.k.shape[2])[None, :]
-    where = positions[src]
 
-    def one(c, prefix, x):
-        c = c.at[:, dst[:, None], at].set(prefix[:, src].astype(c.dtype), mode="drop")
-        return c.at[:, dst[:, None], where].set(x[:, src].astype(c.dtype), mode="drop")
+    def one(c, prefix):
+        return c.at[:, dst[:, None], at].set(prefix[:, src].astype(c.dtype), mode="drop")
 
-    return KVCache(one(cache.k, known.k, new[0]), one(cache.v, known.v, new[1]))
+    cache = KVCache(one(cache.k, known.k), one(cache.v, known.v))
+    return _write_new(cache, new, dst, src, positions)
+
+
+def _write_new(
+    cache: KVCache,
+    new: tuple[jax.Array, jax.Array],
+    dst: jax.Array,
+    src: jax.Array,
+    positions: jax.Array,
+) -> KVCache:
+    """Writes each row's new keys and values: row dst[i] of the cache gets group src[i]'s at
+    `positions`. cache arrays [layers, rows, max_len, kv_heads, head_dim]; new (k, v)
+    [layers, groups, seq, ...]; dst, src [n]; positions [groups, seq]. A write past max_len
+    (padding) or to a row >= rows is dropped.
+
+    Every (layer, row, position) is an index of its own, not a window of positions: a cache
+    split over `sequence` then takes each write on the device that holds its position, where
+    a window over the split axis made XLA gather the whole cache onto every device."""
+    at = (jnp.arange(cache.k.shape[0])[:, None, None], dst[None, :, None], positions[src][None])
+
+    def one(c, x):
+        return c.at[at].set(x[:, src].astype(c.dtype), mode="drop")
+
+    return KVCache(one(cache.k, new[0]), one(cache.v, new[1]))
 
 
 class Sampler:
@@ -294,6 +363,7 @@ class Sampler:
         logprob_chunk: int = 256,
         prefix_cache_share: float = 0.0,
         prefix_block: int = PREFIX_BLOCK,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         """`lora` holds the sampler's adapter slots (their count is its slot axis); `rows`
         and `max_len` size the KV cache (rows x max_len positions; `kv_cache_bytes` tells
@@ -301,7 +371,12 @@ class Sampler:
         `prefix_cache_share` > 0 keeps prefilled prompts' keys and values in blocks of
         `prefix_block` positions, up to that share of the cache's positions (`prefix_cache_bytes`
         more memory), and prefills a prompt that starts with cached blocks from the first
-        position after them (see `tinker_jax.prefix_cache`)."""
+        position after them (see `tinker_jax.prefix_cache`). A prompt longer than
+        `prefill_chunk` positions (a power of two >= MIN_SEQ_BUCKET) is prefilled that many at
+        a time. On a mesh with a `sequence` axis the cache's positions are split over it
+        (`CACHE_AXES`; `kv_cache_bytes` is the whole cache, over all devices)."""
+        check_prefill_chunk(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.graphdef, self.base, self.config, self.mesh = graphdef, base, config, mesh
         self.lora = lora
         self.layout = SlotLayout(lora)
@@ -330,7 +405,7 @@ class Sampler:
         if blocks > 0:
             self._prefix = PrefixIndex(blocks, prefix_block)
             store = (config.num_layers, blocks, prefix_block, config.num_kv_heads, config.head_dim)
-            self._store_sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, store, mesh))
+            self._store_sharding = NamedSharding(mesh, logical_to_spec(STORE_AXES, store, mesh))
             self._store_zeros = jax.jit(
                 lambda: jnp.zeros(store, dtype), out_shardings=self._store_sharding
             )
@@ -648,20 +723,31 @@ class Sampler:
         self, groups: list[tuple[int, list[int], list[int]]], chains: list[list[int]]
     ) -> None:
         """One prefill of `groups`' prompts, each from the end of its cached blocks `chains`
-        (all of it when none are cached), into their rows; starts their rows."""
+        (all of it when none are cached), into their rows; starts their rows.
+
+        Prompts with more than `prefill_chunk` positions left are prefilled that many at a
+        time, in lockstep: each chunk attends over the keys and values that the chunks before
+        it wrote into the rows (read from each group's first row, one layer at a time), so
+        the activations held are a chunk's, not the prompt's. The chunks' outputs are joined
+        on the host (`_join_chunks`) into what one prefill of the whole prompts returns."""
         prompts = [self._pending[rid].prompt for rid, _, _ in groups]
         starts = [len(chain) * self.prefix_block for chain in chains]
         self.prefill_tokens += sum(p.size for p in prompts) - sum(starts)
         self.cached_prefill_tokens += sum(starts)
         n_groups = batch_bucket(len(groups), self.batch_multiple)
-        seq = seq_bucket(max(p.size - start for p, start in zip(prompts, starts)))
-        tokens = np.zeros((n_groups, seq), np.int32)
+        todo = max(p.size - start for p, start in zip(prompts, starts))
+        seq = seq_bucket(todo) if todo <= self.prefill_chunk else self.prefill_chunk
+        n_chunks = -(-todo // seq)
+        # One column more than the chunks: the next token of each chunk's last position.
+        tokens = np.zeros((n_groups, n_chunks * seq + 1), np.int32)
         lengths = np.ones(n_groups, np.int32)
         slot = np.zeros(n_groups, np.int32)
         scale = np.zeros(n_groups, np.float32)
-        for g, ((rid, _, _), prompt, start) in enumerate(zip(groups, prompts, starts)):
+        first_row = np.zeros(n_groups, np.int32)
+        for g, ((rid, _, row_ids), prompt, start) in enumerate(zip(groups, prompts, starts)):
             tokens[g, : prompt.size - start] = prompt[start:]
             lengths[g] = prompt.size - start
+            first_row[g] = row_ids[0]
             req_slot = self._pending[rid].request.slot
             slot[g] = req_slot or 0
             scale[g] = self.slot_scale[req_slot] if req_slot is not None else 0.0
@@ -690,54 +776,75 @@ class Sampler:
         want_topk = max(self._pending[rid].request.topk_prompt_logprobs for rid, _, _ in groups)
         topk = 0 if want_topk == 0 else 1 << (want_topk - 1).bit_length()
         chunk = chunk_size(seq, self.logprob_chunk)
-        extra, widths = self._prefill_extras(groups, n_groups, seq)
+        extra, widths = self._prefill_extras(groups, n_groups, n_chunks * seq)
         # Prompts that start from cached blocks: a program of its own, which reads them.
         prefix = batch_bucket(max(len(chain) for chain in chains)) if any(starts) else 0
-        store = ()
-        if prefix:
-            extra["prefix_blocks"] = np.zeros((n_groups, prefix), np.int32)
-            extra["prefix_len"] = np.zeros(n_groups, np.int32)
-            for g, (chain, start) in enumerate(zip(chains, starts)):
-                extra["prefix_blocks"][g, : len(chain)] = chain
-                extra["prefix_len"][g] = start
-            store = (self.prefix_store,)
         # Without the SDK 0.38 outputs the program and its name are the ones before them.
         name = "prefill" + "".join(f"{k}{v}" for k, v in widths.items() if v)
-        name += f"_prefix{prefix}" if prefix else ""
-        fn = self._programs.get(
-            f"{name}:{want_lp}:{topk}:{chunk}:{grouped}",
-            self._prefill_fn(
-                want_lp, min(topk, self.config.vocab_size), chunk, grouped, prefix > 0, **widths
-            ),
-            donate_argnums=(2,),
-            out_shardings=(self._cache_sharding,) + (self._replicated,) * 5,
-        )
-        args = [
-            tokens,
-            lengths,
-            slot,
-            scale,
-            row_group,
-            dst,
-            src,
-            sample_idx,
-            seeds,
-            temperature,
-            top_k,
-            top_p,
-        ]
-        self.cache, first, first_lp, prompt_lp, topk_out, extra_out = fn(
-            self.lora,
-            self.base,
-            self.cache,
-            jax.device_put(group_slots, self._replicated),
-            *(self._put(a) for a in args),
-            {k: self._put(v) for k, v in extra.items()},
-            *store,
-        )
-        first, first_lp, prompt_lp, topk_out, extra_out = jax.device_get(
-            (first, first_lp, prompt_lp, topk_out, extra_out)
-        )
+        per_row = [dst, src, sample_idx, seeds, temperature, top_k, top_p]
+        outs = []
+        for c in range(n_chunks):
+            offset = c * seq
+            part = {k: v[:, offset : offset + seq] for k, v in extra.items() if k == "target_ids"}
+            part.update({k: v for k, v in extra.items() if k != "target_ids"})
+            if n_chunks > 1:
+                part["next_tokens"] = tokens[:, offset + 1 : offset + seq + 1]
+                if widths["a"]:
+                    part["alt_offset"] = np.full(n_groups, offset, np.uint32)
+            store, mode, rows_width = (), "", 0
+            if c == 0 and prefix:
+                part["prefix_blocks"] = np.zeros((n_groups, prefix), np.int32)
+                part["prefix_len"] = np.zeros(n_groups, np.int32)
+                for g, (chain, start) in enumerate(zip(chains, starts)):
+                    part["prefix_blocks"][g, : len(chain)] = chain
+                    part["prefix_len"][g] = start
+                store, mode = (self.prefix_store,), f"_prefix{prefix}"
+            elif c > 0:
+                part["prefix_len"] = np.zeros(n_groups, np.int32)
+                part["prefix_len"][: len(groups)] = starts
+                part["prefix_len"] += offset
+                part["prefix_rows"] = first_row
+                rows_width = kv_bucket(int(part["prefix_len"].max()), self.max_len)
+                mode = f"_rows{rows_width}"
+            # A chunk that continues a prefix attends flash-style (its memory linear in the
+            # prefix); a first chunk from position 0 is an ordinary prefill, its program shared.
+            flash = n_chunks > 1 and bool(mode)
+            fn = self._programs.get(
+                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}",
+                self._prefill_fn(
+                    want_lp,
+                    min(topk, self.config.vocab_size),
+                    chunk,
+                    grouped,
+                    prefix > 0 and c == 0,
+                    rows_width,
+                    flash,
+                    **widths,
+                ),
+                donate_argnums=(2,),
+                out_shardings=(self._cache_sharding,) + (self._replicated,) * 5,
+            )
+            args = [
+                tokens[:, offset : offset + seq],
+                np.clip(lengths - offset, 1, seq).astype(np.int32),
+                slot,
+                scale,
+                row_group,
+                *per_row,
+            ]
+            self.cache, *out = fn(
+                self.lora,
+                self.base,
+                self.cache,
+                jax.device_put(group_slots, self._replicated),
+                *(self._put(a) for a in args),
+                {k: self._put(v) for k, v in part.items()},
+                *store,
+            )
+            outs.append(jax.device_get(out))
+        # The chunk that holds each row's last prompt position sampled its first token.
+        last_chunk = ((lengths - 1) // seq)[src]
+        first, first_lp, prompt_lp, topk_out, extra_out = _join_chunks(outs, last_chunk)
         i = 0
         for g, (rid, samples, row_ids) in enumerate(groups):
             pending = self._pending[rid]
@@ -890,6 +997,8 @@ class Sampler:
         chunk: int,
         grouped: bool,
         prefix: bool = False,
+        rows: int = 0,
+        flash: bool = False,
         s: int = 0,
         t: int = 0,
         a: int = 0,
@@ -897,7 +1006,13 @@ class Sampler:
         """The prefill program; `s`, `t`, `a` are the widths of `_prefill_extras`. With
         `prefix`, each group's tokens continue its cached blocks (`extra["prefix_blocks"]`
         [groups, blocks] of the prefix store, its last argument; `extra["prefix_len"]`
-        [groups] positions), which the rows get too."""
+        [groups] positions), which the rows get too. With `rows` > 0 (a chunk after a long
+        prompt's first), they continue what the cache holds in row `extra["prefix_rows"]`
+        [groups] up to `extra["prefix_len"]`, of which the first `rows` positions are read.
+        `flash` attends over a prefix with the chunked kernel (`Attention.extend`). A chunk
+        gets each position's next token (`extra["next_tokens"]` [groups, seq], what its
+        prompt logprobs score) and its offset in the prompt (`extra["alt_offset"]`, for the
+        alternative draws); a whole prompt finds them in its tokens."""
 
         def prefill(
             lora,
@@ -925,24 +1040,30 @@ class Sampler:
                 if grouped
                 else AdapterBatch(slot, scale)
             )
-            if prefix:
+            if rows:
+                start = extra["prefix_len"]
+                positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+                hidden, (k, v) = model.extend(
+                    tokens,
+                    positions,
+                    adapter,
+                    cache,
+                    start,
+                    rows=extra["prefix_rows"],
+                    width=rows,
+                    flash=flash,
+                )
+                cache = _write_new(cache, (k, v), dst, src, positions)
+            elif prefix:
                 start = extra["prefix_len"]
                 positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
                 known = gather_prefix(store, extra["prefix_blocks"])
-                hidden, (k, v) = model.extend(tokens, positions, adapter, known, start)
+                hidden, (k, v) = model.extend(tokens, positions, adapter, known, start, flash=flash)
                 cache = _write_extended(cache, known, (k, v), dst, src, positions)
             else:
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
                 hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
-                width = min(tokens.shape[1], cache.k.shape[2])
-                cache = KVCache(
-                    cache.k.at[:, dst, :width].set(
-                        k[:, src, :width].astype(cache.k.dtype), mode="drop"
-                    ),
-                    cache.v.at[:, dst, :width].set(
-                        v[:, src, :width].astype(cache.v.dtype), mode="drop"
-                    ),
-                )
+                cache = _write_new(cache, (k, v), dst, src, positions)
             last = hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None]
             logits = model.logits(last, adapter)[:, 0].astype(jnp.float32)[src]
             keys = step_keys(sequence_keys(seeds, sample_idx), jnp.zeros_like(sample_idx))
@@ -950,7 +1071,9 @@ class Sampler:
             first_lp = token_logprobs(logits, first)
             prompt_lp = topk_out = None
             if want_lp:
-                targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1] * 0], axis=1)
+                targets = extra.get("next_tokens")
+                if targets is None:
+                    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1] * 0], axis=1)
                 prompt_lp = target_logprobs(model, hidden, targets, adapter, chunk)
             if topk:
                 topk_out = topk_logprobs(model, hidden, adapter, topk, chunk)
@@ -965,7 +1088,14 @@ class Sampler:
             if a:
                 keys = alt_token_keys(extra["alt_seed"])
                 extra_out["alt"] = prompt_draws(
-                    model, hidden, adapter, keys, extra["alt_temperature"], a, chunk
+                    model,
+                    hidden,
+                    adapter,
+                    keys,
+                    extra["alt_temperature"],
+                    a,
+                    chunk,
+                    extra.get("alt_offset"),
                 )
             return cache, first, first_lp, prompt_lp, topk_out, extra_out
 

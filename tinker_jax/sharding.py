@@ -36,6 +36,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "act_batch": ("data", "fsdp", "expert"),
     "act_seq": "sequence",
+    # The sampler's KV cache positions: a long context's cache splits over the devices that
+    # split its prompt (`models/sequence_parallel.sequence_sharded_decode` reads it so).
+    "cache_len": "sequence",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",

@@ -133,10 +133,14 @@ def _flash_fwd(bq, bk, q, k, v, q_positions, k_positions):
     return out, (q, k, v, q_positions, k_positions, out, lse)
 
 
-def _flash_bwd(bq, bk, saved, dout):
+def blockwise_backward(bq, bk, saved, dout):
     """FlashAttention-2's backward: per pair p = exp(s - lse), dp = dout·vᵀ,
     ds = p·(dp - rowsum(dout·out)); dq = ds·k, dk = dsᵀ·q, dv = pᵀ·dout. One pass over the
-    pairs by query block for dq, one by key block for dk and dv (each sums its own blocks)."""
+    pairs by query block for dq, one by key block for dk and dv (each sums its own blocks).
+
+    saved: (q, k, v, q_positions, k_positions, out, lse [q_blocks, batch, kv_heads, group, bq]
+    fp32), bq and bk dividing the lengths -> (dq, dk, dv, None, None). Public: the Pallas
+    kernel's backward too (`pallas_attention`)."""
     q, k, v, q_positions, k_positions, out, lse = saved
     b, _, h, d = q.shape
     kvh = k.shape[2]
@@ -209,4 +213,4 @@ def _flash_bwd(bq, bk, saved, dout):
     return dq, _unblock(dk), _unblock(dv), None, None
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, blockwise_backward)

@@ -19,7 +19,8 @@ from tinker_jax.lora import AdapterBatch, LoRALinear, LoRAParam, LoRASpec, lora_
 from tinker_jax.models.chunked_attention import chunked_attention
 from tinker_jax.models.config import ModelConfig, RopeConfig
 from tinker_jax.models.moe import MoE
-from tinker_jax.models.sequence_parallel import sequence_sharded
+from tinker_jax.models.pallas_attention import pallas_attention
+from tinker_jax.models.sequence_parallel import sequence_sharded, sequence_sharded_decode
 from tinker_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -164,14 +165,14 @@ class Attention(nnx.Module):
 
         x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache arrays [layers, rows,
         max_len, ...], of which attention reads this layer's positions below each row's own
-        (at most kv_len), then the new token itself. Returns (out [rows, 1, embed], the new
+        (at most kv_len), then the new token itself; a cache split over the `sequence` axis
+        is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the new
         token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
         `positions` before the cache is read again (`KVCache.write`).
         """
         q, k, v = self.project(x, positions, adapter)
         k, v = k[:, 0].astype(cache.k.dtype), v[:, 0].astype(cache.v.dtype)
-        cached = (cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len])
-        out = decode_attention(q, *cached, positions, k, v)
+        out = DECODE_ATTENTION(q, cache.k, cache.v, layer, positions, k, v, kv_len)
         return self._out(out, adapter), (k, v)
 
     def extend(
@@ -182,14 +183,17 @@ class Attention(nnx.Module):
         prefix_k: jax.Array,
         prefix_v: jax.Array,
         prefix_len: jax.Array,
+        flash: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Self-attention of a sequence that continues a prefix whose keys and values are
-        known (a prefill served partly from the prefix cache).
+        known (a prefill served partly from the prefix cache, or a chunk of a long prompt).
 
         x: [batch, seq, embed] at positions [batch, seq] (from each row's prefix length on);
         prefix_k, prefix_v: [batch, prefix, kv_heads, head_dim] for positions 0..prefix-1, of
         which each row's first prefix_len: [batch] are real (the rest are selected away, keys
-        and values). Returns (out [batch, seq, embed], the sequence's own (k, v))."""
+        and values). Returns (out [batch, seq, embed], the sequence's own (k, v)). `flash`
+        attends with the chunked kernel, whose memory is linear in the prefix (a long prompt's
+        chunks), not with [batch, heads, seq, prefix + seq] scores."""
         q, k, v = self.project(x, positions, adapter)
         seen = jnp.arange(prefix_k.shape[1])[None, :] < prefix_len[:, None]  # [batch, prefix]
         hidden = jnp.iinfo(jnp.int32).max  # a position no query reaches
@@ -199,7 +203,7 @@ class Attention(nnx.Module):
         mask = seen[:, :, None, None]
         keys = jnp.concatenate([jnp.where(mask, prefix_k, 0).astype(k.dtype), k], axis=1)
         values = jnp.concatenate([jnp.where(mask, prefix_v, 0).astype(v.dtype), v], axis=1)
-        out = attention(q, keys, values, positions, k_positions)
+        out = (chunked_attention if flash else attention)(q, keys, values, positions, k_positions)
         return self._out(out, adapter), (k, v)
 
     def _out(self, out: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
@@ -258,12 +262,20 @@ def decode_attention(
     positions: jax.Array,
     k_new: jax.Array,
     v_new: jax.Array,
+    *,
+    offset: jax.Array | int = 0,
+    axis: str | None = None,
 ) -> jax.Array:
     """One query per row against its cache row (positions below its own) and its own key.
 
     q: [rows, 1, heads, head_dim]; k, v: [rows, max_len, kv_heads, head_dim] (one layer of
     the cache); positions: [rows, 1]; k_new, v_new: [rows, kv_heads, head_dim], the key and
     value at the query's own position -> [rows, 1, heads, head_dim]. In fp32.
+
+    With `axis` (inside a `shard_map`), k and v hold cache positions offset.. of one shard
+    and the softmax spans every shard of that mesh axis: the maximum is taken over all of them
+    (pmax) before the weights, whose sums are then added up (psum), so each shard's weights
+    equal the unsplit ones (`sequence_sharded_decode`).
 
     Cache positions from a row's own on hold whatever an earlier request left there (a
     request of another user, possibly non-finite): both keys and values are selected away,
@@ -273,19 +285,28 @@ def decode_attention(
     kvh = k.shape[2]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
     scores = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
-    visible = jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
+    visible = offset + jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
     scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     top = jnp.maximum(scores.max(axis=1), own)  # [rows, kv_heads, group]
+    if axis is not None:
+        top = jax.lax.pmax(top, axis)
     weights = jnp.exp(scores - top[:, None])  # [rows, max_len, kv_heads, group]
     own_weight = jnp.exp(own - top)
-    total = weights.sum(axis=1) + own_weight
     v = jnp.where(visible[:, :, None, None], v.astype(jnp.float32), 0)
+    total = weights.sum(axis=1)
     out = jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)
+    if axis is not None:
+        total, out = jax.lax.psum((total, out), axis)
+    total = total + own_weight
     out = (out + own_weight[..., None] * v_new[:, :, None, :].astype(jnp.float32)) / total[
         ..., None
     ]
     return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+# decode_attention over one layer of a cache split over `sequence` or not.
+DECODE_ATTENTION = sequence_sharded_decode(decode_attention)
 
 
 def fused_causal_attention(implementation: str):
@@ -310,15 +331,17 @@ def fused_causal_attention(implementation: str):
 
 # Self-attention kernels by name: q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads,
 # head_dim], positions [batch, seq] -> [batch, seq, heads, head_dim].
-# "einsum" and "chunked" (flash-style, memory linear in seq) mask by positions: they also serve
-# a sequence split over the `sequence` mesh axis, in any token order (SEQUENCE_KERNELS).
+# "einsum", "chunked" and "pallas" (both flash-style, memory linear in seq; "pallas" a TPU
+# kernel, interpreted elsewhere) mask by positions: they also serve a sequence split over the
+# `sequence` mesh axis, in any token order (SEQUENCE_KERNELS).
 ATTENTION_KERNELS = {
     "einsum": sequence_sharded(attention),
     "chunked": sequence_sharded(chunked_attention),
+    "pallas": sequence_sharded(pallas_attention, check_vma=False),
     "xla": fused_causal_attention("xla"),
     "cudnn": fused_causal_attention("cudnn"),
 }
-SEQUENCE_KERNELS = ("einsum", "chunked")
+SEQUENCE_KERNELS = ("einsum", "chunked", "pallas")
 
 
 def auto_attention_kernel(dtype: jnp.dtype, sequence_shards: int = 1) -> str:
@@ -328,10 +351,11 @@ def auto_attention_kernel(dtype: jnp.dtype, sequence_shards: int = 1) -> str:
     before its softmax was recomputed in the backward pass), and
     "einsum" where nothing was measured (TPU, GPU in fp32). A mesh that splits sequences
     (`sequence_shards` other than 1; -1 is a mesh size still to resolve) needs a position-masked
-    kernel: "chunked", linear in memory."""
-    if sequence_shards != 1:
-        return "chunked"
+    kernel, linear in memory: the Pallas one on a TPU, "chunked" elsewhere (Pallas only
+    interprets there)."""
     backend = jax.default_backend()
+    if sequence_shards != 1:
+        return "pallas" if backend == "tpu" else "chunked"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "gpu" and half:
         return "cudnn"
@@ -406,10 +430,11 @@ class DecoderLayer(nnx.Module):
         prefix_k: jax.Array,
         prefix_v: jax.Array,
         prefix_len: jax.Array,
+        flash: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [batch, seq, embed] after a known prefix -> (x, (k, v)); see `Attention.extend`."""
         attn, kv = self.self_attn.extend(
-            self.input_layernorm(x), positions, adapter, prefix_k, prefix_v, prefix_len
+            self.input_layernorm(x), positions, adapter, prefix_k, prefix_v, prefix_len, flash
         )
         return self._mlp(x + attn, adapter)[0], kv
 
@@ -596,18 +621,32 @@ class Transformer(nnx.Module):
         adapter: AdapterBatch | None,
         prefix: KVCache,
         prefix_len: jax.Array,
+        *,
+        rows: jax.Array | None = None,
+        width: int = 0,
+        flash: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """A prefill that continues known prefixes: tokens, positions [batch, seq] (each row
         from its prefix_len: [batch] on), prefix arrays [layers, batch, prefix, kv_heads,
         head_dim] -> (hidden [batch, seq, embed], every layer's (k, v) of the new tokens:
         [layers, batch, seq, kv_heads, head_dim]). Equals `__call__` on the whole sequence at
-        the new positions, without recomputing the prefix."""
+        the new positions, without recomputing the prefix.
+
+        With `rows` [batch], `prefix` is the sampler's cache [layers, cache rows, max_len, ...]
+        and row b continues cache row rows[b]: each layer reads the first `width` positions
+        of its rows as it runs (a long prompt's next chunk): no array holds every layer's
+        prefix at once. `flash`: see `Attention.extend`."""
         x = self._embed(tokens)
         graphdef, states = self._layer_states()
+        at = None if rows is None else (rows[:, None], jnp.arange(width)[None, :])
         new = []
         for i, (base, adapters) in enumerate(states):
             layer = nnx.merge(graphdef, base, adapters)
-            x, kv = layer.extend(x, positions, adapter, prefix.k[i], prefix.v[i], prefix_len)
+            if at is None:
+                k, v = prefix.k[i], prefix.v[i]
+            else:  # indexed position by position: a split cache is read where it lies
+                k, v = prefix.k[(i, *at)], prefix.v[(i, *at)]
+            x, kv = layer.extend(x, positions, adapter, k, v, prefix_len, flash)
             new.append(kv)
         return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))
 

@@ -33,12 +33,22 @@ SelfKernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 Q_AXES = ("act_batch", "act_seq", "act_heads", "act_head_dim")
 KV_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
+# The sampler's KV cache [layers, rows, max_len, kv_heads, head_dim]: its positions split over
+# `sequence` (`cache_len`), so that a long context's cache divides over those devices.
+CACHE_AXES = ("layers", "act_batch", "cache_len", "act_kv_heads", "act_head_dim")
+# (q [rows, 1, heads, d], k, v [rows, len, kv_heads, d] cache positions offset.., positions
+#  [rows, 1], k_new, v_new [rows, kv_heads, d], offset=, axis=) -> [rows, 1, heads, d]
+DecodeKernel = Callable[..., jax.Array]
 
 
-def sequence_sharded(kernel: PositionalKernel) -> SelfKernel:
+def sequence_sharded(kernel: PositionalKernel, check_vma: bool = True) -> SelfKernel:
     """A self-attention kernel from a position-masked one: plain on one device or when the
     sequence is not split, and with keys and values gathered over `sequence` when the mesh set
-    by `jax.set_mesh` splits it (the sequence length divisible by the axis)."""
+    by `jax.set_mesh` splits it (the sequence length divisible by the axis).
+
+    `check_vma=False` turns off shard_map's tracking of which values vary over which mesh axes,
+    for a kernel that cannot take part in it: Pallas's interpreter (JAX 0.10) slices varying
+    blocks with invariant grid indices, which the check refuses."""
 
     def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
         mesh = jax.sharding.get_abstract_mesh()
@@ -66,6 +76,53 @@ def sequence_sharded(kernel: PositionalKernel) -> SelfKernel:
             local,
             in_specs=(q_spec, kv_spec, kv_spec, pos_spec),
             out_specs=q_spec,
+            check_vma=check_vma,
         )(q, k, v, positions)
 
     return self_attention
+
+
+def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
+    """One decode step's attention over one layer of a KV cache that may be split over the
+    `sequence` axis (`CACHE_AXES`, the mesh set by `jax.set_mesh`).
+
+    Returns attend(q, cache_k, cache_v, layer, positions, k_new, v_new, kv_len): cache arrays
+    [layers, rows, max_len, kv_heads, head_dim], of which `layer`'s first kv_len positions are
+    read. Unsplit, that is `kernel` on the slice. Split, every device attends its own block of
+    positions (max_len / shards of them, the first min(kv_len, block) read) and the blocks'
+    softmaxes are merged flash-decoding style inside `kernel` (`axis`): the global maximum of
+    the scores (pmax), then the sums of the weights and of the weighted values (psum) - the
+    log-sum-exp merge with the shared maximum applied before the sums. A `shard_map` rather than
+    sharding annotations: a slice of the first kv_len positions of a split axis makes GSPMD
+    move positions between devices (collective permutes every step), where each device
+    reading a prefix of its own block moves nothing; the collectives are three small arrays
+    ([rows, heads] and [rows, heads, head_dim]) per layer. The cache goes into the `shard_map`
+    whole and is sliced inside: a slice outside would be materialised at the boundary.
+    Blocks are contiguous: a context shorter than one block is read by every device at the
+    cost of one block prefix (only the first device's is visible), never more than unsplit.
+    """
+
+    def attend(q, cache_k, cache_v, layer, positions, k_new, v_new, kv_len):
+        mesh = jax.sharding.get_abstract_mesh()
+        spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache_k.shape, mesh)
+        if spec is None or spec[2] != "sequence":
+            cached = (cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len])
+            return kernel(q, *cached, positions, k_new, v_new)
+        block = cache_k.shape[2] // mesh.shape["sequence"]
+        width = min(kv_len, block)
+        rows, heads = spec[1], spec[3]  # query heads split as the kv heads they group over
+        q_spec = PartitionSpec(rows, None, heads, None)
+        new_spec = PartitionSpec(rows, heads, None)
+
+        def local(q, cache_k, cache_v, positions, k_new, v_new):
+            offset = jax.lax.axis_index("sequence") * block
+            cached = (cache_k[layer, :, :width], cache_v[layer, :, :width])
+            return kernel(q, *cached, positions, k_new, v_new, offset=offset, axis="sequence")
+
+        return jax.shard_map(
+            local,
+            in_specs=(q_spec, spec, spec, PartitionSpec(rows, None), new_spec, new_spec),
+            out_specs=q_spec,
+        )(q, cache_k, cache_v, positions, k_new, v_new)
+
+    return attend
