@@ -4,6 +4,7 @@ training work sent through the real gRPC server with the client SDK.
     python scripts/bench_service.py                       # CPU defaults (a few minutes)
     python scripts/bench_service.py --only a --steps 8    # just the overhead part
     python scripts/bench_service.py --hidden 2048 --layers 28 ... # on an accelerator
+    python scripts/bench_service.py --only c              # first-request latency (c) alone
 
 (a) Overhead. One run, one step = LoRA forward_backward (cross_entropy) + optim_step (AdamW)
     on `--batch` x `--seq` tokens. In-process: `Trainer.forward_backward` then
@@ -22,6 +23,13 @@ training work sent through the real gRPC server with the client SDK.
     same work in-process with perfect batching (one forward_backward over every run's rows,
     then one optim_step per run, against one run's step): the best ratio any scheduling of
     the service could reach on this machine.
+(c) First-request latency, only with `--only c` (it starts six server processes): from the
+    server's being ready (listening) to a new user's first forward_backward result (run
+    created, `--batch` x `--seq` tokens) and first sample result (then optim_step, a sampler
+    of the run, `--seq` prompt tokens, 16 sampled), each in a fresh process: without
+    precompilation; with `--precompile common`, the user arriving once the plan is done (from
+    then on; the plan's own time printed beside); with it, the user arriving at once. Each
+    with a cold persistent compilation cache (a new folder), then warm (a restart on it).
 
 Measurement conventions:
 - Server and clients live in this one process (loopback gRPC, port 0, mesh 1x1x1): client
@@ -57,6 +65,9 @@ from pathlib import Path
 import numpy as np
 from bench_models import hf_config
 
+# (c)'s server processes: precompilation, and when the user arrives.
+PROBES = ("none", "common-after-plan", "common-at-ready")
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +91,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-adapters", type=int, default=None, help="default: runs + 1")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--only", choices=["a", "b"], default=None, help="run one part")
+    p.add_argument(
+        "--only", choices=["a", "b", "c"], default=None, help="run one part (default: a and b)"
+    )
+    p.add_argument("--probe", choices=PROBES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-ceiling", action="store_true", help="(b) skip the engine ceiling")
     p.add_argument("--model-dir", default=None, help="reuse/create the HF folder here")
     p.add_argument("--compilation-cache", default=None, help="JAX cache (default: a temp dir)")
@@ -259,9 +273,12 @@ def main() -> None:
         f"device: {jax.default_backend()} {device.device_kind} x{len(jax.devices())}; "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
     )
+    if args.probe is not None:
+        print("PROBE " + json.dumps(first_request_probe(args)), flush=True)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
     try:
-        results = run_parts(args, work)
+        results = part_c(args, work) if args.only == "c" else run_parts(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
@@ -359,6 +376,122 @@ def run_parts(args: argparse.Namespace, work: Path) -> dict[str, bool]:
             client.close()
         server.stop()
     return results
+
+
+def part_c(args: argparse.Namespace, work: Path) -> dict[str, bool]:
+    """(c): each probe in a process of its own, cold then warm cache; prints the table."""
+    import subprocess
+    import sys
+
+    folder = Path(args.model_dir) if args.model_dir else work / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").is_file():
+        write_model(folder, args)
+    print(
+        f"\n(c) first-request latency: {args.batch} x {args.seq} tokens, a {args.seq}-token prompt"
+    )
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+        or k in ("dtype", "rank", "seq", "batch", "max_adapters", "lr")
+    ]
+    results: dict[str, dict[str, dict]] = {}
+    for probe in PROBES:
+        cache = work / f"xla-{probe}"
+        for state in ("cold", "warm"):
+            done = subprocess.run(
+                [sys.executable, __file__, *flags, "--probe", probe, "--model-dir", str(folder)]
+                + ["--compilation-cache", str(cache)],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+            if done.returncode or not lines:
+                raise RuntimeError(
+                    f"probe {probe} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+                )
+            results.setdefault(state, {})[probe] = json.loads(lines[-1][len("PROBE ") :])
+    heads = ("no precompile", "precompiled, user after plan", "precompiled, user at ready")
+    print(f"    {'seconds from ready':<26}" + "".join(f"{h:>32}" for h in heads))
+    for state in ("cold", "warm"):
+        row = results[state]
+        for what in ("forward_backward", "sample"):
+            cells = [f"{row[p][what]:.2f}" for p in PROBES]
+            cells[1] += f" (+ plan {row[PROBES[1]]['plan_s']:.1f})"
+            print(f"    {state + ' cache, first ' + what:<26}" + "".join(f"{c:>32}" for c in cells))
+        plan = row[PROBES[1]]
+        print(
+            f"    {state} cache: plan of {plan['planned']} programs, {plan['compiled']} XLA "
+            f"compilations + {plan['cached']} from the cache; the user's first steps then compiled "
+            + ", ".join(f"{row[p]['user_compilations']} ({p})" for p in PROBES)
+        )
+    return {}
+
+
+def first_request_probe(args: argparse.Namespace) -> dict:
+    """One (c) measurement in this process: a server, then a new user's first steps."""
+    import jax
+
+    from tinker_jax import ServiceClient
+    from tinker_jax import types as client_types
+    from tinker_jax.service.config import ServerConfig
+    from tinker_jax.service.metrics import compilations
+    from tinker_jax.service.server import Server
+
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    level = "none" if args.probe == "none" else "common"
+    work = Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    server = Server(
+        ServerConfig.from_dict(
+            {
+                "base_models": [args.model_dir],
+                "storage": work / "storage",
+                "port": 0,
+                "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+                "max_adapters": args.max_adapters,
+                "max_lora_rank": args.rank,
+                "sampler_slots": 1,
+                "sampler_rows": 1,
+                "max_seq_len": args.seq + 32,
+                "dtype": args.dtype,
+                "precompile": level,
+            }
+        )
+    )
+    out: dict = {"plan_s": 0.0, "planned": 0, "compiled": 0, "cached": 0}
+    try:
+        ready = time.perf_counter()
+        if args.probe == "common-after-plan":
+            (precompiler,) = server.precompilers.values()
+            precompiler.done.wait()
+            out.update(
+                plan_s=precompiler.seconds,
+                planned=len(precompiler.keys),
+                compiled=precompiler.compiled,
+                cached=precompiler.cached,
+            )
+            ready = time.perf_counter()
+        before = sum(compilations().values())
+        _, api_key = server.store.create_user("bench")
+        with ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=api_key) as client:
+            tc = client.create_lora_training_client(args.model_dir, rank=args.rank, seed=0)
+            data = client_datums(token_rows(0, args.batch, args))
+            tc.forward_backward(data, "cross_entropy").result(timeout=3600)
+            out["forward_backward"] = time.perf_counter() - ready
+            tc.optim_step(client_types.AdamParams(learning_rate=args.lr)).result(timeout=3600)
+            sampler = tc.save_weights_and_get_sampling_client()
+            prompt = client_types.ModelInput.from_ints(token_rows(1, 1, args)[0, :-1].tolist())
+            params = client_types.SamplingParams(max_tokens=16, seed=0)
+            sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=3600)
+            out["sample"] = time.perf_counter() - ready
+        out["user_compilations"] = sum(compilations().values()) - before
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def part_a(args, trainer, adam, client, client_adam, base_model, trace, RunBatch) -> bool:

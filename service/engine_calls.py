@@ -14,6 +14,7 @@ import secrets
 
 from tinker_jax.batching import RunBatch
 from tinker_jax.optim import AdamParams, DimuonParams
+from tinker_jax.precompile import Key as ProgramKey
 from tinker_jax.sampler import CheckedSample
 from tinker_jax.sampling import resolve_seed
 from tinker_jax.trainer import LoraConfig
@@ -156,3 +157,12 @@ class Step(EngineCall):
 @dataclasses.dataclass(frozen=True)
 class Reset(EngineCall):
     """Drops every request in the sampler (after a failed step)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Precompile(EngineCall):
+    """Builds one program of the precompile plan on dummy inputs (`tinker_jax.precompile.warm`);
+    returns False when it cannot run now (slots taken, the sampler busy). Published like every
+    other call: each host runs the same programs, collectives included, in host 0's order."""
+
+    key: ProgramKey

@@ -19,6 +19,8 @@ Metric names (one place for them):
 - `tinker_jax_requests_total{front_end, operation, code}`: requests answered, OK or failed.
 - `tinker_jax_xla_compilations_total{source}`: XLA programs built by this process, `compiled`
   by XLA or loaded from the persistent compilation cache (`cache`).
+- `tinker_jax_precompile_programs{base_model, state}`: the start-up precompile plan's programs
+  (`service.precompile`): `planned`, `built`, `skipped` (they could not run when their turn came).
 - `tinker_jax_device_memory_bytes_in_use{device}`, `tinker_jax_device_memory_bytes_limit{device}`:
   from each local device's `memory_stats()`; absent where the backend reports none (JAX's CPU
   backend), since host memory is not the devices' to report.
@@ -37,6 +39,7 @@ from prometheus_client.registry import Collector
 from tinker_jax.service.observer import OK, Observer
 
 if TYPE_CHECKING:
+    from tinker_jax.service.precompile import Precompiler
     from tinker_jax.service.worker import EngineWorker
 
 # Seconds from submission to outcome: a sample of a few tokens on a small model takes
@@ -52,9 +55,15 @@ _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 class Metrics(Observer):
     """A server's metrics: an `Observer` over its own registry. `workers` (base model ->
-    engine worker) are read at each scrape; `devices` returns the local JAX devices."""
+    engine worker) are read at each scrape, and so are `precompilers` (base model -> its
+    start-up precompilation, when there is one); `devices` returns the local JAX devices."""
 
-    def __init__(self, workers: Mapping[str, EngineWorker], devices: Callable[[], Iterable]):
+    def __init__(
+        self,
+        workers: Mapping[str, EngineWorker],
+        devices: Callable[[], Iterable],
+        precompilers: Mapping[str, Precompiler] | None = None,
+    ):
         self.registry = prometheus_client.CollectorRegistry()
         r = self.registry
         self._queue = prometheus_client.Gauge(
@@ -94,6 +103,7 @@ class Metrics(Observer):
         r.register(_EngineCollector(workers))
         r.register(_DeviceMemoryCollector(devices))
         r.register(_CompilationCollector())
+        r.register(_PrecompileCollector(precompilers or {}))
 
     def submitted(self, base_model: str, operation: str) -> None:
         self._queue.labels(base_model, operation).inc()
@@ -182,6 +192,24 @@ class _CompilationCollector(Collector):
         yield family
 
 
+class _PrecompileCollector(Collector):
+    """Each base model's start-up precompilation: programs planned, built and skipped."""
+
+    def __init__(self, precompilers: Mapping[str, Precompiler]):
+        self.precompilers = precompilers
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "tinker_jax_precompile_programs",
+            "Programs of the start-up precompile plan: planned, built so far, skipped.",
+            labels=["base_model", "state"],
+        )
+        for name, precompiler in self.precompilers.items():
+            for state, count in precompiler.progress().items():
+                family.add_metric([name, state], count)
+        yield family
+
+
 class _CompilationCounter:
     """Counts JAX's backend compilations through `jax.monitoring`, whose listeners are
     process-wide and cannot be registered per server: one listener for the process, started by
@@ -214,12 +242,20 @@ class _CompilationCounter:
             return
         source = "cache" if getattr(self._local, "hit", False) else "compiled"
         self._local.hit = False
+        mine = self.thread_counts()
+        mine[source] = mine.get(source, 0) + 1
         with self._lock:
             self._counts[source] += 1
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def thread_counts(self) -> dict[str, int]:
+        """The calling thread's own counts (live: it keeps counting into the same dict)."""
+        if not hasattr(self._local, "counts"):
+            self._local.counts = {"compiled": 0, "cache": 0}
+        return self._local.counts
 
 
 _compilations = _CompilationCounter()
@@ -228,3 +264,9 @@ _compilations = _CompilationCounter()
 def count_compilations() -> None:
     """Starts counting this process's XLA compilations (before the engines compile anything)."""
     _compilations.start()
+
+
+def compilations(this_thread: bool = False) -> dict[str, int]:
+    """XLA programs built so far by `source` ("compiled", "cache"): by this process, or by
+    the calling thread only (an engine thread's own, apart from other base models')."""
+    return dict(_compilations.thread_counts() if this_thread else _compilations.counts())

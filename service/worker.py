@@ -64,7 +64,9 @@ log = logging.getLogger("tinker_jax.worker")
 
 
 @dataclasses.dataclass
-class _Callback(Op):
+class Callback(Op):
+    """Runs `fn` on the engine thread between operations (slot releases, precompilation)."""
+
     fn: Callable[[], None]
 
 
@@ -155,7 +157,7 @@ class EngineWorker:
             LoadRun: self._load_run,
             OpenSampler: self._open_sampler,
             Sample: self._queue_sample,
-            _Callback: self._callback,
+            Callback: self._callback,
         }
         self._run_executors: dict[type[Op], Callable[[int, str, Any], None]] = {
             OptimStep: self._optim_step,
@@ -408,7 +410,7 @@ class EngineWorker:
         with self._cond:
             self._admission.add(op.user, _SampleJob(op, n), n)
 
-    def _callback(self, op: _Callback) -> None:
+    def _callback(self, op: Callback) -> None:
         op.fn()
         self._done(op, None)
 
@@ -695,7 +697,7 @@ class EngineWorker:
                         )
                 self._close_sampler(sid)
 
-        self.submit(_Callback(done=lambda _: None, fail=lambda e: None, fn=free))
+        self.submit(Callback(done=lambda _: None, fail=lambda e: None, fn=free))
 
     def _close_sampler(self, sid: str) -> None:
         """Frees a closing sampler's slot and drops it, unless a request of it is still in the

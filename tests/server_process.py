@@ -87,6 +87,9 @@ class ServerProcess:
                 "8",
                 "--compilation-cache",
                 str(cache),
+                # The tests compile what they use; tests/test_precompile.py tests the plan.
+                "--precompile",
+                "none",
                 *(["--http-port", str(http_port)] if http_port is not None else []),
                 *extra,
             ],

@@ -1,0 +1,138 @@
+"""Start-up precompilation of each base model's programs (`tinker_jax.precompile`), in the
+background.
+
+The server listens at once. A thread per engine worker hands the plan's programs to the engine
+thread one at a time, each only once no user operation has been queued or running there (the
+worker's reserved places) for IDLE_SECONDS: a request that arrives meanwhile waits for the one
+program being built, never for the plan; a user's next call, sent as the last one finished,
+finds the engine free; and under steady load the plan waits (what that load needs is then
+compiled on first use, as without a plan). Each program runs through the engine's call path
+(`engine_calls.Precompile`), so on a multi-host server every host builds the same programs in
+host 0's order, and each process writes or reads them in the persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from tinker_jax.precompile import Key, plan
+from tinker_jax.service import engine_calls as calls
+from tinker_jax.service.metrics import compilations
+from tinker_jax.service.worker import Callback, EngineWorker
+
+log = logging.getLogger("tinker_jax.precompile")
+
+# How long the engine must have been free of user operations before the next program starts
+# (a client's next call follows its last result within it), and how often that is checked.
+IDLE_SECONDS = 0.5
+POLL_SECONDS = 0.05
+
+
+class Precompiler:
+    """Builds one worker's precompile plan of `level` (`tinker_jax.precompile.LEVELS`) once
+    `start`ed; `done` is set when every program is built or skipped. A program that cannot
+    run when its turn comes (its slots taken by users' runs) is tried again after the others,
+    once, and then skipped (`skipped_keys`). The counts (`built`, and the XLA programs
+    `compiled` or loaded from the persistent cache, `cached`) grow as it goes; `seconds` is the
+    plan's wall time once done."""
+
+    def __init__(self, worker: EngineWorker, level: str):
+        self.worker = worker
+        self.keys: list[Key] = plan(worker.engine.trainer, worker.engine.sampler, level)
+        self.done = threading.Event()
+        self.built = self.compiled = self.cached = 0
+        self.skipped_keys: list[Key] = []
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"precompile:{worker.base_model}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops after the program being built (the engine thread finishes it)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def progress(self) -> dict[str, int]:
+        """Programs planned, built and skipped so far (for /metrics)."""
+        return {"planned": len(self.keys), "built": self.built, "skipped": len(self.skipped_keys)}
+
+    def _run(self) -> None:
+        name = self.worker.base_model
+        if self.keys:
+            log.info("precompiling %d programs of %s in the background", len(self.keys), name)
+        start = time.monotonic()
+        later = []
+        for key in self.keys:
+            built = self._wait_idle() and self._build(key)
+            if built is None:
+                return
+            if not built:
+                later.append(key)
+        for key in later:
+            built = self._wait_idle() and self._build(key)
+            if built is None:
+                return
+            if not built:
+                self.skipped_keys.append(key)
+        self.seconds = time.monotonic() - start
+        if self.keys:
+            log.info(
+                "precompiled %d programs of %s in %.1f s: %d XLA compilations, %d loaded from "
+                "the persistent cache, %d programs skipped",
+                self.built,
+                name,
+                self.seconds,
+                self.compiled,
+                self.cached,
+                len(self.skipped_keys),
+            )
+        self.done.set()
+
+    def _wait_idle(self) -> bool | None:
+        """Waits until no user operation has been queued or running for IDLE_SECONDS; None
+        when stopping."""
+        idle_since = None
+        while True:
+            if self.worker.held() > 0:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_SECONDS:
+                return True
+            if self._stop.wait(POLL_SECONDS):
+                return None
+
+    def _build(self, key: Key) -> bool | None:
+        """Builds `key`'s programs on the engine thread and counts them: whether they could
+        run (or failed: logged); None when stopping before they finished."""
+        finished = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def build() -> None:
+            before = compilations(this_thread=True)
+            try:
+                outcome["built"] = self.worker.engine.call(calls.Precompile(key))
+            finally:
+                after = compilations(this_thread=True)
+                self.compiled += after["compiled"] - before["compiled"]
+                self.cached += after["cache"] - before["cache"]
+
+        def fail(error: Exception) -> None:
+            log.warning("precompiling %s failed: %s", key, error)
+            finished.set()
+
+        self.worker.submit(Callback(done=lambda _: finished.set(), fail=fail, fn=build))
+        while not finished.wait(POLL_SECONDS):
+            if self._stop.is_set():
+                return None
+        if outcome.get("built"):
+            self.built += 1
+            return True
+        return False

@@ -1,0 +1,204 @@
+"""Precompilation at start-up (`tinker_jax.precompile`, `service/precompile.py`): after the plan
+is built, a user's first training step, forward, optim_step and sample compile nothing (XLA
+compilations counted by `service/metrics.py`), where a server without it compiles; a request
+that arrives while a program is being built is served before the next one, with the same
+results as on a server that precompiles nothing.
+
+Two small in-process servers on the tiny qwen3 (one device, 16 positions, one sampler row, so
+that the plan is a handful of programs): one precompiling `common`, whose first program is
+held until a user's request is queued behind it, and one precompiling nothing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import numpy as np
+import pytest
+
+from tests.sft_data import sft_data
+from tinker_jax import precompile
+from tinker_jax.errors import ValidationError
+from tinker_jax.losses import LOSS_FNS
+from tinker_jax.service.config import ServerConfig
+from tinker_jax.service.engine import Engine
+from tinker_jax.service.metrics import compilations
+from tinker_jax.service.server import Server
+
+TIMEOUT = 600
+LENGTHS = [12, 9]  # 32 padded tokens: two steps of the 16-token budget
+PROMPT = [5, 17, 3, 99]
+
+
+def _config(model, storage, level: str) -> ServerConfig:
+    return ServerConfig(
+        base_models=(str(model),),
+        storage=storage,
+        port=0,
+        max_adapters=2,
+        max_lora_rank=4,
+        sampler_slots=2,
+        sampler_rows=1,
+        max_seq_len=16,
+        mesh={"data": 1, "fsdp": 1, "tensor": 1},
+        precompile=level,
+    )
+
+
+def _client(server: Server):
+    from tinker_jax import ServiceClient
+
+    key = server.store.create_user(f"user-{len(server.store.list_keys())}")[1]
+    return ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=key)
+
+
+def _first_steps(server: Server) -> dict:
+    """A new user's first calls: a run, forward_backward, forward, optim_step, a sampler of
+    the run and a sample. Returns their results."""
+    from tinker_jax import types
+
+    service = _client(server)
+    training = service.create_lora_training_client(server.config.base_models[0], rank=4, seed=1)
+    trained = training.forward_backward(sft_data(0, LENGTHS), "cross_entropy").result(TIMEOUT)
+    forward = training.forward(sft_data(1, LENGTHS), "cross_entropy").result(TIMEOUT)
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result(TIMEOUT)
+    sampler = training.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3)
+    prompt = types.ModelInput.from_ints(PROMPT)
+    sample = sampler.sample(prompt, num_samples=1, sampling_params=params).result(TIMEOUT)
+    return {
+        "loss": trained.metrics["loss:sum"],
+        "logprobs": [np.asarray(out["logprobs"].data) for out in trained.loss_fn_outputs],
+        "forward_loss": forward.metrics["loss:sum"],
+        "tokens": sample.sequences[0].tokens,
+    }
+
+
+def _total() -> int:
+    return sum(compilations().values())
+
+
+@pytest.fixture(scope="module")
+def precompiled(hf_model_dir, tmp_path_factory):
+    """The server that precompiles, and what happened while its first program was held: the
+    engine calls in order (("precompile", key) for each program) and the results of a user's
+    first steps, whose run was created while that program was being built."""
+    started, release = threading.Event(), threading.Event()
+    order: list = []
+    warm = precompile.warm
+
+    def held(trainer, sampler, key):
+        order.append(("precompile", key))
+        if len(order) == 1:
+            started.set()
+            release.wait(TIMEOUT)
+        return warm(trainer, sampler, key)
+
+    def recorded(engine, call):
+        if type(call).__name__ != "Precompile":
+            order.append(type(call).__name__)
+        return Engine.call(engine, call)
+
+    storage = tmp_path_factory.mktemp("precompiled") / "storage"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precompile, "warm", held)
+        server = Server(_config(hf_model_dir("qwen3"), storage, "common"))
+        (worker,) = server.workers.values()
+        patch.setattr(worker.engine, "call", lambda call: recorded(worker.engine, call))
+        (precompiler,) = server.precompilers.values()
+        try:
+            assert started.wait(TIMEOUT), "the first program never started"
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                user = pool.submit(_first_steps, server)
+                # The user's run waits behind the held program (a place is reserved for it).
+                while worker.held() == 0 and not user.done():
+                    threading.Event().wait(0.01)
+                queued_behind = worker.held()
+                release.set()
+                results = user.result(TIMEOUT)
+            assert precompiler.done.wait(TIMEOUT), "the plan did not finish"
+            yield {
+                "server": server,
+                "order": list(order),
+                "queued_behind": queued_behind,
+                "results": results,
+            }
+        finally:
+            release.set()
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(hf_model_dir, tmp_path_factory, precompiled):
+    """A server that precompiles nothing (started once the other is idle, so that only its own
+    compilations are counted), and a user's first steps on it with the XLA compilations they
+    caused."""
+    server = Server(_config(hf_model_dir("qwen3"), tmp_path_factory.mktemp("plain"), "none"))
+    try:
+        assert not server.precompilers
+        before = _total()
+        results = _first_steps(server)
+        yield {"results": results, "compilations": _total() - before}
+    finally:
+        server.stop()
+
+
+def test_a_request_during_precompilation_waits_for_one_program_only(precompiled, plain):
+    order = precompiled["order"]
+    assert precompiled["queued_behind"] >= 1
+    programs = [i for i, entry in enumerate(order) if entry[0] == "precompile"]
+    # The held program ran first; the user's run was created before the next program.
+    assert programs[0] == 0 and order[1] == "CreateSlot", order[:4]
+    assert len(programs) > 2, "the plan continued after the user's request"
+    # Its results are those of a server that precompiles nothing.
+    ours, theirs = precompiled["results"], plain["results"]
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert ours["forward_loss"] == pytest.approx(theirs["forward_loss"], rel=1e-5)
+    for a, b in zip(ours["logprobs"], theirs["logprobs"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert ours["tokens"] == theirs["tokens"]
+
+
+def test_after_precompilation_first_steps_compile_nothing(precompiled, plain):
+    (precompiler,) = precompiled["server"].precompilers.values()
+    progress = precompiler.progress()
+    assert progress["built"] + progress["skipped"] == progress["planned"] == len(precompiler.keys)
+    # Skipped: only what needs two new runs' slots while the first user's run holds one of two.
+    assert precompiler.skipped_keys == [precompile.Split(2)]
+    assert precompiler.compiled + precompiler.cached > 0
+    # /metrics shows the same progress.
+    text = precompiled["server"].metrics.exposition()[0].decode()
+    model = precompiled["server"].config.base_models[0]
+    for state, count in progress.items():
+        sample = f'{{base_model="{model}",state="{state}"}} {count}.0'
+        assert "tinker_jax_precompile_programs" + sample in text
+    before = _total()
+    _first_steps(precompiled["server"])
+    assert _total() - before == 0
+    # Without the plan the same steps compile (so the assertion above can fail).
+    assert plain["compilations"] > 0
+
+
+def test_the_plan_puts_the_likely_programs_first(precompiled):
+    (worker,) = precompiled["server"].workers.values()
+    trainer, sampler = worker.engine.trainer, worker.engine.sampler
+    assert precompile.plan(trainer, sampler, "none") == []
+    common = precompile.plan(trainer, sampler, "common")
+    every = precompile.plan(trainer, sampler, "all")
+    assert set(common) < set(every) and len(set(every)) == len(every)
+    assert every[:2] == [precompile.Slots(), precompile.Optim("adamw")]
+    budget = trainer.max_step_tokens
+    trains = [k for k in every if isinstance(k, precompile.Train)]
+    assert {k.loss_fn for k in trains} == set(LOSS_FNS)
+    for key in trains:  # every step fits the token budget, or holds one datum
+        assert key.rows * key.seq <= budget or (key.rows == 1 and key.runs == 1)
+    first_other = min(i for i, k in enumerate(trains) if k.loss_fn != "cross_entropy")
+    assert all(k.loss_fn == "cross_entropy" for k in trains[:first_other])
+    assert precompile.Split(2) in common and precompile.Optim("dimuon") in every
+    with pytest.raises(ValueError, match="precompile level 'some'"):
+        precompile.plan(trainer, sampler, "some")
+
+
+def test_config_refuses_an_unknown_level(tmp_path):
+    with pytest.raises(ValidationError, match="precompile.*'eager' is not one of none"):
+        ServerConfig(base_models=("m",), storage=tmp_path, precompile="eager")
