@@ -36,12 +36,14 @@ from tinker_jax.service.auth import (
 )
 from tinker_jax.service.paths import TinkerPath
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Version 1 lacked api_keys.key_prefix and api_keys.revoked; `Store` adds them (a v1 key shows
 # as `legacy_key_id`). An older tinker-jax refuses a v2 database rather than ignore revocation.
 # Version 2 stored finished results as gRPC messages, version 3 in the service's own encoding
 # (`results.encode`): a result of version 2 not yet delivered fails, asking for a resubmission.
 # Version 4 records each run's optimizer family (runs.optimizer); older runs trained with AdamW.
+# Version 5 marks administrators' keys (api_keys.admin, the console's operator view); older keys
+# are not.
 _MIGRATIONS = {
     1: (
         "ALTER TABLE api_keys ADD COLUMN key_prefix TEXT",
@@ -53,6 +55,7 @@ _MIGRATIONS = {
         " WHERE state = 'done'",
     ),
     3: ("ALTER TABLE runs ADD COLUMN optimizer TEXT NOT NULL DEFAULT 'adamw'",),
+    4: ("ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",),
 }
 # `tinker-jax keys revoke` takes a key prefix only from this length on, so that a typo in a user
 # name does not become a prefix of some key.
@@ -60,6 +63,9 @@ MIN_REVOKE_PREFIX = 8
 DB_NAME = "tinker.db"
 MAX_USER_NAME_LENGTH = 128
 ACCESS_SCOPES = ("owned", "accessible")
+# The newest loss and metric points kept per training run (`add_metric_point`); older ones are
+# dropped as new ones come, so a run's history stays a few MB however long it trains.
+MAX_METRIC_POINTS = 10_000
 
 # Column names equal the record field names below, so rows and records convert generically.
 # Statements are separated by ";" and created together in one transaction.
@@ -74,7 +80,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     user_id TEXT NOT NULL REFERENCES users(user_id),
     created REAL NOT NULL,
     key_prefix TEXT,
-    revoked REAL
+    revoked REAL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
@@ -193,9 +200,18 @@ CREATE TABLE IF NOT EXISTS request_log (
 );
 CREATE INDEX IF NOT EXISTS request_log_by_session ON request_log(session_id, created);
 CREATE INDEX IF NOT EXISTS request_log_by_age ON request_log(created);
+CREATE TABLE IF NOT EXISTS metric_points (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 """
 
-_JSON_FIELDS = frozenset({"user_metadata", "tags"})
+_JSON_FIELDS = frozenset({"user_metadata", "tags", "metrics"})
 _BOOL_FIELDS = frozenset(
     {"finished", "train_mlp", "train_attn", "train_unembed", "public", "retryable"}
 )
@@ -205,12 +221,14 @@ _BOOL_FIELDS = frozenset(
 class KeyRecord:
     """An API key as an administrator sees it: whose, a non-secret id (the key's first
     characters, `auth.display_prefix`, or `auth.legacy_key_id` for a key made before those were
-    stored), when it was created and revoked (None: it still works). Never the key itself."""
+    stored), when it was created and revoked (None: it still works), and whether it is an
+    administrator's (the console's operator view). Never the key itself."""
 
     key_id: str
     user_name: str
     created: float
     revoked: float | None
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,6 +371,22 @@ class SessionStats:
 
 
 @dataclass(frozen=True)
+class MetricPointRecord:
+    """One finished forward_backward, forward or optim_step of a run (`kind`) and the
+    `name:reduction` metrics its result carried (NaN or infinite for a diverged value). `seq`
+    numbers a run's points in the order they finished; `step` is the optimizer step they belong
+    to: 0 until the run's first optim_step has finished (that step's own point included), then
+    one more after each."""
+
+    run_id: str
+    seq: int
+    step: int
+    kind: str
+    time: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class SampledSequenceRecord:
     """A sampled sequence recorded for stable_reinforce (`record_stability_info`): whose it is,
     the session that sampled it, and its request's prompt, its tokens and the sampler's logprob
@@ -398,18 +432,19 @@ def _from_row(cls: type[_Record], row: sqlite3.Row | None) -> _Record | None:
     return cls(**values)
 
 
-def _key_row(key: str, user_id: str, now: float) -> dict[str, Any]:
+def _key_row(key: str, user_id: str, now: float, admin: bool = False) -> dict[str, Any]:
     """The api_keys row of a new key: its hash and its non-secret display prefix."""
     return {
         "key_hash": hash_key(key),
         "user_id": user_id,
         "created": now,
         "key_prefix": display_prefix(key),
+        "admin": int(admin),
     }
 
 
 _KEYS_QUERY = (
-    "SELECT k.key_hash, k.key_prefix, k.created, k.revoked, u.name AS user_name"
+    "SELECT k.key_hash, k.key_prefix, k.created, k.revoked, k.admin, u.name AS user_name"
     " FROM api_keys AS k JOIN users AS u USING (user_id) ORDER BY u.name, k.created, k.rowid"
 )
 
@@ -421,6 +456,7 @@ def _key_record(row: sqlite3.Row) -> KeyRecord:
         user_name=row["user_name"],
         created=row["created"],
         revoked=row["revoked"],
+        admin=bool(row["admin"]),
     )
 
 
@@ -563,9 +599,9 @@ class Store:
 
     # Users and API keys.
 
-    def create_user(self, name: str) -> tuple[str, str]:
-        """Creates a user with one API key; returns (user_id, api_key). Only the key's hash is
-        stored, so this is the one time the key can be seen."""
+    def create_user(self, name: str, admin: bool = False) -> tuple[str, str]:
+        """Creates a user with one API key, an administrator's if `admin`; returns (user_id,
+        api_key). Only the key's hash is stored, so this is the one time the key can be seen."""
         if (
             not isinstance(name, str)
             or not name.strip()
@@ -583,7 +619,7 @@ class Store:
                 {"user_id": user_id, "name": name, "created": now},
                 duplicate=ValidationError("name", f"a user named {name!r} already exists"),
             )
-            self._insert(conn, "api_keys", _key_row(key, user_id, now))
+            self._insert(conn, "api_keys", _key_row(key, user_id, now, admin))
         return user_id, key
 
     def add_key(self, user_id: str) -> str:
@@ -615,6 +651,16 @@ class Store:
         if row is None or not keys_match(api_key, row["key_hash"]):
             return None
         return row["user_id"]
+
+    def is_admin_key(self, api_key: str | None) -> bool:
+        """Whether `api_key` is a valid (not revoked) administrator's key."""
+        if not isinstance(api_key, str) or not api_key:
+            return False
+        row = self._row(
+            "SELECT key_hash, admin FROM api_keys WHERE key_hash = ? AND revoked IS NULL",
+            hash_key(api_key),
+        )
+        return row is not None and bool(row["admin"]) and keys_match(api_key, row["key_hash"])
 
     def list_keys(self) -> list[KeyRecord]:
         """Every API key, revoked ones included, by user name and then creation time."""
@@ -691,6 +737,37 @@ class Store:
         """A user's name, or None if there is no such user."""
         row = self._row("SELECT name FROM users WHERE user_id = ?", user_id)
         return None if row is None else row["name"]
+
+    # Loss and metric history of training runs (the console's curves).
+
+    def add_metric_point(
+        self, run_id: str, kind: str, metrics: dict[str, float], now: float | None = None
+    ) -> MetricPointRecord:
+        """Appends a finished operation's metrics to the run's history (numbered and stepped as
+        `MetricPointRecord` says), dropping the run's oldest points beyond MAX_METRIC_POINTS."""
+        with self._transaction() as conn:
+            last = conn.execute(
+                "SELECT seq, step, kind FROM metric_points WHERE run_id = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+            seq, step = 0, 0
+            if last is not None:
+                seq = last["seq"] + 1
+                step = last["step"] + (last["kind"] == "optim_step")
+            values = {name: float(value) for name, value in metrics.items()}
+            point = MetricPointRecord(run_id, seq, step, kind, _now(now), values)
+            self._insert(conn, "metric_points", _to_row(point))
+            conn.execute(
+                "DELETE FROM metric_points WHERE run_id = ? AND seq <= ?",
+                (run_id, seq - MAX_METRIC_POINTS),
+            )
+        return point
+
+    def metric_points(self, run_id: str) -> list[MetricPointRecord]:
+        """The run's kept history, oldest first."""
+        rows = self._rows("SELECT * FROM metric_points WHERE run_id = ? ORDER BY seq", run_id)
+        return [_from_row(MetricPointRecord, row) for row in rows]
 
     # Weights access tokens: read access to one run's checkpoints for whoever holds one.
 

@@ -156,6 +156,7 @@ def test_a_version_1_database_is_migrated_and_its_keys_can_be_revoked(tmp_path, 
         conn.execute("ALTER TABLE api_keys DROP COLUMN key_prefix")
         conn.execute("ALTER TABLE api_keys DROP COLUMN revoked")
         conn.execute("ALTER TABLE runs DROP COLUMN optimizer")  # added by version 4
+        conn.execute("ALTER TABLE api_keys DROP COLUMN admin")  # added by version 5
         conn.execute("UPDATE schema_version SET version = 1")
     conn.close()
 

@@ -632,6 +632,7 @@ def test_a_version_2_databases_undelivered_results_fail_asking_for_a_resubmissio
     store.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         conn.execute("ALTER TABLE runs DROP COLUMN optimizer")  # added by version 4
+        conn.execute("ALTER TABLE api_keys DROP COLUMN admin")  # added by version 5
         conn.execute("UPDATE schema_version SET version = 2")
     conn.close()
     store = Store(tmp_path)
@@ -657,6 +658,7 @@ def test_a_version_3_databases_runs_become_adamw_runs(tmp_path):
     store.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         conn.execute("ALTER TABLE runs DROP COLUMN optimizer")
+        conn.execute("ALTER TABLE api_keys DROP COLUMN admin")  # added by version 5
         conn.execute("UPDATE schema_version SET version = 3")
     conn.close()
     store = Store(tmp_path)
@@ -668,7 +670,7 @@ def test_a_version_3_databases_runs_become_adamw_runs(tmp_path):
     store = Store(tmp_path)
     assert store.get_run("s:train:1") == dimuon
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchone() == (4,)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (5,)
     conn.close()
     store.close()
 
