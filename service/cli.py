@@ -38,9 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "attention": args.attention,
         "prefix_cache_share": args.prefix_cache_share,
+        "max_seq_len": args.max_seq_len,
+        "prefill_chunk": args.prefill_chunk,
         "mesh": parse_mesh(args.mesh) if args.mesh else None,
+        "precompile": args.precompile,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    values.setdefault("precompile", "common")  # serving compiles ahead unless told not to
     if "storage" not in values:
         raise ValidationError("storage", "give --storage DIR (or storage in the config file)")
     if args.compilation_cache:
@@ -80,7 +84,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     from tinker_jax.service.store import Store
 
     store = Store(Path(args.storage).expanduser().resolve())
-    _, key = store.create_user(args.name)
+    _, key = store.create_user(args.name, admin=args.admin)
     store.close()
     print(key)
     return 0
@@ -104,7 +108,9 @@ def _utc(seconds: float) -> str:
 def _key_line(key: KeyRecord, name_width: int = 0) -> str:
     """One key as `keys list` and `keys revoke` print it: user, key id, created, state."""
     state = "active" if key.revoked is None else f"revoked {_utc(key.revoked)}"
-    return f"{key.user_name:<{name_width}}  {key.key_id}  created {_utc(key.created)}  {state}"
+    admin = "  admin" if key.admin else ""
+    line = f"{key.user_name:<{name_width}}  {key.key_id}  created {_utc(key.created)}  {state}"
+    return line + admin
 
 
 def _keys_list(args: argparse.Namespace) -> int:
@@ -281,17 +287,40 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     serve.add_argument(
         "--attention",
-        choices=["auto", "einsum", "chunked", "xla", "cudnn"],
+        choices=["auto", "einsum", "chunked", "pallas", "xla", "cudnn"],
         default=None,
-        help="self-attention kernel (auto: chunked with a sequence mesh axis, else cuDNN on a "
-        "GPU in bfloat16, xla on CPU, else einsum; chunked: flash-style, memory linear in "
-        "the sequence length)",
+        help="self-attention kernel (auto: with a sequence mesh axis pallas on a TPU, else "
+        "chunked; without one cuDNN on a GPU in bfloat16, xla on CPU, else einsum; chunked: "
+        "flash-style, memory linear in the sequence length; pallas: the same as a Pallas TPU "
+        "kernel, interpreted (slow) on CPU)",
     )
     serve.add_argument(
         "--prefix-cache-share",
         type=float,
         default=None,
         help="KV prefix cache size, as a share of the KV cache (default 0.25; 0: off)",
+    )
+    serve.add_argument(
+        "--precompile",
+        choices=["none", "common", "all"],
+        default=None,
+        help="compile the engine's programs in the background from start-up, most likely "
+        "first (default common: the default loss, one or several runs per step, sampling "
+        "from one or several adapters; all: every loss, shape and mix)",
+    )
+    serve.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longest sequence (prompt + sampled tokens) and KV cache length, at most the "
+        "model's context (default 4096); refused at start-up when the memory plan does not fit",
+    )
+    serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt positions one prefill computes at most, a power of two (default 2048): "
+        "longer prompts prefill in chunks, their activations bounded by one chunk",
     )
     serve.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve.add_argument("--compilation-cache", type=Path, help="JAX persistent cache folder")
@@ -313,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     create = keys_sub.add_parser("create", help="create a user and print its new API key")
     create.add_argument("name")
     create.add_argument("--storage", required=True)
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="an administrator's key: the web console shows it the server's load",
+    )
     create.set_defaults(func=_keys_create)
     listing = keys_sub.add_parser(
         "list", help="list every API key: user, key prefix, created, revoked or active"

@@ -9,6 +9,8 @@ from typing import Any
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.models.decoder import ATTENTION_KERNELS, SEQUENCE_KERNELS
+from tinker_jax.precompile import LEVELS as PRECOMPILE_LEVELS
+from tinker_jax.sampler import PREFILL_CHUNK, check_prefill_chunk
 from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.sharding import MESH_AXES
 from tinker_jax.storage import resolve as resolve_location
@@ -45,6 +47,9 @@ class ServerConfig:
     # that starts with its own earlier prompt prefills only the rest. 0 turns it off.
     prefix_cache_share: float = 0.25
     max_seq_len: int | None = 4096
+    # Prompt positions one sampler prefill computes at most (a power of two): a longer prompt
+    # is prefilled that many at a time, so its activations are a chunk's, not the prompt's.
+    prefill_chunk: int = PREFILL_CHUNK
     dtype: str = "float32"
     # Self-attention kernel for training and prefill: "auto" is auto_attention_kernel's pick
     # for the backend and dtype; or a name in ATTENTION_KERNELS.
@@ -76,6 +81,9 @@ class ServerConfig:
     # it the user's least recently used records are dropped, so one user's sampling cannot
     # fill the database (records also expire a day after their last use).
     max_recorded_sequences_per_user: int = 200_000
+    # Programs compiled in the background from start-up (`tinker_jax.precompile.LEVELS`):
+    # "none", "common" (`tinker-jax serve`'s default) or "all".
+    precompile: str = "none"
 
     def __post_init__(self):
         if not self.base_models:
@@ -96,6 +104,11 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValidationError(name, f"{getattr(self, name)} must be >= 1")
+        if self.max_seq_len is not None and (
+            isinstance(self.max_seq_len, bool) or self.max_seq_len < 2
+        ):
+            raise ValidationError("max_seq_len", f"{self.max_seq_len} must be >= 2")
+        check_prefill_chunk(self.prefill_chunk)
         if not 0 <= self.prefix_cache_share <= 1:
             raise ValidationError(
                 "prefix_cache_share", f"{self.prefix_cache_share} is outside [0, 1]"
@@ -108,6 +121,11 @@ class ServerConfig:
             raise ValidationError("port", f"{self.port} is outside [0, 65535]")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValidationError("http_port", f"{self.http_port} is outside [0, 65535]")
+        if self.precompile not in PRECOMPILE_LEVELS:
+            raise ValidationError(
+                "precompile",
+                f"{self.precompile!r} is not one of {', '.join(PRECOMPILE_LEVELS)}",
+            )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValidationError("dtype", f"{self.dtype!r} is not float32 or bfloat16")
         if self.attention != "auto" and self.attention not in ATTENTION_KERNELS:

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from etils import epath
@@ -86,6 +86,7 @@ from tinker_jax.service.results import (
 from tinker_jax.service.scheduler import TenantLimits
 from tinker_jax.service.store import (
     CheckpointRecord,
+    MetricPointRecord,
     RunRecord,
     SamplerRecord,
     SessionRecord,
@@ -126,6 +127,10 @@ class _Outcome:
     error: str | None = None
     category: str | None = None
     retryable: bool = False
+
+
+# The results whose metrics a run's history records (`ServiceCore._recorded`).
+_Measured = TypeVar("_Measured", ForwardBackwardResult, OptimStepResult)
 
 
 class ServiceCore:
@@ -218,6 +223,12 @@ class ServiceCore:
         if user is None:
             raise Unauthenticated("missing or invalid API key (send it as x-api-key)")
         return user
+
+    def check_admin(self, api_key: str | None) -> None:
+        """PermissionDenied unless `api_key` is an administrator's (`tinker-jax keys create
+        --admin`): what an operator's views (server-wide load) ask of their caller."""
+        if not self.store.is_admin_key(api_key):
+            raise PermissionDenied("this view is for administrators' keys (keys create --admin)")
 
     def user_name(self, user: str) -> str:
         """The name of the user with id `user` (request logs show it), read once: names never
@@ -786,13 +797,14 @@ class ServiceCore:
                 forward_only=forward_only,
             )
 
+        kind = "forward" if forward_only else "forward_backward"
         return self._start(
             user,
             request_id,
-            "forward" if forward_only else "forward_backward",
+            kind,
             worker,
             op,
-            _forward_backward_result,
+            lambda out: self._recorded(model_id, kind, _forward_backward_result(out)),
             run_id=model_id,
             seq_id=seq_id,
             tokens=0 if forward_only else sum(len(d.tokens) for d in datums),
@@ -848,10 +860,26 @@ class ServiceCore:
             "optim_step",
             worker,
             lambda done, fail: OptimStep(done, fail, params=checked),
-            OptimStepResult,
+            lambda metrics: self._recorded(model_id, "optim_step", OptimStepResult(metrics)),
             run_id=model_id,
             seq_id=seq_id,
         )
+
+    def _recorded(self, run_id: str, kind: str, result: _Measured) -> _Measured:
+        """The result of a run's forward_backward, forward or optim_step, once its metrics are
+        in the run's history (`metric_history`). A history the store cannot write (its
+        database locked by another process) loses that point, never the result."""
+        try:
+            self._write(self.store.add_metric_point, run_id, kind, result.metrics)
+        except sqlite3.Error as e:
+            log.warning("the metric history of run %s misses a %s point: %s", run_id, kind, e)
+        return result
+
+    def metric_history(self, user: str, run_id: str) -> list[MetricPointRecord]:
+        """The loss and metrics of the user's run, one point per finished forward_backward,
+        forward and optim_step, oldest first (the newest store.MAX_METRIC_POINTS of them).
+        Another user's run is not found, whatever it has published: a history is its owner's."""
+        return self.store.metric_points(self._run(user, run_id).run_id)
 
     def save_weights(
         self,

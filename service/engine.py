@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tinker_jax import checkpoints, storage
+from tinker_jax import checkpoints, precompile, storage
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRASpec
 from tinker_jax.models.decoder import auto_attention_kernel
-from tinker_jax.sampler import Sampler
+from tinker_jax.sampler import PREFILL_CHUNK, Sampler
 from tinker_jax.service import engine_calls as calls
 from tinker_jax.service import external_weights
 from tinker_jax.sharding import make_mesh, sequence_shards
@@ -50,6 +50,7 @@ class EngineSettings:
     sampler_slots: int = 32
     sampler_rows: int = 32
     prefix_cache_share: float = 0.0  # see ServerConfig
+    prefill_chunk: int = PREFILL_CHUNK  # see ServerConfig
     max_seq_len: int | None = None
     mesh: dict[str, int] | None = None
     dtype: str = "float32"
@@ -95,6 +96,7 @@ class Engine:
             rows=settings.sampler_rows,
             max_len=settings.max_seq_len,
             prefix_cache_share=settings.prefix_cache_share,
+            prefill_chunk=settings.prefill_chunk,
             decode_text=self.tokenizer.decode if self.tokenizer is not None else None,
         )
         trainer, sampler = self.trainer, self.sampler
@@ -114,6 +116,7 @@ class Engine:
             calls.Submit: lambda c: sampler.submit(c.request),
             calls.Step: lambda c: sampler.step(),
             calls.Reset: lambda c: sampler.reset(),
+            calls.Precompile: lambda c: precompile.warm(trainer, sampler, c.key),
         }
 
     def call(self, call: calls.EngineCall) -> Any:

@@ -45,7 +45,7 @@ from starlette.routing import Route
 
 from tinker_jax import storage
 from tinker_jax.errors import ValidationError
-from tinker_jax.service import external_weights, object_download, openai_http
+from tinker_jax.service import console, external_weights, object_download, openai_http
 from tinker_jax.service import http_codec as codec
 from tinker_jax.service.auth import display_prefix, hash_key
 from tinker_jax.service.core import MAX_ID_LENGTH, MAX_LONG_POLL_SECONDS, ServiceCore
@@ -147,6 +147,11 @@ class Call:
 
     def query(self, name: str, default: str = "") -> str:
         return self.request.query_params.get(name, default)
+
+    @property
+    def api_key(self) -> str | None:
+        """The key the request was authenticated with (`X-API-Key` or a bearer token)."""
+        return self.request.headers.get("x-api-key") or _bearer(self.request)
 
     @property
     def request_id(self) -> str:
@@ -256,6 +261,10 @@ class TinkerHTTP:
         routes += [
             self._route("/" + path, self.unsupported(what)) for path, what in UNSUPPORTED.items()
         ]
+        # The web console: its page (no key) and its JSON routes (authenticated as above).
+        console_routes = console.ConsoleRoutes(core, metrics)
+        routes += console_routes.pages()
+        routes += [self._route(p, h, m) for p, m, h in console_routes.handlers()]
         # OpenAI-compatible inference: answers wait for the sampler, so on the long-poll pool.
         openai = openai_http.OpenAIRoutes(core).handlers()
         routes += [
@@ -388,7 +397,12 @@ class TinkerHTTP:
         return _error(500, f"internal error: {type(e).__name__}: {e}")
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        """An unknown path or method: in OpenAI's error shape under its prefixes (the clients
+        there read `error.message`), in Tinker's elsewhere."""
+        tinker = _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        if request.url.path.startswith(openai_http.PREFIXES):
+            return openai_http.error_response(exc, tinker)
+        return tinker
 
     async def _metrics(self, request: Request) -> Response:
         """Prometheus's scrape (`service.metrics`). It takes any user's API key (X-API-Key,

@@ -26,6 +26,7 @@ from tinker_jax.service.engine import (
 )
 from tinker_jax.service.grpc_server import start_grpc
 from tinker_jax.service.metrics import Metrics, count_compilations
+from tinker_jax.service.precompile import Precompiler
 from tinker_jax.service.store import Store
 from tinker_jax.service.worker import EngineWorker
 
@@ -56,6 +57,7 @@ def _plan_memory(config: ServerConfig) -> None:
             sampler_rows=config.sampler_rows,
             prefix_cache_share=config.prefix_cache_share,
             max_seq_len=config.max_seq_len,
+            prefill_chunk=config.prefill_chunk,
             train_batch_tokens=step_tokens(config),
             attention=attention,
         )
@@ -78,6 +80,7 @@ def _engine_settings(config: ServerConfig) -> EngineSettings:
         sampler_slots=config.sampler_slots,
         sampler_rows=config.sampler_rows,
         prefix_cache_share=config.prefix_cache_share,
+        prefill_chunk=config.prefill_chunk,
         max_seq_len=config.max_seq_len,
         mesh=config.mesh,
         dtype=config.dtype,
@@ -122,7 +125,13 @@ class Server:
         for name in config.base_models:
             log.info("loading %s", name)
             self.workers[name] = EngineWorker(name, settings, self.stream)
-        self.metrics = Metrics(self.workers, jax.local_devices)
+        # Started once the server listens: the plan runs in the background.
+        self.precompilers = {
+            name: Precompiler(worker, config.precompile)
+            for name, worker in self.workers.items()
+            if config.precompile != "none"
+        }
+        self.metrics = Metrics(self.workers, jax.local_devices, self.precompilers)
         self.core = ServiceCore(config, self.store, self.workers, self.metrics)
         self.http = None
         if config.http_port is not None:
@@ -147,6 +156,8 @@ class Server:
             self.port,
             config.storage,
         )
+        for precompiler in self.precompilers.values():
+            precompiler.start()
 
     def _housekeeping(self) -> None:
         """Every sweep_interval_seconds the sweep, then the database copy beside the
@@ -180,6 +191,8 @@ class Server:
         if self.http is not None:
             self.http.stop()
         self.grpc.stop(grace=2).wait()
+        for precompiler in self.precompilers.values():
+            precompiler.stop()
         for worker in self.workers.values():
             worker.close()
         if self.stream is not None:
