@@ -323,6 +323,12 @@ def test_errors_have_openais_shape_on_the_wire(server):
     status, answer = _post(server, "/oai/api/v1/completions", b"{not json", server.keys["alice"])
     assert status == 400 and answer["error"]["type"] == "invalid_request_error"
     assert "not valid JSON" in answer["error"]["message"]
+    for prefix in openai_http.PREFIXES:  # a route we do not serve: OpenAI's shape still
+        status, answer = _post(server, prefix + "/embeddings", body, server.keys["alice"])
+        assert status == 404 and answer["error"]["type"] == "not_found_error"
+        assert prefix + "/embeddings" in answer["error"]["message"]
+    status, answer = _post(server, "/api/v1/embeddings", body, server.keys["alice"])
+    assert status == 404 and set(answer) == {"detail"}  # Tinker's own routes keep theirs
 
 
 # ------------------------------------------------------------------------- chat
