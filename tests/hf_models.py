@@ -88,6 +88,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The shapes of a real Qwen3-8B (no weights are ever made of it): what the memory plan's
+# working sets weigh in a real model.
+QWEN3_8B = dict(
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+)
+
 # Each message as "role: content" on its own line, then "assistant:" for the reply: a chat
 # template as small as a chat model's, for the OpenAI-compatible endpoint's chat route.
 CHAT_TEMPLATE = (

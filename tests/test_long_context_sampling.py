@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from tests.hf_models import TINY_CONFIGS, save_hf_model
+from tests.hf_models import QWEN3_8B, TINY_CONFIGS, save_hf_model
 from tests.server_process import ServerProcess
 from tests.sft_data import sft_data
 from tinker_jax import ServiceClient
@@ -160,19 +160,6 @@ def test_prefill_chunk_is_validated(tmp_path):
         with pytest.raises(ValidationError, match="prefill_chunk"):
             ServerConfig(base_models=("m",), storage=tmp_path, prefill_chunk=bad)
     assert ServerConfig(base_models=("m",), storage=tmp_path, prefill_chunk=512).prefill_chunk
-
-
-# A Qwen3-8B's shapes: what the working sets weigh in a real model.
-QWEN3_8B = dict(
-    TINY_CONFIGS["qwen3"],
-    vocab_size=151936,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-)
 
 
 def _plan(mesh, max_seq_len=131072, prefill_chunk=2048, n_devices=4, model=TINY_CONFIGS["qwen3"]):

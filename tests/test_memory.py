@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.hf_models import QWEN3_8B
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import target_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, LoRASpec
@@ -39,19 +40,6 @@ HAND = dict(
     tie_word_embeddings=False,
 )
 
-QWEN3_8B = dict(
-    model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=False,
-    rope_theta=1000000.0,
-)
 
 SETTINGS = dict(
     max_adapters=4,
