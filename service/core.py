@@ -1082,6 +1082,7 @@ class ServiceCore:
         target_prompt_logprobs: np.ndarray | None = None,
         target_sparse: bool = False,
         prompt_alt_tokens_k: int = 0,
+        on_progress: Callable[[int, list[int]], None] | None = None,
     ) -> tuple[str, list[str]]:
         """`prompt`: [tokens] token ids. `prompt_logprobs_last_n` keeps only the last n
         positions' prompt logprobs (and top-k rows); the earlier ones come back as not
@@ -1089,7 +1090,9 @@ class ServiceCore:
         sampler's logprobs) under its sequence id for stable_reinforce training in the
         sampler's session, before the result is delivered. `topk_sample_logprobs`,
         `target_prompt_logprobs` ([prompt - 1, K] ids, -1 = none; `target_sparse`: answer it
-        as a CSR tensor) and `prompt_alt_tokens_k` are SDK 0.38's (see `SampleRequest`)."""
+        as a CSR tensor) and `prompt_alt_tokens_k` are SDK 0.38's (see `SampleRequest`).
+        `on_progress(sample index, tokens so far)` is called on the engine thread as the
+        samples grow (a streaming front end's partial text); it must return at once."""
         record = self.store.get_sampler(_id(sampler_id, "sampling_session_id"))
         if record is None or record.user_id != user:
             raise NotFound(f"sampling session {sampler_id} not found")
@@ -1143,7 +1146,7 @@ class ServiceCore:
             "sample",
             worker,
             lambda done, fail: Sample(
-                done, fail, sampler_id=sampler_id, request=checked, user=user
+                done, fail, sampler_id=sampler_id, request=checked, user=user, progress=on_progress
             ),
             respond,
             sequences=num_samples,

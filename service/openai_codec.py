@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tinker_jax.errors import ValidationError
@@ -433,31 +433,102 @@ def response_json(
     }
 
 
-def stream_events(
-    gen: Generation, request_id: str, created: int, sampled: list[Choice], prompt_tokens: int
-) -> bytes:
-    """The response as server-sent events: per choice one chunk of its text (with its
-    logprobs) and one of its finish reason, then a usage chunk when `include_usage` asked
-    for one, then `[DONE]`. The text of a choice comes in one chunk: sampling results reach
-    this front end whole, through the core's futures."""
-    head = _head(gen, request_id, created, chunk=True)
+class TextStream:
+    """One streamed choice's text as its tokens grow: `update` gives the text not yet sent
+    (`decode` of the tokens so far, cut before a stop string), `finish` what the final text
+    adds. Text that could still change is held back: a trailing unfinished character, and
+    with stop strings the last characters that might begin one (a stop string is never
+    sent, even in part)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]):
+        self.decode = decode
+        self.stops = tuple(stops)
+        self.hold = max((len(stop) for stop in self.stops), default=1) - 1
+        self.sent = ""
+        self.stopped = False
+
+    def update(self, tokens: list[int]) -> str:
+        """The new text of `tokens` (the sample so far), "" when there is none yet."""
+        if self.stopped:
+            return ""
+        text = self.decode(tokens)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        else:
+            text = text.rstrip("\ufffd")
+            text = text[: max(len(text) - self.hold, 0)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def finish(self, text: str) -> str:
+        """What the choice's final text adds to the text sent."""
+        rest = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent = text
+        return rest
+
+
+def stream_start(gen: Generation, head: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks that open a stream: a chat's assistant role, per choice."""
+    if not gen.chat:
+        return []
+    role = {"role": "assistant", "content": ""}
+    return [
+        {**head, "choices": [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}]}
+        for i in range(gen.n)
+    ]
+
+
+def stream_delta(gen: Generation, head: dict[str, Any], index: int, text: str) -> dict:
+    """The chunk of a choice's new text (streamed without logprobs)."""
+    body = {"delta": {"content": text}} if gen.chat else {"text": text}
+    return {**head, "choices": [{"index": index, **body, "logprobs": None, "finish_reason": None}]}
+
+
+def stream_end(
+    gen: Generation,
+    head: dict[str, Any],
+    sampled: list[Choice],
+    prompt_tokens: int,
+    streams: Mapping[int, TextStream],
+) -> list[dict[str, Any]]:
+    """The chunks that close a stream: per choice the text its final result adds to what was
+    streamed (`streams`; with logprobs, as they are never streamed, the whole text and its
+    logprobs), then its finish reason; then usage when `include_usage` asked for it."""
     chunks = []
     for c in sampled:
-        if gen.chat:
-            delta = {"role": "assistant", "content": c.text}
-            text = {"delta": delta, "logprobs": _chat_logprobs(c.logprobs)}
-            end = {"delta": {}, "logprobs": None}
-        else:
-            text = {"text": c.text, "logprobs": _completion_logprobs(c.logprobs)}
-            end = {"text": "", "logprobs": None}
-        chunks.append({**head, "choices": [{"index": c.index, **text, "finish_reason": None}]})
+        rest = streams[c.index].finish(c.text) if c.index in streams else c.text
+        if rest or c.logprobs is not None:
+            if gen.chat:
+                body = {"delta": {"content": rest}, "logprobs": _chat_logprobs(c.logprobs)}
+            else:
+                body = {"text": rest, "logprobs": _completion_logprobs(c.logprobs)}
+            chunks.append({**head, "choices": [{"index": c.index, **body, "finish_reason": None}]})
+        end = {"delta": {}} if gen.chat else {"text": ""}
         chunks.append(
-            {**head, "choices": [{"index": c.index, **end, "finish_reason": c.finish_reason}]}
+            {
+                **head,
+                "choices": [
+                    {"index": c.index, **end, "logprobs": None, "finish_reason": c.finish_reason}
+                ],
+            }
         )
     if gen.include_usage:
         chunks.append({**head, "choices": [], "usage": usage(prompt_tokens, sampled)})
-    events = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
-    return "".join(events).encode()
+    return chunks
+
+
+def event(chunk: dict[str, Any] | str) -> bytes:
+    """One server-sent event: a chunk as JSON, or a literal ("[DONE]")."""
+    data = chunk if isinstance(chunk, str) else json.dumps(chunk)
+    return f"data: {data}\n\n".encode()
+
+
+def chunk_head(gen: Generation, request_id: str, created: int) -> dict[str, Any]:
+    """The fields every chunk of a stream repeats."""
+    return _head(gen, request_id, created, chunk=True)
 
 
 def _head(gen: Generation, request_id: str, created: int, chunk: bool) -> dict[str, Any]:

@@ -16,12 +16,13 @@ not trained on would degrade it silently), and `completions` remains for such mo
 from __future__ import annotations
 
 import json
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from tinker_jax.errors import ValidationError
 from tinker_jax.service import openai_codec as codec
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from tinker_jax.service.http_server import Call
 
 PREFIXES = ("/oai/api/v1", "/v1")
+# How long a stream waits for its samples' progress before it checks for the result.
+STREAM_POLL_SECONDS = 0.25
 WEIGHTS_TOKEN_HEADER = "x-tinker-weights-access-token"
 
 
@@ -94,6 +97,10 @@ class OpenAIRoutes:
                 "model", f"{sampler.base_model} has no tokenizer, which text requests need"
             )
         prompt = prompt_tokens(gen, tokenizer, sampler.base_model)
+        # A stream without logprobs is sent as the samples grow (the sampler's progress).
+        progress: queue.SimpleQueue[tuple[int, list[int]]] | None = None
+        if gen.stream and gen.logprobs is None:
+            progress = queue.SimpleQueue()
         try:
             request_id, _ = self.core.sample(
                 call.user,
@@ -105,25 +112,70 @@ class OpenAIRoutes:
                 False,
                 0,
                 topk_sample_logprobs=gen.logprobs or 0,
+                on_progress=None if progress is None else lambda i, t: progress.put((i, t)),
             )
         except ValidationError as e:  # the sampler's checks, in the names of this request
             field = gen.field(e.field)
             raise ValidationError(field, str(e).removeprefix(f"{e.field}: ")) from None
-        result = self._wait(call.user, request_id)
-        sampled = codec.choices(
-            gen,
-            result.sequences,
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            lambda t: tokenizer.decode([t]),
-        )
         created = int(time.time())
+
+        def text_of(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        def sampled(result: SampleResult) -> list[codec.Choice]:
+            return codec.choices(gen, result.sequences, text_of, lambda t: tokenizer.decode([t]))
+
         if gen.stream:
-            return Response(
-                codec.stream_events(gen, request_id, created, sampled, len(prompt)),
+            head = codec.chunk_head(gen, request_id, created)
+            return StreamingResponse(
+                self._events(
+                    call.user, request_id, gen, head, len(prompt), text_of, sampled, progress
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return codec.response_json(gen, request_id, created, sampled, len(prompt))
+        result = self._wait(call.user, request_id)
+        return codec.response_json(gen, request_id, created, sampled(result), len(prompt))
+
+    def _events(
+        self,
+        user: str,
+        request_id: str,
+        gen: codec.Generation,
+        head: dict[str, Any],
+        prompt_len: int,
+        text_of: Callable[[list[int]], str],
+        sampled: Callable[[SampleResult], list[codec.Choice]],
+        progress: queue.SimpleQueue | None,
+    ) -> Iterator[bytes]:
+        """A request's server-sent events: each choice's text as its tokens arrive
+        (`progress`: (choice, tokens so far) from the engine thread; None: the whole text at
+        the end), then its end, usage and `[DONE]`. A failure once the stream has begun is
+        sent as an error event (the status line has gone)."""
+        streams = {i: codec.TextStream(text_of, gen.params.stop_strings()) for i in range(gen.n)}
+        for chunk in codec.stream_start(gen, head):
+            yield codec.event(chunk)
+        while True:
+            for index, tokens in sorted(_latest(progress).items()):
+                text = streams[index].update(tokens)
+                if text:
+                    yield codec.event(codec.stream_delta(gen, head, index, text))
+            try:  # never a long-poll: a stream holds none of the user's long-poll places
+                outcome = self.core.retrieve(user, request_id, 0.0)
+            except ServiceError as e:
+                yield codec.event(codec.error_json(500, str(e), None))
+                return
+            match outcome:
+                case Pending():
+                    continue
+                case Failure(message, category, _):
+                    status = 400 if category == "user" else 500
+                    yield codec.event(codec.error_json(status, message, None))
+                    return
+            for chunk in codec.stream_end(gen, head, sampled(outcome), prompt_len, streams):
+                yield codec.event(chunk)
+            yield codec.event("[DONE]")
+            return
 
     def _wait(self, user: str, request_id: str) -> SampleResult:
         """The request's result, long-polled like a Tinker client's `retrieve_future`."""
@@ -171,3 +223,21 @@ def error_response(error: Exception, tinker: Response) -> Response:
         media_type="application/json",
         headers=headers,
     )
+
+
+def _latest(progress: queue.SimpleQueue | None) -> dict[int, list[int]]:
+    """The newest tokens of each choice reported since the last call, waiting up to
+    STREAM_POLL_SECONDS for the first report; {} without reports (and after that wait when
+    there are none to wait for)."""
+    latest: dict[int, list[int]] = {}
+    if progress is None:
+        time.sleep(STREAM_POLL_SECONDS)
+        return latest
+    try:
+        index, tokens = progress.get(timeout=STREAM_POLL_SECONDS)
+        latest[index] = tokens
+        while True:
+            index, tokens = progress.get_nowait()
+            latest[index] = tokens
+    except queue.Empty:
+        return latest

@@ -121,3 +121,6 @@ class Sample(Op):
     sampler_id: str
     request: CheckedSample  # as `check_sample` returned it
     user: str = ""  # whose request: sampling is admitted by sequence, users in turn
+    # Called on the engine thread after each sampler step with (sample index, its tokens so
+    # far) for every sample in the sampler (a streaming client's text before the result).
+    progress: Callable[[int, list[int]], None] | None = None

@@ -636,9 +636,24 @@ class EngineWorker:
             job.remaining -= chunk.count
             if not job.remaining:
                 self._done(job.op, _merged(job.results))
+        self._report_progress()
         closing = [sid for sid, sampler in self._samplers.items() if sampler.closing]
         for sid in closing:
             self._close_sampler(sid)
+
+    def _report_progress(self) -> None:
+        """Tells each streaming request in the sampler the tokens of its samples so far
+        (`Sample.progress`); a failing callback is logged and stops that request's reports."""
+        for rid, (job, chunk) in self._in_flight.items():
+            report = job.op.progress
+            if report is None or job.failed:
+                continue
+            try:
+                for index, tokens in self.sampler.progress(rid).items():
+                    report(chunk.start + index, tokens)
+            except Exception:  # noqa: BLE001 - a client's callback must not stop the thread
+                log.error("reporting sampling progress failed: %s", traceback.format_exc())
+                job.op.progress = None
 
     def _fail_in_flight(self, error: Exception) -> None:
         """A failed sampler step loses its batch: fail those requests (retryable)."""

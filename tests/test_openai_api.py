@@ -389,3 +389,56 @@ def test_the_cores_refusals_keep_their_status_in_openais_shape():
     error = json.loads(answer.body)["error"]
     assert error["type"] == "rate_limit_error" and error["param"] is None
     assert "max_sequences_in_flight_per_user" in error["message"]
+
+
+# ------------------------------------------------------------------------- streaming
+
+
+def _decode(ids: list[int]) -> str:
+    """A toy detokenizer: token 0 is the first half of "é" (alone: an unfinished
+    character), token 1 its second half; others are letters."""
+    text, i = "", 0
+    while i < len(ids):
+        if ids[i] == 0:
+            text += "é" if ids[i + 1 : i + 2] == [1] else "\ufffd"
+            i += 2 if ids[i + 1 : i + 2] == [1] else 1
+        else:
+            text += chr(ord("a") + ids[i] - 2)
+            i += 1
+    return text
+
+
+def test_a_streamed_text_grows_by_its_new_characters_only():
+    stream = codec.TextStream(_decode, [])
+    assert [stream.update(t) for t in ([2], [2, 3], [2, 3], [2, 3, 0], [2, 3, 0, 1])] == [
+        "a",
+        "b",
+        "",
+        "",  # half a character is never sent
+        "é",
+    ]
+    assert stream.finish("abé") == ""
+
+
+def test_a_streamed_text_never_sends_a_stop_string_even_in_part():
+    stream = codec.TextStream(_decode, ["cd", "xyz"])  # held back: 2 characters
+    sent = [stream.update([2, 3, 4][:n]) for n in (1, 2, 3)]
+    assert sent == ["", "", "a"]
+    assert stream.update([2, 3, 4, 5, 6]) == "b"  # "abcde": "cd" found, cut before it
+    assert stream.stopped and stream.update([2, 3, 4, 5, 6, 7]) == ""
+    assert stream.finish("ab") == ""
+    held = codec.TextStream(_decode, ["xyz"])
+    assert held.update([2, 3, 4]) == "a" and held.finish("abc") == "bc"  # the end sends the rest
+
+
+def test_streaming_with_a_stop_string_sends_the_text_of_the_whole_answer(server):
+    client = _client(server)
+    full = _complete(client, server.model, max_tokens=24, temperature=0).choices[0].text
+    stop = full[6:8]
+    assert len(stop) == 2, f"the greedy text {full!r} is too short for this test"
+    kwargs = dict(max_tokens=24, temperature=0, stop=[stop])
+    whole = _complete(client, server.model, **kwargs).choices[0]
+    chunks = list(_complete(client, server.model, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert whole.text == full[: full.find(stop)] and stop not in whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "stop"

@@ -283,6 +283,35 @@ def test_a_real_write_lock_on_the_database_returns_the_queue_place(env):
     env.core.finish_session(env.users["dave"], session, "")
 
 
+def test_a_samples_progress_reaches_its_caller_as_it_grows(env):
+    """`on_progress` (what an OpenAI stream sends) is told each sample's tokens after every
+    sampler step: growing prefixes of the result, the first well before its end (the prefill's
+    token and one call's 16 decode steps; the sample is 40 tokens)."""
+    session = env.session("dave")
+    sampler = env.core.create_sampling_session(env.users["dave"], session, 0, env.model, "")
+    reports: list[tuple[int, list[int]]] = []
+    params = SamplingParams(max_tokens=40, seed=5, stop=[])
+    rid, _ = env.core.sample(
+        env.users["dave"],
+        "",
+        sampler,
+        np.asarray([3, 1, 4]),
+        2,
+        params,
+        False,
+        0,
+        on_progress=lambda i, tokens: reports.append((i, tokens)),
+    )
+    result = _ok(env.outcome("dave", rid))
+    for index, seq in enumerate(result.sequences):
+        mine = [tokens for i, tokens in reports if i == index]
+        assert 2 <= len(mine) and [len(t) for t in mine] == sorted(len(t) for t in mine)
+        assert all(t == list(seq.tokens[: len(t)]) for t in mine)
+        assert 0 < len(mine[0]) <= 17 < len(seq.tokens) == 40
+    env.core.finish_session(env.users["dave"], session, "")
+    _settled(env)
+
+
 # ------------------------------------------------------------------ 4. sampling by sequence
 
 

@@ -580,6 +580,19 @@ class Sampler:
     def has_work(self) -> bool:
         return bool(self._pending)
 
+    def progress(self, request_id: int) -> dict[int, list[int]]:
+        """The tokens each sample of a request still in the sampler has so far, by sample
+        index (samples not yet admitted are absent): what a streaming client is sent before
+        the result. A sample ended by a stop string may lose its last tokens in the result."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return {}
+        out = {i: list(seq.tokens) for i, seq in pending.done.items()}
+        rows = self._rows
+        for r in np.flatnonzero(rows.request == request_id):
+            out[int(rows.sample[r])] = list(rows.tokens[r])
+        return out
+
     def reset(self) -> None:
         """Drops every queued and running request (after a failed step). The cache rows are
         rewritten by the next prefill and never read past a row's own positions, so they need
