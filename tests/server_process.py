@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 SHARED_MAX_BODY = 4 * 1024 * 1024  # the shared server's HTTP body limit (conftest.py)
 
 
@@ -64,7 +66,7 @@ class ServerProcess:
         env.pop("XLA_FLAGS", None)  # one CPU device: the server's mesh is the default one
         env["JAX_PLATFORMS"] = "cpu"
         env.update(self._env)
-        cache = Path.home() / ".cache" / "tinker_jax_tests_xla"
+        cache = jax.config.jax_compilation_cache_dir  # the suite's (tests/conftest.py)
         suffix = f".{self._launches}" if self._launches else ""
         self._launches += 1
         self.log = storage.parent / f"{storage.name}{suffix}.log"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,7 +28,6 @@ MESH = "data=2,fsdp=2,tensor=2"
 # The serving comparison starts three servers, and process 1 compiles every program afresh
 # each time (only process 0 writes the persistent cache): CI runs it in its `-m slow` step.
 SLOW = pytest.mark.slow
-CACHE = Path.home() / ".cache" / "tinker_jax_tests_xla"
 
 
 def _devices(n: int) -> dict[str, str]:
@@ -112,7 +112,7 @@ def results(hf_model_dir, tmp_path_factory, gcs):
             "--max-adapters",
             "8",
             "--compilation-cache",
-            str(CACHE),
+            jax.config.jax_compilation_cache_dir,
             *args,
             *join,
             "--process-id",
