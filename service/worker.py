@@ -7,7 +7,9 @@ may wait behind a missing seq_id, and they fail when the gap stays open past
 `parked_timeout_seconds` or the run ends. Each tick takes the next ready operation of every
 run, so forward(_backward) calls of different runs with the same loss function execute as one
 batched engine call, then the sampler advances all sampling requests by a few decode steps:
-training and sampling interleave, and no run or user can hold the thread for long.
+training and sampling interleave, and no run or user can hold the thread for long. What each
+operation does on the engine is its executor's (`executors`); which sampler slot holds each
+sampling session's weights is `sampler_slots`'s.
 
 Sampling requests wait here and enter the sampler by sequence (`scheduler.SequenceAdmission`):
 a request of many samples goes in as sub-requests of at most the sampler's rows, users in
@@ -21,43 +23,28 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import itertools
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
-from tinker_jax.batching import Datum, RunBatch, check_datums
+from tinker_jax.batching import Datum, check_datums
 from tinker_jax.distributed import MessageStream
 from tinker_jax.errors import ValidationError
 from tinker_jax.sampler import CheckedSample, SampleRequest, SampleResult
 from tinker_jax.service import engine_calls as calls
 from tinker_jax.service.engine import Engine, EngineSettings
 from tinker_jax.service.errors import ResourceExhausted, ServiceError
-from tinker_jax.service.operations import (
-    CreateRun,
-    ExportExternal,
-    ForwardBackward,
-    LoadIntoRun,
-    LoadRun,
-    Op,
-    OpenSampler,
-    OptimStep,
-    Refused,
-    Sample,
-    SaveState,
-    SnapshotForSampler,
-)
+from tinker_jax.service.executors import Executors, deliver, deliver_failure
+from tinker_jax.service.operations import CreateRun, ForwardBackward, LoadRun, Op, Sample
+from tinker_jax.service.sampler_slots import SamplerSlots
 from tinker_jax.service.scheduler import (
     Chunk,
     QueueBounds,
     RunOrder,
     SequenceAdmission,
-    SlotHolder,
     TenantLimits,
-    choose_eviction,
 )
 
 log = logging.getLogger("tinker_jax.worker")
@@ -68,25 +55,6 @@ class Callback(Op):
     """Runs `fn` on the engine thread between operations (slot releases, precompilation)."""
 
     fn: Callable[[], None]
-
-
-@dataclasses.dataclass
-class _Sampler:
-    """A sampling session's adapter: in sampler slot `slot` (None: the base model, or evicted
-    when `evicted`). One opened from a checkpoint (`location`) reloads after an eviction; an
-    ephemeral snapshot of a training run cannot."""
-
-    slot: int | None
-    location: str | None
-    last_used: int
-    user: str = ""
-    evicted: bool = False
-    # Its session ended while a request of it was in the sampler: its slot is freed (and the
-    # record dropped) once that request leaves.
-    closing: bool = False
-    # The training run whose inflight target this sampler samples from (its slot is shared
-    # with the run's other inflight samplers, and updated by each inflight save).
-    inflight_of: str | None = None
 
 
 @dataclasses.dataclass
@@ -116,9 +84,10 @@ class Place:
 
 
 class EngineWorker:
-    """The engine thread of one base model. Each operation type has its executor, a method
-    that turns it into engine calls (`engine_calls`) through `engine.call`, which on host 0 of
-    a multi-host server (`stream` given) also runs them on every host.
+    """The engine thread of one base model. Each operation type has its executor
+    (`executors.Executors`), which turns it into engine calls (`engine_calls`) through
+    `engine.call`; on host 0 of a multi-host server (`stream` given) those also run on every
+    host.
     `limits` are the per-user bounds (the service core sets them from the server config);
     `clock` (unix seconds) times seq_id gaps."""
 
@@ -138,8 +107,7 @@ class EngineWorker:
         self.max_context = self.sampler.max_len
         self._clock = clock
         self._order: RunOrder[Op] = RunOrder(base_model)
-        self._samplers: dict[str, _Sampler] = {}
-        self._uses = itertools.count()  # the clock of _Sampler.last_used
+        self._slots = SamplerSlots(self.engine, lambda: self.limits)
         self._unordered: collections.deque[Op] = collections.deque()
         # The sampler is given its rows' worth of sequences at a time, and as many again
         # queued inside it so that a freed row refills without waiting for this thread.
@@ -150,23 +118,9 @@ class EngineWorker:
         self._bounds = QueueBounds(base_model, settings.max_queue)
         self._cond = threading.Condition()
         self._stop = False
-        # The executor of each operation type: unordered ones, and a run's ordered ones
-        # (ForwardBackward runs batched across runs, `_execute_ready`).
-        self._unordered_executors: dict[type[Op], Callable[[Any], None]] = {
-            CreateRun: self._create_run,
-            LoadRun: self._load_run,
-            OpenSampler: self._open_sampler,
-            Sample: self._queue_sample,
-            Callback: self._callback,
-        }
-        self._run_executors: dict[type[Op], Callable[[int, str, Any], None]] = {
-            OptimStep: self._optim_step,
-            SaveState: self._save_state,
-            ExportExternal: self._export_external,
-            Refused: self._refused,
-            LoadIntoRun: self._load_into_run,
-            SnapshotForSampler: self._snapshot_for_sampler,
-        }
+        self._executors = Executors(
+            self.engine, self._order, self._cond, self._slots, self._busy_samplers
+        )
         self._thread = threading.Thread(target=self._loop, name=f"engine:{base_model}", daemon=True)
         self._thread.start()
 
@@ -230,7 +184,7 @@ class EngineWorker:
                 f"for it failed, and the run continues from seq_id {e.next_seq}",
             )
             for op in e.ops:
-                self._fail(op, error)
+                deliver_failure(op, error)
         return sum(len(e.ops) for e in expired)
 
     def has_run(self, run_id: str) -> bool:
@@ -240,12 +194,12 @@ class EngineWorker:
     def live(self) -> tuple[int, int]:
         """The training runs loaded here and the sampling sessions open here (for metrics)."""
         with self._cond:
-            return len(self._order.runs), sum(not s.closing for s in self._samplers.values())
+            runs = len(self._order.runs)
+        return runs, self._slots.live()
 
     def has_sampler(self, sampler_id: str) -> bool:
         """Whether the sampler is open here (not after a restart or its session's end)."""
-        sampler = self._samplers.get(sampler_id)
-        return sampler is not None and not sampler.closing
+        return self._slots.is_open(sampler_id)
 
     def check_run_capacity(self, user: str) -> None:
         """Refuses a new training run at once, naming the limit, while every adapter slot is
@@ -272,18 +226,9 @@ class EngineWorker:
         """Refuses a new sampling session of `user` at once when they hold
         `max_samplers_per_user` sampler slots and every one of those has requests waiting or
         running. Otherwise the new weights take a free slot or, at the limit, the slot of the
-        user's own least recently used idle sampler (`_into_sampler_slot`): an RL loop opens a
+        user's own least recently used idle sampler (`SamplerSlots`): an RL loop opens a
         sampler per iteration and rarely closes the old ones."""
-        own = [h for h in self._slot_holders() if h.user == user]
-        if len(own) >= self.limits.max_samplers_per_user and all(h.busy for h in own):
-            raise self._samplers_limit(user, len(own))
-
-    def _samplers_limit(self, user: str, held: int) -> ResourceExhausted:
-        return ResourceExhausted(
-            f"your {held} sampler slots on {self.base_model} all have requests in flight, the "
-            f"most allowed (max_samplers_per_user = {self.limits.max_samplers_per_user}); wait "
-            "for them, or close a sampling session"
-        )
+        self._slots.check_capacity(user, self._busy_samplers())
 
     def check_forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
@@ -356,136 +301,42 @@ class EngineWorker:
             fn(*args)
         except (ValidationError, ServiceError) as e:
             if op is not None:
-                self._fail(op, e)
+                deliver_failure(op, e)
         except Exception as e:  # noqa: BLE001 - the engine thread must survive any op
             log.error("engine operation failed: %s", traceback.format_exc())
             if op is not None:
-                self._fail(op, e)
+                deliver_failure(op, e)
             else:
                 self._fail_in_flight(e)
 
-    def _done(self, op: Op, result: Any) -> None:
-        """Delivers an op's result; if its callback raises, the op fails with that error."""
-        try:
-            op.done(result)
-        except Exception as e:  # noqa: BLE001 - a callback's failure is the op's, not the thread's
-            log.error("completing %s failed: %s", type(op).__name__, traceback.format_exc())
-            self._fail(op, e)
-
-    def _fail(self, op: Op, error: Exception) -> None:
-        """Delivers an op's failure; a callback that raises is logged, never propagated."""
-        try:
-            op.fail(error)
-        except Exception:  # noqa: BLE001 - the engine thread must survive its callbacks
-            log.error(
-                "recording the failure of %s (%s) failed: %s",
-                type(op).__name__,
-                error,
-                traceback.format_exc(),
-            )
-
     def _execute_unordered(self, op: Op) -> None:
-        self._unordered_executors[type(op)](op)
-
-    def _create_run(self, op: CreateRun) -> None:
-        slot = self.engine.call(calls.CreateSlot(op.lora, op.optimizer))
-        with self._cond:
-            self._order.add(op.run_id, slot, op.user)
-        self._done(op, slot)
-
-    def _load_run(self, op: LoadRun) -> None:
-        slot, state = self.engine.call(calls.LoadSlot(op.location, op.with_optimizer, op.optimizer))
-        with self._cond:
-            self._order.add(op.run_id, slot, op.user)
-        self._done(op, state)
-
-    def _open_sampler(self, op: OpenSampler) -> None:
-        slot = self._into_sampler_slot(op.user, calls.OpenSampler(op.location))
-        with self._cond:
-            self._samplers[op.sampler_id] = _Sampler(slot, op.location, next(self._uses), op.user)
-        self._done(op, slot)
+        if isinstance(op, Sample):
+            self._queue_sample(op)
+        elif isinstance(op, Callback):
+            op.fn()
+            deliver(op, None)
+        else:
+            self._executors.unordered[type(op)](op)
 
     def _queue_sample(self, op: Sample) -> None:
         n = op.request.request.num_samples
         with self._cond:
             self._admission.add(op.user, _SampleJob(op, n), n)
 
-    def _callback(self, op: Callback) -> None:
-        op.fn()
-        self._done(op, None)
-
     def _execute_ready(self, ready: list[tuple[str, Op]]) -> None:
         groups: dict[tuple[str, bool], list[tuple[str, ForwardBackward]]] = {}
         for run_id, op in ready:
             if run_id not in self._order.runs:  # its session ended in this tick's release
-                self._fail(op, ValidationError("model_id", f"training run {run_id} ended"))
+                deliver_failure(op, ValidationError("model_id", f"training run {run_id} ended"))
             elif isinstance(op, ForwardBackward):
                 groups.setdefault((op.loss_fn, op.forward_only), []).append((run_id, op))
         for (loss_fn, forward_only), items in groups.items():
-            self._guard_group(items, loss_fn, forward_only)
+            self._executors.forward_backward(items, loss_fn, forward_only, self._guard)
         runs = self._order.runs
         for run_id, op in ready:
             if run_id in runs and not isinstance(op, ForwardBackward):
-                self._guard(op, self._run_executors[type(op)], runs[run_id].slot, run_id, op)
-
-    def _guard_group(self, items, loss_fn: str, forward_only: bool) -> None:
-        """One engine call for the group; if it fails, each op runs alone so that only the
-        failing one fails."""
-        runs = [
-            RunBatch(self._order.runs[run_id].slot, op.data, op.loss_fn_config, checked=True)
-            for run_id, op in items
-        ]
-        if len(items) > 1:
-            try:
-                outputs = self.engine.call(
-                    calls.ForwardBackward(tuple(runs), loss_fn, forward_only)
-                )
-            except Exception:  # noqa: BLE001 - fall back to one call per op below
-                log.warning("batched %s failed; retrying per run", loss_fn)
-            else:
-                for (_, op), out in zip(items, outputs):
-                    self._done(op, out)
-                return
-        for (_, op), run in zip(items, runs):
-            call = calls.ForwardBackward((run,), loss_fn, forward_only)
-            self._guard(op, lambda op=op, call=call: self._done(op, self.engine.call(call)[0]))
-
-    def _optim_step(self, slot: int, run_id: str, op: OptimStep) -> None:
-        self._done(op, self.engine.call(calls.OptimStep(slot, op.params)))
-
-    def _save_state(self, slot: int, run_id: str, op: SaveState) -> None:
-        size = self.engine.call(calls.SaveState(slot, op.with_optimizer, op.location))
-        self._done(op, op.record(size))
-
-    def _export_external(self, slot: int, run_id: str, op: ExportExternal) -> None:
-        size = self.engine.call(calls.ExportPeft(slot, op.location, op.recipients))
-        self._done(op, op.record(size))
-
-    def _refused(self, slot: int, run_id: str, op: Refused) -> None:
-        raise op.error
-
-    def _load_into_run(self, slot: int, run_id: str, op: LoadIntoRun) -> None:
-        new_slot, state = self.engine.call(calls.ReplaceSlot(slot, op.location, op.with_optimizer))
-        with self._cond:
-            self._order.runs[run_id].slot = new_slot
-        self._done(op, state)
-
-    def _snapshot_for_sampler(self, slot: int, run_id: str, op: SnapshotForSampler) -> None:
-        target = self._inflight_target(run_id) if op.inflight else None
-        if target is not None:  # a later inflight save: the run's new weights, same slot
-            self.engine.call(calls.RefreshSnapshot(target, slot))
-            sampler_slot = target
-        else:
-            sampler_slot = self._into_sampler_slot(op.user, calls.Snapshot(slot))
-        with self._cond:
-            self._samplers[op.sampler_id] = _Sampler(
-                sampler_slot,
-                None,
-                next(self._uses),
-                op.user,
-                inflight_of=run_id if op.inflight else None,
-            )
-        self._done(op, sampler_slot)
+                executor = self._executors.ordered[type(op)]
+                self._guard(op, executor, runs[run_id].slot, run_id, op)
 
     # ---------------------------------------------------------------- fair sampling admission
 
@@ -515,7 +366,7 @@ class EngineWorker:
         # Each sampling client caches its prompts' prefixes apart from every other's.
         request = dataclasses.replace(
             op.request.request,
-            slot=self._sampler_slot(op.sampler_id, op.user),
+            slot=self._slots.slot_for_request(op.sampler_id, op.user, self._busy_samplers()),
             cache_namespace=op.sampler_id,
         )
         if chunk.count != request.num_samples:
@@ -543,87 +394,14 @@ class EngineWorker:
         job.failed = True
         with self._cond:
             self._admission.discard(lambda other: other is not job)
-        self._fail(job.op, error)
+        deliver_failure(job.op, error)
 
-    # ---------------------------------------------------------------- sampler slots
-
-    def _sampler_slot(self, sampler_id: str, user: str) -> int | None:
-        """The slot a sampling request of `sampler_id` runs in, reloading its weights if they
-        were evicted; marks the sampler as just used."""
-        sampler = self._samplers.get(sampler_id)
-        if sampler is None:
-            raise ValidationError("sampling_session_id", f"{sampler_id} is not open")
-        if sampler.evicted:
-            if sampler.location is None:
-                raise ValidationError(
-                    "sampling_session_id",
-                    f"{sampler_id} was an ephemeral snapshot, evicted for newer sampler weights "
-                    f"(at most {self.settings.sampler_slots} are held: sampler_slots); save "
-                    "weights for the sampler and open a sampling client on the saved path to "
-                    "keep weights loadable",
-                )
-            sampler.slot = self._into_sampler_slot(user, calls.OpenSampler(sampler.location))
-            sampler.evicted = False
-        sampler.last_used = next(self._uses)
-        return sampler.slot
-
-    def _into_sampler_slot(self, user: str, call: calls.OpenSampler | calls.Snapshot) -> int | None:
-        """Runs the engine `call` that loads `user`'s adapter into a free sampler slot.
-        If every slot is taken, first evicts the sampler `scheduler.choose_eviction` picks
-        (an idle one of `user`'s own, else another user's idle one that can be reloaded; RL
-        loops open a new sampler per iteration and rarely close the old ones); when `user`
-        holds max_samplers_per_user slots, the victim is one of their own. Refuses with
-        RESOURCE_EXHAUSTED naming the limit (or sampler_slots) when there is none."""
-        if isinstance(call, calls.OpenSampler) and call.location is None:
-            return self.engine.call(call)  # the base model takes no slot
-        holders = self._slot_holders()
-        own = [h for h in holders if h.user == user]
-        at_limit = len(own) >= self.limits.max_samplers_per_user
-        if at_limit or not self.sampler.free_slots():
-            victim_id = choose_eviction(user, own if at_limit else holders)
-            if victim_id is None and at_limit:
-                raise self._samplers_limit(user, len(own))
-            if victim_id is None:
-                raise ResourceExhausted(
-                    f"all {self.settings.sampler_slots} sampler slots of {self.base_model} "
-                    "hold weights with requests in flight or other users' weights that cannot "
-                    "be reloaded (sampler_slots); retry shortly, or close an idle sampler"
-                )
-            victim_slot = self._samplers[victim_id].slot
-            self.engine.call(calls.FreeAdapter(victim_slot))
-            for sampler in self._samplers.values():  # every sampler sharing the slot
-                if sampler.slot == victim_slot:
-                    sampler.slot, sampler.evicted = None, True
-        return self.engine.call(call)
-
-    def _inflight_target(self, run_id: str) -> int | None:
-        """The sampler slot of the run's inflight target, if one is loaded."""
+    def _busy_samplers(self) -> set[str]:
+        """The samplers with requests waiting or in the sampler: their slots are never
+        evicted. A failed request's chunk still in the sampler keeps its slot in use there."""
         with self._cond:
-            for s in self._samplers.values():
-                if s.inflight_of == run_id and s.slot is not None and not s.evicted:
-                    return s.slot
-        return None
-
-    def _slot_holders(self) -> list[SlotHolder]:
-        """Every loaded sampler slot, as eviction sees it: one holder per slot (inflight
-        samplers of a run share one), busy if any of its samplers has requests."""
-        with self._cond:
-            # A failed request's chunk still in the sampler keeps its slot in use there.
             busy = {job.op.sampler_id for job in self._admission.waiting() if not job.failed}
-            busy |= {job.op.sampler_id for job, _ in self._in_flight.values()}
-            by_slot: dict[int, list[str]] = {}
-            for sid, s in self._samplers.items():
-                if s.slot is not None and not s.evicted and not s.closing:
-                    by_slot.setdefault(s.slot, []).append(sid)
-            holders = []
-            for sids in by_slot.values():
-                latest = max(sids, key=lambda sid: self._samplers[sid].last_used)
-                s = self._samplers[latest]
-                reloadable = s.location is not None
-                holders.append(
-                    SlotHolder(latest, s.user, s.last_used, reloadable, bool(busy & set(sids)))
-                )
-            return holders
+            return busy | {job.op.sampler_id for job, _ in self._in_flight.values()}
 
     def _sample_step(self) -> None:
         for rid, result in self.engine.call(calls.Step()).items():
@@ -635,10 +413,9 @@ class EngineWorker:
             job.results[chunk.start] = result
             job.remaining -= chunk.count
             if not job.remaining:
-                self._done(job.op, _merged(job.results))
+                deliver(job.op, _merged(job.results))
         self._report_progress()
-        closing = [sid for sid, sampler in self._samplers.items() if sampler.closing]
-        for sid in closing:
+        for sid in self._slots.closing():
             self._close_sampler(sid)
 
     def _report_progress(self) -> None:
@@ -684,7 +461,7 @@ class EngineWorker:
                         slots.append(run.slot)
                         dropped += [(run_id, s, op) for s, op in sorted(run.pending.items())]
             for run_id, seq_id, op in dropped:
-                self._fail(
+                deliver_failure(
                     op,
                     ValidationError(
                         "seq_id",
@@ -695,10 +472,9 @@ class EngineWorker:
             for slot in slots:
                 self.engine.call(calls.FreeSlot(slot))
             for sid in sampler_ids:
+                if not self._slots.mark_closing(sid):
+                    continue
                 with self._cond:
-                    if sid not in self._samplers:
-                        continue
-                    self._samplers[sid].closing = True
                     jobs = [*self._admission.waiting(), *(j for j, _ in self._in_flight.values())]
                 for job in jobs:
                     if job.op.sampler_id == sid:
@@ -719,11 +495,7 @@ class EngineWorker:
         sampler (its result is discarded; `_sample_step` calls this again when it leaves)."""
         if any(job.op.sampler_id == sid for job, _ in self._in_flight.values()):
             return
-        with self._cond:
-            sampler = self._samplers.pop(sid)
-            shared = any(s.slot == sampler.slot for s in self._samplers.values())
-        if sampler.slot is not None and not sampler.evicted and not shared:
-            self.engine.call(calls.FreeAdapter(sampler.slot))
+        self._slots.close(sid)
 
 
 def _merged(results: dict[int, SampleResult]) -> SampleResult:
