@@ -17,6 +17,9 @@ local backend, then compares it with what a decode step must read at least:
                   XLA's CPU backend materialises that slice of the cache for its reduction
   fusions         fusion instructions (kernels) per decode step, and `kernels`: every
                   instruction that does work (fusions, dots, copies, sorts...), per decode step
+  weight_matmuls  matmuls (dots, or fusions holding one) with an operand shaped like a base
+                  weight matrix, per decode step: one per matrix of a layer, k and v together
+                  and gate and up together (their kernels are joined), plus the lm head
 
 When the step itself holds a loop, `bytes_accessed` counts its body once: `step_loops` names
 the trip counts (the sampler's random bits, a few small arrays; the layers are no loop).
@@ -173,6 +176,18 @@ def weight_shapes(base, lora) -> set[tuple[int, ...]]:
     return shapes
 
 
+def matrix_shapes(base) -> set[tuple[int, ...]]:
+    """Shapes of the base weight matrices (parameters of two or more axes) as a matmul may
+    read them: as stored, and flattened to [in, out] (a joined kernel [in, members, out]),
+    without axes of size 1."""
+    shapes = set()
+    for _, var in nnx.to_flat_state(base):
+        dims = tuple(var.shape)
+        if len(dims) >= 2:
+            shapes.update({_squeeze(dims), _squeeze((dims[0], math.prod(dims[1:])))})
+    return shapes
+
+
 def _squeeze(dims: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """Dims without those of size 1 (a layer's slice keeps its layer axis as 1)."""
     return None if dims is None else tuple(d for d in dims if d != 1)
@@ -224,6 +239,10 @@ class Instr:
             return None
         return tuple(int(d) for d in found[0][1].split(",") if d)
 
+    def operands(self) -> list[str]:
+        """Names of the operands (`dot(f32[4,8]{1,0} %a, %b), ...` -> ["a", "b"])."""
+        return re.findall(r"%([\w.\-]+)", self.attrs.split(")", 1)[0])
+
     def called(self, key: str) -> list[str]:
         """The computations named by attribute `key` (`body=%b`, `calls=%f`,
         `branch_computations={%x, %y}`)."""
@@ -268,16 +287,29 @@ def _trip_count(instr: Instr) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def hlo_stats(text: str, threshold: int, weights: set[tuple[int, ...]] = frozenset()) -> dict:
+def hlo_stats(
+    text: str,
+    threshold: int,
+    weights: set[tuple[int, ...]] = frozenset(),
+    matrices: set[tuple[int, ...]] = frozenset(),
+) -> dict:
     """Per decode step, from optimised HLO text: fusions, kernels, copies whose output is at
-    least `threshold` bytes (and those shaped like a weight), and the trip counts of loops
-    inside the step. The step is the body of the entry's while loop (the decode loop); a
-    nested loop's body counts once per iteration, a conditional's largest branch once."""
+    least `threshold` bytes (and those shaped like a weight), matmuls with an operand of a
+    shape in `matrices` (`matrix_shapes`), and the trip counts of loops inside the step.
+    The step is the body of the entry's while loop (the decode loop); a nested loop's body
+    counts once per iteration, a conditional's largest branch once."""
     comps, entry = parse_hlo(text)
+    by_name = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
     # The decode loop: the entry's while loop of unknown trip count (it may stop early).
     loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
     step = loops[0].called("body")[0] if len(loops) == 1 else entry
-    stats = {"fusions": 0, "kernels": 0, "large_copies": 0, "weight_copies": 0}
+    stats = {
+        "fusions": 0,
+        "kernels": 0,
+        "large_copies": 0,
+        "weight_copies": 0,
+        "weight_matmuls": 0,
+    }
     copies: dict[str, tuple[str, int]] = {}
     nested: list[int] = []
 
@@ -286,6 +318,23 @@ def hlo_stats(text: str, threshold: int, weights: set[tuple[int, ...]] = frozens
             i.opcode in MOVE_OPS or (i.opcode == "fusion" and moves_only(i.called("calls")[0]))
             for i in comps[comp]
         )
+
+    def has_dot(comp: str) -> bool:
+        return any(
+            i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
+            for i in comps[comp]
+        )
+
+    def reads_matrix(instr: Instr, comp: str) -> bool:
+        """A dot, or a fusion holding one (its parameters are its operands), with an operand
+        shaped like a base weight matrix."""
+        if instr.opcode == "dot":
+            inputs = [by_name[comp][name] for name in instr.operands()]
+        elif instr.opcode == "fusion" and has_dot(instr.called("calls")[0]):
+            inputs = [i for i in comps[instr.called("calls")[0]] if i.opcode == "parameter"]
+        else:
+            return False
+        return any(_squeeze(i.dims) in matrices for i in inputs)
 
     def count_copy(instr: Instr, weight: int) -> None:
         if instr.bytes < threshold:
@@ -317,6 +366,7 @@ def hlo_stats(text: str, threshold: int, weights: set[tuple[int, ...]] = frozens
                     counts[k] += inner[k]
             elif instr.opcode not in FREE_OPS:
                 counts["kernels"] += 1
+                stats["weight_matmuls"] += weight * reads_matrix(instr, comp)
                 if instr.opcode == "fusion":
                     counts["fusions"] += 1
                     if moves_only(instr.called("calls")[0]):
@@ -339,7 +389,9 @@ def inspect(cfg: ModelConfig, shape: DecodeShape, copy_bytes: int = MIB) -> dict
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     need = min_bytes(cfg, shape, lora, base)
-    stats = hlo_stats(compiled.as_text(), copy_bytes, weight_shapes(base, lora))
+    stats = hlo_stats(
+        compiled.as_text(), copy_bytes, weight_shapes(base, lora), matrix_shapes(base)
+    )
     total = sum(need.values())
     return {
         "min_bytes": total,
@@ -350,6 +402,7 @@ def inspect(cfg: ModelConfig, shape: DecodeShape, copy_bytes: int = MIB) -> dict
         "weight_copies": stats["weight_copies"],
         "fusions": stats["fusions"],
         "kernels": stats["kernels"],
+        "weight_matmuls": stats["weight_matmuls"],
         "step_loops": stats["step_loops"],
         "copies": stats["copies"],
         "batch": shape.batch,
@@ -407,6 +460,7 @@ def main() -> None:
     for name, (what, times) in sorted(out["copies"].items(), key=lambda kv: kv[1][0]):
         print(f"    {times:4d}x  {what}  ({name})")
     print(f"  fusions per step {out['fusions']}, kernels per step {out['kernels']}")
+    print(f"  matmuls reading a base weight matrix per step {out['weight_matmuls']}")
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "copies"}))
 

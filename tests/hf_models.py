@@ -67,6 +67,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=1,
         max_position_embeddings=512,
         tie_word_embeddings=False,
+        # Biases on every projection: the joined k/v and gate/up kernels (lora.JoinedLinear)
+        # join theirs too.
+        attention_bias=True,
+        mlp_bias=True,
     ),
     "qwen3_moe": dict(
         model_type="qwen3_moe",
@@ -142,10 +146,10 @@ def save_hf_model(folder: Path, config: dict[str, Any], seed: int = 0) -> Path:
     hf_config = AutoConfig.for_model(model_type, **cfg, eos_token_id=1, bos_token_id=None)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    # Random init leaves norms at 1; perturb them so parity also covers the norm weights.
+    # Random init leaves norms at 1 and biases at 0; perturb them so parity also covers them.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     make_tokenizer(config["vocab_size"]).save_pretrained(folder)

@@ -1,6 +1,7 @@
 """The decode program's structure, read from its compiled HLO (scripts/inspect_decode.py, in
-process): no copy of a weight or of the KV cache inside a decode step, and byte accounting
-that adds up (every layer is in the step: the layer loop is unrolled).
+process): no copy of a weight or of the KV cache inside a decode step, byte accounting
+that adds up (every layer is in the step: the layer loop is unrolled), and a layer's base
+weights read in as few matmuls as its joined kernels allow.
 
 The model is the tiny Qwen3 of the parity tests, so a copy counts as large when its output is
 as large as the smallest weight matrix of a layer (the 1 MiB of the real-size script scaled
@@ -135,3 +136,12 @@ def test_decode_step_copies_no_weight(batch4):
         n: c for n, c in out["copies"].items() if f"[{','.join(map(str, key_layer))}]" not in c[0]
     }
     assert not others, others
+
+
+def test_decode_step_reads_a_layer_in_five_matmuls(batch4):
+    """k and v are one matmul, and gate and up another (`lora.JoinedLinear`): a decode step
+    runs five matmuls on each layer's base weights (q, k+v, o, gate+up, down) and one on the
+    lm head; the adapters' products read no base weight. One matmul per HF projection, seven
+    per layer, read the same bytes in more kernels."""
+    _, out = batch4
+    assert out["weight_matmuls"] == 5 * CONFIG.num_layers + 1

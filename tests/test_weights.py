@@ -51,6 +51,11 @@ def test_each_device_reads_only_its_shard(hf_model_dir, monkeypatch):
     for block in model.blocks:  # each layer's kernel is an array of its own
         kernel = block.self_attn.q_proj.kernel[...]
         assert {s.data.shape for s in kernel.addressable_shards} == {(16, 48)}
+    # A joined kernel [embed, 2, mlp] is read member by member, each device its own slice.
+    up_reads = [shape for key, shape in reads if key.endswith("layers.0.mlp.up_proj.weight")]
+    assert up_reads and all(s == (16, cfg.intermediate_size // 2) for s in up_reads)
+    gate_up = model.blocks[0].mlp.gate_up_proj.kernel[...]
+    assert {s.data.shape for s in gate_up.addressable_shards} == {(16, 2, up_reads[0][1])}
 
 
 def test_name_resolves_through_the_hf_cache(hf_model_dir, tmp_path, monkeypatch):

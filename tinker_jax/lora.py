@@ -17,7 +17,7 @@ multiplies a row's zeros by every group's B, stays exact.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +78,46 @@ def slot_groups(slot_ids: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np
     return group_slots, row_group
 
 
-class LoRALinear(nnx.Module):
+class LoRA(nnx.Module):
+    """The stacked adapters of one linear layer, when `lora` is given (else none).
+
+    lora_a: [slots, in, rank]; lora_b: [slots, rank, out], with logical axes from
+    `axes` = (in, out).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        lora: LoRASpec | None,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        if lora is None:
+            self.lora_a = self.lora_b = None
+            return
+        self.lora_a = LoRAParam(
+            jnp.zeros((lora.slots, in_features, lora.max_rank), dtype),
+            logical_axes=("slots", axes[0], "rank"),
+        )
+        self.lora_b = LoRAParam(
+            jnp.zeros((lora.slots, lora.max_rank, out_features), dtype),
+            logical_axes=("slots", "rank", axes[1]),
+        )
+
+    def delta(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array | None:
+        """x: [batch, seq, in] -> the adapters' delta [batch, seq, out] (`lora_deltas`), or
+        None without adapters (no `adapter` batch, or a layer built without slots)."""
+        if adapter is None or self.lora_a is None:
+            return None
+        return lora_deltas(x, [self.lora_a[...]], [self.lora_b[...]], adapter)[0]
+
+
+class LoRALinear(LoRA):
     """A frozen dense layer plus stacked adapters (when `lora` is given).
 
-    kernel: [in, out] with logical axes `axes`;
+    kernel: [in, out] with logical axes `axes`; bias: [out];
     lora_a: [slots, in, rank]; lora_b: [slots, rank, out].
     """
 
@@ -96,6 +132,7 @@ class LoRALinear(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        super().__init__(in_features, out_features, axes=axes, lora=lora, dtype=dtype)
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(
             init(rngs.params(), (in_features, out_features), dtype), logical_axes=axes
@@ -105,44 +142,101 @@ class LoRALinear(nnx.Module):
             if use_bias
             else None
         )
-        if lora is not None:
-            self.lora_a = LoRAParam(
-                jnp.zeros((lora.slots, in_features, lora.max_rank), dtype),
-                logical_axes=("slots", axes[0], "rank"),
-            )
-            self.lora_b = LoRAParam(
-                jnp.zeros((lora.slots, lora.max_rank, out_features), dtype),
-                logical_axes=("slots", "rank", axes[1]),
-            )
-        else:
-            self.lora_a = self.lora_b = None
 
     def __call__(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
         """x: [batch, seq, in] -> [batch, seq, out]."""
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        if adapter is not None and self.lora_a is not None:
-            y = y + lora_delta(x, self.lora_a[...], self.lora_b[...], adapter)
-        return y
+        delta = self.delta(x, adapter)
+        return y if delta is None else y + delta
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, adapter: AdapterBatch) -> jax.Array:
-    """scale * (x @ A[slot]) @ B[slot] for every sequence.
+class JoinedLinear(nnx.Module):
+    """Frozen dense layers of equal shape that read the same input, joined into one kernel:
+    one matmul computes them all, so a decode step reads their weights in one kernel.
 
-    x: [batch, seq, in]; a: [slots, in, rank]; b: [slots, rank, out] -> [batch, seq, out].
-    A grouped adapter reads each distinct slot's arrays once (what decode wants: per-row
-    gathers read one copy of every adapter per row); otherwise each row gathers its own.
+    kernel: [in, members, out] with logical axes (axes[0], None, axes[1]): the member axis is
+    never split, so a shard of `out` holds the same columns of every member (tensor
+    parallelism splits each member as it would split it alone); bias: [members, out].
+    The metadata `joins` names the members: each is also a `LoRA` module of the owner under
+    that name, holding its own adapters (as checkpoints and PEFT name them), and its HF
+    tensors fill its slice of the kernel when the model loads (`weights.hf_parts`).
     """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        joins: tuple[str, ...],
+        axes: tuple[str, str],
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.lecun_normal(in_axis=0, out_axis=2)
+        n = len(joins)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (in_features, n, out_features), dtype),
+            logical_axes=(axes[0], None, axes[1]),
+            joins=joins,
+        )
+        self.bias = (
+            nnx.Param(
+                jnp.zeros((n, out_features), dtype), logical_axes=(None, axes[1]), joins=joins
+            )
+            if use_bias
+            else None
+        )
+
+    def __call__(
+        self, x: jax.Array, loras: Sequence[LoRA], adapter: AdapterBatch | None
+    ) -> list[jax.Array]:
+        """x: [batch, seq, in] -> each member's output [batch, seq, out], in `joins` order,
+        with its own adapters' delta (`loras`, one per member) added to its slice; the
+        members' A's are one matmul too (`lora_deltas`)."""
+        y = jnp.einsum("bsi,ino->bsno", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        outs = [y[:, :, i] for i in range(len(loras))]
+        if adapter is None or loras[0].lora_a is None:
+            return outs
+        a = [lora.lora_a[...] for lora in loras]
+        b = [lora.lora_b[...] for lora in loras]
+        return [out + d for out, d in zip(outs, lora_deltas(x, a, b, adapter), strict=True)]
+
+
+def lora_deltas(
+    x: jax.Array, a: Sequence[jax.Array], b: Sequence[jax.Array], adapter: AdapterBatch
+) -> list[jax.Array]:
+    """scale * (x @ A_i[slot]) @ B_i[slot] for every sequence, for each adapter i of layers
+    that read the same x. Their A's are one matmul, x @ [A_1 | A_2 | ...]: each column is the
+    sum it is alone, and each adapter's B reads only its own columns.
+
+    x: [batch, seq, in]; a[i]: [slots, in, rank]; b[i]: [slots, rank, out_i] -> one
+    [batch, seq, out_i] per adapter. A grouped adapter reads each distinct slot's arrays once
+    (what decode wants: per-row gathers read one copy of every adapter per row); otherwise
+    each row gathers its own.
+    """
+    n, rank = len(a), a[0].shape[-1]
+    lead = x.shape[:2]
     if adapter.group_slots is not None:
-        h = lora_hidden(x, a[adapter.group_slots], adapter)
-        return h @ b[adapter.group_slots].reshape(-1, b.shape[-1])
-    a_rows = a[adapter.slot_ids]
-    b_rows = b[adapter.slot_ids]
-    h = jnp.einsum("bsi,bir->bsr", x, a_rows)
-    delta = jnp.einsum("bsr,bro->bso", h, b_rows)
+        slots = adapter.group_slots
+        h = lora_hidden(x, jnp.concatenate([ai[slots] for ai in a], axis=-1), adapter)
+        h = h.reshape(*lead, slots.shape[0], n, rank)
+        return [
+            h[:, :, :, i].reshape(*lead, -1) @ bi[slots].reshape(-1, bi.shape[-1])
+            for i, bi in enumerate(b)
+        ]
+    a_rows = jnp.concatenate([ai[adapter.slot_ids] for ai in a], axis=-1)
+    h = jnp.einsum("bsi,bir->bsr", x, a_rows).reshape(*lead, n, rank)
     scale = adapter.scale[:, None, None]
-    return jnp.where(scale != 0, delta * scale.astype(delta.dtype), 0)
+    deltas = []
+    for i, bi in enumerate(b):
+        delta = jnp.einsum("bsr,bro->bso", h[:, :, i], bi[adapter.slot_ids])
+        deltas.append(jnp.where(scale != 0, delta * scale.astype(delta.dtype), 0))
+    return deltas
 
 
 def lora_hidden(x: jax.Array, a_groups: jax.Array, adapter: AdapterBatch) -> jax.Array:

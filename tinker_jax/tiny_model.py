@@ -18,7 +18,7 @@ from tinker_jax.models import FAMILIES
 from tinker_jax.models.config import ModelConfig, config_from_hf
 from tinker_jax.models.decoder import Transformer
 from tinker_jax.models.family import expand_key, stacked_axes
-from tinker_jax.weights import base_hf_key
+from tinker_jax.weights import base_hf_key, hf_parts
 
 NUM_BYTES = 256
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -86,11 +86,13 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     keys = FAMILIES[cfg.family].hf_keys
     shapes = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
-        hf_key, transpose = base_hf_key(".".join(str(p) for p in path), keys)
-        n = len(stacked_axes(hf_key))  # leading axes that index separate HF tensors
-        shape = tuple(var.shape[n:])
-        shape = tuple(reversed(shape)) if transpose else shape
-        shapes.update({k: shape for k in expand_key(hf_key, tuple(map(range, var.shape[:n])))})
+        for part, part_shape in hf_parts(".".join(str(p) for p in path), var):
+            hf_key, transpose = base_hf_key(part, keys)
+            n = len(stacked_axes(hf_key))  # leading axes that index separate HF tensors
+            shape = part_shape[n:]
+            shape = tuple(reversed(shape)) if transpose else shape
+            leading = tuple(map(range, part_shape[:n]))
+            shapes.update({k: shape for k in expand_key(hf_key, leading)})
     return shapes
 
 

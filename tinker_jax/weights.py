@@ -2,7 +2,9 @@
 
 The model is first built abstractly (`nnx.eval_shape`: no memory); then every parameter is
 created with `jax.make_array_from_callback`, which reads from safetensors only the slice each
-device holds. Neither one device nor host RAM ever holds the whole model.
+device holds. Neither one device nor host RAM ever holds the whole model. A joined parameter
+(k and v, gate and up: `lora.JoinedLinear`) is filled from its members' HF tensors, each
+device reading its slice of each (`hf_parts`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,33 @@ def _param_reader(
     return read
 
 
+def _joined_reader(
+    members: list[Callable[[tuple[slice, ...]], np.ndarray]],
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A `make_array_from_callback` callback for a joined parameter (`hf_parts`): the slices
+    its members' callbacks read, stacked along axis -2."""
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        rest = (*index[:-2], index[-1])
+        chosen = range(*index[-2].indices(len(members)))
+        return np.stack([members[i](rest) for i in chosen], axis=-2)
+
+    return read
+
+
+def hf_parts(name: str, var: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, shape) of each linear layer whose HF tensor base parameter `name` holds: the
+    parameter itself, or for a joined one (`lora.JoinedLinear`: kernel [in, members, out],
+    bias [members, out]; metadata `joins` names the members) each member's
+    (`...mlp.gate_up_proj.kernel` -> `...mlp.gate_proj.kernel`, `...mlp.up_proj.kernel`),
+    stacked along axis -2 in that order."""
+    if not var.has_metadata("joins"):
+        return [(name, tuple(var.shape))]
+    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+    shape = (*var.shape[:-2], var.shape[-1])
+    return [(f"{module}.{member}.{leaf}", shape) for member in var.get_metadata("joins")]
+
+
 def base_hf_key(name: str, hf_keys: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
     """(HF key template, transposed) of a base parameter. Layer `i`'s parameters
     (`blocks.{i}.self_attn.q_proj.kernel`) are the `layers.` entries of the family's table
@@ -162,8 +191,12 @@ def load_model(
         if isinstance(var, LoRAParam):
             value = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
         else:
-            hf_key, transpose = base_hf_key(name, hf_keys)
-            reader = _param_reader(ckpt, name, hf_key, transpose, shape, np_dtype)
+            readers = [
+                _param_reader(ckpt, part, *base_hf_key(part, hf_keys), part_shape, np_dtype)
+                for part, part_shape in hf_parts(name, var)
+            ]
+            joined = var.has_metadata("joins")
+            reader = _joined_reader(readers) if joined else readers[0]
             value = jax.make_array_from_callback(shape, sharding, reader)
         return var.replace(value)
 

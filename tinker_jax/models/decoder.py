@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tinker_jax.lora import AdapterBatch, LoRALinear, LoRAParam, LoRASpec, lora_delta
+from tinker_jax.lora import AdapterBatch, JoinedLinear, LoRA, LoRALinear, LoRAParam, LoRASpec
 from tinker_jax.models.chunked_attention import chunked_attention
 from tinker_jax.models.config import ModelConfig, RopeConfig
 from tinker_jax.models.moe import MoE
@@ -76,31 +76,33 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Attention(nnx.Module):
-    """Grouped-query causal self-attention with optional per-head QK RMSNorm (Qwen3)."""
+    """Grouped-query causal self-attention with optional per-head QK RMSNorm (Qwen3).
+
+    Keys and values come from one matmul (`kv_proj`, a `JoinedLinear` of k_proj and v_proj,
+    whose adapters keep their names); queries from their own. A kernel joining q too would
+    have to interleave each kv head's query heads with its key and value to keep tensor
+    parallelism's shards whole, and could then split queries only as finely as kv heads:
+    on a mesh with more tensor shards than kv heads (Qwen3-30B-A3B has 4) every device would
+    hold every query weight.
+    """
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, bias = cfg.hidden_size, cfg.attention_bias
         self.q_proj = LoRALinear(
             e, cfg.q_size, axes=("embed", "heads"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
         )
-        self.k_proj = LoRALinear(
+        kv_axes = ("embed", "kv_heads")
+        self.kv_proj = JoinedLinear(
             e,
             cfg.kv_size,
-            axes=("embed", "kv_heads"),
-            lora=lora,
+            joins=("k_proj", "v_proj"),
+            axes=kv_axes,
             use_bias=bias,
             dtype=dtype,
             rngs=rngs,
         )
-        self.v_proj = LoRALinear(
-            e,
-            cfg.kv_size,
-            axes=("embed", "kv_heads"),
-            lora=lora,
-            use_bias=bias,
-            dtype=dtype,
-            rngs=rngs,
-        )
+        self.k_proj = LoRA(e, cfg.kv_size, axes=kv_axes, lora=lora, dtype=dtype)
+        self.v_proj = LoRA(e, cfg.kv_size, axes=kv_axes, lora=lora, dtype=dtype)
         self.o_proj = LoRALinear(
             cfg.q_size, e, axes=("heads", "embed"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
         )
@@ -121,8 +123,9 @@ class Attention(nnx.Module):
         kv_heads, head_dim], normed (Qwen3) and rotated."""
         b, s, _ = x.shape
         q = self.q_proj(x, adapter).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x, adapter).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, adapter).reshape(b, s, self.num_kv_heads, self.head_dim)
+        k, v = self.kv_proj(x, (self.k_proj, self.v_proj), adapter)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope, self.head_dim)
@@ -363,23 +366,30 @@ def auto_attention_kernel(dtype: jnp.dtype, sequence_shards: int = 1) -> str:
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate and up are one matmul
+    (`gate_up_proj`, a `JoinedLinear` whose members' adapters keep their names)."""
 
     def __init__(self, cfg: ModelConfig, lora: LoRASpec | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = LoRALinear(
-            e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
+        self.gate_up_proj = JoinedLinear(
+            e,
+            m,
+            joins=("gate_proj", "up_proj"),
+            axes=("embed", "mlp"),
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
         )
-        self.up_proj = LoRALinear(
-            e, m, axes=("embed", "mlp"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
-        )
+        self.gate_proj = LoRA(e, m, axes=("embed", "mlp"), lora=lora, dtype=dtype)
+        self.up_proj = LoRA(e, m, axes=("embed", "mlp"), lora=lora, dtype=dtype)
         self.down_proj = LoRALinear(
             m, e, axes=("mlp", "embed"), lora=lora, use_bias=bias, dtype=dtype, rngs=rngs
         )
 
     def __call__(self, x: jax.Array, adapter: AdapterBatch | None) -> jax.Array:
         """x: [batch, seq, embed] -> [batch, seq, embed]."""
-        h = jax.nn.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter)
+        gate, up = self.gate_up_proj(x, (self.gate_proj, self.up_proj), adapter)
+        h = jax.nn.silu(gate) * up
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
         return self.down_proj(h, adapter)
 
@@ -465,9 +475,8 @@ class Unembed(nnx.Module):
         plus the adapter's delta when the head has LoRA and `adapter` is given."""
         weight = self.weight(embedding)
         y = x @ weight.T if self.tied else x @ weight
-        if adapter is not None and self.head.lora_a is not None:
-            y = y + lora_delta(x, self.head.lora_a[...], self.head.lora_b[...], adapter)
-        return y
+        delta = self.head.delta(x, adapter)
+        return y if delta is None else y + delta
 
     def weight(self, embedding: jax.Array) -> jax.Array:
         """The head's weight: the embedding [vocab, embed] when tied, else the kernel

@@ -14,6 +14,8 @@ STACKED_AXES = ("layer", "expert")
 # Our parameter path -> (HF safetensors key, whether HF stores it transposed [out, in]).
 # A `layers.` path names one parameter of every layer: layer i's own array is
 # `blocks.{i}.<rest>` and reads the key with `{layer}` = i (`weights.base_hf_key`).
+# Every HF linear layer has its entry, also those whose kernels we join into one array
+# (k/v, gate/up: `weights.hf_parts`): adapters, PEFT export and merging address them so.
 DENSE_HF_KEYS: dict[str, tuple[str, bool]] = {
     "embed_tokens": ("model.embed_tokens.weight", False),
     "norm.weight": ("model.norm.weight", False),
