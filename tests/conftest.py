@@ -64,8 +64,9 @@ def shared_server(hf_model_dir, tmp_path_factory):
     """One real `tinker-jax serve` (gRPC and the Tinker HTTP front end, body limit
     SHARED_MAX_BODY) on the tiny qwen3, shared by the modules that need no other settings: its
     start-up and compiled programs are paid once. Each module takes a view with users of its
-    own (`ServerProcess.with_users`). 32 adapter slots: room for the runs every sharing module
-    leaves loaded (the official SDK's sessions stay open until their process ends)."""
+    own (`ServerProcess.with_users`). ServerProcess's 32 adapter slots: room for the runs
+    every sharing module leaves loaded (the official SDK's sessions stay open until their
+    process ends)."""
     from tests.server_process import SHARED_MAX_BODY, ServerProcess
 
     proc = ServerProcess(
@@ -73,8 +74,6 @@ def shared_server(hf_model_dir, tmp_path_factory):
         tmp_path_factory.mktemp("shared") / "storage",
         "--http-max-body-bytes",
         str(SHARED_MAX_BODY),
-        "--max-adapters",
-        "32",
         http=True,
     )
     yield proc

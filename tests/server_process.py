@@ -85,8 +85,10 @@ class ServerProcess:
                 str(port),
                 "--max-lora-rank",
                 "8",
+                # The shared server's count (conftest.py), so that every test server with the
+                # default settings runs the same compiled programs: one compilation each.
                 "--max-adapters",
-                "8",
+                "32",
                 "--compilation-cache",
                 str(cache),
                 # The tests compile what they use; tests/test_precompile.py tests the plan.

@@ -42,7 +42,7 @@ VOCAB = 160
 CONTEXT = 512  # max_position_embeddings of the tiny qwen3
 MAX_BODY = 1 << 20  # the HTTP front end's body limit in this file
 MAX_RANK = 8  # ServerProcess's --max-lora-rank
-MAX_ADAPTERS = 8  # ServerProcess's --max-adapters
+MAX_ADAPTERS = 32  # ServerProcess's --max-adapters
 TIMEOUT = 120.0
 TOKENS = [3, 14, 15, 92, 65, 35, 89, 79]  # a well-formed datum: inputs [:-1], targets [1:]
 
