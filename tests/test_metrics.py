@@ -1,7 +1,9 @@
 """`GET /metrics`: scraped from a real server while two users train and sample at once, parsed
 with Prometheus's own parser, every count asserted is one that follows from what the test did
-(operations, tokens, failures), never a duration. The server is shared with other modules,
-which run before or after this one: counts are compared before and after."""
+(operations, tokens, failures), never a duration. The server is this module's own: a server
+shared with other modules sees their sessions end (or expire, after session_ttl_seconds of
+silence) at any time, and the gauges of live runs and samplers with them. Counts are compared
+before and after."""
 
 from __future__ import annotations
 
@@ -28,8 +30,15 @@ NUM_SAMPLES = 2
 
 
 @pytest.fixture(scope="module")
-def server(shared_server) -> ServerProcess:
-    return shared_server.with_users("metrics", "alice", "bob")
+def server(hf_model_dir, tmp_path_factory):
+    proc = ServerProcess(
+        hf_model_dir("qwen3"),
+        tmp_path_factory.mktemp("metrics") / "storage",
+        http=True,
+        users=("alice", "bob"),
+    )
+    yield proc
+    proc.stop()
 
 
 def _scrape(server, headers: dict[str, str] | None = None) -> dict:
