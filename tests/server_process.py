@@ -14,6 +14,12 @@ from pathlib import Path
 import jax
 
 SHARED_MAX_BODY = 4 * 1024 * 1024  # the shared server's HTTP body limit (conftest.py)
+# Every test server's LoRA capacity unless its arguments say otherwise. The adapter slots are
+# the shared server's count (conftest.py), so that every server with the default settings runs
+# the same compiled programs: one compilation each. A process joining a server (multi-host)
+# passes the same.
+MAX_LORA_RANK = 8
+MAX_ADAPTERS = 32
 
 
 class ServerProcess:
@@ -84,11 +90,9 @@ class ServerProcess:
                 "--port",
                 str(port),
                 "--max-lora-rank",
-                "8",
-                # The shared server's count (conftest.py), so that every test server with the
-                # default settings runs the same compiled programs: one compilation each.
+                str(MAX_LORA_RANK),
                 "--max-adapters",
-                "32",
+                str(MAX_ADAPTERS),
                 "--compilation-cache",
                 str(cache),
                 # The tests compile what they use; tests/test_precompile.py tests the plan.

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.client.errors import APIStatusError
@@ -41,8 +41,6 @@ httpx = pytest.importorskip("httpx")
 VOCAB = 160
 CONTEXT = 512  # max_position_embeddings of the tiny qwen3
 MAX_BODY = 1 << 20  # the HTTP front end's body limit in this file
-MAX_RANK = 8  # ServerProcess's --max-lora-rank
-MAX_ADAPTERS = 32  # ServerProcess's --max-adapters
 TIMEOUT = 120.0
 TOKENS = [3, 14, 15, 92, 65, 35, 89, 79]  # a well-formed datum: inputs [:-1], targets [1:]
 
@@ -646,7 +644,7 @@ def rank_zero(a):
 
 @case("http:400", "rank")
 def rank_above_the_maximum(a):
-    return json_create_model(a, lora_config={"rank": MAX_RANK * 8})
+    return json_create_model(a, lora_config={"rank": MAX_LORA_RANK * 8})
 
 
 @case("http:400", "lora_config.rank")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess
 from tests.sft_data import sft_data
 from tinker_jax import ServiceClient, checkpoints, distributed
 from tinker_jax import types as T
@@ -108,9 +108,9 @@ def results(hf_model_dir, tmp_path_factory, gcs):
             "--checkpoint-storage",
             gcs.url("two"),
             "--max-lora-rank",
-            "8",
+            str(MAX_LORA_RANK),
             "--max-adapters",
-            "8",
+            str(MAX_ADAPTERS),
             "--compilation-cache",
             jax.config.jax_compilation_cache_dir,
             *args,
