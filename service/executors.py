@@ -63,8 +63,7 @@ def deliver_failure(op: Op, error: Exception) -> None:
 
 class Executors:
     """The executors of one worker's operation types. `order` holds the worker's training
-    runs (their slots), guarded by `lock`; `slots` its sampling sessions' sampler slots;
-    `busy` gives the sampler ids with requests queued or in the sampler (never evicted)."""
+    runs (their slots), guarded by `lock`; `slots` its sampling sessions' sampler slots."""
 
     def __init__(
         self,
@@ -72,13 +71,11 @@ class Executors:
         order: RunOrder[Op],
         lock: threading.Condition,
         slots: SamplerSlots,
-        busy: Callable[[], set[str]],
     ):
         self._engine = engine
         self._order = order
         self._lock = lock
         self._slots = slots
-        self._busy = busy
         self.unordered: dict[type[Op], Callable[[Any], None]] = {
             CreateRun: self._create_run,
             LoadRun: self._load_run,
@@ -138,7 +135,7 @@ class Executors:
         deliver(op, state)
 
     def _open_sampler(self, op: OpenSampler) -> None:
-        deliver(op, self._slots.open(op.sampler_id, op.user, op.location, self._busy()))
+        deliver(op, self._slots.open(op.sampler_id, op.user, op.location))
 
     def _optim_step(self, slot: int, run_id: str, op: OptimStep) -> None:
         deliver(op, self._engine.call(calls.OptimStep(slot, op.params)))
@@ -161,7 +158,5 @@ class Executors:
         deliver(op, state)
 
     def _snapshot_for_sampler(self, slot: int, run_id: str, op: SnapshotForSampler) -> None:
-        sampler_slot = self._slots.snapshot(
-            op.sampler_id, op.user, run_id, slot, op.inflight, self._busy()
-        )
+        sampler_slot = self._slots.snapshot(op.sampler_id, op.user, run_id, slot, op.inflight)
         deliver(op, sampler_slot)

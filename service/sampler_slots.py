@@ -6,7 +6,8 @@ or the user holds `max_samplers_per_user` of them, new weights take the slot of 
 that `scheduler.choose_eviction` picks; an evicted sampler opened from a checkpoint reloads on
 its next request, an evicted snapshot cannot. `SamplerSlots` keeps that bookkeeping and makes
 the engine calls that load and free slots; the worker tells it which samplers have requests
-queued or in the sampler (`busy`), since those are never evicted.
+queued or in the sampler (`busy`), since those are never evicted. `busy` is asked only when a
+slot must be chosen: a sampler whose weights are loaded costs a request nothing.
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ class SamplerSlots:
     """The sampling sessions open on one engine and the sampler slots they hold.
 
     Slots are loaded and freed through `engine.call`, on the engine thread; `limits` gives
-    the current per-user limits. The queries (`is_open`, `live`, `check_capacity`) are safe
+    the current per-user limits; `busy` the sampler ids with requests queued or in the
+    sampler, whose slots are never taken. The queries (`is_open`, `live`, `check_capacity`) are safe
     from any thread."""
 
-    def __init__(self, engine: Engine, limits: Callable[[], TenantLimits]):
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Callable[[], TenantLimits],
+        busy: Callable[[], set[str]],
+    ):
         self.base_model = engine.base_model
         self.sampler_slots = engine.settings.sampler_slots
         self._engine = engine
         self._limits = limits
+        self._busy = busy
         self._records: dict[str, SamplerRecord] = {}
         self._uses = itertools.count()  # the clock of SamplerRecord.last_used
         self._lock = threading.Lock()
@@ -71,19 +79,20 @@ class SamplerSlots:
         with self._lock:
             return sum(not r.closing for r in self._records.values())
 
-    def check_capacity(self, user: str, busy: set[str]) -> None:
+    def check_capacity(self, user: str) -> None:
         """Refuses a new sampling session of `user` at once when they hold
         `max_samplers_per_user` sampler slots and every one of those has requests waiting or
-        running (`busy`: the sampler ids that do). Otherwise the new weights take a free slot
+        running. Otherwise the new weights take a free slot
         or, at the limit, the slot of the user's own least recently used idle sampler (RL
         loops open a sampler per iteration and rarely close the old ones)."""
-        own = [h for h in self.holders(busy) if h.user == user]
+        own = [h for h in self.holders() if h.user == user]
         if len(own) >= self._limits().max_samplers_per_user and all(h.busy for h in own):
             raise self._limit_error(user, len(own))
 
-    def holders(self, busy: set[str]) -> list[SlotHolder]:
+    def holders(self) -> list[SlotHolder]:
         """Every loaded sampler slot, as eviction sees it: one holder per slot (inflight
-        samplers of a run share one), busy if any of its samplers is in `busy`."""
+        samplers of a run share one), busy if any of its samplers has requests."""
+        busy = self._busy()  # (the worker's lock, taken before this one)
         with self._lock:
             by_slot: dict[int, list[str]] = {}
             for sid, r in self._records.items():
@@ -106,10 +115,10 @@ class SamplerSlots:
 
     # ---------------------------------------------------------------- the engine thread
 
-    def open(self, sampler_id: str, user: str, location: str | None, busy: set[str]) -> int | None:
+    def open(self, sampler_id: str, user: str, location: str | None) -> int | None:
         """Opens a sampler on a checkpoint's weights (`location`; None: the base model, which
         takes no slot); returns its slot."""
-        slot = self._load(user, calls.OpenSampler(location), busy)
+        slot = self._load(user, calls.OpenSampler(location))
         self._add(sampler_id, SamplerRecord(slot, location, next(self._uses), user))
         return slot
 
@@ -120,7 +129,6 @@ class SamplerSlots:
         run_id: str,
         train_slot: int,
         inflight: bool,
-        busy: set[str],
     ) -> int:
         """Opens a sampler on training slot `train_slot`'s current adapter (run `run_id`);
         returns its slot. `inflight`: the run's inflight target, one slot that all of the
@@ -130,14 +138,14 @@ class SamplerSlots:
             self._engine.call(calls.RefreshSnapshot(target, train_slot))
             slot = target
         else:
-            slot = self._load(user, calls.Snapshot(train_slot), busy)
+            slot = self._load(user, calls.Snapshot(train_slot))
         record = SamplerRecord(
             slot, None, next(self._uses), user, inflight_of=run_id if inflight else None
         )
         self._add(sampler_id, record)
         return slot
 
-    def slot_for_request(self, sampler_id: str, user: str, busy: set[str]) -> int | None:
+    def slot_for_request(self, sampler_id: str, user: str) -> int | None:
         """The slot a sampling request of `sampler_id` runs in, reloading its weights if they
         were evicted; marks the sampler as just used."""
         with self._lock:
@@ -153,7 +161,7 @@ class SamplerSlots:
                     "weights for the sampler and open a sampling client on the saved path to "
                     "keep weights loadable",
                 )
-            record.slot = self._load(user, calls.OpenSampler(record.location), busy)
+            record.slot = self._load(user, calls.OpenSampler(record.location))
             record.evicted = False
         record.last_used = next(self._uses)
         return record.slot
@@ -179,9 +187,7 @@ class SamplerSlots:
         with self._lock:
             self._records[sampler_id] = record
 
-    def _load(
-        self, user: str, call: calls.OpenSampler | calls.Snapshot, busy: set[str]
-    ) -> int | None:
+    def _load(self, user: str, call: calls.OpenSampler | calls.Snapshot) -> int | None:
         """Runs the engine `call` that loads `user`'s adapter into a free sampler slot.
         If every slot is taken, first evicts the sampler `choose_eviction` picks (an idle one
         of `user`'s own, else another user's idle one that can be reloaded); when `user`
@@ -189,7 +195,7 @@ class SamplerSlots:
         RESOURCE_EXHAUSTED naming the limit (or sampler_slots) when there is none."""
         if isinstance(call, calls.OpenSampler) and call.location is None:
             return self._engine.call(call)  # the base model takes no slot
-        holders = self.holders(busy)
+        holders = self.holders()
         own = [h for h in holders if h.user == user]
         at_limit = len(own) >= self._limits().max_samplers_per_user
         if at_limit or not self._engine.sampler.free_slots():

@@ -107,7 +107,7 @@ class EngineWorker:
         self.max_context = self.sampler.max_len
         self._clock = clock
         self._order: RunOrder[Op] = RunOrder(base_model)
-        self._slots = SamplerSlots(self.engine, lambda: self.limits)
+        self._slots = SamplerSlots(self.engine, lambda: self.limits, self._busy_samplers)
         self._unordered: collections.deque[Op] = collections.deque()
         # The sampler is given its rows' worth of sequences at a time, and as many again
         # queued inside it so that a freed row refills without waiting for this thread.
@@ -118,9 +118,7 @@ class EngineWorker:
         self._bounds = QueueBounds(base_model, settings.max_queue)
         self._cond = threading.Condition()
         self._stop = False
-        self._executors = Executors(
-            self.engine, self._order, self._cond, self._slots, self._busy_samplers
-        )
+        self._executors = Executors(self.engine, self._order, self._cond, self._slots)
         self._thread = threading.Thread(target=self._loop, name=f"engine:{base_model}", daemon=True)
         self._thread.start()
 
@@ -228,7 +226,7 @@ class EngineWorker:
         running. Otherwise the new weights take a free slot or, at the limit, the slot of the
         user's own least recently used idle sampler (`SamplerSlots`): an RL loop opens a
         sampler per iteration and rarely closes the old ones."""
-        self._slots.check_capacity(user, self._busy_samplers())
+        self._slots.check_capacity(user)
 
     def check_forward_backward(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
@@ -366,7 +364,7 @@ class EngineWorker:
         # Each sampling client caches its prompts' prefixes apart from every other's.
         request = dataclasses.replace(
             op.request.request,
-            slot=self._slots.slot_for_request(op.sampler_id, op.user, self._busy_samplers()),
+            slot=self._slots.slot_for_request(op.sampler_id, op.user),
             cache_namespace=op.sampler_id,
         )
         if chunk.count != request.num_samples:

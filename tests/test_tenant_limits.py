@@ -454,7 +454,7 @@ def test_sampler_slots_are_bounded_per_user(env, monkeypatch):
     assert len(env.worker.sampler.free_slots()) == SAMPLER_SLOTS - 2
 
     busy = [SlotHolder(second, ids["erin"], 0, reloadable=False, busy=True)]
-    monkeypatch.setattr(env.worker._slots, "holders", lambda _: busy)
+    monkeypatch.setattr(env.worker._slots, "holders", lambda: busy)
     with pytest.raises(ResourceExhausted, match="max_samplers_per_user = 1"):
         env.worker.check_sampler_capacity(ids["erin"])
     env.worker.check_sampler_capacity(ids["dave"])  # dave holds none of those

@@ -143,7 +143,7 @@ def hf_parts(name: str, var: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
     stacked along axis -2 in that order."""
     if not var.has_metadata("joins"):
         return [(name, tuple(var.shape))]
-    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+    module, _, leaf = name.rsplit(".", 2)
     shape = (*var.shape[:-2], var.shape[-1])
     return [(f"{module}.{member}.{leaf}", shape) for member in var.get_metadata("joins")]
 
