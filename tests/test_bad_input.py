@@ -1,11 +1,12 @@
 """Bad input is refused precisely and harms nobody.
 
-One real server process (gRPC and the Tinker HTTP front end) serves the whole file. User A
-("alice") sends a table of malformed requests through raw gRPC (messages built by hand, and
-bytes that are no protobuf at all), raw HTTP and the client SDK. Each must get exactly the
-expected status, with a message naming the offending field, and the server must answer the
-next call. User B ("bob") runs the same small training and sampling run before and after the
-whole table; both runs must agree bit for bit.
+The suite's shared server process (gRPC and the Tinker HTTP front end, `shared_server`) serves
+the whole file, with other modules' users beside it. User A ("alice") sends a table of
+malformed requests through raw gRPC (messages built by hand, and bytes that are no protobuf at
+all), raw HTTP and the client SDK. Each must get exactly the expected status, with a message
+naming the offending field, and the server must answer the next call. User B ("bob") runs the
+same small training and sampling run before and after the whole table; both runs must agree
+bit for bit.
 
 Statuses are written as the protocol delivers them: `grpc:<CODE>` for a refused gRPC call,
 `http:<status>` for a refused HTTP call, and `http:200/user` for an HTTP run operation that is
@@ -27,7 +28,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess
+from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, SHARED_MAX_BODY, ServerProcess
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.client.errors import APIStatusError
@@ -40,7 +41,6 @@ httpx = pytest.importorskip("httpx")
 
 VOCAB = 160
 CONTEXT = 512  # max_position_embeddings of the tiny qwen3
-MAX_BODY = 1 << 20  # the HTTP front end's body limit in this file
 TIMEOUT = 120.0
 TOKENS = [3, 14, 15, 92, 65, 35, 89, 79]  # a well-formed datum: inputs [:-1], targets [1:]
 
@@ -51,18 +51,8 @@ Outcome = tuple[str, str]  # (status as the protocol delivers it, the server's m
 
 
 @pytest.fixture(scope="module")
-def server(hf_model_dir, tmp_path_factory):
-    model = hf_model_dir("qwen3")
-    proc = ServerProcess(
-        model,
-        tmp_path_factory.mktemp("bad-input-storage"),
-        "--http-max-body-bytes",
-        str(MAX_BODY),
-        http=True,
-        users=("alice", "bob"),
-    )
-    yield proc
-    proc.stop()
+def server(shared_server) -> ServerProcess:
+    return shared_server.with_users("bad-input", "alice", "bob")
 
 
 def bob_run(server: ServerProcess) -> dict[str, Any]:
@@ -592,7 +582,9 @@ def negative_tensor_shape(a):
 
 @case("http:413", "bytes")
 def body_above_the_byte_limit(a):
-    return http(a, "POST", "/forward_backward", content=b"\0" * (MAX_BODY + 1), headers=PROTOBUF)
+    return http(
+        a, "POST", "/forward_backward", content=b"\0" * (SHARED_MAX_BODY + 1), headers=PROTOBUF
+    )
 
 
 @case("grpc:INVALID_ARGUMENT", "seq_id")
