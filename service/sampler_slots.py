@@ -48,8 +48,8 @@ class SamplerSlots:
 
     Slots are loaded and freed through `engine.call`, on the engine thread; `limits` gives
     the current per-user limits; `busy` the sampler ids with requests queued or in the
-    sampler, whose slots are never taken. The queries (`is_open`, `live`, `check_capacity`) are safe
-    from any thread."""
+    sampler, whose slots are never taken. The queries (`is_open`, `live`, `check_capacity`)
+    are safe from any thread."""
 
     def __init__(
         self,
@@ -82,9 +82,9 @@ class SamplerSlots:
     def check_capacity(self, user: str) -> None:
         """Refuses a new sampling session of `user` at once when they hold
         `max_samplers_per_user` sampler slots and every one of those has requests waiting or
-        running. Otherwise the new weights take a free slot
-        or, at the limit, the slot of the user's own least recently used idle sampler (RL
-        loops open a sampler per iteration and rarely close the old ones)."""
+        running. Otherwise the new weights take a free slot or, at the limit, the slot of the
+        user's own least recently used idle sampler (RL loops open a sampler per iteration and
+        rarely close the old ones)."""
         own = [h for h in self.holders() if h.user == user]
         if len(own) >= self._limits().max_samplers_per_user and all(h.busy for h in own):
             raise self._limit_error(user, len(own))

@@ -151,6 +151,9 @@ def alice(server, bob_before):
         sampler_id,
         bob_before["model_id"],
     )
+    # The server outlives this module: her run's adapter slot goes back now, not at her
+    # session's expiry.
+    stub.FinishSession(pb.FinishSessionRequest(session_id=session_id), metadata=meta)
     http.close()
     channel.close()
 
