@@ -153,8 +153,11 @@ def _free_slots_become(env: Env, count: int) -> None:
 
 
 def _settled(env: Env) -> None:
-    """Every queue place is back (nothing of this test is queued or in flight)."""
+    """Every queue place is back (nothing of this test is queued or in flight) and the runs
+    and samplers of its finished sessions are released: a session's end frees them on the
+    engine thread, after `finish_session` returns, and the next test must not find them."""
     _eventually(env.worker.held, 0)
+    _eventually(env.worker.live, (0, 0))
 
 
 # ------------------------------------------------------------------ 1. parked operations
