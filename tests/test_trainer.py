@@ -70,6 +70,31 @@ def test_same_seed_same_init_and_rank_padding(fresh):
     assert np.abs(a).max() <= bound
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of the jaxprs it calls (jitted functions) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _eqns(inner)
+
+
+def test_a_new_adapter_is_drawn_once_for_all_its_arrays(fresh):
+    """One random draw fills every A of a slot: a draw per array inlines the generator once
+    per array, and the init program's compile time grew with them (seconds per engine)."""
+    t = fresh
+    jaxpr = jax.make_jaxpr(t._init_slot_fn)(
+        t.lora, t.grads, t.mu, t.nu, t.counts, 0, jax.random.key(0), 4, np.ones(3, np.float32)
+    )
+    draws = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "random_bits"]
+    assert len(draws) == 1
+    a_sizes = [
+        np.prod(s) for leaf, s in zip(t.layout.leaves, t.layout.slot_shapes(t.lora)) if leaf.is_a
+    ]
+    assert int(np.prod(draws[0].outvars[0].aval.shape)) == sum(a_sizes)
+
+
 def _train(trainer, slot, datums, steps=1, **adam):
     losses = []
     for _ in range(steps):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -313,20 +314,30 @@ class Trainer:
         )
 
     def _init_slot_fn(self, lora, grads, mu, nu, counts, slot, key, rank, flags):
+        """The state with `slot` re-initialised: its A's drawn as PEFT draws them, its B's,
+        gradients, moments and step count zero.
+
+        Every A comes from one uniform draw, split: a draw per array inlines the whole random
+        generator once per array, and compiling this program took seconds more per engine."""
         layout = self.layout
+        shapes = layout.slot_shapes(lora)
+        sizes = [math.prod(shape) for leaf, shape in zip(layout.leaves, shapes) if leaf.is_a]
+        draws = iter(
+            jnp.split(
+                jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0),
+                np.cumsum(sizes)[:-1],
+            )
+        )
         values = []
-        for i, (leaf, shape) in enumerate(zip(layout.leaves, layout.slot_shapes(lora))):
+        for leaf, shape in zip(layout.leaves, shapes):
             if not leaf.is_a:
                 values.append(jnp.zeros(shape))
                 continue
             # PEFT: kaiming-uniform(a=sqrt(5)) on [rank, in], i.e. bound 1/sqrt(fan_in); every
             # A is [..., in, rank] (per-expert A: [experts, in, rank], one init per expert).
-            bound = 1.0 / np.sqrt(shape[-2])
-            value = jax.random.uniform(
-                jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound
-            )
+            value = next(draws).reshape(shape) / np.sqrt(shape[-2])
             values.append(value * self._rank_mask(leaf, shape, rank) * flags[leaf.group])
-        zeros = [jnp.zeros(shape) for shape in layout.slot_shapes(lora)]
+        zeros = [jnp.zeros(shape) for shape in shapes]
         return (
             layout.put(lora, slot, values),
             *(layout.put(t, slot, zeros) for t in (grads, mu, nu)),
