@@ -173,9 +173,9 @@ def test_two_users_ownership(server):
         alice.create_rest_client().publish_checkpoint_from_tinker_path(path).result()
         sampler = bob.create_sampling_client(model_path=path)
         out = sampler.sample(
-            T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=3)
+            T.ModelInput.from_ints([1, 2]), 1, T.SamplingParams(max_tokens=3, stop=[], seed=0)
         ).result(timeout=300)
-        assert len(out.sequences[0].tokens) == 3
+        assert len(out.sequences[0].tokens) == 3  # stop=[]: not even EOS ends it early
         with pytest.raises(PermissionDeniedError):
             bob_rest.delete_checkpoint_from_tinker_path(path).result()
         with pytest.raises(PermissionDeniedError):
