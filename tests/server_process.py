@@ -13,6 +13,8 @@ from pathlib import Path
 
 import jax
 
+from tests.xla_env import xla_flags
+
 SHARED_MAX_BODY = 4 * 1024 * 1024  # the shared server's HTTP body limit (conftest.py)
 # Every test server's LoRA capacity unless its arguments say otherwise. The adapter slots are
 # the shared server's count (conftest.py), so that every server with the default settings runs
@@ -69,7 +71,7 @@ class ServerProcess:
         base_model, extra, http = self._args
         storage = self.storage
         env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)  # one CPU device: the server's mesh is the default one
+        env["XLA_FLAGS"] = xla_flags()  # one CPU device: the server's mesh is the default one
         env["JAX_PLATFORMS"] = "cpu"
         env.update(self._env)
         cache = jax.config.jax_compilation_cache_dir  # the suite's (tests/conftest.py)

@@ -19,6 +19,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from tests.xla_env import xla_flags
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TINY = [
     "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
@@ -75,7 +77,7 @@ def outputs(tmp_path_factory) -> dict[str, dict]:
     """Every run of RUNS, in one process with the suite's persistent compilation cache (JAX
     reads it from the environment), so that a warm run compiles nothing."""
     out = tmp_path_factory.mktemp("scripts") / "outputs.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # one CPU device
     cache = {
         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -148,7 +150,7 @@ def test_bench_rl():
     """scripts/bench_rl.py (the cookbook's RL loop, sync against async, on a server of its
     own) in .ci/run's slow step: it starts a server and runs the cookbook four times."""
     pytest.importorskip("tinker_cookbook")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # one CPU device
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_rl.py"), "--steps", "2", "--repeats", "1",
          "--groups", "2", "--max-tokens", "4"],

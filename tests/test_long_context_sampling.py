@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from tests.hf_models import QWEN3_8B, TINY_CONFIGS, save_hf_model
 from tests.server_process import ServerProcess
 from tests.sft_data import sft_data
+from tests.xla_env import xla_flags
 from tinker_jax import ServiceClient
 from tinker_jax import types as T
 from tinker_jax.errors import ValidationError
@@ -249,7 +250,7 @@ def test_sequence_mesh_server_trains_and_samples_as_one_device(shared_server, tm
         "256",
         "--prefill-chunk",
         "64",
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={"XLA_FLAGS": xla_flags(devices=8)},
         users=("alice",),
     )
     try:

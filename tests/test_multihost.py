@@ -19,6 +19,7 @@ import pytest
 
 from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess
 from tests.sft_data import sft_data
+from tests.xla_env import xla_flags
 from tinker_jax import ServiceClient, checkpoints, distributed
 from tinker_jax import types as T
 from tinker_jax.checkpoints import INFO_FILE
@@ -31,7 +32,7 @@ SLOW = pytest.mark.slow
 
 
 def _devices(n: int) -> dict[str, str]:
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    return {"XLA_FLAGS": xla_flags(devices=n)}
 
 
 def _free_port() -> int:
