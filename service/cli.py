@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from tinker_jax.service.store import KeyRecord, Store
 
 from tinker_jax.errors import ValidationError
-from tinker_jax.service.logs import FORMATS, formatter
+from tinker_jax.service.logs import FORMATS, formatter, request_log
 from tinker_jax.xla_flags import apply_xla_flags
 
 
@@ -233,6 +233,8 @@ def _restore_database(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tinker_jax.service.demo import run_demo
 
+    if args.log_level != "debug":  # its reader watches a progress bar, not a request log
+        request_log.setLevel(logging.WARNING)
     return run_demo(steps=args.steps)
 
 
@@ -401,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     restore.set_defaults(func=_restore_database)
 
-    demo = sub.add_parser("demo", help="serve the built-in tiny model and train on it")
+    demo = sub.add_parser(
+        "demo",
+        help="serve the built-in tiny model and train on it (one line per request only with "
+        "--log-level debug)",
+    )
     demo.add_argument("--steps", type=int, default=20)
     demo.set_defaults(func=_demo)
 
@@ -426,6 +432,7 @@ def _configure_logging(level: str, log_format: str = "text") -> None:
         root.addHandler(handler)
     logging.getLogger().setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("tinker_jax").setLevel(level.upper())
+    request_log.setLevel(logging.NOTSET)  # as "tinker_jax", unless a command says otherwise
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def test_demo_serves_trains_saves_and_samples(capsys, caplog):
     # A quiet server: our own lines, and none of Orbax's (absl) or JAX's chatter.
     ours = [r for r in caplog.records if r.name.startswith("tinker_jax")]
     assert any("serving" in r.getMessage() for r in ours)
+    assert any("saved checkpoint" in r.getMessage() for r in ours)
+    # Its reader watches a progress bar: no line per request between it and the result.
+    assert not [r for r in ours if r.name == "tinker_jax.requests"]
     chatter = [r for r in caplog.records if not r.name.startswith("tinker_jax")]
     assert all(r.levelno >= logging.WARNING for r in chatter), [r.name for r in chatter][:5]
 
