@@ -101,7 +101,7 @@ def test_official_sdk_flow(server, monkeypatch):
     assert stopped.stop_reason == "stop"
     assert stopped.tokens == full.tokens[: full.tokens.index(stop_token) + 1]
     many = sampler.sample(
-        prompt, 3, T.SamplingParams(max_tokens=4, seed=7), include_prompt_logprobs=True
+        prompt, 3, T.SamplingParams(max_tokens=4, seed=7, stop=[]), include_prompt_logprobs=True
     ).result(timeout=TIMEOUT)
     assert len(many.sequences) == 3 and len({s.sequence_id for s in many.sequences}) == 3
     assert all(len(s.logprobs) == len(s.tokens) == 4 for s in many.sequences)
