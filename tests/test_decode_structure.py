@@ -107,35 +107,21 @@ def test_min_bytes_add_up(batch4):
 
 
 def test_decode_step_copies_no_kv_cache(batch4):
-    """A step's keys and values are written in place before the next step reads the cache:
-    no copy larger than one layer of it (written after the layers, the write was free to run
-    before the last layer's reads, and XLA copied the whole cache twice per step). The copies
-    of one layer are at most one per layer: the keys a layer attends, which XLA's CPU backend
-    materialises for its reduction (a slice it does not fuse into YNNPACK's kernels)."""
-    shape, out = batch4
-    layer_bytes = 4 * shape.batch * shape.context * CONFIG.kv_size
-    sizes = [(_bytes(what), times) for what, times in out["copies"].values()]
-    assert all(size <= layer_bytes for size, _ in sizes), out["copies"]
-    assert sum(t for size, t in sizes if size == layer_bytes) <= CONFIG.num_layers
-
-
-def _bytes(instr: str) -> int:
-    """Output bytes of a `copies` entry ("fusion f32[4,64,2,24]{...}")."""
-    return inspect_decode.Instr("", instr.split(" ", 1)[1], "", "", False).bytes
+    """A step's keys and values are written in place before the next step reads the cache,
+    and each layer's attention reads its slice of the cache where it lies: no copy as large as
+    a weight matrix at all. (Written after the layers, the write was free to run before the
+    last layer's reads, and XLA copied the whole cache twice per step; keys multiplied and
+    summed unselected went to a YNNPACK kernel, which cannot take a slice, and XLA copied each
+    layer's keys out for it.)"""
+    _, out = batch4
+    assert out["large_copies"] == 0, out["copies"]
 
 
 def test_decode_step_copies_no_weight(batch4):
     """Each layer's base weights are arrays of their own, read in place by its matmuls; the
-    adapters in use are gathered per layer from the stacked slots, never copied whole: no
-    copy shaped like a weight, or as large as the smallest weight matrix, other than the
-    attended keys of `test_decode_step_copies_no_kv_cache`."""
-    shape, out = batch4
+    adapters in use are gathered per layer from the stacked slots, never copied whole."""
+    _, out = batch4
     assert out["weight_copies"] == 0, out["copies"]
-    key_layer = (1, shape.batch, shape.context, CONFIG.num_kv_heads, CONFIG.head_dim)
-    others = {
-        n: c for n, c in out["copies"].items() if f"[{','.join(map(str, key_layer))}]" not in c[0]
-    }
-    assert not others, others
 
 
 def test_decode_step_reads_a_layer_in_five_matmuls(batch4):

@@ -281,14 +281,18 @@ def decode_attention(
     equal the unsplit ones (`sequence_sharded_decode`).
 
     Cache positions from a row's own on hold whatever an earlier request left there (a
-    request of another user, possibly non-finite): both keys and values are selected away,
-    never multiplied by a zero probability.
+    request of another user, possibly non-finite): both keys and values are selected away
+    before any product, never multiplied by a zero probability. Selecting the keys before the
+    product also keeps this layer's slice of the cache inside the product's kernel: XLA's CPU
+    backend computes a bare multiply-and-sum in a YNNPACK kernel that cannot take a slice, and
+    copied the slice out (a layer of the cache, per layer per step) to feed it.
     """
     b, _, h, d = q.shape
     kvh = k.shape[2]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
-    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     visible = offset + jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
+    k = jnp.where(visible[:, :, None, None], k.astype(jnp.float32), 0)
+    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1) * (d**-0.5)
     scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     top = jnp.maximum(scores.max(axis=1), own)  # [rows, kv_heads, group]
