@@ -145,10 +145,12 @@ def fused_head_loss(
         return forward(h, a, b, targets, loss_inputs)[0]
 
     def fused_bwd(grads, cotangent):
-        g = cotangent[0]  # of the total; the per-token outputs' cotangents are ignored
-        dh, da, db = grads
-        scaled = None if da is None else (g * da, g * db)
-        return (g * dh, *(scaled or (None, None)), None, None)
+        g = cotangent[0]  # of the total (fp32); the per-token outputs' cotangents are ignored
+
+        def scaled(x: jax.Array | None) -> jax.Array | None:  # in its input's dtype (bf16 h)
+            return None if x is None else (g * x).astype(x.dtype)
+
+        return (*map(scaled, grads), None, None)
 
     fused.defvjp(forward, fused_bwd)
     return fused(hidden, a, b, targets, loss_inputs)
