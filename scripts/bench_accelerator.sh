@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # The accelerator measurements of one short lease, in order of importance, each step bounded
 # by its own timeout so that one failure does not cost the others:
-#   1. LoRA training MFU of a Qwen3-1.7B-shaped bf16 model (cuDNN attention), torch+PEFT on
+#   1. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
 #      the same GPU as the peer;
-#   2. the same with our einsum attention (what the fused kernel buys);
-#   3. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
+#   2. batch-64 decode with its rows spread over 4 LoRA adapters of rank 32, PEFT's
+#      mixed-batch generate on the same GPU as the peer;
+#   3. where a batch-1 decode step's GPU time goes, per kernel and per JAX operation;
+#   4. LoRA training MFU of a Qwen3-1.7B-shaped bf16 model (cuDNN attention), torch+PEFT on
 #      the same GPU as the peer;
-#   4. where a batch-1 decode step's GPU time goes, per kernel (the last profile found a
-#      quarter of it in copies of each layer's weights out of the stacked arrays);
-#   5. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model;
-#   6. LoRA training of the Qwen3-30B-A3B MoE shape.
+#   5. the same with our einsum attention (what the fused kernel buys);
+#   6. sampler-vs-trainer logprob agreement in fp32 and bf16 on a mid-sized model;
+#   7. LoRA training of the Qwen3-30B-A3B MoE shape.
 # Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
 #   bash scripts/bench_accelerator.sh
 # MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
-# All steps take up to ~15 minutes; STEPS="train_cudnn sample" runs only those (a device call
-# is limited to 10 minutes).
+# Steps 1-4 take up to ~9 minutes and all of them ~17; STEPS="sample profile" runs only those
+# (a device call is limited to 10 minutes). Compiled programs are kept between the steps in
+# JAX's persistent cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/bench_accelerator_jax).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # JAX would take 75% of the GPU up front, leaving the torch peer in the same process too little.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/bench_accelerator_jax}"
 out="${OUT:-/tmp/bench_accelerator}"
 mkdir -p "$out"
 model_dir="${MODEL_DIR:-/tmp/bench_accelerator_model}"
@@ -39,14 +42,16 @@ step() {  # step NAME SECONDS COMMAND...: runs one measurement, logging to $out/
 step versions 45 "$py" -c "import jax, flax, optax, transformers, torch; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 'transformers', transformers.__version__, 'torch', torch.__version__); print(jax.devices())"
-step train_cudnn 200 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
+step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batches 1,64 --torch-device "$torch_device"
+step sample_adapters 100 "$py" scripts/bench_sample.py "${model_args[@]}" \
+    --model-dir "$model_dir" --batches 64 --adapters 4 --rank 32 --torch-device "$torch_device"
+step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
+    --batch 1 --new-tokens 32 --top 25 --by-op
+step train_cudnn 170 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
     --batch 8 --seq 1024 --steps 5 --attention cudnn --torch-device "$torch_device"
 step train_einsum 110 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
     --batch 8 --seq 1024 --steps 5 --attention einsum --no-torch
-step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
-    --batches 1,64 --torch-device "$torch_device"
-step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
-    --batch 1 --new-tokens 32 --top 25 --by-op
 step logprobs 60 "$py" scripts/measure_logprob_agreement.py --hidden 512 --layers 8 --heads 8 \
     --kv-heads 4 --head-dim 64 --intermediate 1536 --vocab 32000
 # The MoE shape needs ~61 GB of bf16 weights: an H200 (or a mesh of several chips).

@@ -7,6 +7,11 @@ size runs once untimed (compilation, for us), then `--repeats` times alternating
 sides; the median is reported. Tokens/s counts generated tokens only, end to end: prefill of
 the prompts, every decode step, and host work. Our sampler is built with `rows` = the batch
 size, the base model (no adapter) and `--rank`-sized LoRA slots that it still computes.
+With `--adapters K`, the rows are spread round robin over K random LoRA adapters of rank
+`--rank` (a multi-tenant batch): ours from K sampler slots, transformers through PEFT's
+mixed-batch `generate(adapter_names=...)` with K adapters on q, k, v, o, gate, up and down
+(ours also computes the lm head's LoRA). The two sides' adapters differ, so their tokens are
+not compared then.
 
     python scripts/bench_sample.py                                 # CPU: ratios and targets
     python scripts/bench_sample.py --preset qwen3-1.7b --no-torch  # accelerator: roofline
@@ -55,6 +60,8 @@ from bench_models import (
 # The CPU targets: batch 1 against torch (ratio ours/torch), batch 32 against its own matmul
 # ceiling (`report_matmul_ceiling`: the share of a step of nothing but its weight matmuls).
 TORCH_TARGETS = {1: 2.0}
+# The modules PEFT adapts on the transformers side with --adapters.
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CEILING_TARGETS = {32: 0.75}
 # HBM bandwidth in GB/s by `device_kind` substring (the vendors' figures).
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "TPU v5p": 2765.0, "TPU v6": 1640.0}
@@ -77,6 +84,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--rank", type=int, default=8, help="max rank of the sampler's LoRA slots")
     p.add_argument("--lora-slots", type=int, default=2, help="sampler adapter slots")
+    p.add_argument(
+        "--adapters",
+        type=int,
+        default=0,
+        help="distinct random LoRA adapters the rows are spread over (0: the base model)",
+    )
     p.add_argument("--no-torch", action="store_true", help="time only our sampler")
     p.add_argument(
         "--torch-device", default="cpu", help="where transformers runs (cpu, or cuda on a GPU)"
@@ -113,18 +126,32 @@ class Ours:
         self.sampler = Sampler.sharing_base(
             model,
             mesh,
-            slots=args.lora_slots,
+            slots=max(args.lora_slots, args.adapters),
             rows=batch,
             max_len=max_len,
             steps_per_call=args.steps_per_call,
         )
+        rng = np.random.default_rng(0)
+        layout, lora = self.sampler.layout, self.sampler.lora
+        shapes = list(zip(layout.leaves, layout.slot_shapes(lora)))
+        adapters = [
+            {leaf.name: rng.normal(0.0, 0.02, shape).astype(np.float32) for leaf, shape in shapes}
+            for _ in range(args.adapters)
+        ]
+        self.slots: list[int | None] = [
+            self.sampler.load_adapter(arrays, scale=1.0) for arrays in adapters
+        ] or [None]
 
     def generate(self, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
         from tinker_jax.sampler import SampleRequest
         from tinker_jax.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop=[])
-        results = self.sampler.sample([SampleRequest(p, 1, params) for p in prompts])
+        requests = [
+            SampleRequest(p, 1, params, slot=self.slots[i % len(self.slots)])
+            for i, p in enumerate(prompts)
+        ]
+        results = self.sampler.sample(requests)
         return [r.sequences[0].tokens for r in results]
 
 
@@ -137,11 +164,27 @@ class Torch:
 
         self.torch, self.device = torch, torch.device(args.torch_device)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+        self.adapter_names: list[str] = []
+        if args.adapters:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=args.rank,
+                lora_alpha=args.rank,
+                target_modules=list(MODULES),
+                init_lora_weights=False,
+            )
+            self.adapter_names = [f"adapter{k}" for k in range(args.adapters)]
+            model = get_peft_model(model, config, adapter_name=self.adapter_names[0])
+            for name in self.adapter_names[1:]:
+                model.add_adapter(name, config)
         self.model = model.to(self.device).eval()
 
     def generate(self, prompts: np.ndarray, new_tokens: int) -> list[list[int]]:
         torch = self.torch
         ids = torch.from_numpy(prompts).long().to(self.device)
+        names = self.adapter_names
+        mixed = {"adapter_names": [names[i % len(names)] for i in range(len(ids))]} if names else {}
         with torch.inference_mode():
             out = self.model.generate(
                 ids,
@@ -151,6 +194,7 @@ class Torch:
                 eos_token_id=None,
                 pad_token_id=0,
                 use_cache=True,
+                **mixed,
             )
         return out[:, prompts.shape[1] :].tolist()  # .tolist() waits for the device
 
@@ -170,7 +214,7 @@ def bench_batch(ours: Ours, theirs: Torch | None, args: argparse.Namespace, batc
     if theirs is not None:
         ref = theirs.generate(prompts, n)
         assert all(len(t) == n for t in ref), "transformers stopped early"
-        same = np.mean([a == b for a, b in zip(warm, ref)])
+        same = None if args.adapters else np.mean([a == b for a, b in zip(warm, ref)])
     times: dict[str, list[float]] = {"ours": [], "ours_prefill": [], "torch": []}
     for _ in range(args.repeats):
         times["ours"].append(timed(lambda: ours.generate(prompts, n))[0])
@@ -185,7 +229,7 @@ def bench_batch(ours: Ours, theirs: Torch | None, args: argparse.Namespace, batc
     if theirs is not None:
         result["torch_tps"] = batch * n / result["torch"]
         result["ratio"] = result["ours_tps"] / result["torch_tps"]
-        result["same_tokens"] = float(same)
+        result["same_tokens"] = same
     return result
 
 
@@ -233,9 +277,14 @@ def main() -> None:
                 f"(decode {r['ours_decode_tps']:9.1f})"
             )
             if "torch_tps" in r:
+                same = r["same_tokens"]
                 line += (
-                    f"  torch {r['torch_tps']:9.1f} tok/s  ratio ours/torch "
-                    f"{r['ratio']:5.2f}x  (greedy tokens equal in {r['same_tokens']:.0%} of rows)"
+                    f"  torch {r['torch_tps']:9.1f} tok/s  ratio ours/torch {r['ratio']:5.2f}x  "
+                    + (
+                        f"(greedy tokens equal in {same:.0%} of rows)"
+                        if same is not None
+                        else f"({args.adapters} random adapters a side: tokens not compared)"
+                    )
                 )
             print(line)
             print(f"           {args.repeats} runs each, min-max: {spread}")

@@ -134,6 +134,9 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    if dump_dir is not None:  # a program from the persistent cache is not compiled, so not dumped
+        jax.config.update("jax_enable_compilation_cache", False)
+
     from tinker_jax.lora import LoRASpec
     from tinker_jax.sampler import Sampler, SampleRequest
     from tinker_jax.sampling import SamplingParams

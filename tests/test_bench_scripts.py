@@ -35,6 +35,10 @@ RUNS = {  # the profile first: its --by-op sets XLA_FLAGS (an HLO dump), read wh
         "bench_train.py", *TINY, *MOE, "--seq", "32", "--batch", "2", "--steps", "1", "--no-torch"
     ),
     "sample": ("bench_sample.py", *TINY, "--batches", "2", "--new-tokens", "8", "--repeats", "1"),
+    "sample-adapters": (
+        "bench_sample.py", *TINY, "--batches", "3", "--new-tokens", "4", "--repeats", "1",
+        "--adapters", "2", "--rank", "4",
+    ),
     "service": (
         "bench_service.py", *TINY, "--seq", "16", "--batch", "2", "--runs", "2", "--rank", "4",
         "--steps", "1", "--steps-b", "1", "--repeats", "1",
@@ -113,6 +117,12 @@ def test_bench_sample(outputs):
     out = run_output(outputs, "sample")
     assert "ratio ours/torch" in out and "greedy tokens equal in 100% of rows" in out
     assert "ceiling batch 2:" in out and "peak bound:" in out
+
+
+def test_bench_sample_adapters(outputs):
+    """Rows spread over 2 random adapters, PEFT's mixed-batch generate on the other side."""
+    out = run_output(outputs, "sample-adapters")
+    assert "ratio ours/torch" in out and "(2 random adapters a side: tokens not compared)" in out
 
 
 def test_bench_service(outputs):
