@@ -131,3 +131,31 @@ def test_decode_step_reads_a_layer_in_five_matmuls(batch4):
     per layer, read the same bytes in more kernels."""
     _, out = batch4
     assert out["weight_matmuls"] == 5 * CONFIG.num_layers + 1
+
+
+def test_decode_step_reads_the_cache_where_it_lies(batch4):
+    """Attention's products read each layer's keys and values straight from the cache: no
+    kernel writes an array shaped like a layer of the cache other than the cache writes
+    themselves. (Keys and values selected before the products were materialised by a select
+    kernel each, a layer of the cache written and read again per layer and step; and a slice
+    of a stacked cache was copied out.)"""
+    shape, _ = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    loops = [i for i in comps[entry] if i.opcode == "while" and i.called("body")]
+    body = max((loop.called("body")[0] for loop in loops), key=lambda c: len(comps[c]))
+    layer = (shape.batch, shape.context, CONFIG.num_kv_heads, CONFIG.head_dim)
+    roots = {c: next(i for i in instrs if i.root) for c, instrs in comps.items()}
+
+    def writes_cache(instr) -> bool:
+        called = instr.called("calls")
+        return instr.opcode == "scatter" or bool(called and roots[called[0]].opcode == "scatter")
+
+    shaped = [
+        f"{i.opcode} {i.name} {i.shape}"
+        for i in comps[body]
+        if i.dims == layer and i.opcode not in inspect_decode.FREE_OPS and not writes_cache(i)
+    ]
+    assert shaped == []
+    writes = [i for i in comps[body] if writes_cache(i)]
+    assert len(writes) == 2 * CONFIG.num_layers  # the previous step's keys and values

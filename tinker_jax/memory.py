@@ -352,7 +352,7 @@ def prefill_terms(
         ),
     ]
     return (prefix if chunked else []) + [
-        Term("new keys, values", (cfg.num_layers, B, S, K, D), CACHE_AXES, c, 2),
+        Term("new keys, values", (cfg.num_layers, B, S, K, D), (None, *CACHE_AXES), c, 2),
         Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2 * quadratic),
         Term("attention weights", (B, H, S, S), weights_axes, c, quadratic),
         Term("hidden (fp32)", (B, S, E), (*act, "act_embed"), 4),
@@ -448,12 +448,12 @@ def plan_memory(
     optimizer = 3 * adapters + counts
 
     max_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    cache_shape = (cfg.num_layers, sampler_rows, max_len, cfg.num_kv_heads, cfg.head_dim)
-    kv_cache = 2 * per_device_bytes(cache_shape, CACHE_AXES, itemsize, mesh)
+    layer_cache = (sampler_rows, max_len, cfg.num_kv_heads, cfg.head_dim)  # an array per layer
+    kv_cache = 2 * cfg.num_layers * per_device_bytes(layer_cache, CACHE_AXES, itemsize, mesh)
     blocks = int(prefix_cache_share * sampler_rows * max_len) // PREFIX_BLOCK
     if blocks:
-        store = (cfg.num_layers, blocks, PREFIX_BLOCK, cfg.num_kv_heads, cfg.head_dim)
-        kv_cache += 2 * per_device_bytes(store, STORE_AXES, itemsize, mesh)
+        store = (blocks, PREFIX_BLOCK, cfg.num_kv_heads, cfg.head_dim)
+        kv_cache += 2 * cfg.num_layers * per_device_bytes(store, STORE_AXES, itemsize, mesh)
 
     multiple = batch_multiple(mesh)
     seq_len = train_seq_len or min(train_batch_tokens, max_len)

@@ -121,14 +121,14 @@ class PrefixIndex:
 def gather_prefix(store: KVCache, blocks: jax.Array) -> KVCache:
     """The prefix keys and values of each row from its blocks.
 
-    store arrays: [layers, num_blocks, block, kv_heads, head_dim]; blocks: [batch, n] block
-    ids, first to last -> arrays [layers, batch, n * block, kv_heads, head_dim]."""
+    store arrays per layer: [num_blocks, block, kv_heads, head_dim]; blocks: [batch, n] block
+    ids, first to last -> arrays per layer [batch, n * block, kv_heads, head_dim]."""
 
     def one(x):
-        g = x[:, blocks]  # [layers, batch, n, block, kv_heads, head_dim]
-        return g.reshape(g.shape[0], g.shape[1], -1, *g.shape[4:])
+        g = x[blocks]  # [batch, n, block, kv_heads, head_dim]
+        return g.reshape(g.shape[0], -1, *g.shape[3:])
 
-    return KVCache(one(store.k), one(store.v))
+    return KVCache(tuple(map(one, store.k)), tuple(map(one, store.v)))
 
 
 def store_blocks(
@@ -136,11 +136,12 @@ def store_blocks(
 ) -> KVCache:
     """Copies cache positions [start, start + block size) of cache row `row` into store block
     `block`, for each entry of block, row, start: [n] int32 (a block id >= num_blocks is
-    padding: its write is dropped). cache arrays: [layers, rows, max_len, kv_heads, head_dim]."""
-    size = store.k.shape[2]
+    padding: its write is dropped). cache arrays per layer: [rows, max_len, kv_heads,
+    head_dim]."""
+    size = store.k[0].shape[1]
     positions = start[:, None] + jnp.arange(size)[None, :]  # [n, block]
 
     def one(s, c):
-        return s.at[:, block].set(c[:, row[:, None], positions].astype(s.dtype), mode="drop")
+        return s.at[block].set(c[row[:, None], positions].astype(s.dtype), mode="drop")
 
-    return KVCache(one(store.k, cache.k), one(store.v, cache.v))
+    return KVCache(tuple(map(one, store.k, cache.k)), tuple(map(one, store.v, cache.v)))

@@ -36,7 +36,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import KVCache, Transformer
+from tinker_jax.models.decoder import KVCache, Transformer, finite
 from tinker_jax.models.sequence_parallel import CACHE_AXES
 from tinker_jax.prefix_cache import (
     PREFIX_BLOCK,
@@ -73,7 +73,7 @@ MAX_PROMPT_ALT_TOKENS = 64
 MAX_NUM_SAMPLES = 4096
 # The prefix cache's blocks [layers, blocks, block, kv_heads, head_dim]: the cache's axes (the
 # blocks take the rows' place) but for the block's few positions, which stay whole.
-STORE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
+STORE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
 # Prompt positions one prefill call computes at most: a longer prompt is prefilled a chunk at
 # a time (`Sampler._prefill`).
 PREFILL_CHUNK = 2048
@@ -309,16 +309,16 @@ def _write_extended(
     """Writes each row's cached prefix and new keys and values: row dst[i] of the cache
     gets group src[i]'s prefix at positions 0.. and its new tokens at `positions`.
 
-    cache arrays [layers, rows, max_len, kv_heads, head_dim]; known arrays [layers, groups,
-    prefix, ...] (real up to each group's first new position, which its new tokens then
-    overwrite); new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions [groups, seq].
-    A write past max_len (padding) or to a row >= rows is dropped."""
-    at = jnp.arange(known.k.shape[2])[None, :]
+    cache arrays per layer [rows, max_len, kv_heads, head_dim]; known arrays per layer
+    [groups, prefix, ...] (real up to each group's first new position, which its new tokens
+    then overwrite); new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions [groups,
+    seq]. A write past max_len (padding) or to a row >= rows is dropped."""
+    at = jnp.arange(known.k[0].shape[1])[None, :]
 
     def one(c, prefix):
-        return c.at[:, dst[:, None], at].set(prefix[:, src].astype(c.dtype), mode="drop")
+        return c.at[dst[:, None], at].set(prefix[src].astype(c.dtype), mode="drop")
 
-    cache = KVCache(one(cache.k, known.k), one(cache.v, known.v))
+    cache = KVCache(tuple(map(one, cache.k, known.k)), tuple(map(one, cache.v, known.v)))
     return _write_new(cache, new, dst, src, positions)
 
 
@@ -329,20 +329,23 @@ def _write_new(
     src: jax.Array,
     positions: jax.Array,
 ) -> KVCache:
-    """Writes each row's new keys and values: row dst[i] of the cache gets group src[i]'s at
-    `positions`. cache arrays [layers, rows, max_len, kv_heads, head_dim]; new (k, v)
-    [layers, groups, seq, ...]; dst, src [n]; positions [groups, seq]. A write past max_len
-    (padding) or to a row >= rows is dropped.
+    """Writes each row's new keys and values (`finite`, as a cache holds them): row dst[i] of
+    the cache gets group src[i]'s at `positions`. cache arrays per layer [rows, max_len,
+    kv_heads, head_dim]; new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions
+    [groups, seq]. A write past max_len (padding) or to a row >= rows is dropped.
 
-    Every (layer, row, position) is an index of its own, not a window of positions: a cache
-    split over `sequence` then takes each write on the device that holds its position, where
-    a window over the split axis made XLA gather the whole cache onto every device."""
-    at = (jnp.arange(cache.k.shape[0])[:, None, None], dst[None, :, None], positions[src][None])
+    Every (row, position) is an index of its own, not a window of positions: a cache split
+    over `sequence` then takes each write on the device that holds its position, where a
+    window over the split axis made XLA gather the whole cache onto every device."""
+    at = (dst[:, None], positions[src])
 
     def one(c, x):
-        return c.at[at].set(x[:, src].astype(c.dtype), mode="drop")
+        return c.at[at].set(finite(x[src].astype(c.dtype)), mode="drop")
 
-    return KVCache(one(cache.k, new[0]), one(cache.v, new[1]))
+    return KVCache(
+        tuple(one(c, new[0][i]) for i, c in enumerate(cache.k)),
+        tuple(one(c, new[1][i]) for i, c in enumerate(cache.v)),
+    )
 
 
 class Sampler:
@@ -389,28 +392,30 @@ class Sampler:
         self.logprob_chunk = logprob_chunk
         self.slot_scale: dict[int, float] = {}
         dtype = jax.tree.leaves(base)[0].dtype
-        shape = (config.num_layers, rows, self.max_len, config.num_kv_heads, config.head_dim)
+        shape = (rows, self.max_len, config.num_kv_heads, config.head_dim)  # a layer's
         sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
         # The cache keeps its sharding; what the host reads back (tokens, logprobs) is
         # replicated, so every process of a multi-host mesh can read it whole.
         self._cache_sharding = sharding
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        self.cache = KVCache(self._zeros(), self._zeros())
-        self.kv_cache_bytes = 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        self._new_cache = functools.partial(KVCache.of, zeros, config.num_layers)
+        self.cache = self._new_cache()
+        self.kv_cache_bytes = 2 * config.num_layers * int(np.prod(shape)) * dtype.itemsize
         self.prefix_block = prefix_block
         self._prefix: PrefixIndex | None = None
         self.prefix_cache_bytes = 0
         blocks = int(prefix_cache_share * rows * self.max_len) // prefix_block
         if blocks > 0:
             self._prefix = PrefixIndex(blocks, prefix_block)
-            store = (config.num_layers, blocks, prefix_block, config.num_kv_heads, config.head_dim)
+            store = (blocks, prefix_block, config.num_kv_heads, config.head_dim)  # a layer's
             self._store_sharding = NamedSharding(mesh, logical_to_spec(STORE_AXES, store, mesh))
-            self._store_zeros = jax.jit(
+            store_zeros = jax.jit(
                 lambda: jnp.zeros(store, dtype), out_shardings=self._store_sharding
             )
-            self.prefix_store = KVCache(self._store_zeros(), self._store_zeros())
-            self.prefix_cache_bytes = 2 * int(np.prod(store)) * jnp.dtype(dtype).itemsize
+            self._new_store = functools.partial(KVCache.of, store_zeros, config.num_layers)
+            self.prefix_store = self._new_store()
+            self.prefix_cache_bytes = 2 * config.num_layers * int(np.prod(store)) * dtype.itemsize
         # Prompt tokens prefilled so far: computed, and served from the prefix cache.
         self.prefill_tokens = 0
         self.cached_prefill_tokens = 0
@@ -605,13 +610,13 @@ class Sampler:
         try:
             jax.block_until_ready(self.cache)
         except Exception:  # noqa: BLE001 - deleted, or the failed call's error
-            self.cache = KVCache(self._zeros(), self._zeros())
+            self.cache = self._new_cache()
         if self._prefix is not None:  # a failed call may have written blocks half-way
             self._prefix.clear()
             try:
                 jax.block_until_ready(self.prefix_store)
             except Exception:  # noqa: BLE001 - as the cache
-                self.prefix_store = KVCache(self._store_zeros(), self._store_zeros())
+                self.prefix_store = self._new_store()
 
     def step(self) -> dict[int, SampleResult]:
         """Admits waiting requests into free rows, decodes up to `steps_per_call` tokens for
@@ -1240,7 +1245,7 @@ def decode_loop(
     after the loop), before anything reads it: that order lets XLA update the cache in place
     (`Transformer.decode`).
     """
-    max_len = cache.k.shape[2]
+    max_len = cache.k[0].shape[1]
     model = nnx.merge(graphdef, lora, base)
     adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
     base_keys = sequence_keys(rows["seed"], rows["sample"])
@@ -1297,7 +1302,7 @@ def decode_loop(
         else (),
         # Nothing to write before the first step: a position past max_len writes nothing.
         (
-            *(jnp.zeros((cache.k.shape[0], n, *cache.k.shape[3:]), cache.k.dtype),) * 2,
+            *(tuple(jnp.zeros((n, *c.shape[2:]), c.dtype) for c in cache.k),) * 2,
             jnp.full((n,), max_len, jnp.int32),
         ),
     )

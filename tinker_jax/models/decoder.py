@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -160,22 +161,22 @@ class Attention(nnx.Module):
         x: jax.Array,
         positions: jax.Array,
         adapter: AdapterBatch | None,
-        cache: KVCache,
-        layer: int,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """One new token per row against the cache, which it only reads.
+        """One new token per row against this layer's cache, which it only reads.
 
-        x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache arrays [layers, rows,
-        max_len, ...], of which attention reads this layer's positions below each row's own
-        (at most kv_len), then the new token itself; a cache split over the `sequence` axis
-        is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the new
-        token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
+        x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache_k, cache_v: [rows,
+        max_len, kv_heads, head_dim], of which attention reads the positions below each row's
+        own (at most kv_len), then the new token itself; a cache split over the `sequence`
+        axis is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed],
+        the new token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
         `positions` before the cache is read again (`KVCache.write`).
         """
         q, k, v = self.project(x, positions, adapter)
-        k, v = k[:, 0].astype(cache.k.dtype), v[:, 0].astype(cache.v.dtype)
-        out = DECODE_ATTENTION(q, cache.k, cache.v, layer, positions, k, v, kv_len)
+        k, v = k[:, 0].astype(cache_k.dtype), v[:, 0].astype(cache_v.dtype)
+        out = DECODE_ATTENTION(q, cache_k, cache_v, positions, k, v, kv_len)
         return self._out(out, adapter), (k, v)
 
     def extend(
@@ -214,28 +215,47 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim), adapter)
 
 
+def finite(x: jax.Array) -> jax.Array:
+    """x with its non-finite values (a diverged adapter's keys or values) set to zero: what a
+    KV cache stores (`KVCache`)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every decode row: k, v: [layers, rows, max_len, kv_heads, head_dim]."""
+    """Keys and values of every decode row, an array per layer: k[i], v[i]: [rows, max_len,
+    kv_heads, head_dim] (a prefix-cache store: [blocks, block, kv_heads, head_dim]).
 
-    k: jax.Array
-    v: jax.Array
+    Arrays of their own rather than one stacked array: a layer's keys are a whole buffer that
+    attention's kernel reads where it lies. Of a stacked cache, XLA's CPU backend copied each
+    layer's slice out for the kernel, every layer and step.
 
-    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
-        """The cache with one token per row written: k, v: [layers, rows, kv_heads,
-        head_dim] at positions: [rows] (a position past max_len writes nothing).
+    Every value a cache holds is finite: every write stores `finite` keys and values. Positions
+    past a row's own hold whatever an earlier request left there (another user's), and
+    attention reads them without selecting them away first: their scores are finite and
+    replaced by the mask, and their values are multiplied by a weight of exactly zero
+    (`decode_attention`)."""
 
-        One scatter of layers * rows (layer, row, position) indices, even for one row: XLA
-        turns a scatter of a single index into a dynamic-update-slice, which it may fuse into
-        each reader of the written cache, reading the old cache after the in-place write
-        (and so copying the cache whole)."""
-        layers, rows = jnp.indices(k.shape[:2])
-        at = (layers, rows, jnp.broadcast_to(positions, k.shape[:2]))
-        return KVCache(
-            self.k.at[at].set(k.astype(self.k.dtype), mode="drop"),
-            self.v.at[at].set(v.astype(self.v.dtype), mode="drop"),
-        )
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def of(cls, make: Callable[[], jax.Array], layers: int) -> KVCache:
+        """A cache of `layers` arrays of keys and `layers` of values, each `make()`."""
+        return cls(tuple(make() for _ in range(layers)), tuple(make() for _ in range(layers)))
+
+    def write(
+        self, k: Sequence[jax.Array], v: Sequence[jax.Array], positions: jax.Array
+    ) -> KVCache:
+        """The cache with one token per row written: k, v: per layer [rows, kv_heads,
+        head_dim], at positions: [rows] (a position past max_len writes nothing)."""
+        rows = jnp.arange(positions.shape[0])
+
+        def one(cache: jax.Array, new: jax.Array) -> jax.Array:
+            return cache.at[rows, positions].set(finite(new.astype(cache.dtype)), mode="drop")
+
+        return KVCache(tuple(map(one, self.k, k)), tuple(map(one, self.v, v)))
 
 
 def attention(
@@ -281,18 +301,15 @@ def decode_attention(
     equal the unsplit ones (`sequence_sharded_decode`).
 
     Cache positions from a row's own on hold whatever an earlier request left there (a
-    request of another user, possibly non-finite): both keys and values are selected away
-    before any product, never multiplied by a zero probability. Selecting the keys before the
-    product also keeps this layer's slice of the cache inside the product's kernel: XLA's CPU
-    backend computes a bare multiply-and-sum in a YNNPACK kernel that cannot take a slice, and
-    copied the slice out (a layer of the cache, per layer per step) to feed it.
+    request of another user), always finite (`KVCache`): their scores are replaced by the
+    mask and their values weighted by exactly zero, so the cache is read by the products
+    directly, with no select over it that a kernel would materialise first.
     """
     b, _, h, d = q.shape
     kvh = k.shape[2]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
     visible = offset + jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
-    k = jnp.where(visible[:, :, None, None], k.astype(jnp.float32), 0)
-    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :], axis=-1) * (d**-0.5)
+    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     top = jnp.maximum(scores.max(axis=1), own)  # [rows, kv_heads, group]
@@ -300,9 +317,8 @@ def decode_attention(
         top = jax.lax.pmax(top, axis)
     weights = jnp.exp(scores - top[:, None])  # [rows, max_len, kv_heads, group]
     own_weight = jnp.exp(own - top)
-    v = jnp.where(visible[:, :, None, None], v.astype(jnp.float32), 0)
     total = weights.sum(axis=1)
-    out = jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)
+    out = jnp.sum(weights[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
     if axis is not None:
         total, out = jax.lax.psum((total, out), axis)
     total = total + own_weight
@@ -426,13 +442,13 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         positions: jax.Array,
         adapter: AdapterBatch | None,
-        cache: KVCache,
-        layer: int,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [rows, 1, embed] -> (x, the new token's (k, v)); see `Attention.decode`."""
         attn, kv = self.self_attn.decode(
-            self.input_layernorm(x), positions, adapter, cache, layer, kv_len
+            self.input_layernorm(x), positions, adapter, cache_k, cache_v, kv_len
         )
         return self._mlp(x + attn, adapter)[0], kv
 
@@ -608,7 +624,7 @@ class Transformer(nnx.Module):
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One token per cache row: tokens, positions [rows, 1] -> (hidden [rows, 1, embed],
-        the token's keys and values (k, v): [layers, rows, kv_heads, head_dim] each).
+        the token's keys and values (k, v): per layer [rows, kv_heads, head_dim]).
 
         Attention reads only the first `kv_len` cache positions; every position must be
         below it. Reading a short prefix of a long cache is what keeps a decode step's
@@ -623,9 +639,9 @@ class Transformer(nnx.Module):
         new = []
         for i, (base, adapters) in enumerate(states):
             layer = nnx.merge(graphdef, base, adapters)
-            x, kv = layer.decode(x, positions, adapter, cache, i, kv_len)
+            x, kv = layer.decode(x, positions, adapter, cache.k[i], cache.v[i], kv_len)
             new.append(kv)
-        return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))
+        return self.norm(x), tuple(zip(*new))
 
     def extend(
         self,
@@ -640,13 +656,13 @@ class Transformer(nnx.Module):
         flash: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """A prefill that continues known prefixes: tokens, positions [batch, seq] (each row
-        from its prefix_len: [batch] on), prefix arrays [layers, batch, prefix, kv_heads,
+        from its prefix_len: [batch] on), prefix arrays per layer [batch, prefix, kv_heads,
         head_dim] -> (hidden [batch, seq, embed], every layer's (k, v) of the new tokens:
         [layers, batch, seq, kv_heads, head_dim]). Equals `__call__` on the whole sequence at
         the new positions, without recomputing the prefix.
 
-        With `rows` [batch], `prefix` is the sampler's cache [layers, cache rows, max_len, ...]
-        and row b continues cache row rows[b]: each layer reads the first `width` positions
+        With `rows` [batch], `prefix` is the sampler's cache (per layer [cache rows, max_len,
+        ...]) and row b continues cache row rows[b]: each layer reads the first `width` positions
         of its rows as it runs (a long prompt's next chunk): no array holds every layer's
         prefix at once. `flash`: see `Attention.extend`."""
         x = self._embed(tokens)
@@ -658,7 +674,7 @@ class Transformer(nnx.Module):
             if at is None:
                 k, v = prefix.k[i], prefix.v[i]
             else:  # indexed position by position: a split cache is read where it lies
-                k, v = prefix.k[(i, *at)], prefix.v[(i, *at)]
+                k, v = prefix.k[i][at], prefix.v[i][at]
             x, kv = layer.extend(x, positions, adapter, k, v, prefix_len, flash)
             new.append(kv)
         return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))
