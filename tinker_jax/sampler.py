@@ -71,8 +71,8 @@ MAX_TARGET_PROMPT_LOGPROBS = 64  # columns of target_prompt_logprobs
 MAX_PROMPT_ALT_TOKENS = 64
 # Per request: the service names every sample, so an unbounded count is unbounded memory.
 MAX_NUM_SAMPLES = 4096
-# The prefix cache's blocks [layers, blocks, block, kv_heads, head_dim]: the cache's axes (the
-# blocks take the rows' place) but for the block's few positions, which stay whole.
+# A layer of the prefix cache's blocks [blocks, block, kv_heads, head_dim]: the cache's axes
+# (the blocks take the rows' place) but for the block's few positions, which stay whole.
 STORE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
 # Prompt positions one prefill call computes at most: a longer prompt is prefilled a chunk at
 # a time (`Sampler._prefill`).
