@@ -202,7 +202,7 @@ def compile_decode(cfg: ModelConfig, shape: DecodeShape):
     (the cache donated), for abstract weights, cache and rows."""
     graphdef, lora, base = abstract_model(cfg, shape)
     dtype = jnp.dtype(shape.dtype)
-    layer_cache = (shape.batch, shape.context, cfg.num_kv_heads, cfg.head_dim)
+    layer_cache = (shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
     cache = KVCache.of(lambda: jax.ShapeDtypeStruct(layer_cache, dtype), cfg.num_layers)
     groups = 1 << max(shape.adapters - 1, 0).bit_length()
     rows = decode_arg_shapes(shape.batch, groups)

@@ -144,7 +144,7 @@ def test_decode_step_reads_the_cache_where_it_lies(batch4):
     comps, entry = inspect_decode.parse_hlo(compiled.as_text())
     loops = [i for i in comps[entry] if i.opcode == "while" and i.called("body")]
     body = max((loop.called("body")[0] for loop in loops), key=lambda c: len(comps[c]))
-    layer = (shape.batch, shape.context, CONFIG.num_kv_heads, CONFIG.head_dim)
+    layer = (shape.batch, CONFIG.num_kv_heads, shape.context, CONFIG.head_dim)
     roots = {c: next(i for i in instrs if i.root) for c, instrs in comps.items()}
 
     def writes_cache(instr) -> bool:

@@ -113,10 +113,10 @@ def test_sequence_sharded_sampling_equals_one_device(long_model, one_device):
     """On a data=1, fsdp=2, sequence=4 mesh, the cache's positions split four ways, chunked
     prefill and decode give the one-device results."""
     (sampler,) = _samplers(long_model, {"fsdp": 2, "sequence": 4}, (CHUNK,))
-    spec = sampler.cache.k[0].sharding.spec  # a layer's keys: [rows, max_len, ...]
-    assert spec[1] == "sequence"
+    spec = sampler.cache.k[0].sharding.spec  # a layer's keys: [rows, kv_heads, max_len, ...]
+    assert spec[2] == "sequence"
     shard = sampler.cache.k[0].addressable_shards[0].data.shape
-    assert shard[1] == CONTEXT // 4
+    assert shard[2] == CONTEXT // 4
     _assert_same(sampler.sample(_requests()), one_device[0])
 
 
@@ -133,7 +133,7 @@ def test_decode_on_a_split_cache_moves_no_cache_positions():
         batch=4, adapters=2, context=context, rank=8, slots=3, steps=2, dtype="float32"
     )
     graphdef, lora, base = inspect_decode.abstract_model(cfg, shape)
-    cache_shape = (4, context, cfg.num_kv_heads, cfg.head_dim)  # a layer's
+    cache_shape = (4, cfg.num_kv_heads, context, cfg.head_dim)  # a layer's
     read = 4 * kv_len * cfg.num_kv_heads * cfg.head_dim * 4  # bytes of one layer's k read
 
     def compiled(shards: int) -> str:

@@ -50,6 +50,9 @@ LOGPROB_CHUNK = 256  # the trainer's and sampler's default lm-head chunk
 # counted apart.
 ATTENTION_BACKWARD_FLOATS = {"einsum": 2, "xla": 4, "cudnn": 0, "chunked": 0, "pallas": 0}
 FLASH_KERNELS = ("chunked", "pallas")  # per-layer log-sum-exp, no [S, S] term
+# A prefill's new keys and values [layers, batch, seq, kv_heads, head_dim], placed as the
+# cache places its positions (`CACHE_AXES`).
+NEW_KV_AXES = ("layers", "act_batch", "cache_len", "act_kv_heads", "act_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +355,7 @@ def prefill_terms(
         ),
     ]
     return (prefix if chunked else []) + [
-        Term("new keys, values", (cfg.num_layers, B, S, K, D), (None, *CACHE_AXES), c, 2),
+        Term("new keys, values", (cfg.num_layers, B, S, K, D), NEW_KV_AXES, c, 2),
         Term("attention scores, softmax (fp32)", (B, H, S, S), weights_axes, 4, 2 * quadratic),
         Term("attention weights", (B, H, S, S), weights_axes, c, quadratic),
         Term("hidden (fp32)", (B, S, E), (*act, "act_embed"), 4),
@@ -448,7 +451,7 @@ def plan_memory(
     optimizer = 3 * adapters + counts
 
     max_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    layer_cache = (sampler_rows, max_len, cfg.num_kv_heads, cfg.head_dim)  # an array per layer
+    layer_cache = (sampler_rows, cfg.num_kv_heads, max_len, cfg.head_dim)  # an array per layer
     kv_cache = 2 * cfg.num_layers * per_device_bytes(layer_cache, CACHE_AXES, itemsize, mesh)
     blocks = int(prefix_cache_share * sampler_rows * max_len) // PREFIX_BLOCK
     if blocks:

@@ -136,12 +136,14 @@ def store_blocks(
 ) -> KVCache:
     """Copies cache positions [start, start + block size) of cache row `row` into store block
     `block`, for each entry of block, row, start: [n] int32 (a block id >= num_blocks is
-    padding: its write is dropped). cache arrays per layer: [rows, max_len, kv_heads,
-    head_dim]."""
+    padding: its write is dropped). cache arrays per layer: [rows, kv_heads, max_len,
+    head_dim]; store arrays per layer [num_blocks, block, kv_heads, head_dim]."""
     size = store.k[0].shape[1]
     positions = start[:, None] + jnp.arange(size)[None, :]  # [n, block]
 
     def one(s, c):
-        return s.at[block].set(c[row[:, None], positions].astype(s.dtype), mode="drop")
+        # [n, block, kv_heads, head_dim]: the advanced indices' axes come first
+        window = c[row[:, None], :, positions]
+        return s.at[block].set(window.astype(s.dtype), mode="drop")
 
     return KVCache(tuple(map(one, store.k, cache.k)), tuple(map(one, store.v, cache.v)))

@@ -309,14 +309,16 @@ def _write_extended(
     """Writes each row's cached prefix and new keys and values: row dst[i] of the cache
     gets group src[i]'s prefix at positions 0.. and its new tokens at `positions`.
 
-    cache arrays per layer [rows, max_len, kv_heads, head_dim]; known arrays per layer
-    [groups, prefix, ...] (real up to each group's first new position, which its new tokens
-    then overwrite); new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions [groups,
-    seq]. A write past max_len (padding) or to a row >= rows is dropped."""
-    at = jnp.arange(known.k[0].shape[1])[None, :]
+    cache arrays per layer [rows, kv_heads, max_len, head_dim]; known arrays per layer
+    [groups, prefix, kv_heads, head_dim] (real up to each group's first new position, which
+    its new tokens then overwrite); new (k, v) [layers, groups, seq, kv_heads, head_dim]; dst,
+    src [n]; positions [groups, seq]. A write past max_len (padding) or to a row >= rows is
+    dropped. (Indexing a cache by [row, :, position] arrays puts their axes first: the
+    values are [n, positions, kv_heads, head_dim].)"""
+    at = (dst[:, None], slice(None), jnp.arange(known.k[0].shape[1])[None, :])
 
     def one(c, prefix):
-        return c.at[dst[:, None], at].set(prefix[src].astype(c.dtype), mode="drop")
+        return c.at[at].set(prefix[src].astype(c.dtype), mode="drop")
 
     cache = KVCache(tuple(map(one, cache.k, known.k)), tuple(map(one, cache.v, known.v)))
     return _write_new(cache, new, dst, src, positions)
@@ -330,14 +332,14 @@ def _write_new(
     positions: jax.Array,
 ) -> KVCache:
     """Writes each row's new keys and values (`finite`, as a cache holds them): row dst[i] of
-    the cache gets group src[i]'s at `positions`. cache arrays per layer [rows, max_len,
-    kv_heads, head_dim]; new (k, v) [layers, groups, seq, ...]; dst, src [n]; positions
-    [groups, seq]. A write past max_len (padding) or to a row >= rows is dropped.
+    the cache gets group src[i]'s at `positions`. cache arrays per layer [rows, kv_heads,
+    max_len, head_dim]; new (k, v) [layers, groups, seq, kv_heads, head_dim]; dst, src [n];
+    positions [groups, seq]. A write past max_len (padding) or to a row >= rows is dropped.
 
     Every (row, position) is an index of its own, not a window of positions: a cache split
     over `sequence` then takes each write on the device that holds its position, where a
     window over the split axis made XLA gather the whole cache onto every device."""
-    at = (dst[:, None], positions[src])
+    at = (dst[:, None], slice(None), positions[src])
 
     def one(c, x):
         return c.at[at].set(finite(x[src].astype(c.dtype)), mode="drop")
@@ -392,7 +394,7 @@ class Sampler:
         self.logprob_chunk = logprob_chunk
         self.slot_scale: dict[int, float] = {}
         dtype = jax.tree.leaves(base)[0].dtype
-        shape = (rows, self.max_len, config.num_kv_heads, config.head_dim)  # a layer's
+        shape = (rows, config.num_kv_heads, self.max_len, config.head_dim)  # a layer's
         sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
         # The cache keeps its sharding; what the host reads back (tokens, logprobs) is
         # replicated, so every process of a multi-host mesh can read it whole.
@@ -1245,7 +1247,7 @@ def decode_loop(
     after the loop), before anything reads it: that order lets XLA update the cache in place
     (`Transformer.decode`).
     """
-    max_len = cache.k[0].shape[1]
+    max_len = cache.k[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
     adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
     base_keys = sequence_keys(rows["seed"], rows["sample"])
@@ -1302,7 +1304,7 @@ def decode_loop(
         else (),
         # Nothing to write before the first step: a position past max_len writes nothing.
         (
-            *(tuple(jnp.zeros((n, *c.shape[2:]), c.dtype) for c in cache.k),) * 2,
+            *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.k),) * 2,
             jnp.full((n,), max_len, jnp.int32),
         ),
     )

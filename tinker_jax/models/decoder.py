@@ -168,7 +168,7 @@ class Attention(nnx.Module):
         """One new token per row against this layer's cache, which it only reads.
 
         x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache_k, cache_v: [rows,
-        max_len, kv_heads, head_dim], of which attention reads the positions below each row's
+        kv_heads, max_len, head_dim], of which attention reads the positions below each row's
         own (at most kv_len), then the new token itself; a cache split over the `sequence`
         axis is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed],
         the new token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
@@ -224,12 +224,14 @@ def finite(x: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every decode row, an array per layer: k[i], v[i]: [rows, max_len,
-    kv_heads, head_dim] (a prefix-cache store: [blocks, block, kv_heads, head_dim]).
+    """Keys and values of every decode row, an array per layer: k[i], v[i]: [rows, kv_heads,
+    max_len, head_dim] (a prefix-cache store, which decode does not read, keeps positions
+    first: [blocks, block, kv_heads, head_dim]).
 
-    Arrays of their own rather than one stacked array: a layer's keys are a whole buffer that
-    attention's kernel reads where it lies. Of a stacked cache, XLA's CPU backend copied each
-    layer's slice out for the kernel, every layer and step.
+    Arrays of their own rather than one stacked array, kv heads before positions: a layer's
+    keys are a whole buffer that attention's matmuls read where they lie, each (row, kv head)
+    a contiguous [max_len, head_dim] matrix (`decode_attention`). Of a stacked cache, XLA's
+    CPU backend copied each layer's slice out for the kernel, every layer and step.
 
     Every value a cache holds is finite: every write stores `finite` keys and values. Positions
     past a row's own hold whatever an earlier request left there (another user's), and
@@ -249,11 +251,17 @@ class KVCache:
         self, k: Sequence[jax.Array], v: Sequence[jax.Array], positions: jax.Array
     ) -> KVCache:
         """The cache with one token per row written: k, v: per layer [rows, kv_heads,
-        head_dim], at positions: [rows] (a position past max_len writes nothing)."""
-        rows = jnp.arange(positions.shape[0])
+        head_dim], at positions: [rows] (a position past max_len writes nothing).
+
+        Each (row, kv head) is an index of its own, so that one row's write is still a
+        scatter of several: XLA turns a scatter of a single index into a dynamic-update-slice,
+        whose dropped out-of-range write reads the cache before it updates it, and it copied
+        the cache to keep that read."""
+        rows, heads = jnp.indices((positions.shape[0], self.k[0].shape[1]))
+        at = (rows, heads, positions[:, None])
 
         def one(cache: jax.Array, new: jax.Array) -> jax.Array:
-            return cache.at[rows, positions].set(finite(new.astype(cache.dtype)), mode="drop")
+            return cache.at[at].set(finite(new.astype(cache.dtype)), mode="drop")
 
         return KVCache(tuple(map(one, self.k, k)), tuple(map(one, self.v, v)))
 
@@ -291,9 +299,15 @@ def decode_attention(
 ) -> jax.Array:
     """One query per row against its cache row (positions below its own) and its own key.
 
-    q: [rows, 1, heads, head_dim]; k, v: [rows, max_len, kv_heads, head_dim] (one layer of
+    q: [rows, 1, heads, head_dim]; k, v: [rows, kv_heads, max_len, head_dim] (one layer of
     the cache); positions: [rows, 1]; k_new, v_new: [rows, kv_heads, head_dim], the key and
     value at the query's own position -> [rows, 1, heads, head_dim]. In fp32.
+
+    Two batched matmuls per (row, kv head): the group's queries [group, head_dim] against the
+    keys [max_len, head_dim], then the weights against the values, each operand in the
+    cache's own layout (kv heads before positions: `KVCache`), so nothing is transposed or
+    copied first. A multiply-and-sum over a broadcast of the keys read them as fast on paper,
+    and ran 5-10x slower on XLA's CPU backend.
 
     With `axis` (inside a `shard_map`), k and v hold cache positions offset.. of one shard
     and the softmax spans every shard of that mesh axis: the maximum is taken over all of them
@@ -306,19 +320,19 @@ def decode_attention(
     directly, with no select over it that a kernel would materialise first.
     """
     b, _, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
-    visible = offset + jnp.arange(k.shape[1])[None, :] < positions  # [rows, max_len]
-    scores = jnp.sum(qg[:, None] * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
-    scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    visible = offset + jnp.arange(k.shape[2])[None, :] < positions  # [rows, max_len]
+    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k.astype(jnp.float32)) * (d**-0.5)
+    scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
-    top = jnp.maximum(scores.max(axis=1), own)  # [rows, kv_heads, group]
+    top = jnp.maximum(scores.max(axis=-1), own)  # [rows, kv_heads, group]
     if axis is not None:
         top = jax.lax.pmax(top, axis)
-    weights = jnp.exp(scores - top[:, None])  # [rows, max_len, kv_heads, group]
+    weights = jnp.exp(scores - top[..., None])  # [rows, kv_heads, group, max_len]
     own_weight = jnp.exp(own - top)
-    total = weights.sum(axis=1)
-    out = jnp.sum(weights[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    total = weights.sum(axis=-1)
+    out = jnp.einsum("bhgk,bhkd->bhgd", weights, v.astype(jnp.float32))
     if axis is not None:
         total, out = jax.lax.psum((total, out), axis)
     total = total + own_weight
@@ -661,13 +675,14 @@ class Transformer(nnx.Module):
         [layers, batch, seq, kv_heads, head_dim]). Equals `__call__` on the whole sequence at
         the new positions, without recomputing the prefix.
 
-        With `rows` [batch], `prefix` is the sampler's cache (per layer [cache rows, max_len,
-        ...]) and row b continues cache row rows[b]: each layer reads the first `width` positions
-        of its rows as it runs (a long prompt's next chunk): no array holds every layer's
-        prefix at once. `flash`: see `Attention.extend`."""
+        With `rows` [batch], `prefix` is the sampler's cache (per layer [cache rows, kv_heads,
+        max_len, head_dim]) and row b continues cache row rows[b]: each layer reads the first
+        `width` positions of its rows as it runs (a long prompt's next chunk): no array holds
+        every layer's prefix at once. `flash`: see `Attention.extend`."""
         x = self._embed(tokens)
         graphdef, states = self._layer_states()
-        at = None if rows is None else (rows[:, None], jnp.arange(width)[None, :])
+        # [batch, width, kv_heads, head_dim] of the cache: the advanced indices' axes first
+        at = None if rows is None else (rows[:, None], slice(None), jnp.arange(width)[None, :])
         new = []
         for i, (base, adapters) in enumerate(states):
             layer = nnx.merge(graphdef, base, adapters)
