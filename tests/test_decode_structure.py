@@ -159,3 +159,12 @@ def test_decode_step_reads_the_cache_where_it_lies(batch4):
     assert shaped == []
     writes = [i for i in comps[body] if writes_cache(i)]
     assert len(writes) == 2 * CONFIG.num_layers  # the previous step's keys and values
+
+
+def test_decode_attention_asks_for_full_fp32_products(batch4):
+    """Attention's two fp32 matmuls per layer ask for HIGHEST precision: a GPU's default for
+    fp32 matmuls rounds their operands to TF32 (10 bits), the softmax weights among them."""
+    shape, _ = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    exact = compiled.as_text().count("operand_precision={highest,highest}")
+    assert exact >= 2 * CONFIG.num_layers

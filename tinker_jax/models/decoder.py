@@ -323,7 +323,10 @@ def decode_attention(
     kvh = k.shape[1]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
     visible = offset + jnp.arange(k.shape[2])[None, :] < positions  # [rows, max_len]
-    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k.astype(jnp.float32)) * (d**-0.5)
+    # fp32 products at full precision: a GPU's default for fp32 matmuls rounds to TF32.
+    exact = jax.lax.Precision.HIGHEST
+    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k.astype(jnp.float32), precision=exact)
+    scores = scores * (d**-0.5)
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
     top = jnp.maximum(scores.max(axis=-1), own)  # [rows, kv_heads, group]
@@ -332,7 +335,7 @@ def decode_attention(
     weights = jnp.exp(scores - top[..., None])  # [rows, kv_heads, group, max_len]
     own_weight = jnp.exp(own - top)
     total = weights.sum(axis=-1)
-    out = jnp.einsum("bhgk,bhkd->bhgd", weights, v.astype(jnp.float32))
+    out = jnp.einsum("bhgk,bhkd->bhgd", weights, v.astype(jnp.float32), precision=exact)
     if axis is not None:
         total, out = jax.lax.psum((total, out), axis)
     total = total + own_weight
