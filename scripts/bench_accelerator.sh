@@ -48,6 +48,11 @@ step sample_adapters 100 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 64 --adapters 4 --rank 32 --torch-device "$torch_device"
 step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
     --batch 1 --new-tokens 32 --top 25 --by-op
+# The profiled decode program's optimised HLO, to read its kernels by name after the lease.
+dump=$(sed -n 's/^HLO dump: //p' "$out/profile.log" 2>/dev/null | tail -1)
+for f in ${dump:+"$dump"/*decode*after_optimizations.txt}; do
+    [[ -f "$f" ]] && gzip -c "$f" > "$out/$(basename "$f").gz"
+done
 step train_cudnn 170 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
     --batch 8 --seq 1024 --steps 5 --attention cudnn --torch-device "$torch_device"
 step train_einsum 110 "$py" scripts/bench_train.py "${model_args[@]}" --model-dir "$model_dir" \
