@@ -1,0 +1,58 @@
+"""`decode_attention`, one layer of a decode step, against a float64 reference: rows at
+different positions over a cache laid out [rows, kv_heads, max_len, head_dim], and what an
+earlier request left past a row's position never reaching its output."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tinker_jax.models.decoder import decode_attention
+
+ROWS, HEADS, KV_HEADS, HEAD_DIM, MAX_LEN = 5, 8, 2, 16, 24
+
+
+def _inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((ROWS, 1, HEADS, HEAD_DIM)).astype(np.float32)
+    k, v = rng.standard_normal((2, ROWS, KV_HEADS, MAX_LEN, HEAD_DIM)).astype(np.float32)
+    k_new, v_new = rng.standard_normal((2, ROWS, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    positions = np.array([[0], [1], [7], [MAX_LEN - 1], [12]], np.int32)
+    return q, k, v, positions, k_new, v_new
+
+
+def _reference(q, k, v, positions, k_new, v_new) -> np.ndarray:
+    """Softmax over the positions below each row's own, then its own key, in float64."""
+    group = HEADS // KV_HEADS
+    qg = q[:, 0].reshape(ROWS, KV_HEADS, group, HEAD_DIM).astype(np.float64)
+    scores = np.einsum("bhgd,bhkd->bhgk", qg, k.astype(np.float64))
+    scores = np.where(np.arange(MAX_LEN)[None, None, None, :] < positions[:, :, None, None],
+                      scores, -np.inf)  # fmt: skip
+    own = np.einsum("bhgd,bhd->bhg", qg, k_new.astype(np.float64))[..., None]
+    scores = np.concatenate([scores, own], axis=-1) / np.sqrt(HEAD_DIM)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    values = np.concatenate([v, v_new[:, :, None]], axis=2).astype(np.float64)
+    out = np.einsum("bhgk,bhkd->bhgd", weights, values)
+    return out.reshape(ROWS, 1, HEADS, HEAD_DIM)
+
+
+def test_equals_a_float64_softmax_over_each_rows_positions():
+    inputs = _inputs()
+    got = jax.jit(decode_attention)(*map(jnp.asarray, inputs))
+    np.testing.assert_allclose(np.asarray(got), _reference(*inputs), atol=2e-6, rtol=0)
+
+
+def test_what_lies_past_a_rows_position_changes_nothing():
+    """Leftovers of another request (finite, as every cache write stores them, and huge)
+    past each row's position: the output is the one with zeros there, bit for bit."""
+    q, k, v, positions, k_new, v_new = _inputs(1)
+    past = np.arange(MAX_LEN)[None, None, :, None] >= positions[:, :, None, None]
+    clean = [np.where(past, 0, x).astype(np.float32) for x in (k, v)]
+    dirty = [np.where(past, 1e30, x).astype(np.float32) for x in (k, v)]
+    fn = jax.jit(decode_attention)
+    a = fn(*map(jnp.asarray, (q, *clean, positions, k_new, v_new)))
+    b = fn(*map(jnp.asarray, (q, *dirty, positions, k_new, v_new)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(np.asarray(b)).all()
