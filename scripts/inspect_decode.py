@@ -385,6 +385,18 @@ def hlo_stats(
     return stats
 
 
+def scatter_root(instr: Instr, comps: dict[str, list[Instr]]) -> tuple[Instr, str] | None:
+    """(the scatter, the fused computation holding it, or "") when `instr` is a scatter or a
+    fusion whose root is one (a write into the KV cache), else None."""
+    if instr.opcode == "scatter":
+        return instr, ""
+    if instr.opcode != "fusion":
+        return None
+    comp = instr.called("calls")[0]
+    root = next((i for i in comps[comp] if i.root), None)
+    return (root, comp) if root is not None and root.opcode == "scatter" else None
+
+
 def scatter_overcount(text: str) -> int:
     """How many bytes XLA's cost analysis counts for the cache writes beyond what they move.
 
@@ -398,20 +410,10 @@ def scatter_overcount(text: str) -> int:
     by_name = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
     loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
     counted = [entry] + [loop.called("body")[0] for loop in loops]
-
-    def scatter_root(instr: Instr) -> tuple[Instr, str] | None:
-        if instr.opcode == "scatter":
-            return instr, ""
-        if instr.opcode != "fusion":
-            return None
-        comp = instr.called("calls")[0]
-        root = next((i for i in comps[comp] if i.root), None)
-        return (root, comp) if root is not None and root.opcode == "scatter" else None
-
     over = 0
     for comp in counted:
         for instr in comps[comp]:
-            found = scatter_root(instr)
+            found = scatter_root(instr, comps)
             if found is None:
                 continue
             scatter, inner = found

@@ -145,11 +145,9 @@ def test_decode_step_reads_the_cache_where_it_lies(batch4):
     loops = [i for i in comps[entry] if i.opcode == "while" and i.called("body")]
     body = max((loop.called("body")[0] for loop in loops), key=lambda c: len(comps[c]))
     layer = (shape.batch, CONFIG.num_kv_heads, shape.context, CONFIG.head_dim)
-    roots = {c: next(i for i in instrs if i.root) for c, instrs in comps.items()}
 
     def writes_cache(instr) -> bool:
-        called = instr.called("calls")
-        return instr.opcode == "scatter" or bool(called and roots[called[0]].opcode == "scatter")
+        return inspect_decode.scatter_root(instr, comps) is not None
 
     shaped = [
         f"{i.opcode} {i.name} {i.shape}"
