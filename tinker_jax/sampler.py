@@ -344,10 +344,7 @@ def _write_new(
     def one(c, x):
         return c.at[at].set(finite(x[src].astype(c.dtype)), mode="drop")
 
-    return KVCache(
-        tuple(one(c, new[0][i]) for i, c in enumerate(cache.k)),
-        tuple(one(c, new[1][i]) for i, c in enumerate(cache.v)),
-    )
+    return KVCache(tuple(map(one, cache.k, new[0])), tuple(map(one, cache.v, new[1])))
 
 
 class Sampler:
