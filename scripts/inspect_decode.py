@@ -7,13 +7,20 @@ local backend, then compares it with what a decode step must read at least:
   min_bytes       every base weight once (the embedding table: only the rows looked up, unless
                   it is the tied lm head), each distinct adapter in use once, and the keys and
                   values of every row over the attended prefix (`--context` positions)
-  bytes_accessed  XLA's `compiled.cost_analysis()` of the program: one iteration of the decode
-                  loop (XLA counts a loop body once; the layers are unrolled in it, so every
-                  layer counts) plus what runs once per call
-  bytes_in_place  the same with each cache write (a scatter into the donated cache) counted at
-                  the size of its updates: XLA's cost analysis counts a scatter as reading and
-                  writing its whole operand, though it updates the buffer in place (and counts
-                  the same update made by a dynamic-update-slice at its own size)
+  bytes_accessed  XLA's `cost_analysis()` bytes per decode step: those of one iteration of the
+                  decode loop (the layers are unrolled in it, so every layer counts) plus those
+                  that run once per call (the adapters in use gathered out of their slots, the
+                  last step's cache write) shared by the call's `--steps-per-call` steps.
+                  XLA's figure for the whole program, which counts the loop's body once and
+                  the per-call work whole, is `program_bytes`
+  bytes_in_place  the same with two of XLA's fusion counts replaced by what the operation
+                  moves: a cache write (a scatter into the donated cache) at the size of its
+                  updates, where XLA counts a fused scatter as reading and writing its whole
+                  operand though it updates the buffer in place (and counts the same update
+                  made by a dynamic-update-slice at its own size); and a lookup of several rows
+                  of the embedding table at the rows it reads, where XLA counts a fused gather
+                  from the table as reading all of it (and one row's lookup, a dynamic-slice,
+                  at its own size)
   large_copies    copy / dynamic-slice / slice instructions, or fusions that do nothing else,
                   whose output is at least `--copy-mib` MiB, per decode step (inside a loop of
                   known trip count counted once per iteration); those shaped like a weight are
@@ -304,9 +311,8 @@ def hlo_stats(
     counts once per iteration, a conditional's largest branch once."""
     comps, entry = parse_hlo(text)
     by_name = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
-    # The decode loop: the entry's while loop of unknown trip count (it may stop early).
-    loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
-    step = loops[0].called("body")[0] if len(loops) == 1 else entry
+    loop = decode_loop_of(comps, entry)
+    step = loop.called("body")[0] if loop else entry
     stats = {
         "fusions": 0,
         "kernels": 0,
@@ -397,29 +403,97 @@ def scatter_root(instr: Instr, comps: dict[str, list[Instr]]) -> tuple[Instr, st
     return (root, comp) if root is not None and root.opcode == "scatter" else None
 
 
-def scatter_overcount(text: str) -> int:
-    """How many bytes XLA's cost analysis counts for the cache writes beyond what they move.
+def decode_loop_of(comps: dict[str, list[Instr]], entry: str) -> Instr | None:
+    """The entry's while loop of unknown trip count (the decode loop: it may stop early)."""
+    loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
+    return loops[0] if len(loops) == 1 else None
 
-    The cost analysis counts a scatter (or a fusion whose root is one) as reading and
-    writing its whole operand, though the operand is a donated buffer updated in place: the
-    write moves its updates (and indices), not the cache. The same update by a
-    dynamic-update-slice is counted at its own size. Returns, over the decode loop's body and
-    the entry (what `bytes_accessed` sums), twice each scatter's output minus twice its
-    updates."""
+
+def computation_bytes(text: str, name: str) -> float:
+    """XLA's cost analysis (bytes accessed) of computation `name` of an optimised HLO module,
+    as if it were the module's entry: its share of the whole program's figure.
+
+    XLA offers its cost analysis for whole modules only, so the module's text is parsed
+    again with `name` as its entry (its input/output aliasing, which names the old entry's
+    outputs, left out)."""
+    from jax._src.lib import xla_client
+    from jaxlib import _hlo
+
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("HloModule"):
+            line = line.split(",", 1)[0]
+        elif line.startswith("ENTRY "):
+            line = line[len("ENTRY ") :]
+        elif re.match(rf"%?{re.escape(name)}\s*\(", line):
+            line = "ENTRY " + line
+        lines.append(line)
+    module = _hlo.hlo_module_from_text("\n".join(lines))
+    client = jax.devices()[0].client
+    return xla_client._xla.hlo_module_cost_analysis(client, module)["bytes accessed"]
+
+
+def write_overcount(instr: Instr, comp: str, comps: dict[str, list[Instr]], by_name: dict) -> int:
+    """What XLA's cost analysis counts for `instr` (of computation `comp`), if it writes the
+    KV cache (a scatter, or a fusion whose root is one), beyond what the write moves: twice
+    its output (a read and a write of the whole donated buffer) minus twice its updates;
+    else 0."""
+    found = scatter_root(instr, comps)
+    if found is None:
+        return 0
+    scatter, inner = found
+    updates = by_name[inner or comp][scatter.operands()[2]]
+    return 2 * (instr.bytes - updates.bytes)
+
+
+def lookup_overcount(instr: Instr, comps: dict[str, list[Instr]], table: tuple[int, ...]) -> int:
+    """What XLA's cost analysis counts for `instr`, if it is a fusion gathering rows of an
+    operand shaped `table` (the embedding table), beyond the rows gathered: the whole table
+    minus the gathered rows; else 0."""
+    if instr.opcode != "fusion":
+        return 0
+    fused = comps[instr.called("calls")[0]]
+    params = {i.name: i for i in fused if i.opcode == "parameter"}
+    over = 0
+    for gather in (i for i in fused if i.opcode == "gather"):
+        operand = params.get(gather.operands()[0])
+        if operand is not None and _squeeze(operand.dims) == table:
+            over += operand.bytes - gather.bytes
+    return over
+
+
+def overcounts(text: str, table: tuple[int, ...]) -> dict[str, int]:
+    """`write_overcount` + `lookup_overcount` summed over the top-level instructions of each
+    computation that `bytes_accessed` counts: the entry and the decode loop's body."""
     comps, entry = parse_hlo(text)
     by_name = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
-    loops = [i for i in comps[entry] if i.opcode == "while" and _trip_count(i) is None]
-    counted = [entry] + [loop.called("body")[0] for loop in loops]
-    over = 0
-    for comp in counted:
-        for instr in comps[comp]:
-            found = scatter_root(instr, comps)
-            if found is None:
-                continue
-            scatter, inner = found
-            updates = by_name[inner or comp][scatter.operands()[2]]
-            over += 2 * (instr.bytes - updates.bytes)
-    return over
+    loop = decode_loop_of(comps, entry)
+    counted = [entry] + ([loop.called("body")[0]] if loop else [])
+    return {
+        comp: sum(
+            write_overcount(i, comp, comps, by_name) + lookup_overcount(i, comps, table)
+            for i in comps[comp]
+        )
+        for comp in counted
+    }
+
+
+def step_bytes(
+    text: str, program: float, steps: int, table: tuple[int, ...]
+) -> tuple[float, float]:
+    """(XLA's bytes per decode step, the same in place): the decode loop's body once plus
+    the rest of the program (what runs once per call) over `steps` (see the module
+    docstring). A program without a decode loop is one step."""
+    comps, entry = parse_hlo(text)
+    loop = decode_loop_of(comps, entry)
+    over = overcounts(text, table)
+    if loop is None:
+        return program, program - over[entry]
+    body = loop.called("body")[0]
+    per_step = computation_bytes(text, body)
+    per_call = program - per_step
+    raw = per_step + per_call / steps
+    return raw, raw - over[body] - over[entry] / steps
 
 
 def inspect(cfg: ModelConfig, shape: DecodeShape, copy_bytes: int = MIB) -> dict:
@@ -428,20 +502,21 @@ def inspect(cfg: ModelConfig, shape: DecodeShape, copy_bytes: int = MIB) -> dict
     compiled, lora, base = compile_decode(cfg, shape)
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    program = (cost[0] if isinstance(cost, list | tuple) else cost)["bytes accessed"]
     need = min_bytes(cfg, shape, lora, base)
-    stats = hlo_stats(
-        compiled.as_text(), copy_bytes, weight_shapes(base, lora), matrix_shapes(base)
-    )
+    text = compiled.as_text()
+    stats = hlo_stats(text, copy_bytes, weight_shapes(base, lora), matrix_shapes(base))
     total = sum(need.values())
-    in_place = cost["bytes accessed"] - scatter_overcount(compiled.as_text())
+    table = _squeeze((cfg.vocab_size, cfg.hidden_size))
+    per_step, in_place = step_bytes(text, program, shape.steps, table)
     return {
         "min_bytes": total,
         "min_bytes_terms": need,
-        "bytes_accessed": int(cost["bytes accessed"]),
-        "bytes_ratio": cost["bytes accessed"] / total,
+        "bytes_accessed": int(per_step),
+        "bytes_ratio": per_step / total,
         "bytes_in_place": int(in_place),
         "bytes_ratio_in_place": in_place / total,
+        "program_bytes": int(program),
         "large_copies": stats["large_copies"],
         "weight_copies": stats["weight_copies"],
         "fusions": stats["fusions"],
@@ -490,11 +565,15 @@ def main() -> None:
         f"compiled in {out['compile_s']:.1f}s"
     )
     print(f"  min bytes       {out['min_bytes'] / gib:8.3f} GiB  ({terms})")
-    print(f"  bytes accessed  {out['bytes_accessed'] / gib:8.3f} GiB  (XLA cost analysis)")
+    print(
+        f"  bytes accessed  {out['bytes_accessed'] / gib:8.3f} GiB  (XLA cost analysis, per "
+        f"step of {shape.steps} a call; the program: {out['program_bytes'] / gib:.3f} GiB)"
+    )
     print(f"  ratio           {out['bytes_ratio']:8.3f}")
     print(
         f"  in place        {out['bytes_in_place'] / gib:8.3f} GiB  ratio "
-        f"{out['bytes_ratio_in_place']:.3f}  (the cache writes at the size of their updates)"
+        f"{out['bytes_ratio_in_place']:.3f}  (cache writes at their updates' size, embedding "
+        "lookups at their rows')"
     )
     if out["step_loops"]:
         print(

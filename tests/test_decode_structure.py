@@ -166,3 +166,37 @@ def test_decode_attention_asks_for_full_fp32_products(batch4):
     compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
     exact = compiled.as_text().count("operand_precision={highest,highest}")
     assert exact >= 2 * CONFIG.num_layers
+
+
+def test_a_table_lookup_counts_the_rows_it_reads():
+    """XLA's cost analysis counts a fused gather of several rows as reading the whole table
+    (the premise of `lookup_overcount`: if XLA stops doing so, this fails and the correction
+    must go); `bytes_in_place` counts the rows read, and leaves other gathers alone."""
+    vocab, embed, rows = 4096, 64, 8
+    table = jax.ShapeDtypeStruct((vocab, embed), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    compiled = jax.jit(lambda t, i: t[i] * 2.0).lower(table, tokens).compile()
+    cost = compiled.cost_analysis()
+    program = (cost[0] if isinstance(cost, list | tuple) else cost)["bytes accessed"]
+    assert program >= vocab * embed * 4
+    text = compiled.as_text()
+    raw, in_place = inspect_decode.step_bytes(text, program, 1, (vocab, embed))
+    assert raw == program
+    assert 2 * rows * embed * 4 <= in_place <= 3 * rows * embed * 4 + 1024
+    other = inspect_decode.step_bytes(text, program, 1, (vocab, 2 * embed))
+    assert other == (program, program)
+
+
+def test_per_call_work_is_shared_by_the_calls_steps(batch4):
+    """`bytes_accessed` is a decode step's: the loop body's bytes (XLA's cost analysis of
+    that computation alone) plus the rest of the program over the steps of a call."""
+    shape, out = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    text = compiled.as_text()
+    comps, entry = inspect_decode.parse_hlo(text)
+    body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
+    per_step = inspect_decode.computation_bytes(text, body)
+    per_call = out["program_bytes"] - per_step
+    assert per_call > 0 and per_step >= out["min_bytes"]
+    assert out["bytes_accessed"] == int(per_step + per_call / shape.steps)
+    assert out["bytes_in_place"] <= out["bytes_accessed"] < out["program_bytes"]
