@@ -126,8 +126,8 @@ def preset_config(name: str) -> ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DecodeShape:
     """What one decode call is compiled for: `batch` cache rows attending `context` positions,
-    `adapters` distinct adapters among them (0: the base model), rank `rank`, out of a sampler
-    with `slots` adapter slots, `steps` decode steps per call."""
+    `adapters` distinct adapters among them (0: every row on the base model), rank `rank`,
+    out of a sampler with `slots` adapter slots, `steps` decode steps per call."""
 
     batch: int
     adapters: int = 1
@@ -211,7 +211,7 @@ def compile_decode(cfg: ModelConfig, shape: DecodeShape):
     dtype = jnp.dtype(shape.dtype)
     layer_cache = (shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
     cache = KVCache.of(lambda: jax.ShapeDtypeStruct(layer_cache, dtype), cfg.num_layers)
-    groups = 1 << max(shape.adapters - 1, 0).bit_length()
+    groups = 1 << (shape.adapters - 1).bit_length() if shape.adapters else 0
     rows = decode_arg_shapes(shape.batch, groups)
     fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=shape.context)
     mesh = make_mesh(devices=jax.devices()[:1])

@@ -10,6 +10,7 @@ down); the decode program compiles in a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -200,3 +201,32 @@ def test_per_call_work_is_shared_by_the_calls_steps(batch4):
     assert per_call > 0 and per_step >= out["min_bytes"]
     assert out["bytes_accessed"] == int(per_step + per_call / shape.steps)
     assert out["bytes_in_place"] <= out["bytes_accessed"] < out["program_bytes"]
+
+
+def _body_matmuls(shape) -> int:
+    """Matmuls (dots, or fusions holding one) in the decode loop's body of `shape`."""
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
+
+    def has_dot(comp: str) -> bool:
+        return any(
+            i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
+            for i in comps[comp]
+        )
+
+    return sum(
+        i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
+        for i in comps[body]
+    )
+
+
+def test_base_model_rows_decode_without_adapter_products():
+    """Rows all on the base model run a program of their own (no group slots): its matmuls
+    are the layers' weights (five each), attention's two per layer and the lm head, where
+    one adapter's program adds its A and B products."""
+    base = inspect_decode.DecodeShape(batch=2, adapters=0, context=32, rank=4, slots=2, steps=2)
+    one = dataclasses.replace(base, adapters=1)
+    layers = CONFIG.num_layers
+    assert _body_matmuls(base) == 5 * layers + 2 * layers + 1
+    assert _body_matmuls(one) > _body_matmuls(base)

@@ -104,7 +104,8 @@ def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
     assert results[0].sequences[0].tokens == _hf_greedy(hf, long_prompt, 170)
     assert results[1].sequences[0].tokens == _hf_greedy(hf, short_prompt, 12)
     decoded = {name for name in sampler.trace_counts if name.startswith("decode_")}
-    assert decoded == {"decode_128_1", "decode_256_1", "decode_512_1"}  # base model: 1 group
+    # The base model's rows: no adapter group, so no adapter product (`decode_loop`).
+    assert decoded == {"decode_128_0", "decode_256_0", "decode_512_0"}
 
 
 def test_greedy_with_adapter_equals_merged_peft_model(engine):

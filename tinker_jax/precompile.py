@@ -83,8 +83,9 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """A prefill of `requests` prompts of `prompt` tokens into `rows` cache rows (buckets)
-    under `adapters` distinct adapters (1: the base model), then a decode step of those rows
-    (kv bucket from `prompt`, `adapters` groups); `prompt_logprobs` also computes those."""
+    under `adapters` distinct adapters, then a decode step of those rows (kv bucket from
+    `prompt`, `adapters` groups; with 1, also the base model's decode); `prompt_logprobs`
+    also computes those."""
 
     prompt: int
     requests: int
@@ -298,35 +299,44 @@ def _warm_sample(trainer: Trainer, sampler: Sampler, key: Sample) -> bool:
     rows = min(key.rows, sampler.rows)
     requests = min(key.requests, rows)
     adapters = min(key.adapters, requests, sampler.layout.num_slots)
-    if adapters > 1 and len(sampler.free_slots()) < adapters:
+    if len(sampler.free_slots()) < adapters:
         return False
-    with _training_slots(trainer, 1 if adapters > 1 else 0) as source:
+    with _training_slots(trainer, 1) as source:
         if source is None:
             return False
-        loaded: list[int | None] = [None]
-        if adapters > 1:
-            state = trainer.export_slot(source[0], with_optimizer=False)
-            scale = trainer.slots[source[0]].scale
-            loaded = [sampler.load_adapter(state.adapter, scale) for _ in range(adapters)]
+        state = trainer.export_slot(source[0], with_optimizer=False)
+        scale = trainer.slots[source[0]].scale
+        loaded = [sampler.load_adapter(state.adapter, scale) for _ in range(adapters)]
+        # One adapter's decode and the base model's are programs of their own (the base
+        # model's computes no adapter product): both are built for a single-adapter key.
+        mixes: list[list[int | None]] = [loaded] + ([[None]] if adapters == 1 else [])
         try:
-            # stop=[]: no EOS, so that every row reaches the decode step.
-            params = SamplingParams(max_tokens=2, seed=_SEED, stop=[])
-            prompt = np.zeros(key.prompt, np.int32)
-            sampler.sample(
-                [
-                    SampleRequest(
-                        prompt,
-                        rows - requests + 1 if i == 0 else 1,
-                        params,
-                        loaded[i % len(loaded)],
-                        include_prompt_logprobs=key.prompt_logprobs,
-                        cache_namespace=("precompile", key, i),
-                    )
-                    for i in range(requests)
-                ]
-            )
+            for mix in mixes:
+                _sample_dummy(sampler, key, rows, requests, mix)
         finally:
             for slot in loaded:
-                if slot is not None:
-                    sampler.free_adapter(slot)
+                sampler.free_adapter(slot)
     return True
+
+
+def _sample_dummy(
+    sampler: Sampler, key: Sample, rows: int, requests: int, slots: list[int | None]
+) -> None:
+    """`requests` dummy prompts of `key.prompt` tokens filling `rows` rows, their adapters
+    taken in turn from `slots` (None: the base model), each sampled up to a decode step."""
+    # stop=[]: no EOS, so that every row reaches the decode step.
+    params = SamplingParams(max_tokens=2, seed=_SEED, stop=[])
+    prompt = np.zeros(key.prompt, np.int32)
+    sampler.sample(
+        [
+            SampleRequest(
+                prompt,
+                rows - requests + 1 if i == 0 else 1,
+                params,
+                slots[i % len(slots)],
+                include_prompt_logprobs=key.prompt_logprobs,
+                cache_namespace=("precompile", key, tuple(slots), i),
+            )
+            for i in range(requests)
+        ]
+    )

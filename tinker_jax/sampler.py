@@ -1122,10 +1122,13 @@ class Sampler:
         # Attend over the cache prefix that this call's rows can reach, not all of max_len.
         reach = int(self._rows.position[self._rows.active].max()) + self.steps_per_call
         kv_len = kv_bucket(reach, self.max_len)
-        # Each distinct adapter of the active rows is read once per step, not once per row.
+        # Each distinct adapter of the active rows is read once per step, not once per row;
+        # rows all on the base model run a program without adapter products (0 groups).
         host = self._rows.device_args()
         host["scale"] = np.where(self._rows.active, host["scale"], 0).astype(np.float32)
         host["group_slots"], host["row_group"] = slot_groups(host["slot"], host["scale"])
+        if not host["scale"].any():
+            host["group_slots"] = host["group_slots"][:0]
         groups = host["group_slots"].size
         rows = self._rows
         topk = _bucket_width(int(rows.topk_k[rows.active].max()), self.config.vocab_size)
@@ -1235,8 +1238,9 @@ def decode_loop(
     """The decode program: up to `steps` decode steps of every cache row in one `while_loop`.
 
     `rows` holds the arrays of `decode_arg_shapes`; attention reads the first `kv_len` cache
-    positions. Returns (cache, tokens [rows, steps], -1 once a row stopped, and their logprobs
-    [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32, logprobs [rows,
+    positions; with no group slots (`group_slots` of size 0: every row on the base model), no
+    adapter product. Returns (cache, tokens [rows, steps], -1 once a row stopped, and their
+    logprobs [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32, logprobs [rows,
     steps, topk]) of the most likely tokens at each step (`topk_sample_logprobs`).
     `scripts/inspect_decode.py` compiles this same function.
 
@@ -1246,7 +1250,9 @@ def decode_loop(
     """
     max_len = cache.k[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
-    adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
+    adapter = None
+    if rows["group_slots"].shape[0]:
+        adapter = AdapterBatch(rows["slot"], rows["scale"], rows["group_slots"], rows["row_group"])
     base_keys = sequence_keys(rows["seed"], rows["sample"])
     n = rows["token"].shape[0]
 
