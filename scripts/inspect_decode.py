@@ -209,8 +209,9 @@ def compile_decode(cfg: ModelConfig, shape: DecodeShape):
     (the cache donated), for abstract weights, cache and rows."""
     graphdef, lora, base = abstract_model(cfg, shape)
     dtype = jnp.dtype(shape.dtype)
-    layer_cache = (shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
-    cache = KVCache.of(lambda: jax.ShapeDtypeStruct(layer_cache, dtype), cfg.num_layers)
+    shapes = KVCache.layer_shapes(shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
+    k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
+    cache = KVCache.of(lambda: k, lambda: v, cfg.num_layers)
     groups = 1 << (shape.adapters - 1).bit_length() if shape.adapters else 0
     rows = decode_arg_shapes(shape.batch, groups)
     fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=shape.context)

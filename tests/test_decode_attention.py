@@ -1,6 +1,7 @@
 """`decode_attention`, one layer of a decode step, against a float64 reference: rows at
-different positions over a cache laid out [rows, kv_heads, max_len, head_dim], and what an
-earlier request left past a row's position never reaching its output."""
+different positions over a cache laid out as `KVCache` lays it out (keys [rows, kv_heads,
+head_dim, max_len], values [rows, kv_heads, max_len, head_dim]), and what an earlier request
+left past a row's position never reaching its output."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ROWS, HEADS, KV_HEADS, HEAD_DIM, MAX_LEN = 5, 8, 2, 16, 24
 
 
 def _inputs(seed: int = 0):
+    """(q, k, v, positions, k_new, v_new), k and v alike [rows, kv_heads, max_len, head_dim]."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((ROWS, 1, HEADS, HEAD_DIM)).astype(np.float32)
     k, v = rng.standard_normal((2, ROWS, KV_HEADS, MAX_LEN, HEAD_DIM)).astype(np.float32)
@@ -38,9 +40,16 @@ def _reference(q, k, v, positions, k_new, v_new) -> np.ndarray:
     return out.reshape(ROWS, 1, HEADS, HEAD_DIM)
 
 
+def _attend(q, k, v, positions, k_new, v_new) -> jax.Array:
+    """`decode_attention` with k [rows, kv_heads, max_len, head_dim] laid out as the cache
+    holds keys, positions last."""
+    args = (q, np.swapaxes(k, 2, 3), v, positions, k_new, v_new)
+    return jax.jit(decode_attention)(*map(jnp.asarray, args))
+
+
 def test_equals_a_float64_softmax_over_each_rows_positions():
     inputs = _inputs()
-    got = jax.jit(decode_attention)(*map(jnp.asarray, inputs))
+    got = _attend(*inputs)
     np.testing.assert_allclose(np.asarray(got), _reference(*inputs), atol=2e-6, rtol=0)
 
 
@@ -51,8 +60,7 @@ def test_what_lies_past_a_rows_position_changes_nothing():
     past = np.arange(MAX_LEN)[None, None, :, None] >= positions[:, :, None, None]
     clean = [np.where(past, 0, x).astype(np.float32) for x in (k, v)]
     dirty = [np.where(past, 1e30, x).astype(np.float32) for x in (k, v)]
-    fn = jax.jit(decode_attention)
-    a = fn(*map(jnp.asarray, (q, *clean, positions, k_new, v_new)))
-    b = fn(*map(jnp.asarray, (q, *dirty, positions, k_new, v_new)))
+    a = _attend(q, *clean, positions, k_new, v_new)
+    b = _attend(q, *dirty, positions, k_new, v_new)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(np.asarray(b)).all()

@@ -113,10 +113,9 @@ def test_sequence_sharded_sampling_equals_one_device(long_model, one_device):
     """On a data=1, fsdp=2, sequence=4 mesh, the cache's positions split four ways, chunked
     prefill and decode give the one-device results."""
     (sampler,) = _samplers(long_model, {"fsdp": 2, "sequence": 4}, (CHUNK,))
-    spec = sampler.cache.k[0].sharding.spec  # a layer's keys: [rows, kv_heads, max_len, ...]
-    assert spec[2] == "sequence"
-    shard = sampler.cache.k[0].addressable_shards[0].data.shape
-    assert shard[2] == CONTEXT // 4
+    for layer, axis in ((sampler.cache.k[0], 3), (sampler.cache.v[0], 2)):  # max_len's axis
+        assert layer.sharding.spec[axis] == "sequence"
+        assert layer.addressable_shards[0].data.shape[axis] == CONTEXT // 4
     _assert_same(sampler.sample(_requests()), one_device[0])
 
 
@@ -126,26 +125,29 @@ def test_decode_on_a_split_cache_moves_no_cache_positions():
     no all-gather or collective permute (only the small all-reduces of the softmax merge),
     and no more copies of a layer's cache slice than on one device."""
     from tests.test_decode_structure import inspect_decode
-    from tinker_jax.sampler import CACHE_AXES, decode_arg_shapes, decode_loop
+    from tinker_jax.sampler import CACHE_AXES, KEY_CACHE_AXES, decode_arg_shapes, decode_loop
 
     cfg, context, kv_len = config_from_hf(TINY_CONFIGS["qwen3"]), 1024, 128  # < a block
     shape = inspect_decode.DecodeShape(
         batch=4, adapters=2, context=context, rank=8, slots=3, steps=2, dtype="float32"
     )
     graphdef, lora, base = inspect_decode.abstract_model(cfg, shape)
-    cache_shape = (4, cfg.num_kv_heads, context, cfg.head_dim)  # a layer's
+    shapes = KVCache.layer_shapes(4, cfg.num_kv_heads, context, cfg.head_dim)  # a layer's
     read = 4 * kv_len * cfg.num_kv_heads * cfg.head_dim * 4  # bytes of one layer's k read
 
     def compiled(shards: int) -> str:
         mesh = make_mesh({"sequence": shards}, devices=jax.devices()[:shards])
-        sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, cache_shape, mesh))
-        cache = KVCache.of(
-            lambda: jax.ShapeDtypeStruct(cache_shape, jnp.float32, sharding=sharding),
-            cfg.num_layers,
-        )
+
+        def layer(axes, layer_shape):
+            sharding = NamedSharding(mesh, logical_to_spec(axes, layer_shape, mesh))
+            return jax.ShapeDtypeStruct(layer_shape, jnp.float32, sharding=sharding)
+
+        k, v = layer(KEY_CACHE_AXES, shapes[0]), layer(CACHE_AXES, shapes[1])
+        cache = KVCache.of(lambda: k, lambda: v, cfg.num_layers)
+        shardings = KVCache.of(lambda: k.sharding, lambda: v.sharding, cfg.num_layers)
         fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=kv_len)
         with jax.set_mesh(mesh):
-            jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=(sharding, None, None))
+            jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=(shardings, None, None))
             return jitted.lower(lora, base, cache, decode_arg_shapes(4, 2)).compile().as_text()
 
     split, whole = compiled(4), compiled(1)

@@ -33,9 +33,9 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.lora import LoRAParam, LoRASpec
 from tinker_jax.models.chunked_attention import BLOCK_K, BLOCK_Q
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import Transformer
+from tinker_jax.models.decoder import KVCache, Transformer
 from tinker_jax.prefix_cache import PREFIX_BLOCK
-from tinker_jax.sampler import CACHE_AXES, PREFILL_CHUNK, STORE_AXES
+from tinker_jax.sampler import CACHE_AXES, KEY_CACHE_AXES, PREFILL_CHUNK, STORE_AXES
 from tinker_jax.sharding import MESH_AXES, batch_multiple, logical_to_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -451,8 +451,12 @@ def plan_memory(
     optimizer = 3 * adapters + counts
 
     max_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    layer_cache = (sampler_rows, cfg.num_kv_heads, max_len, cfg.head_dim)  # an array per layer
-    kv_cache = 2 * cfg.num_layers * per_device_bytes(layer_cache, CACHE_AXES, itemsize, mesh)
+    # an array of keys and one of values per layer
+    k_shape, v_shape = KVCache.layer_shapes(sampler_rows, cfg.num_kv_heads, max_len, cfg.head_dim)
+    kv_cache = cfg.num_layers * (
+        per_device_bytes(k_shape, KEY_CACHE_AXES, itemsize, mesh)
+        + per_device_bytes(v_shape, CACHE_AXES, itemsize, mesh)
+    )
     blocks = int(prefix_cache_share * sampler_rows * max_len) // PREFIX_BLOCK
     if blocks:
         store = (blocks, PREFIX_BLOCK, cfg.num_kv_heads, cfg.head_dim)

@@ -20,6 +20,7 @@ reads them, `store_blocks` writes them from the sampler's cache rows).
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Hashable
 
 import jax
@@ -136,14 +137,17 @@ def store_blocks(
 ) -> KVCache:
     """Copies cache positions [start, start + block size) of cache row `row` into store block
     `block`, for each entry of block, row, start: [n] int32 (a block id >= num_blocks is
-    padding: its write is dropped). cache arrays per layer: [rows, kv_heads, max_len,
-    head_dim]; store arrays per layer [num_blocks, block, kv_heads, head_dim]."""
+    padding: its write is dropped). cache: the sampler's `KVCache` (keys [rows, kv_heads,
+    head_dim, max_len], values [rows, kv_heads, max_len, head_dim]); store arrays per layer
+    [num_blocks, block, kv_heads, head_dim], keys and values alike."""
     size = store.k[0].shape[1]
     positions = start[:, None] + jnp.arange(size)[None, :]  # [n, block]
+    at = (row[:, None], slice(None), positions)
 
-    def one(s, c):
+    def one(at, s, c):
         # [n, block, kv_heads, head_dim]: the advanced indices' axes come first
-        window = c[row[:, None], :, positions]
-        return s.at[block].set(window.astype(s.dtype), mode="drop")
+        return s.at[block].set(c[at].astype(s.dtype), mode="drop")
 
-    return KVCache(tuple(map(one, store.k, cache.k)), tuple(map(one, store.v, cache.v)))
+    read_k = functools.partial(one, KVCache.key_index(at))
+    read_v = functools.partial(one, at)
+    return KVCache(tuple(map(read_k, store.k, cache.k)), tuple(map(read_v, store.v, cache.v)))

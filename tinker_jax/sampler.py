@@ -37,7 +37,7 @@ from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, Transformer, finite
-from tinker_jax.models.sequence_parallel import CACHE_AXES
+from tinker_jax.models.sequence_parallel import CACHE_AXES, KEY_CACHE_AXES
 from tinker_jax.prefix_cache import (
     PREFIX_BLOCK,
     PrefixIndex,
@@ -309,18 +309,20 @@ def _write_extended(
     """Writes each row's cached prefix and new keys and values: row dst[i] of the cache
     gets group src[i]'s prefix at positions 0.. and its new tokens at `positions`.
 
-    cache arrays per layer [rows, kv_heads, max_len, head_dim]; known arrays per layer
-    [groups, prefix, kv_heads, head_dim] (real up to each group's first new position, which
-    its new tokens then overwrite); new (k, v) [layers, groups, seq, kv_heads, head_dim]; dst,
-    src [n]; positions [groups, seq]. A write past max_len (padding) or to a row >= rows is
-    dropped. (Indexing a cache by [row, :, position] arrays puts their axes first: the
-    values are [n, positions, kv_heads, head_dim].)"""
+    cache: a `KVCache`; known arrays per layer [groups, prefix, kv_heads, head_dim] (real up
+    to each group's first new position, which its new tokens then overwrite); new (k, v)
+    [layers, groups, seq, kv_heads, head_dim]; dst, src [n]; positions [groups, seq]. A write
+    past max_len (padding) or to a row >= rows is dropped. (Indexing a cache by [row, :,
+    position] arrays, or the keys by [row, :, :, position] (`KVCache.key_index`), puts their
+    axes first: the values are [n, positions, kv_heads, head_dim].)"""
     at = (dst[:, None], slice(None), jnp.arange(known.k[0].shape[1])[None, :])
 
-    def one(c, prefix):
+    def one(at, c, prefix):
         return c.at[at].set(prefix[src].astype(c.dtype), mode="drop")
 
-    cache = KVCache(tuple(map(one, cache.k, known.k)), tuple(map(one, cache.v, known.v)))
+    write_k = functools.partial(one, KVCache.key_index(at))
+    write_v = functools.partial(one, at)
+    cache = KVCache(tuple(map(write_k, cache.k, known.k)), tuple(map(write_v, cache.v, known.v)))
     return _write_new(cache, new, dst, src, positions)
 
 
@@ -332,19 +334,21 @@ def _write_new(
     positions: jax.Array,
 ) -> KVCache:
     """Writes each row's new keys and values (`finite`, as a cache holds them): row dst[i] of
-    the cache gets group src[i]'s at `positions`. cache arrays per layer [rows, kv_heads,
-    max_len, head_dim]; new (k, v) [layers, groups, seq, kv_heads, head_dim]; dst, src [n];
-    positions [groups, seq]. A write past max_len (padding) or to a row >= rows is dropped.
+    the cache gets group src[i]'s at `positions`. cache: a `KVCache`; new (k, v) [layers,
+    groups, seq, kv_heads, head_dim]; dst, src [n]; positions [groups, seq]. A write past
+    max_len (padding) or to a row >= rows is dropped.
 
     Every (row, position) is an index of its own, not a window of positions: a cache split
     over `sequence` then takes each write on the device that holds its position, where a
     window over the split axis made XLA gather the whole cache onto every device."""
     at = (dst[:, None], slice(None), positions[src])
 
-    def one(c, x):
+    def one(at, c, x):
         return c.at[at].set(finite(x[src].astype(c.dtype)), mode="drop")
 
-    return KVCache(tuple(map(one, cache.k, new[0])), tuple(map(one, cache.v, new[1])))
+    write_k = functools.partial(one, KVCache.key_index(at))
+    write_v = functools.partial(one, at)
+    return KVCache(tuple(map(write_k, cache.k, new[0])), tuple(map(write_v, cache.v, new[1])))
 
 
 class Sampler:
@@ -376,7 +380,8 @@ class Sampler:
         position after them (see `tinker_jax.prefix_cache`). A prompt longer than
         `prefill_chunk` positions (a power of two >= MIN_SEQ_BUCKET) is prefilled that many at
         a time. On a mesh with a `sequence` axis the cache's positions are split over it
-        (`CACHE_AXES`; `kv_cache_bytes` is the whole cache, over all devices)."""
+        (`KEY_CACHE_AXES`, `CACHE_AXES`; `kv_cache_bytes` is the whole cache, over all
+        devices)."""
         check_prefill_chunk(prefill_chunk)
         self.prefill_chunk = prefill_chunk
         self.graphdef, self.base, self.config, self.mesh = graphdef, base, config, mesh
@@ -391,16 +396,20 @@ class Sampler:
         self.logprob_chunk = logprob_chunk
         self.slot_scale: dict[int, float] = {}
         dtype = jax.tree.leaves(base)[0].dtype
-        shape = (rows, config.num_kv_heads, self.max_len, config.head_dim)  # a layer's
-        sharding = NamedSharding(mesh, logical_to_spec(CACHE_AXES, shape, mesh))
+        shapes = KVCache.layer_shapes(rows, config.num_kv_heads, self.max_len, config.head_dim)
+        k_sharding, v_sharding = (
+            NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+            for axes, shape in zip((KEY_CACHE_AXES, CACHE_AXES), shapes)
+        )
         # The cache keeps its sharding; what the host reads back (tokens, logprobs) is
         # replicated, so every process of a multi-host mesh can read it whole.
-        self._cache_sharding = sharding
+        self._cache_sharding = KVCache.of(lambda: k_sharding, lambda: v_sharding, config.num_layers)
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        self._new_cache = functools.partial(KVCache.of, zeros, config.num_layers)
+        k_zeros = jax.jit(lambda: jnp.zeros(shapes[0], dtype), out_shardings=k_sharding)
+        v_zeros = jax.jit(lambda: jnp.zeros(shapes[1], dtype), out_shardings=v_sharding)
+        self._new_cache = functools.partial(KVCache.of, k_zeros, v_zeros, config.num_layers)
         self.cache = self._new_cache()
-        self.kv_cache_bytes = 2 * config.num_layers * int(np.prod(shape)) * dtype.itemsize
+        self.kv_cache_bytes = 2 * config.num_layers * int(np.prod(shapes[1])) * dtype.itemsize
         self.prefix_block = prefix_block
         self._prefix: PrefixIndex | None = None
         self.prefix_cache_bytes = 0
@@ -412,7 +421,9 @@ class Sampler:
             store_zeros = jax.jit(
                 lambda: jnp.zeros(store, dtype), out_shardings=self._store_sharding
             )
-            self._new_store = functools.partial(KVCache.of, store_zeros, config.num_layers)
+            self._new_store = functools.partial(
+                KVCache.of, store_zeros, store_zeros, config.num_layers
+            )
             self.prefix_store = self._new_store()
             self.prefix_cache_bytes = 2 * config.num_layers * int(np.prod(store)) * dtype.itemsize
         # Prompt tokens prefilled so far: computed, and served from the prefix cache.
@@ -1248,7 +1259,7 @@ def decode_loop(
     after the loop), before anything reads it: that order lets XLA update the cache in place
     (`Transformer.decode`).
     """
-    max_len = cache.k[0].shape[2]
+    max_len = cache.v[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
     adapter = None
     if rows["group_slots"].shape[0]:
@@ -1307,7 +1318,7 @@ def decode_loop(
         else (),
         # Nothing to write before the first step: a position past max_len writes nothing.
         (
-            *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.k),) * 2,
+            *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.v),) * 2,
             jnp.full((n,), max_len, jnp.int32),
         ),
     )

@@ -8,8 +8,10 @@ own, while the adapter slots of all runs are stacked over layers (`Transformer`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,12 +169,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One new token per row against this layer's cache, which it only reads.
 
-        x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache_k, cache_v: [rows,
-        kv_heads, max_len, head_dim], of which attention reads the positions below each row's
-        own (at most kv_len), then the new token itself; a cache split over the `sequence`
-        axis is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed],
-        the new token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
-        `positions` before the cache is read again (`KVCache.write`).
+        x: [rows, 1, embed]; positions: [rows, 1], each < kv_len; cache_k: [rows, kv_heads,
+        head_dim, max_len], cache_v: [rows, kv_heads, max_len, head_dim] (`KVCache`), of which
+        attention reads the positions below each row's own (at most kv_len), then the new
+        token itself; a cache split over the `sequence` axis is read where it lies
+        (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the new token's (k, v):
+        [rows, kv_heads, head_dim] each), for the caller to write at `positions` before the
+        cache is read again (`KVCache.write`).
         """
         q, k, v = self.project(x, positions, adapter)
         k, v = k[:, 0].astype(cache_k.dtype), v[:, 0].astype(cache_v.dtype)
@@ -224,14 +227,18 @@ def finite(x: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every decode row, an array per layer: k[i], v[i]: [rows, kv_heads,
-    max_len, head_dim] (a prefix-cache store, which decode does not read, keeps positions
-    first: [blocks, block, kv_heads, head_dim]).
+    """Keys and values of every decode row, an array per layer: k[i]: [rows, kv_heads,
+    head_dim, max_len], v[i]: [rows, kv_heads, max_len, head_dim] (`layer_shapes`; a
+    prefix-cache store, which decode does not read, keeps positions first in both:
+    [blocks, block, kv_heads, head_dim]).
 
     Arrays of their own rather than one stacked array, kv heads before positions: a layer's
-    keys are a whole buffer that attention's matmuls read where they lie, each (row, kv head)
-    a contiguous [max_len, head_dim] matrix (`decode_attention`). Of a stacked cache, XLA's
-    CPU backend copied each layer's slice out for the kernel, every layer and step.
+    keys and values are whole buffers that attention's matmuls read where they lie, each (row,
+    kv head) a contiguous matrix (`decode_attention`). Of a stacked cache, XLA's CPU backend
+    copied each layer's slice out for the kernel, every layer and step. Keys keep positions
+    last so that the scores are a plain matrix product, queries [group, head_dim] times keys
+    [head_dim, max_len]: the same product against keys [max_len, head_dim] (contracting the
+    last axis of both) made `decode_attention` 1.5-4x slower on XLA's CPU backend.
 
     Every value a cache holds is finite: every write stores `finite` keys and values. Positions
     past a row's own hold whatever an earlier request left there (another user's), and
@@ -243,9 +250,27 @@ class KVCache:
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def of(cls, make: Callable[[], jax.Array], layers: int) -> KVCache:
-        """A cache of `layers` arrays of keys and `layers` of values, each `make()`."""
-        return cls(tuple(make() for _ in range(layers)), tuple(make() for _ in range(layers)))
+    def of(cls, key: Callable[[], Any], value: Callable[[], Any], layers: int) -> KVCache:
+        """A cache of `layers` arrays of keys, each `key()`, and `layers` of values, each
+        `value()` (or of anything else made per layer: shapes, shardings)."""
+        return cls(tuple(key() for _ in range(layers)), tuple(value() for _ in range(layers)))
+
+    @staticmethod
+    def layer_shapes(
+        rows: int, kv_heads: int, max_len: int, head_dim: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one layer's keys and values: [rows, kv_heads, head_dim, max_len] and
+        [rows, kv_heads, max_len, head_dim]."""
+        return (rows, kv_heads, head_dim, max_len), (rows, kv_heads, max_len, head_dim)
+
+    @staticmethod
+    def key_index(at: tuple) -> tuple:
+        """The keys' index of a (rows, kv heads, positions) index of the values: the same
+        entries, the positions on the keys' last axis (past head_dim). Indexed by arrays on
+        either side of a whole head_dim, both layouts give [..., head_dim] windows in the same
+        order (NumPy puts the advanced indices' axes first)."""
+        rows, heads, positions = at
+        return rows, heads, slice(None), positions
 
     def write(
         self, k: Sequence[jax.Array], v: Sequence[jax.Array], positions: jax.Array
@@ -257,13 +282,14 @@ class KVCache:
         scatter of several: XLA turns a scatter of a single index into a dynamic-update-slice,
         whose dropped out-of-range write reads the cache before it updates it, and it copied
         the cache to keep that read."""
-        rows, heads = jnp.indices((positions.shape[0], self.k[0].shape[1]))
+        rows, heads = jnp.indices((positions.shape[0], self.v[0].shape[1]))
         at = (rows, heads, positions[:, None])
 
-        def one(cache: jax.Array, new: jax.Array) -> jax.Array:
+        def one(at: tuple, cache: jax.Array, new: jax.Array) -> jax.Array:
             return cache.at[at].set(finite(new.astype(cache.dtype)), mode="drop")
 
-        return KVCache(tuple(map(one, self.k, k)), tuple(map(one, self.v, v)))
+        write_k, write_v = functools.partial(one, self.key_index(at)), functools.partial(one, at)
+        return KVCache(tuple(map(write_k, self.k, k)), tuple(map(write_v, self.v, v)))
 
 
 def attention(
@@ -299,13 +325,14 @@ def decode_attention(
 ) -> jax.Array:
     """One query per row against its cache row (positions below its own) and its own key.
 
-    q: [rows, 1, heads, head_dim]; k, v: [rows, kv_heads, max_len, head_dim] (one layer of
-    the cache); positions: [rows, 1]; k_new, v_new: [rows, kv_heads, head_dim], the key and
-    value at the query's own position -> [rows, 1, heads, head_dim]. In fp32.
+    q: [rows, 1, heads, head_dim]; k: [rows, kv_heads, head_dim, max_len], v: [rows,
+    kv_heads, max_len, head_dim] (one layer of the cache); positions: [rows, 1]; k_new, v_new:
+    [rows, kv_heads, head_dim], the key and value at the query's own position -> [rows, 1,
+    heads, head_dim]. In fp32.
 
-    Two batched matmuls per (row, kv head): the group's queries [group, head_dim] against the
-    keys [max_len, head_dim], then the weights against the values, each operand in the
-    cache's own layout (kv heads before positions: `KVCache`), so nothing is transposed or
+    Two batched matmuls per (row, kv head): the group's queries [group, head_dim] times the
+    keys [head_dim, max_len], then the weights [group, max_len] times the values [max_len,
+    head_dim], each operand in the cache's own layout (`KVCache`), so nothing is transposed or
     copied first. A multiply-and-sum over a broadcast of the keys read them as fast on paper,
     and ran 5-10x slower on XLA's CPU backend.
 
@@ -322,10 +349,10 @@ def decode_attention(
     b, _, h, d = q.shape
     kvh = k.shape[1]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
-    visible = offset + jnp.arange(k.shape[2])[None, :] < positions  # [rows, max_len]
+    visible = offset + jnp.arange(v.shape[2])[None, :] < positions  # [rows, max_len]
     # fp32 products at full precision: a GPU's default for fp32 matmuls rounds to TF32.
     exact = jax.lax.Precision.HIGHEST
-    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k.astype(jnp.float32), precision=exact)
+    scores = jnp.einsum("bhgd,bhdk->bhgk", qg, k.astype(jnp.float32), precision=exact)
     scores = scores * (d**-0.5)
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
@@ -678,21 +705,23 @@ class Transformer(nnx.Module):
         [layers, batch, seq, kv_heads, head_dim]). Equals `__call__` on the whole sequence at
         the new positions, without recomputing the prefix.
 
-        With `rows` [batch], `prefix` is the sampler's cache (per layer [cache rows, kv_heads,
-        max_len, head_dim]) and row b continues cache row rows[b]: each layer reads the first
-        `width` positions of its rows as it runs (a long prompt's next chunk): no array holds
-        every layer's prefix at once. `flash`: see `Attention.extend`."""
+        With `rows` [batch], `prefix` is the sampler's cache (`KVCache`: per layer keys [cache
+        rows, kv_heads, head_dim, max_len], values [cache rows, kv_heads, max_len, head_dim])
+        and row b continues cache row rows[b]: each layer reads the first `width` positions
+        of its rows as it runs (a long prompt's next chunk): no array holds every layer's
+        prefix at once. `flash`: see `Attention.extend`."""
         x = self._embed(tokens)
         graphdef, states = self._layer_states()
         # [batch, width, kv_heads, head_dim] of the cache: the advanced indices' axes first
         at = None if rows is None else (rows[:, None], slice(None), jnp.arange(width)[None, :])
+        at_k = None if at is None else KVCache.key_index(at)
         new = []
         for i, (base, adapters) in enumerate(states):
             layer = nnx.merge(graphdef, base, adapters)
             if at is None:
                 k, v = prefix.k[i], prefix.v[i]
             else:  # indexed position by position: a split cache is read where it lies
-                k, v = prefix.k[i][at], prefix.v[i][at]
+                k, v = prefix.k[i][at_k], prefix.v[i][at]
             x, kv = layer.extend(x, positions, adapter, k, v, prefix_len, flash)
             new.append(kv)
         return self.norm(x), tuple(jnp.stack(t) for t in zip(*new))

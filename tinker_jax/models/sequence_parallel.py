@@ -33,12 +33,15 @@ SelfKernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 Q_AXES = ("act_batch", "act_seq", "act_heads", "act_head_dim")
 KV_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
-# One layer of the sampler's KV cache [rows, kv_heads, max_len, head_dim] (`KVCache` holds an
-# array per layer): its positions split over `sequence` (`cache_len`), so that a long
-# context's cache divides over those devices.
+# One layer of the sampler's KV cache (`KVCache` holds an array per layer), values [rows,
+# kv_heads, max_len, head_dim] and keys [rows, kv_heads, head_dim, max_len]: their positions
+# split over `sequence` (`cache_len`), so that a long context's cache divides over those
+# devices.
 CACHE_AXES = ("act_batch", "act_kv_heads", "cache_len", "act_head_dim")
-# (q [rows, 1, heads, d], k, v [rows, kv_heads, len, d] cache positions offset.., positions
-#  [rows, 1], k_new, v_new [rows, kv_heads, d], offset=, axis=) -> [rows, 1, heads, d]
+KEY_CACHE_AXES = ("act_batch", "act_kv_heads", "act_head_dim", "cache_len")
+# (q [rows, 1, heads, d], k [rows, kv_heads, d, len], v [rows, kv_heads, len, d] cache
+#  positions offset.., positions [rows, 1], k_new, v_new [rows, kv_heads, d], offset=, axis=)
+#  -> [rows, 1, heads, d]
 DecodeKernel = Callable[..., jax.Array]
 
 
@@ -85,10 +88,11 @@ def sequence_sharded(kernel: PositionalKernel, check_vma: bool = True) -> SelfKe
 
 def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
     """One decode step's attention over one layer of a KV cache that may be split over the
-    `sequence` axis (`CACHE_AXES`, the mesh set by `jax.set_mesh`).
+    `sequence` axis (`KEY_CACHE_AXES`, `CACHE_AXES`, the mesh set by `jax.set_mesh`).
 
-    Returns attend(q, cache_k, cache_v, positions, k_new, v_new, kv_len): cache arrays [rows,
-    kv_heads, max_len, head_dim] (one layer's), of which the first kv_len positions are read.
+    Returns attend(q, cache_k, cache_v, positions, k_new, v_new, kv_len): one layer's cache,
+    keys [rows, kv_heads, head_dim, max_len] and values [rows, kv_heads, max_len, head_dim]
+    (`KVCache`), of which the first kv_len positions are read.
     Unsplit, that is `kernel` on the slice. Split, every device attends its own block of
     positions (max_len / shards of them, the first min(kv_len, block) read) and the blocks'
     softmaxes are merged flash-decoding style inside `kernel` (`axis`): the global maximum of
@@ -105,11 +109,12 @@ def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
 
     def attend(q, cache_k, cache_v, positions, k_new, v_new, kv_len):
         mesh = jax.sharding.get_abstract_mesh()
-        spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache_k.shape, mesh)
+        spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache_v.shape, mesh)
         if spec is None or spec[2] != "sequence":
-            cached = (cache_k[:, :, :kv_len], cache_v[:, :, :kv_len])
+            cached = (cache_k[..., :kv_len], cache_v[:, :, :kv_len])
             return kernel(q, *cached, positions, k_new, v_new)
-        block = cache_k.shape[2] // mesh.shape["sequence"]
+        k_spec = logical_to_spec(KEY_CACHE_AXES, cache_k.shape, mesh)
+        block = cache_v.shape[2] // mesh.shape["sequence"]
         width = min(kv_len, block)
         rows, heads = spec[0], spec[1]  # query heads split as the kv heads they group over
         q_spec = PartitionSpec(rows, None, heads, None)
@@ -117,12 +122,12 @@ def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
 
         def local(q, cache_k, cache_v, positions, k_new, v_new):
             offset = jax.lax.axis_index("sequence") * block
-            cached = (cache_k[:, :, :width], cache_v[:, :, :width])
+            cached = (cache_k[..., :width], cache_v[:, :, :width])
             return kernel(q, *cached, positions, k_new, v_new, offset=offset, axis="sequence")
 
         return jax.shard_map(
             local,
-            in_specs=(q_spec, spec, spec, PartitionSpec(rows, None), new_spec, new_spec),
+            in_specs=(q_spec, k_spec, spec, PartitionSpec(rows, None), new_spec, new_spec),
             out_specs=q_spec,
         )(q, cache_k, cache_v, positions, k_new, v_new)
 
