@@ -8,8 +8,9 @@ admits what fits, then runs up to `steps_per_call` decode steps for all rows in 
 as soon as one row stops (so that the next call admits a waiting request into it). Rows of
 different requests may use different sampler adapters (or none): each row carries its slot.
 A prompt longer than `prefill_chunk` positions is prefilled a chunk at a time (`_prefill`), and
-on a mesh with a `sequence` axis the cache's positions are split over it (`CACHE_AXES`), so a
-long context needs neither its activations nor its cache whole on one device.
+on a mesh with a `sequence` axis the cache's positions are split over it (`KEY_CACHE_AXES`,
+`CACHE_AXES`), so a long context needs neither its activations nor its cache whole on one
+device.
 
 Sampler weights live in the sampler's own stacked LoRA arrays, loaded from a snapshot of a
 training slot (or a checkpoint). They are immutable: nothing here writes a training slot, and
