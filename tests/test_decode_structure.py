@@ -231,3 +231,14 @@ def test_base_model_rows_decode_without_adapter_products():
     layers = CONFIG.num_layers
     assert _body_matmuls(base) == 5 * layers + 2 * layers + 1
     assert _body_matmuls(one) > _body_matmuls(base)
+
+
+def test_decode_step_copies_no_adapter_in_use(batch4):
+    """The adapters in use are gathered and laid side by side ([in, groups * rank]) once per
+    call, outside the decode loop: no copy inside a step as large as one module's A columns.
+    (Folded into the matmul, their transposition was a copy per module, layer and step.)"""
+    shape, _ = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    columns = CONFIG.hidden_size * shape.adapters * shape.rank * 4  # bytes, the narrowest A's
+    stats = inspect_decode.hlo_stats(compiled.as_text(), columns)
+    assert stats["large_copies"] == 0, stats["copies"]

@@ -250,7 +250,13 @@ def lora_hidden(x: jax.Array, a_groups: jax.Array, adapter: AdapterBatch) -> jax
     if groups == 1:
         h = (x @ a_groups[0])[:, :, None, :]
     else:
-        h = jnp.einsum("bsi,gir->bsgr", x, a_groups)
+        # The groups' A's side by side, [in, groups, rank], materialised as such: inside the
+        # decode loop XLA then moves their gathering and transposition out of the loop with
+        # it (once per call). Folded into the matmul instead, the transposition became a copy
+        # of every adapter in use, per layer and step.
+        columns = jax.lax.optimization_barrier(jnp.moveaxis(a_groups, 0, 1))
+        h = x @ columns.reshape(columns.shape[0], groups * rank)
+        h = h.reshape(*x.shape[:2], groups, rank)
     own = adapter.row_group[:, None] == jnp.arange(groups)[None, :]  # [batch, groups]
     own = own & (adapter.scale[:, None] != 0)
     scale = adapter.scale.astype(h.dtype)[:, None, None, None]
