@@ -128,8 +128,11 @@ def main() -> None:
     args = parse_args()
     dump_dir = Path(tempfile.mkdtemp(prefix="hlo-")) if args.by_op else None
     if dump_dir is not None:  # read when JAX starts its backend, below
+        # On a GPU, the kernels XLA launches inside a command buffer carry no `hlo_op` in the
+        # trace, so the summary by operation finds none of them: launch them one by one.
         os.environ["XLA_FLAGS"] = (
             f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+            " --xla_gpu_enable_command_buffer="
         )
     import jax
     import jax.numpy as jnp
