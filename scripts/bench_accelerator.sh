@@ -2,7 +2,7 @@
 # The accelerator measurements of one short lease, in order of importance, each step bounded
 # by its own timeout so that one failure does not cost the others:
 #   1. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
-#      the same GPU as the peer;
+#      the same GPU as the peer; batch 1 again in a sampler of 32 rows, as a server runs it;
 #   2. batch-64 decode with its rows spread over 4 LoRA adapters of rank 32, PEFT's
 #      mixed-batch generate on the same GPU as the peer;
 #   3. where a batch-1 decode step's GPU time goes, per kernel and per JAX operation;
@@ -44,6 +44,10 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 'transformers', transformers.__version__, 'torch', torch.__version__); print(jax.devices())"
 step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
     --batches 1,64 --torch-device "$torch_device"
+# Batch 1 as a server runs it: one request in a sampler of 32 rows, every row decoded each step
+# (XLA's GPU backend turns the one-row q, k|v and o matmuls into a multiply and a reduction).
+step sample_server_rows 60 "$py" scripts/bench_sample.py "${model_args[@]}" \
+    --model-dir "$model_dir" --batches 1 --rows 32 --no-torch
 step sample_adapters 100 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 64 --adapters 4 --rank 32 --torch-device "$torch_device"
 step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \

@@ -80,6 +80,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch")
     p.add_argument("--steps-per-call", type=int, default=16, help="Sampler steps_per_call")
     p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="the sampler's cache rows, all decoded every step (default: the batch; a server's "
+        "sampler has sampler_rows, 32 by default, however few requests it holds)",
+    )
+    p.add_argument(
         "--max-len", type=int, default=None, help="Sampler max_len (default prompt + new tokens)"
     )
     p.add_argument("--rank", type=int, default=8, help="max rank of the sampler's LoRA slots")
@@ -116,7 +123,8 @@ def make_prompts(args: argparse.Namespace, batch: int) -> np.ndarray:
 
 
 class Ours:
-    """Our sampler at one batch size (rows = batch), on a model shared by all batch sizes."""
+    """Our sampler at one batch size (rows = batch, or --rows), on a model shared by all batch
+    sizes."""
 
     def __init__(self, model, mesh, args: argparse.Namespace, batch: int):
         from tinker_jax.sampler import Sampler
@@ -127,7 +135,7 @@ class Ours:
             model,
             mesh,
             slots=max(args.lora_slots, args.adapters),
-            rows=batch,
+            rows=max(args.rows or batch, batch),
             max_len=max_len,
             steps_per_call=args.steps_per_call,
         )

@@ -37,7 +37,7 @@ RUNS = {  # the profile first: its --by-op sets XLA_FLAGS (an HLO dump), read wh
     "sample": ("bench_sample.py", *TINY, "--batches", "2", "--new-tokens", "8", "--repeats", "1"),
     "sample-adapters": (
         "bench_sample.py", *TINY, "--batches", "3", "--new-tokens", "4", "--repeats", "1",
-        "--adapters", "2", "--rank", "4",
+        "--adapters", "2", "--rank", "4", "--rows", "4",
     ),
     "service": (
         "bench_service.py", *TINY, "--seq", "16", "--batch", "2", "--runs", "2", "--rank", "4",
