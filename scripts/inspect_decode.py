@@ -299,6 +299,15 @@ def _trip_count(instr: Instr) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_matmul(instr: Instr, comps: dict[str, list[Instr]]) -> bool:
+    """A dot, or a fusion holding one (at any depth)."""
+    if instr.opcode == "dot":
+        return True
+    return instr.opcode == "fusion" and any(
+        is_matmul(i, comps) for i in comps[instr.called("calls")[0]]
+    )
+
+
 def hlo_stats(
     text: str,
     threshold: int,
@@ -330,18 +339,12 @@ def hlo_stats(
             for i in comps[comp]
         )
 
-    def has_dot(comp: str) -> bool:
-        return any(
-            i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
-            for i in comps[comp]
-        )
-
     def reads_matrix(instr: Instr, comp: str) -> bool:
         """A dot, or a fusion holding one (its parameters are its operands), with an operand
         shaped like a base weight matrix."""
         if instr.opcode == "dot":
             inputs = [by_name[comp][name] for name in instr.operands()]
-        elif instr.opcode == "fusion" and has_dot(instr.called("calls")[0]):
+        elif instr.opcode == "fusion" and is_matmul(instr, comps):
             inputs = [i for i in comps[instr.called("calls")[0]] if i.opcode == "parameter"]
         else:
             return False

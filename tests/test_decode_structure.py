@@ -209,17 +209,7 @@ def _body_matmuls(shape) -> int:
     compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
     comps, entry = inspect_decode.parse_hlo(compiled.as_text())
     body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
-
-    def has_dot(comp: str) -> bool:
-        return any(
-            i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
-            for i in comps[comp]
-        )
-
-    return sum(
-        i.opcode == "dot" or (i.opcode == "fusion" and has_dot(i.called("calls")[0]))
-        for i in comps[body]
-    )
+    return sum(inspect_decode.is_matmul(i, comps) for i in comps[body])
 
 
 def test_base_model_rows_decode_without_adapter_products():
