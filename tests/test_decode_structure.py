@@ -119,6 +119,22 @@ def test_decode_step_copies_no_kv_cache(batch4):
     assert out["large_copies"] == 0, out["copies"]
 
 
+def test_a_cache_longer_than_the_bucket_is_copied_every_step():
+    """The known cost of a server's cache (max_len, longer than the kv bucket a call
+    attends): XLA copies each layer's attended keys and values out of it every step, before
+    attention's matmuls read them: two copies per layer, three times the cache bytes a step
+    must read. If this fails because the copies are gone, XLA fuses the slice and the cost
+    no longer needs a redesign of the cache (issue 19's closing note)."""
+    shape = inspect_decode.DecodeShape(
+        batch=4, adapters=0, context=128, max_len=512, rank=4, slots=2, steps=2, dtype="float32"
+    )
+    prefix = shape.batch * CONFIG.num_kv_heads * CONFIG.head_dim * shape.context * 4
+    out = inspect_decode.inspect(CONFIG, shape, prefix)
+    assert out["large_copies"] == 2 * CONFIG.num_layers, out["copies"]
+    whole = inspect_decode.inspect(CONFIG, dataclasses.replace(shape, max_len=None), prefix)
+    assert whole["large_copies"] == 0, whole["copies"]
+
+
 def test_decode_step_copies_no_weight(batch4):
     """Each layer's base weights are arrays of their own, read in place by its matmuls; the
     adapters in use are gathered per layer from the stacked slots, never copied whole."""
