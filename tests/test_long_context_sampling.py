@@ -113,10 +113,13 @@ def test_sequence_sharded_sampling_equals_one_device(long_model, one_device):
     """On a data=1, fsdp=2, sequence=4 mesh, the cache's positions split four ways, chunked
     prefill and decode give the one-device results."""
     (sampler,) = _samplers(long_model, {"fsdp": 2, "sequence": 4}, (CHUNK,))
-    for layer, axis in ((sampler.cache.k[0], 3), (sampler.cache.v[0], 2)):  # max_len's axis
+    results = sampler.sample(_requests())
+    # The cache is as long as the rows reached (a bucket below max_len), split four ways.
+    assert sampler.cache_len < CONTEXT
+    for layer, axis in ((sampler.cache.k[0], 3), (sampler.cache.v[0], 2)):  # positions' axis
         assert layer.sharding.spec[axis] == "sequence"
-        assert layer.addressable_shards[0].data.shape[axis] == CONTEXT // 4
-    _assert_same(sampler.sample(_requests()), one_device[0])
+        assert layer.addressable_shards[0].data.shape[axis] == sampler.cache_len // 4
+    _assert_same(results, one_device[0])
 
 
 @EIGHT
@@ -127,13 +130,14 @@ def test_decode_on_a_split_cache_moves_no_cache_positions():
     from tests.test_decode_structure import inspect_decode
     from tinker_jax.sampler import CACHE_AXES, KEY_CACHE_AXES, decode_arg_shapes, decode_loop
 
-    cfg, context, kv_len = config_from_hf(TINY_CONFIGS["qwen3"]), 1024, 128  # < a block
+    cfg, context = config_from_hf(TINY_CONFIGS["qwen3"]), 1024
     shape = inspect_decode.DecodeShape(
         batch=4, adapters=2, context=context, rank=8, slots=3, steps=2, dtype="float32"
     )
     graphdef, lora, base = inspect_decode.abstract_model(cfg, shape)
     shapes = KVCache.layer_shapes(4, cfg.num_kv_heads, context, cfg.head_dim)  # a layer's
-    read = 4 * kv_len * cfg.num_kv_heads * cfg.head_dim * 4  # bytes of one layer's k read
+    block = context // 4
+    read = 4 * block * cfg.num_kv_heads * cfg.head_dim * 4  # a device's keys of one layer
 
     def compiled(shards: int) -> str:
         mesh = make_mesh({"sequence": shards}, devices=jax.devices()[:shards])
@@ -145,7 +149,7 @@ def test_decode_on_a_split_cache_moves_no_cache_positions():
         k, v = layer(KEY_CACHE_AXES, shapes[0]), layer(CACHE_AXES, shapes[1])
         cache = KVCache.of(lambda: k, lambda: v, cfg.num_layers)
         shardings = KVCache.of(lambda: k.sharding, lambda: v.sharding, cfg.num_layers)
-        fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=kv_len)
+        fn = functools.partial(decode_loop, graphdef, shape.steps, max_len=context)
         with jax.set_mesh(mesh):
             jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=(shardings, None, None))
             return jitted.lower(lora, base, cache, decode_arg_shapes(4, 2)).compile().as_text()

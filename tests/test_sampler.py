@@ -85,10 +85,11 @@ def test_greedy_equals_transformers_generate(hf_model_dir, name):
         assert result.sequences[0].stop_reason == "length"
 
 
-def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
-    """Decode attends over a power-of-two prefix of the cache (kv_bucket) that covers every
-    active row: a request whose positions cross 128 and 256 switches prefix mid-generation,
-    beside a short request, and both still equal transformers token for token."""
+def test_the_cache_is_as_long_as_its_rows_reach(hf_model_dir):
+    """The cache, and the decode attending over all of it, is a power-of-two bucket of
+    positions (kv_bucket) that covers every active row, not max_len: a request whose positions
+    cross 128 and 256 grows it mid-generation, beside a short request, and a short request
+    after it shrinks it back; every request still equals transformers token for token."""
     folder = hf_model_dir("qwen3")
     trainer = make_trainer(folder, slots=1, max_rank=8)
     sampler = Sampler.sharing_base(
@@ -98,6 +99,8 @@ def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
     rng = np.random.default_rng(8)
     long_prompt, short_prompt = rng.integers(0, VOCAB, 100), rng.integers(0, VOCAB, 6)
     long_params = SamplingParams(max_tokens=170, temperature=0.0, stop=[])
+    (first,) = sampler.sample([SampleRequest(short_prompt, 1, GREEDY)])
+    short_prefill = {n for n in sampler.trace_counts if n.startswith("prefill")}
     results = sampler.sample(
         [SampleRequest(long_prompt, 1, long_params), SampleRequest(short_prompt, 1, GREEDY)]
     )
@@ -106,6 +109,33 @@ def test_decode_reads_a_cache_prefix_that_grows_with_the_context(hf_model_dir):
     decoded = {name for name in sampler.trace_counts if name.startswith("decode_")}
     # The base model's rows: no adapter group, so no adapter product (`decode_loop`).
     assert decoded == {"decode_128_0", "decode_256_0", "decode_512_0"}
+    assert sampler.cache_len == 512
+    # A short request admitted beside a running long one is prefilled into the long row's
+    # cache by the prefill program it ran alone in a 128-position one (only the write of its
+    # keys and values is a program per cache length).
+    long_id = sampler.submit(SampleRequest(long_prompt, 1, long_params))
+    assert not sampler.step() and sampler.cache_len == 128  # prefilled alone, then decoded
+    while sampler.cache_len < 256:
+        assert not sampler.step()
+    short_id = sampler.submit(SampleRequest(short_prompt, 1, GREEDY))
+    done: dict = {}
+    while len(done) < 2:
+        done.update(sampler.step())
+    assert done[short_id].sequences[0].tokens == first.sequences[0].tokens
+    assert done[long_id].sequences[0].tokens == results[0].sequences[0].tokens
+    assert short_prefill and all(sampler.trace_counts[n] == 1 for n in short_prefill)
+    assert {"write_prompts_128", "write_prompts_256"} <= set(sampler.trace_counts)
+    # Alone again, a short request's prefill shrinks the cache back to its bucket.
+    (again,) = sampler.sample([SampleRequest(short_prompt, 1, GREEDY)])
+    assert again.sequences[0].tokens == first.sequences[0].tokens == results[1].sequences[0].tokens
+    assert sampler.cache_len == 128
+    assert sampler.cache.k[0].shape[3] == sampler.cache.v[0].shape[2] == 128
+    resized = {name for name in sampler.trace_counts if name.startswith("cache_")}
+    assert resized == {
+        f"cache_{kv}_{a}_to_{b}"
+        for kv in "kv"
+        for a, b in ((128, 256), (256, 512), (512, 256), (256, 128))
+    }
 
 
 def test_greedy_with_adapter_equals_merged_peft_model(engine):

@@ -27,6 +27,14 @@ def kv_bucket(length: int, max_len: int) -> int:
     return min(max(MIN_KV_BUCKET, 1 << (max(length, 1) - 1).bit_length()), max_len)
 
 
+def kv_buckets(max_len: int) -> list[int]:
+    """Every `kv_bucket` of a cache of `max_len` positions, shortest first."""
+    out = [kv_bucket(1, max_len)]
+    while out[-1] < max_len:
+        out.append(kv_bucket(out[-1] + 1, max_len))
+    return out
+
+
 def batch_bucket(size: int, multiple: int = 1) -> int:
     """Smallest power of two >= size that is also a multiple of `multiple` (the batch shards)."""
     bucket = 1 << max(size - 1, 0).bit_length()

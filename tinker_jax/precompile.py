@@ -14,7 +14,7 @@ What a program's shape depends on, and so what a plan enumerates (`buckets`):
   function, with or without gradients; creating a slot, copying it to a sampler, optim_step;
 - sampling: a prefill's prompts, rows and positions, its distinct adapters (one, or several:
   a program of its own), prompt logprobs; a decode's kv bucket (which follows from the prompt
-  length) and distinct adapters.
+  length) and distinct adapters; the cache's length, a kv bucket too (`CacheLengths`).
 
 State is left as it was. Training keys run in slots created for them and freed after (a
 slot's adapter, gradients and moments are reset when a run next takes it); sampling keys run
@@ -81,6 +81,12 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheLengths:
+    """The sampler's KV cache made longer a bucket at a time up to max_len, and back: the
+    programs that fit it to what its rows reach (`Sampler.warm_cache_lengths`)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Sample:
     """A prefill of `requests` prompts of `prompt` tokens into `rows` cache rows (buckets)
     under `adapters` distinct adapters, then a decode step of those rows (kv bucket from
@@ -94,7 +100,7 @@ class Sample:
     prompt_logprobs: bool = False
 
 
-Key = Slots | Optim | Train | Split | Sample
+Key = Slots | Optim | CacheLengths | Train | Split | Sample
 
 
 def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
@@ -106,6 +112,8 @@ def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
     if level == "none":
         return []
     entries: list[tuple[int, int, Key]] = [(0, 0, Slots()), (0, 0, Optim("adamw"))]
+    if len(sampler.cache_lengths) > 1:
+        entries.append((0, 0, CacheLengths()))
     entries.append((2, 0, Optim("dimuon")))
     budget = trainer.max_step_tokens or trainer.max_length
     for rows, seq in _train_shapes(trainer, budget):
@@ -149,6 +157,11 @@ def warm(trainer: Trainer, sampler: Sampler, key: Key) -> bool:
         return _warm_train(trainer, key)
     if isinstance(key, Split):
         return _warm_split(trainer, key)
+    if isinstance(key, CacheLengths):
+        if sampler.has_work():
+            return False
+        sampler.warm_cache_lengths()
+        return True
     return _warm_sample(trainer, sampler, key)
 
 

@@ -1,6 +1,7 @@
 """The sampling engine: prefill + decode over a KV cache with continuous batching.
 
-The cache has a fixed number of rows (decode slots), each `max_len` positions long. A request
+The cache has a fixed number of rows (decode slots), each up to `max_len` positions long: as
+long as its rows reach, a power-of-two bucket (`Sampler._fit_cache`). A request
 waits in a queue until rows are free; its prompt is prefilled once and its keys and values are
 copied into one row per sample (`num_samples > 1` shares the prefill). Every call to `step`
 admits what fits, then runs up to `steps_per_call` decode steps for all rows in one jitted
@@ -32,7 +33,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tinker_jax.batching import token_ids
-from tinker_jax.buckets import MIN_SEQ_BUCKET, batch_bucket, chunk_size, kv_bucket, seq_bucket
+from tinker_jax.buckets import (
+    MIN_SEQ_BUCKET,
+    batch_bucket,
+    chunk_size,
+    kv_bucket,
+    kv_buckets,
+    seq_bucket,
+)
 from tinker_jax.errors import ValidationError
 from tinker_jax.logprobs import prompt_draws, target_logprobs, topk_logprobs
 from tinker_jax.lora import AdapterBatch, LoRAParam, SlotLayout, slot_groups
@@ -373,8 +381,8 @@ class Sampler:
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         """`lora` holds the sampler's adapter slots (their count is its slot axis); `rows`
-        and `max_len` size the KV cache (rows x max_len positions; `kv_cache_bytes` tells
-        its memory). `decode_text` (token ids -> text) enables stop strings.
+        and `max_len` size the KV cache (rows x at most max_len positions; `kv_cache_bytes`
+        tells its memory at its longest). `decode_text` (token ids -> text) enables stop strings.
         `prefix_cache_share` > 0 keeps prefilled prompts' keys and values in blocks of
         `prefix_block` positions, up to that share of the cache's positions (`prefix_cache_bytes`
         more memory), and prefills a prompt that starts with cached blocks from the first
@@ -397,20 +405,22 @@ class Sampler:
         self.logprob_chunk = logprob_chunk
         self.slot_scale: dict[int, float] = {}
         dtype = jax.tree.leaves(base)[0].dtype
-        shapes = KVCache.layer_shapes(rows, config.num_kv_heads, self.max_len, config.head_dim)
-        k_sharding, v_sharding = (
-            NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-            for axes, shape in zip((KEY_CACHE_AXES, CACHE_AXES), shapes)
-        )
-        # The cache keeps its sharding; what the host reads back (tokens, logprobs) is
-        # replicated, so every process of a multi-host mesh can read it whole.
-        self._cache_sharding = KVCache.of(lambda: k_sharding, lambda: v_sharding, config.num_layers)
+        self._programs = Programs()
+        self.trace_counts = self._programs.trace_counts  # program name -> times traced
+        # What the host reads back (tokens, logprobs) is replicated, so that every process of
+        # a multi-host mesh can read it whole; the cache keeps its own sharding.
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.cache_lengths = kv_buckets(self.max_len)
+        shapes = self._layer_shapes(self.cache_lengths[0])
+        k_sharding, v_sharding = self._layer_shardings(self.cache_lengths[0])
         k_zeros = jax.jit(lambda: jnp.zeros(shapes[0], dtype), out_shardings=k_sharding)
         v_zeros = jax.jit(lambda: jnp.zeros(shapes[1], dtype), out_shardings=v_sharding)
         self._new_cache = functools.partial(KVCache.of, k_zeros, v_zeros, config.num_layers)
         self.cache = self._new_cache()
-        self.kv_cache_bytes = 2 * config.num_layers * int(np.prod(shapes[1])) * dtype.itemsize
+        # At its longest: max_len positions.
+        self.kv_cache_bytes = (
+            2 * config.num_layers * int(np.prod(self._layer_shapes(self.max_len)[1]))
+        ) * dtype.itemsize
         self.prefix_block = prefix_block
         self._prefix: PrefixIndex | None = None
         self.prefix_cache_bytes = 0
@@ -435,8 +445,6 @@ class Sampler:
         self._queue: collections.deque[int] = collections.deque()
         self._ids = itertools.count()
         self.batch_multiple = batch_multiple(mesh)
-        self._programs = Programs()
-        self.trace_counts = self._programs.trace_counts  # program name -> times traced
         self.decode_steps = 0  # decode steps run so far (every active row advances in each)
 
     @classmethod
@@ -668,6 +676,66 @@ class Sampler:
 
     # ---------------------------------------------------------------- internals
 
+    @property
+    def cache_len(self) -> int:
+        """The positions the cache holds now: the `kv_bucket` of what its rows reach
+        (`_fit_cache`)."""
+        return self.cache.v[0].shape[2]
+
+    def _layer_shapes(self, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        cfg = self.config
+        return KVCache.layer_shapes(self.rows, cfg.num_kv_heads, length, cfg.head_dim)
+
+    def _layer_shardings(self, length: int) -> tuple[NamedSharding, NamedSharding]:
+        """One layer's key and value shardings in a cache of `length` positions."""
+        k, v = (
+            NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh))
+            for axes, shape in zip((KEY_CACHE_AXES, CACHE_AXES), self._layer_shapes(length))
+        )
+        return k, v
+
+    def _cache_sharding(self) -> KVCache:
+        """The sharding of every layer of the cache at its current length."""
+        k, v = self._layer_shardings(self.cache_len)
+        return KVCache.of(lambda: k, lambda: v, self.config.num_layers)
+
+    def _fit_cache(self, length: int) -> None:
+        """Makes the cache `length` positions long (one of `cache_lengths`), keeping what
+        its positions below both lengths hold; new positions are zeros (finite, `KVCache`).
+
+        Why the cache is as long as its rows reach, not max_len: a decode step attends over
+        the whole cache it is given. A slice of a longer cache, taken every step, would be
+        copied out of every layer's keys and values before attention's matmuls read it (a
+        copy XLA does not fuse into them): three times the cache bytes a step must read.
+        Here the cache changes length between calls, a bucket at a time and a layer at a
+        time, so that two whole caches are never held together: one program per bucket
+        step, for keys and for values (`warm_cache_lengths` builds them all)."""
+        steps = self.cache_lengths
+        while self.cache_len != length:
+            old = self.cache_len
+            new = steps[steps.index(old) + (1 if length > old else -1)]
+            arrays = [list(self.cache.k), list(self.cache.v)]
+            self.cache = None  # each old layer is freed once its successor is made
+            try:
+                for axis, layers, sharding in zip((3, 2), arrays, self._layer_shardings(new)):
+                    fn = self._programs.get(
+                        f"cache_{'kv'[axis == 2]}_{old}_to_{new}",
+                        functools.partial(_resized, length=new, axis=axis),
+                        out_shardings=sharding,
+                    )
+                    for i in range(len(layers)):
+                        layers[i] = fn(layers[i])
+            except BaseException:
+                self.cache = self._new_cache()  # a failed step drops its rows (`reset`)
+                raise
+            self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
+
+    def warm_cache_lengths(self) -> None:
+        """Builds the programs that change the cache's length (`_fit_cache`), every bucket
+        step up and down. Only while the sampler holds no request (`has_work`)."""
+        self._fit_cache(self.cache_lengths[-1])
+        self._fit_cache(self.cache_lengths[0])
+
     def _put(self, x: np.ndarray) -> jax.Array:
         names = ("act_batch",) + (None,) * (x.ndim - 1)
         return jax.device_put(
@@ -765,6 +833,10 @@ class Sampler:
         self.cached_prefill_tokens += sum(starts)
         n_groups = batch_bucket(len(groups), self.batch_multiple)
         todo = max(p.size - start for p, start in zip(prompts, starts))
+        # The cache holds the prompts: as long as their bucket when no row runs (what
+        # `precompile` warms), and never shorter than the running rows' cache.
+        need = kv_bucket(max(p.size for p in prompts), self.max_len)
+        self._fit_cache(max(self.cache_len, need) if self._rows.active.any() else need)
         seq = seq_bucket(todo) if todo <= self.prefill_chunk else self.prefill_chunk
         n_chunks = -(-todo // seq)
         # One column more than the chunks: the next token of each chunk's last position.
@@ -838,8 +910,13 @@ class Sampler:
             # A chunk that continues a prefix attends flash-style (its memory linear in the
             # prefix); a first chunk from position 0 is an ordinary prefill, its program shared.
             flash = n_chunks > 1 and bool(mode)
+            # A chunk that continues cache rows reads and writes the cache: a program per
+            # cache length. The others leave their keys and values to `_write_prompts`, so
+            # that a prefill program does not depend on the length of the cache.
+            reads = bool(rows_width)
             fn = self._programs.get(
-                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}",
+                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}"
+                + (f":cache{self.cache_len}" if reads else ""),
                 self._prefill_fn(
                     want_lp,
                     min(topk, self.config.vocab_size),
@@ -850,8 +927,9 @@ class Sampler:
                     flash,
                     **widths,
                 ),
-                donate_argnums=(2,),
-                out_shardings=(self._cache_sharding,) + (self._replicated,) * 5,
+                donate_argnums=(2,) if reads else (),
+                out_shardings=(self._cache_sharding() if reads else None,)
+                + (self._replicated,) * 5,
             )
             args = [
                 tokens[:, offset : offset + seq],
@@ -861,15 +939,19 @@ class Sampler:
                 row_group,
                 *per_row,
             ]
-            self.cache, *out = fn(
+            written, *out = fn(
                 self.lora,
                 self.base,
-                self.cache,
+                self.cache if reads else None,
                 jax.device_put(group_slots, self._replicated),
                 *(self._put(a) for a in args),
                 {k: self._put(v) for k, v in part.items()},
                 *store,
             )
+            if reads:
+                self.cache = written
+            else:
+                self._write_prompts(*written, self._put(dst), self._put(src))
             outs.append(jax.device_get(out))
         # The chunk that holds each row's last prompt position sampled its first token.
         last_chunk = ((lengths - 1) // seq)[src]
@@ -903,6 +985,27 @@ class Sampler:
                     top = list(zip(ids[i, :k].tolist(), lps[i, :k].tolist()))
                 self._start_row(r, rid, s, int(first[i]), float(first_lp[i]), top)
                 i += 1
+
+    def _write_prompts(
+        self,
+        known: KVCache | None,
+        new: tuple[jax.Array, jax.Array],
+        positions: jax.Array,
+        dst: jax.Array,
+        src: jax.Array,
+    ) -> None:
+        """Writes a prefill's keys and values into its rows (`_write_new`; with the cached
+        prefix `known` it continued, `_write_extended`): a small program per cache length,
+        where the prefill's own program is one whatever the cache's length."""
+        extended = known is not None
+        fn = self._programs.get(
+            f"write_prompts{'_extended' if extended else ''}_{self.cache_len}",
+            _write_extended if extended else _write_new,
+            donate_argnums=(0,),
+            out_shardings=self._cache_sharding(),
+        )
+        head = (self.cache, known) if extended else (self.cache,)
+        self.cache = fn(*head, new, dst, src, positions)
 
     def _cache_prompts(self, groups: list[tuple[int, list[int], list[int]]]) -> None:
         """Copies the full blocks of the prompts just prefilled that the prefix cache lacks
@@ -1082,17 +1185,17 @@ class Sampler:
                     width=rows,
                     flash=flash,
                 )
-                cache = _write_new(cache, (k, v), dst, src, positions)
+                written = _write_new(cache, (k, v), dst, src, positions)
             elif prefix:
                 start = extra["prefix_len"]
                 positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
                 known = gather_prefix(store, extra["prefix_blocks"])
                 hidden, (k, v) = model.extend(tokens, positions, adapter, known, start, flash=flash)
-                cache = _write_extended(cache, known, (k, v), dst, src, positions)
+                written = (known, (k, v), positions)
             else:
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
                 hidden, (k, v) = model(tokens, positions, adapter, return_kv=True)
-                cache = _write_new(cache, (k, v), dst, src, positions)
+                written = (None, (k, v), positions)
             last = hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None]
             logits = model.logits(last, adapter)[:, 0].astype(jnp.float32)[src]
             keys = step_keys(sequence_keys(seeds, sample_idx), jnp.zeros_like(sample_idx))
@@ -1126,14 +1229,15 @@ class Sampler:
                     chunk,
                     extra.get("alt_offset"),
                 )
-            return cache, first, first_lp, prompt_lp, topk_out, extra_out
+            return written, first, first_lp, prompt_lp, topk_out, extra_out
 
         return prefill
 
     def _decode(self) -> None:
-        # Attend over the cache prefix that this call's rows can reach, not all of max_len.
+        # The cache, all of which attention reads, is as long as this call's rows can reach.
         reach = int(self._rows.position[self._rows.active].max()) + self.steps_per_call
         kv_len = kv_bucket(reach, self.max_len)
+        self._fit_cache(kv_len)
         # Each distinct adapter of the active rows is read once per step, not once per row;
         # rows all on the base model run a program without adapter products (0 groups).
         host = self._rows.device_args()
@@ -1147,10 +1251,10 @@ class Sampler:
         fn = self._programs.get(
             f"decode_{kv_len}_{groups}" if not topk else f"decode_top{topk}_{kv_len}_{groups}",
             functools.partial(
-                decode_loop, self.graphdef, self.steps_per_call, kv_len=kv_len, topk=topk
+                decode_loop, self.graphdef, self.steps_per_call, max_len=self.max_len, topk=topk
             ),
             donate_argnums=(2,),
-            out_shardings=(self._cache_sharding,) + (self._replicated,) * (3 if topk else 2),
+            out_shardings=(self._cache_sharding(),) + (self._replicated,) * (3 if topk else 2),
         )
         replicated = {
             "group_slots": host.pop("group_slots"),
@@ -1226,6 +1330,15 @@ class Sampler:
         return finished
 
 
+def _resized(x: jax.Array, *, length: int, axis: int) -> jax.Array:
+    """x with `length` positions on `axis`: its first ones, or x and zeros after it."""
+    if length <= x.shape[axis]:
+        return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
 def decode_arg_shapes(rows: int, groups: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The `rows` argument of `decode_loop` for `rows` cache rows and `groups` distinct
     adapters, as abstract arrays (what `Sampler._decode` sends)."""
@@ -1244,23 +1357,25 @@ def decode_loop(
     cache: KVCache,
     rows,
     *,
-    kv_len: int,
+    max_len: int,
     topk: int = 0,
 ):
     """The decode program: up to `steps` decode steps of every cache row in one `while_loop`.
 
-    `rows` holds the arrays of `decode_arg_shapes`; attention reads the first `kv_len` cache
-    positions; with no group slots (`group_slots` of size 0: every row on the base model), no
-    adapter product. Returns (cache, tokens [rows, steps], -1 once a row stopped, and their
-    logprobs [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32, logprobs [rows,
-    steps, topk]) of the most likely tokens at each step (`topk_sample_logprobs`).
+    `rows` holds the arrays of `decode_arg_shapes`; attention reads every position of the
+    cache (as long as the rows reach, `Sampler._fit_cache`); a row stops at `max_len`, the
+    sampler's context; with no group slots (`group_slots` of size 0: every row on the base
+    model), no adapter product. Returns (cache, tokens [rows, steps], -1 once a row stopped,
+    and their logprobs [rows, steps]); with `topk` > 0 also (ids [rows, steps, topk] int32,
+    logprobs [rows, steps, topk]) of the most likely tokens at each step
+    (`topk_sample_logprobs`).
     `scripts/inspect_decode.py` compiles this same function.
 
     A step's keys and values are written into the cache at the start of the next step (and
     after the loop), before anything reads it: that order lets XLA update the cache in place
     (`Transformer.decode`).
     """
-    max_len = cache.v[0].shape[2]
+    kv_len = cache.v[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
     adapter = None
     if rows["group_slots"].shape[0]:
@@ -1317,10 +1432,10 @@ def decode_loop(
         (jnp.zeros((n, steps, topk), jnp.int32), jnp.zeros((n, steps, topk), jnp.float32))
         if topk
         else (),
-        # Nothing to write before the first step: a position past max_len writes nothing.
+        # Nothing to write before the first step: a position past the cache writes nothing.
         (
             *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.v),) * 2,
-            jnp.full((n,), max_len, jnp.int32),
+            jnp.full((n,), kv_len, jnp.int32),
         ),
     )
     out = jax.lax.while_loop(cond, body, init)
