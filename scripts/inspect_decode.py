@@ -24,10 +24,9 @@ local backend, then compares it with what a decode step must read at least:
   large_copies    copy / dynamic-slice / slice instructions, or fusions that do nothing else,
                   whose output is at least `--copy-mib` MiB, per decode step (inside a loop of
                   known trip count counted once per iteration); those shaped like a weight are
-                  also counted as `weight_copies`. With `--max-len` above `--context` (a
-                  server's cache, longer than the bucket a call attends), each layer's attended
-                  keys and values show here: XLA materialises that slice of the cache every
-                  step before attention's matmuls read it
+                  also counted as `weight_copies`. The cache is compiled as the sampler holds
+                  it, `--context` positions long; a slice of a longer cache would show here, 2
+                  copies per layer and step (`Sampler._fit_cache`)
   fusions         fusion instructions (kernels) per decode step, and `kernels`: every
                   instruction that does work (fusions, dots, copies, sorts...), per decode step
   weight_matmuls  matmuls (dots, or fusions holding one) with an operand shaped like a base
@@ -127,16 +126,14 @@ def preset_config(name: str) -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeShape:
-    """What one decode call is compiled for: `batch` cache rows attending `context` positions
-    of a cache of `max_len` (None: `context`; a server's cache is the model's context, longer
-    than the bucket a call attends), `adapters` distinct adapters among them (0: every row on
-    the base model), rank `rank`, out of a sampler with `slots` adapter slots, `steps` decode
-    steps per call."""
+    """What one decode call is compiled for: `batch` cache rows attending all `context`
+    positions of the cache (as long as its rows reach, `Sampler._fit_cache`), `adapters`
+    distinct adapters among them (0: every row on the base model), rank `rank`, out of a
+    sampler with `slots` adapter slots, `steps` decode steps per call."""
 
     batch: int
     adapters: int = 1
     context: int = 1024
-    max_len: int | None = None
     rank: int = 32
     slots: int = 8
     steps: int = 16
@@ -214,13 +211,12 @@ def compile_decode(cfg: ModelConfig, shape: DecodeShape):
     (the cache donated), for abstract weights, cache and rows."""
     graphdef, lora, base = abstract_model(cfg, shape)
     dtype = jnp.dtype(shape.dtype)
-    max_len = shape.max_len or shape.context
-    shapes = KVCache.layer_shapes(shape.batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shapes = KVCache.layer_shapes(shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
     k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
     cache = KVCache.of(lambda: k, lambda: v, cfg.num_layers)
     groups = 1 << (shape.adapters - 1).bit_length() if shape.adapters else 0
     rows = decode_arg_shapes(shape.batch, groups)
-    fn = functools.partial(decode_loop, graphdef, shape.steps, kv_len=shape.context)
+    fn = functools.partial(decode_loop, graphdef, shape.steps, max_len=shape.context)
     mesh = make_mesh(devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         lowered = jax.jit(fn, donate_argnums=(2,)).lower(lora, base, cache, rows)
@@ -548,9 +544,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="cache rows decoding together")
     p.add_argument("--adapters", type=int, default=1, help="distinct adapters among the rows")
     p.add_argument("--context", type=int, default=1024, help="cache positions attended")
-    p.add_argument(
-        "--max-len", type=int, default=None, help="cache positions held (default: --context)"
-    )
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--slots", type=int, default=8, help="the sampler's adapter slots")
     p.add_argument("--steps-per-call", type=int, default=16)
@@ -564,7 +557,6 @@ def main() -> None:
         batch=args.batch,
         adapters=args.adapters,
         context=args.context,
-        max_len=args.max_len,
         rank=args.rank,
         slots=args.slots,
         steps=args.steps_per_call,
@@ -575,8 +567,7 @@ def main() -> None:
     terms = ", ".join(f"{k} {v / gib:.3f}" for k, v in out["min_bytes_terms"].items())
     print(
         f"{args.preset} decode step ({out['backend']}, {shape.dtype}): batch {shape.batch}, "
-        f"{shape.adapters} adapters (rank {shape.rank}), context {shape.context} of "
-        f"{shape.max_len or shape.context}; "
+        f"{shape.adapters} adapters (rank {shape.rank}), context {shape.context}; "
         f"compiled in {out['compile_s']:.1f}s"
     )
     print(f"  min bytes       {out['min_bytes'] / gib:8.3f} GiB  ({terms})")

@@ -119,20 +119,39 @@ def test_decode_step_copies_no_kv_cache(batch4):
     assert out["large_copies"] == 0, out["copies"]
 
 
-def test_a_cache_longer_than_the_bucket_is_copied_every_step():
-    """The known cost of a server's cache (max_len, longer than the kv bucket a call
-    attends): XLA copies each layer's attended keys and values out of it every step, before
-    attention's matmuls read them: two copies per layer, three times the cache bytes a step
-    must read. If this fails because the copies are gone, XLA fuses the slice and the cost
-    no longer needs a redesign of the cache (issue 19's closing note)."""
-    shape = inspect_decode.DecodeShape(
-        batch=4, adapters=0, context=128, max_len=512, rank=4, slots=2, steps=2, dtype="float32"
-    )
-    prefix = shape.batch * CONFIG.num_kv_heads * CONFIG.head_dim * shape.context * 4
-    out = inspect_decode.inspect(CONFIG, shape, prefix)
-    assert out["large_copies"] == 2 * CONFIG.num_layers, out["copies"]
-    whole = inspect_decode.inspect(CONFIG, dataclasses.replace(shape, max_len=None), prefix)
-    assert whole["large_copies"] == 0, whole["copies"]
+def test_a_slice_of_a_longer_cache_is_copied_before_attention():
+    """Why the sampler's cache is as long as its rows reach (`Sampler._fit_cache`): attending
+    over the first positions of a longer cache, XLA copies each layer's keys and values out
+    of it before attention's matmuls read them, two copies per layer (and a decode step
+    would do so every step: three times the cache bytes it must read); the whole cache is
+    read where it lies. If the first count drops to 0, XLA reads a slice in place and the
+    cache could stay max_len long."""
+    from tinker_jax.models.decoder import decode_attention
+
+    rows, kvh, group, d, attended, layers = 4, 2, 2, 16, 128, 3
+    q = jax.ShapeDtypeStruct((rows, 1, kvh * group, d), jnp.float32)
+    new = jax.ShapeDtypeStruct((rows, kvh, d), jnp.float32)
+    positions = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+
+    def copies(length: int) -> int:
+        k_shape, v_shape = KVCache.layer_shapes(rows, kvh, length, d)
+        k = [jax.ShapeDtypeStruct(k_shape, jnp.float32)] * layers
+        v = [jax.ShapeDtypeStruct(v_shape, jnp.float32)] * layers
+
+        def attend(q, ks, vs, positions, new):
+            for key, value in zip(ks, vs):
+                out = decode_attention(
+                    q, key[..., :attended], value[:, :, :attended], positions, new, new
+                )
+                q = q + out
+            return q
+
+        text = jax.jit(attend).lower(q, k, v, positions, new).compile().as_text()
+        prefix = rows * kvh * d * attended * 4
+        return inspect_decode.hlo_stats(text, prefix, set())["large_copies"]
+
+    assert copies(4 * attended) == 2 * layers
+    assert copies(attended) == 0
 
 
 def test_decode_step_copies_no_weight(batch4):
