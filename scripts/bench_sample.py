@@ -381,6 +381,15 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
         if need is not None and ratio < need:
             line += f" (a {need:.1f}x target is above what the matmuls alone reach here)"
     print(line)
+    # What the ceiling leaves out and a step must still read: the KV cache attention reads.
+    context = args.prompt_len + args.new_tokens / 2
+    cache = 2 * args.layers * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
+    weights = sum(w.nbytes for w in jax.tree.leaves(layers)) + head.nbytes
+    print(
+        f"           beside its weights ({weights / 2**20:.0f} MiB), a step's attention reads "
+        f"{cache / 2**20:.0f} MiB of KV cache at the mean context ({context:.0f} positions), "
+        "which the ceiling leaves out"
+    )
     return share
 
 

@@ -117,6 +117,7 @@ def test_bench_sample(outputs):
     out = run_output(outputs, "sample")
     assert "ratio ours/torch" in out and "greedy tokens equal in 100% of rows" in out
     assert "ceiling batch 2:" in out and "peak bound:" in out
+    assert "MiB of KV cache at the mean context" in out
 
 
 def test_bench_sample_adapters(outputs):
