@@ -833,9 +833,9 @@ class Sampler:
         self.cached_prefill_tokens += sum(starts)
         n_groups = batch_bucket(len(groups), self.batch_multiple)
         todo = max(p.size - start for p, start in zip(prompts, starts))
-        # The cache holds the prompts: as long as their bucket when no row runs (what
-        # `precompile` warms), and never shorter than the running rows' cache.
-        need = kv_bucket(max(p.size for p in prompts), self.max_len)
+        # The cache holds the prompts and the decode call after them (`_decode`): that long
+        # when no row runs (what `precompile` warms), never shorter than the running rows'.
+        need = kv_bucket(max(p.size for p in prompts) + self.steps_per_call, self.max_len)
         self._fit_cache(max(self.cache_len, need) if self._rows.active.any() else need)
         seq = seq_bucket(todo) if todo <= self.prefill_chunk else self.prefill_chunk
         n_chunks = -(-todo // seq)
