@@ -202,3 +202,28 @@ def test_the_plan_puts_the_likely_programs_first(precompiled):
 def test_config_refuses_an_unknown_level(tmp_path):
     with pytest.raises(ValidationError, match="precompile.*'eager' is not one of none"):
         ServerConfig(base_models=("m",), storage=tmp_path, precompile="eager")
+
+
+def test_cache_lengths_are_planned_and_built_while_the_sampler_is_idle(hf_model_dir):
+    """A sampler whose cache has several lengths plans `CacheLengths` right after the first
+    keys; warming it builds every resize step up and down and leaves the cache shortest, and
+    it waits while a request is in the sampler."""
+    from flax import nnx
+
+    from tests.engine_helpers import make_trainer
+    from tinker_jax.sampler import Sampler, SampleRequest
+    from tinker_jax.sampling import SamplingParams
+
+    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
+    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
+    sampler = Sampler.sharing_base(model, trainer.mesh, slots=1, rows=1, max_len=512)
+    assert sampler.cache_lengths == [128, 256, 512]
+    assert precompile.plan(trainer, sampler, "common")[2] == precompile.CacheLengths()
+    sampler.submit(SampleRequest(PROMPT, 1, SamplingParams(max_tokens=2)))
+    assert not precompile.warm(trainer, sampler, precompile.CacheLengths())
+    sampler.reset()
+    assert precompile.warm(trainer, sampler, precompile.CacheLengths())
+    assert sampler.cache_len == 128
+    steps = ((128, 256), (256, 512), (512, 256), (256, 128))
+    built = {name for name in sampler.trace_counts if name.startswith("cache_")}
+    assert built == {f"cache_{kv}_{a}_to_{b}" for kv in "kv" for a, b in steps}
