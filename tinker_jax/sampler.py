@@ -717,9 +717,11 @@ class Sampler:
             arrays = [list(self.cache.k), list(self.cache.v)]
             self.cache = None  # each old layer is freed once its successor is made
             try:
-                for axis, layers, sharding in zip((3, 2), arrays, self._layer_shardings(new)):
+                shardings = self._layer_shardings(new)
+                # keys hold positions on axis 3, values on axis 2 (`KVCache.layer_shapes`)
+                for part, axis, layers, sharding in zip("kv", (3, 2), arrays, shardings):
                     fn = self._programs.get(
-                        f"cache_{'kv'[axis == 2]}_{old}_to_{new}",
+                        f"cache_{part}_{old}_to_{new}",
                         functools.partial(_resized, length=new, axis=axis),
                         out_shardings=sharding,
                     )
