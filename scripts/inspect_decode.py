@@ -34,7 +34,15 @@ local backend, then compares it with what a decode step must read at least:
                   and gate and up together (their kernels are joined), plus the lm head
 
 When the step itself holds a loop, `bytes_accessed` counts its body once: `step_loops` names
-the trip counts (the sampler's random bits, a few small arrays; the layers are no loop).
+the trip counts (a few small arrays; the layers are no loop).
+
+The program is the one a GPU or TPU compiles, built by the local CPU compiler, with one
+difference JAX itself makes between platforms, undone here: it lowers the threefry hash of
+temperature sampling's random bits for the CPU as a loop of five rounds (a smaller program to
+compile), for GPU and TPU unrolled. The loop carries the step's bits, [rows, vocab] uint32
+twice, and XLA copies them into it: at batch 64 of Qwen3's vocabulary, 10 copies of 37 MiB
+per step that no accelerator's program holds. `compile_decode` lowers the hash unrolled, as
+accelerators do (`accelerator_rng`); the bits drawn are the same.
 
     python scripts/inspect_decode.py --preset qwen3-1.7b --batch 1
     python scripts/inspect_decode.py --preset qwen3-1.7b --batch 64 --adapters 4 --json
@@ -43,6 +51,7 @@ the trip counts (the sampler's random bits, a few small arrays; the layers are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -206,9 +215,26 @@ def _squeeze(dims: tuple[int, ...] | None) -> tuple[int, ...] | None:
     return None if dims is None else tuple(d for d in dims if d != 1)
 
 
-def compile_decode(cfg: ModelConfig, shape: DecodeShape):
+@contextlib.contextmanager
+def accelerator_rng():
+    """Inside, JAX lowers the threefry hash for the CPU as it does for GPU and TPU: unrolled,
+    not as a loop of five rounds (module docstring). JAX has no public switch for this: the
+    rules are its private functions, which fail here loudly if they move."""
+    from jax._src.random import threefry2x32 as threefry
+    from jax.interpreters import mlir
+
+    rule = functools.partial(mlir.register_lowering, threefry.threefry2x32_p, platform="cpu")
+    rule(threefry._threefry2x32_lowering_rule, inline=False)
+    try:
+        yield
+    finally:
+        rule(threefry._threefry2x32_cpu_lowering_rule)
+
+
+def compile_decode(cfg: ModelConfig, shape: DecodeShape, cpu_rng: bool = False):
     """(compiled decode program, lora, base): `decode_loop` as `Sampler._decode` jits it
-    (the cache donated), for abstract weights, cache and rows."""
+    (the cache donated), for abstract weights, cache and rows; the random bits' hash lowered
+    as on GPU and TPU (`accelerator_rng`), or with `cpu_rng` as JAX lowers it for the CPU."""
     graphdef, lora, base = abstract_model(cfg, shape)
     dtype = jnp.dtype(shape.dtype)
     shapes = KVCache.layer_shapes(shape.batch, cfg.num_kv_heads, shape.context, cfg.head_dim)
@@ -218,7 +244,8 @@ def compile_decode(cfg: ModelConfig, shape: DecodeShape):
     rows = decode_arg_shapes(shape.batch, groups)
     fn = functools.partial(decode_loop, graphdef, shape.steps, max_len=shape.context)
     mesh = make_mesh(devices=jax.devices()[:1])
-    with jax.set_mesh(mesh):
+    rng = contextlib.nullcontext() if cpu_rng else accelerator_rng()
+    with jax.set_mesh(mesh), rng:
         lowered = jax.jit(fn, donate_argnums=(2,)).lower(lora, base, cache, rows)
     return lowered.compile(), lora, base
 

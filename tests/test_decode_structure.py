@@ -154,6 +154,26 @@ def test_a_slice_of_a_longer_cache_is_copied_before_attention():
     assert copies(attended) == 0
 
 
+def test_decode_step_copies_no_random_bits():
+    """Temperature sampling hashes a [rows, vocab] block of random bits per step. As JAX lowers
+    the hash for GPU and TPU (unrolled, what `compile_decode` compiles), the step copies none
+    of them; as it lowers it for the CPU (a loop of five rounds carrying the bits), XLA copies
+    both halves into the loop every round. If the first count rises, the sampler copies its
+    random bits on accelerators too; if the second falls to 0, JAX's CPU lowering no longer
+    differs and `inspect_decode.accelerator_rng` can go."""
+    shape = inspect_decode.DecodeShape(
+        batch=32, adapters=0, context=64, rank=8, slots=1, steps=4, dtype="float32"
+    )
+    bits = shape.batch * CONFIG.vocab_size * 4  # one half of the hash's output
+
+    def copies(cpu_rng: bool) -> int:
+        compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape, cpu_rng=cpu_rng)
+        return inspect_decode.hlo_stats(compiled.as_text(), bits)["large_copies"]
+
+    assert copies(cpu_rng=False) == 0
+    assert copies(cpu_rng=True) == 2 * 5
+
+
 def test_decode_step_copies_no_weight(batch4):
     """Each layer's base weights are arrays of their own, read in place by its matmuls; the
     adapters in use are gathered per layer from the stacked slots, never copied whole."""
