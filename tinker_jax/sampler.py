@@ -21,10 +21,11 @@ training never writes them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -411,6 +412,7 @@ class Sampler:
         # a multi-host mesh can read it whole; the cache keeps its own sharding.
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self.cache_lengths = kv_buckets(self.max_len)
+        self._write_at_every_length = False  # `writing_at_every_length`
         shapes = self._layer_shapes(self.cache_lengths[0])
         k_sharding, v_sharding = self._layer_shardings(self.cache_lengths[0])
         k_zeros = jax.jit(lambda: jnp.zeros(shapes[0], dtype), out_shardings=k_sharding)
@@ -998,7 +1000,29 @@ class Sampler:
     ) -> None:
         """Writes a prefill's keys and values into its rows (`_write_new`; with the cached
         prefix `known` it continued, `_write_extended`): a small program per cache length,
-        where the prefill's own program is one whatever the cache's length."""
+        where the prefill's own program is one whatever the cache's length (and, inside
+        `writing_at_every_length`, built at every longer length too)."""
+        self._write_at_length(known, new, positions, dst, src)
+        if not self._write_at_every_length:
+            return
+        own = self.cache_len
+        dropped = self._put(np.full(dst.shape, self.rows, np.int32))  # out of range: dropped
+        try:
+            for length in self.cache_lengths[self.cache_lengths.index(own) + 1 :]:
+                self._fit_cache(length)
+                self._write_at_length(known, new, positions, dropped, src)
+        finally:
+            self._fit_cache(own)
+
+    def _write_at_length(
+        self,
+        known: KVCache | None,
+        new: tuple[jax.Array, jax.Array],
+        positions: jax.Array,
+        dst: jax.Array,
+        src: jax.Array,
+    ) -> None:
+        """`_write_prompts` into the cache at its current length."""
         extended = known is not None
         fn = self._programs.get(
             f"write_prompts{'_extended' if extended else ''}_{self.cache_len}",
@@ -1008,6 +1032,20 @@ class Sampler:
         )
         head = (self.cache, known) if extended else (self.cache,)
         self.cache = fn(*head, new, dst, src, positions)
+
+    @contextlib.contextmanager
+    def writing_at_every_length(self) -> Iterator[None]:
+        """Inside, a prefill also builds the programs that would write its keys and values
+        into every cache length longer than its own: where a prompt of its shape is written
+        when it arrives beside running rows that reach further. There it writes nothing
+        (every destination row out of range), and the cache returns to its own length. For
+        `precompile`, while the sampler holds no request: otherwise such a program is built
+        in front of the request that first needs it."""
+        self._write_at_every_length = True
+        try:
+            yield
+        finally:
+            self._write_at_every_length = False
 
     def _cache_prompts(self, groups: list[tuple[int, list[int], list[int]]]) -> None:
         """Copies the full blocks of the prompts just prefilled that the prefix cache lacks
