@@ -361,6 +361,35 @@ def _write_new(
     return KVCache(tuple(map(write_k, cache.k, new[0])), tuple(map(write_v, cache.v, new[1])))
 
 
+def _write_layer(
+    k: jax.Array,
+    v: jax.Array,
+    known_k: jax.Array | None,
+    known_v: jax.Array | None,
+    new_k: jax.Array,
+    new_v: jax.Array,
+    layer: jax.Array,
+    dst: jax.Array,
+    src: jax.Array,
+    positions: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One layer of `_write_new` (or, with the layer's cached prefix known_k, known_v, of
+    `_write_extended`): k, v the layer's keys and values in the cache; new_k, new_v every
+    layer's [layers, groups, seq, kv_heads, head_dim], of which `layer` (a traced index) is
+    written. Returns the layer's (k, v).
+
+    One program serves every layer, so that a prefill's write compiles once per shape and
+    cache length at a layer's size rather than the model's: a small program, built at every
+    cache length a prompt may meet (`Sampler.writing_at_every_length`)."""
+    cache = KVCache((k,), (v,))
+    new = (new_k[layer][None], new_v[layer][None])
+    if known_k is None:
+        out = _write_new(cache, new, dst, src, positions)
+    else:
+        out = _write_extended(cache, KVCache((known_k,), (known_v,)), new, dst, src, positions)
+    return out.k[0], out.v[0]
+
+
 class Sampler:
     """Continuous-batching sampler over one base model and a set of sampler adapter slots."""
 
@@ -1022,16 +1051,27 @@ class Sampler:
         dst: jax.Array,
         src: jax.Array,
     ) -> None:
-        """`_write_prompts` into the cache at its current length."""
+        """`_write_prompts` into the cache at its current length, a layer at a time
+        (`_write_layer`)."""
         extended = known is not None
         fn = self._programs.get(
             f"write_prompts{'_extended' if extended else ''}_{self.cache_len}",
-            _write_extended if extended else _write_new,
-            donate_argnums=(0,),
-            out_shardings=self._cache_sharding(),
+            _write_layer,
+            donate_argnums=(0, 1),
+            out_shardings=self._layer_shardings(self.cache_len),
         )
-        head = (self.cache, known) if extended else (self.cache,)
-        self.cache = fn(*head, new, dst, src, positions)
+        arrays = [list(self.cache.k), list(self.cache.v)]
+        self.cache = None
+        try:
+            for i in range(len(arrays[0])):
+                prefix = (known.k[i], known.v[i]) if extended else (None, None)
+                arrays[0][i], arrays[1][i] = fn(
+                    arrays[0][i], arrays[1][i], *prefix, *new, i, dst, src, positions
+                )
+        except BaseException:
+            self.cache = self._new_cache()  # a failed write drops its rows (`reset`)
+            raise
+        self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
 
     @contextlib.contextmanager
     def writing_at_every_length(self) -> Iterator[None]:
