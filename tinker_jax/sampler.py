@@ -1028,50 +1028,39 @@ class Sampler:
         src: jax.Array,
     ) -> None:
         """Writes a prefill's keys and values into its rows (`_write_new`; with the cached
-        prefix `known` it continued, `_write_extended`): a small program per cache length,
-        where the prefill's own program is one whatever the cache's length (and, inside
-        `writing_at_every_length`, built at every longer length too)."""
-        self._write_at_length(known, new, positions, dst, src)
-        if not self._write_at_every_length:
-            return
+        prefix `known` it continued, `_write_extended`) a layer at a time (`_write_layer`):
+        a small program per cache length, where the prefill's own program is one whatever
+        the cache's length. Inside `writing_at_every_length`, that program is also built and
+        run, writing nothing, at every longer length."""
         own = self.cache_len
-        dropped = self._put(np.full(dst.shape, self.rows, np.int32))  # out of range: dropped
+        writes = [(own, dst)]
+        if self._write_at_every_length:
+            dropped = self._put(np.full(dst.shape, self.rows, np.int32))  # out of range
+            writes += [(n, dropped) for n in self.cache_lengths if n > own]
+        extended = known is not None
         try:
-            for length in self.cache_lengths[self.cache_lengths.index(own) + 1 :]:
+            for length, rows in writes:
                 self._fit_cache(length)
-                self._write_at_length(known, new, positions, dropped, src)
+                fn = self._programs.get(
+                    f"write_prompts{'_extended' if extended else ''}_{length}",
+                    _write_layer,
+                    donate_argnums=(0, 1),
+                    out_shardings=self._layer_shardings(length),
+                )
+                arrays = [list(self.cache.k), list(self.cache.v)]
+                self.cache = None
+                try:
+                    for i in range(len(arrays[0])):
+                        prefix = (known.k[i], known.v[i]) if extended else (None, None)
+                        arrays[0][i], arrays[1][i] = fn(
+                            arrays[0][i], arrays[1][i], *prefix, *new, i, rows, src, positions
+                        )
+                except BaseException:
+                    self.cache = self._new_cache()  # a failed write drops its rows (`reset`)
+                    raise
+                self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
         finally:
             self._fit_cache(own)
-
-    def _write_at_length(
-        self,
-        known: KVCache | None,
-        new: tuple[jax.Array, jax.Array],
-        positions: jax.Array,
-        dst: jax.Array,
-        src: jax.Array,
-    ) -> None:
-        """`_write_prompts` into the cache at its current length, a layer at a time
-        (`_write_layer`)."""
-        extended = known is not None
-        fn = self._programs.get(
-            f"write_prompts{'_extended' if extended else ''}_{self.cache_len}",
-            _write_layer,
-            donate_argnums=(0, 1),
-            out_shardings=self._layer_shardings(self.cache_len),
-        )
-        arrays = [list(self.cache.k), list(self.cache.v)]
-        self.cache = None
-        try:
-            for i in range(len(arrays[0])):
-                prefix = (known.k[i], known.v[i]) if extended else (None, None)
-                arrays[0][i], arrays[1][i] = fn(
-                    arrays[0][i], arrays[1][i], *prefix, *new, i, dst, src, positions
-                )
-        except BaseException:
-            self.cache = self._new_cache()  # a failed write drops its rows (`reset`)
-            raise
-        self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
 
     @contextlib.contextmanager
     def writing_at_every_length(self) -> Iterator[None]:
