@@ -229,34 +229,47 @@ def test_cache_lengths_are_planned_and_built_while_the_sampler_is_idle(hf_model_
     assert built == {f"cache_{kv}_{a}_to_{b}" for kv in "kv" for a, b in steps}
 
 
-def test_a_prompt_beside_longer_rows_is_written_by_a_program_built_ahead(hf_model_dir):
-    """A prompt that arrives while rows reaching further run is written into their longer
-    cache. Warming its `Sample` key builds that write at every longer cache length, so the
-    prompt admitted beside a running long request traces no program: the same tokens, no
-    compilation in front of it."""
+@pytest.mark.parametrize(
+    ("prompt_len", "prefill_chunk"), [(4, 2048), (40, 16)], ids=["whole", "chunked"]
+)
+def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
+    hf_model_dir, prompt_len, prefill_chunk
+):
+    """A prompt that arrives while rows reaching further run is prefilled into their longer
+    cache: its keys and values written there (a whole prompt, or a long one's first chunk),
+    and a long prompt's later chunks read and write it. Warming its `Sample` key builds those
+    programs at every longer cache length, so the prompt admitted beside a running long
+    request traces no program: the same tokens, no compilation in front of it."""
     from flax import nnx
 
     from tests.engine_helpers import make_trainer
+    from tinker_jax.buckets import seq_bucket
     from tinker_jax.sampler import Sampler, SampleRequest
     from tinker_jax.sampling import SamplingParams
 
     trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
     model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
-    sampler = Sampler.sharing_base(model, trainer.mesh, slots=1, rows=2, max_len=512)
+    sampler = Sampler.sharing_base(
+        model, trainer.mesh, slots=1, rows=2, max_len=512, prefill_chunk=prefill_chunk
+    )
+    prompt = np.random.default_rng(1).integers(0, 100, prompt_len)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, stop=[])
-    assert precompile.warm(trainer, sampler, precompile.Sample(16, 1, 1, 1))
+    assert precompile.warm(trainer, sampler, precompile.Sample(seq_bucket(prompt_len), 1, 1, 1))
     assert sampler.cache_len == 128
     assert {f"write_prompts_{n}" for n in (128, 256, 512)} <= set(sampler.trace_counts)
-    (alone,) = sampler.sample([SampleRequest(PROMPT, 1, greedy)])
-    long_prompt = np.random.default_rng(0).integers(0, 100, 250)
-    long_params = SamplingParams(max_tokens=200, temperature=0.0, stop=[])
-    long_id = sampler.submit(SampleRequest(long_prompt, 1, long_params))
-    assert not sampler.step() and sampler.cache_len == 512
+    chunks_at = {name.rpartition(":cache")[2] for name in sampler.trace_counts if ":cache" in name}
+    assert chunks_at == ({"128", "256", "512"} if prompt_len > prefill_chunk else set())
+    (alone,) = sampler.sample([SampleRequest(prompt, 1, greedy)])
+    # A short prompt that decodes until its row reaches the longest cache.
+    long_params = SamplingParams(max_tokens=400, temperature=0.0, stop=[])
+    long_id = sampler.submit(SampleRequest(PROMPT, 1, long_params))
+    while sampler.cache_len < 512:
+        assert not sampler.step()
     traced = dict(sampler.trace_counts)
-    short_id = sampler.submit(SampleRequest(PROMPT, 1, greedy))
+    short_id = sampler.submit(SampleRequest(prompt, 1, greedy))
     done: dict = {}
     while short_id not in done:
         done.update(sampler.step())
-    assert sampler.cache_len == 512 and long_id not in done  # written beside the long row
+    assert sampler.cache_len == 512 and long_id not in done  # prefilled beside the long row
     assert done[short_id].sequences[0].tokens == alone.sequences[0].tokens
     assert sampler.trace_counts == traced

@@ -15,8 +15,9 @@ What a program's shape depends on, and so what a plan enumerates (`buckets`):
 - sampling: a prefill's prompts, rows and positions, its distinct adapters (one, or several:
   a program of its own), prompt logprobs; a decode's kv bucket (which follows from the prompt
   length) and distinct adapters; the cache's length, a kv bucket too (`CacheLengths`), and
-  the write of a prefill's keys and values into it, at every length a prompt may meet
-  (longer when rows that reach further run beside it).
+  the programs of a prefill that depend on it (the write of its keys and values, a long
+  prompt's later chunks), at every length a prompt may meet (longer when rows that reach
+  further run beside it).
 
 State is left as it was. Training keys run in slots created for them and freed after (a
 slot's adapter, gradients and moments are reset when a run next takes it); sampling keys run
@@ -93,8 +94,9 @@ class Sample:
     """A prefill of `requests` prompts of `prompt` tokens into `rows` cache rows (buckets)
     under `adapters` distinct adapters, then a decode step of those rows (kv bucket from
     `prompt`, `adapters` groups; with 1, also the base model's decode); `prompt_logprobs`
-    also computes those. The write of the prefill's keys and values is built at every cache
-    length from the prompt's own up (`Sampler.writing_at_every_length`)."""
+    also computes those. The prefill's programs that depend on the cache's length (the write
+    of its keys and values, a long prompt's later chunks) are built at every cache length
+    from the prompt's own up (`Sampler.prefilling_at_every_length`)."""
 
     prompt: int
     requests: int
@@ -327,7 +329,7 @@ def _warm_sample(trainer: Trainer, sampler: Sampler, key: Sample) -> bool:
         # model's computes no adapter product): both are built for a single-adapter key.
         mixes: list[list[int | None]] = [loaded] + ([[None]] if adapters == 1 else [])
         try:
-            with sampler.writing_at_every_length():
+            with sampler.prefilling_at_every_length():
                 for mix in mixes:
                     _sample_dummy(sampler, key, rows, requests, mix)
         finally:

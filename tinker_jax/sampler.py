@@ -380,7 +380,7 @@ def _write_layer(
 
     One program serves every layer, so that a prefill's write compiles once per shape and
     cache length at a layer's size rather than the model's: a small program, built at every
-    cache length a prompt may meet (`Sampler.writing_at_every_length`)."""
+    cache length a prompt may meet (`Sampler.prefilling_at_every_length`)."""
     cache = KVCache((k,), (v,))
     new = (new_k[layer][None], new_v[layer][None])
     if known_k is None:
@@ -441,7 +441,7 @@ class Sampler:
         # a multi-host mesh can read it whole; the cache keeps its own sharding.
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self.cache_lengths = kv_buckets(self.max_len)
-        self._write_at_every_length = False  # `writing_at_every_length`
+        self._prefill_at_every_length = False  # `prefilling_at_every_length`
         shapes = self._layer_shapes(self.cache_lengths[0])
         k_sharding, v_sharding = self._layer_shardings(self.cache_lengths[0])
         k_zeros = jax.jit(lambda: jnp.zeros(shapes[0], dtype), out_shardings=k_sharding)
@@ -943,13 +943,8 @@ class Sampler:
             # A chunk that continues a prefix attends flash-style (its memory linear in the
             # prefix); a first chunk from position 0 is an ordinary prefill, its program shared.
             flash = n_chunks > 1 and bool(mode)
-            # A chunk that continues cache rows reads and writes the cache: a program per
-            # cache length. The others leave their keys and values to `_write_prompts`, so
-            # that a prefill program does not depend on the length of the cache.
-            reads = bool(rows_width)
-            fn = self._programs.get(
-                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}"
-                + (f":cache{self.cache_len}" if reads else ""),
+            program = (
+                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}",
                 self._prefill_fn(
                     want_lp,
                     min(topk, self.config.vocab_size),
@@ -960,9 +955,6 @@ class Sampler:
                     flash,
                     **widths,
                 ),
-                donate_argnums=(2,) if reads else (),
-                out_shardings=(self._cache_sharding() if reads else None,)
-                + (self._replicated,) * 5,
             )
             args = [
                 tokens[:, offset : offset + seq],
@@ -970,21 +962,18 @@ class Sampler:
                 slot,
                 scale,
                 row_group,
-                *per_row,
             ]
-            written, *out = fn(
-                self.lora,
-                self.base,
-                self.cache if reads else None,
+            inputs = (
                 jax.device_put(group_slots, self._replicated),
-                *(self._put(a) for a in args),
+                [self._put(a) for a in args],
+                [self._put(a) for a in per_row[1:]],
                 {k: self._put(v) for k, v in part.items()},
-                *store,
+                store,
             )
-            if reads:
-                self.cache = written
+            if rows_width:
+                out = self._continue_rows(*program, inputs, dst)
             else:
-                self._write_prompts(*written, self._put(dst), self._put(src))
+                out = self._prefill_new(*program, inputs, dst)
             outs.append(jax.device_get(out))
         # The chunk that holds each row's last prompt position sampled its first token.
         last_chunk = ((lengths - 1) // seq)[src]
@@ -1019,6 +1008,62 @@ class Sampler:
                 self._start_row(r, rid, s, int(first[i]), float(first_lp[i]), top)
                 i += 1
 
+    def _prefill_new(self, name: str, prefill: Callable, inputs: tuple, dst: np.ndarray) -> list:
+        """Runs a prefill that reads no cache row (`_prefill`'s `inputs`; `dst` [rows] the rows
+        it starts): its program is one whatever the cache's length, and its keys and values
+        are written into the rows by `_write_prompts`. Returns its outputs but the cache's."""
+        group_slots, args, per_row, part, store = inputs
+        fn = self._programs.get(name, prefill, out_shardings=(None,) + (self._replicated,) * 5)
+        dst = self._put(dst)
+        written, *out = fn(
+            self.lora, self.base, None, group_slots, *args, dst, *per_row, part, *store
+        )
+        self._write_prompts(*written, dst, per_row[0])
+        return out
+
+    def _continue_rows(self, name: str, prefill: Callable, inputs: tuple, dst: np.ndarray) -> list:
+        """Runs a chunk that continues what cache rows hold (a long prompt's second chunk on):
+        it reads and writes the cache, so its program is one per cache length. Inside
+        `prefilling_at_every_length`, that program is also built and run, writing nothing
+        (every destination row out of range), at every longer length: where such a prompt
+        continues beside running rows that reach further. Returns its outputs but the
+        cache's at the cache's own length."""
+        group_slots, args, per_row, part, store = inputs
+        own = self.cache_len
+        runs = [(own, dst)]
+        if self._prefill_at_every_length:
+            runs += [(n, np.full_like(dst, self.rows)) for n in self.cache_lengths if n > own]
+        kept: list = []
+        try:
+            for length, rows in runs:
+                self._fit_cache(length)
+                fn = self._programs.get(
+                    f"{name}:cache{length}",
+                    prefill,
+                    donate_argnums=(2,),
+                    out_shardings=(self._cache_sharding(),) + (self._replicated,) * 5,
+                )
+                cache, self.cache = self.cache, None
+                try:
+                    self.cache, *out = fn(
+                        self.lora,
+                        self.base,
+                        cache,
+                        group_slots,
+                        *args,
+                        self._put(rows),
+                        *per_row,
+                        part,
+                        *store,
+                    )
+                except BaseException:
+                    self.cache = self._new_cache()  # a failed chunk drops its rows (`reset`)
+                    raise
+                kept = kept or out
+        finally:
+            self._fit_cache(own)
+        return kept
+
     def _write_prompts(
         self,
         known: KVCache | None,
@@ -1030,11 +1075,11 @@ class Sampler:
         """Writes a prefill's keys and values into its rows (`_write_new`; with the cached
         prefix `known` it continued, `_write_extended`) a layer at a time (`_write_layer`):
         a small program per cache length, where the prefill's own program is one whatever
-        the cache's length. Inside `writing_at_every_length`, that program is also built and
+        the cache's length. Inside `prefilling_at_every_length`, that program is also built and
         run, writing nothing, at every longer length."""
         own = self.cache_len
         writes = [(own, dst)]
-        if self._write_at_every_length:
+        if self._prefill_at_every_length:
             dropped = self._put(np.full(dst.shape, self.rows, np.int32))  # out of range
             writes += [(n, dropped) for n in self.cache_lengths if n > own]
         extended = known is not None
@@ -1063,18 +1108,20 @@ class Sampler:
             self._fit_cache(own)
 
     @contextlib.contextmanager
-    def writing_at_every_length(self) -> Iterator[None]:
-        """Inside, a prefill also builds the programs that would write its keys and values
-        into every cache length longer than its own: where a prompt of its shape is written
-        when it arrives beside running rows that reach further. There it writes nothing
-        (every destination row out of range), and the cache returns to its own length. For
-        `precompile`, while the sampler holds no request: otherwise such a program is built
-        in front of the request that first needs it."""
-        self._write_at_every_length = True
+    def prefilling_at_every_length(self) -> Iterator[None]:
+        """Inside, a prefill also builds the programs that depend on the cache's length at
+        every length longer than its own: where a prompt of its shape is prefilled when it
+        arrives beside running rows that reach further. Those are the write of its keys and
+        values (`_write_prompts`) and, for a prompt longer than `prefill_chunk`, its later
+        chunks (`_continue_rows`). There they write nothing (every destination row out of
+        range), and the cache returns to its own length. For `precompile`, while the sampler
+        holds no request: otherwise such a program is built in front of the request that
+        first needs it."""
+        self._prefill_at_every_length = True
         try:
             yield
         finally:
-            self._write_at_every_length = False
+            self._prefill_at_every_length = False
 
     def _cache_prompts(self, groups: list[tuple[int, list[int], list[int]]]) -> None:
         """Copies the full blocks of the prompts just prefilled that the prefix cache lacks
