@@ -1030,12 +1030,9 @@ class Sampler:
         cache's at the cache's own length."""
         group_slots, args, per_row, part, store = inputs
         own = self.cache_len
-        runs = [(own, dst)]
-        if self._prefill_at_every_length:
-            runs += [(n, np.full_like(dst, self.rows)) for n in self.cache_lengths if n > own]
         kept: list = []
         try:
-            for length, rows in runs:
+            for length, rows in self._lengths_to_run(self._put(dst)):
                 self._fit_cache(length)
                 fn = self._programs.get(
                     f"{name}:cache{length}",
@@ -1051,7 +1048,7 @@ class Sampler:
                         cache,
                         group_slots,
                         *args,
-                        self._put(rows),
+                        rows,
                         *per_row,
                         part,
                         *store,
@@ -1078,13 +1075,9 @@ class Sampler:
         the cache's length. Inside `prefilling_at_every_length`, that program is also built and
         run, writing nothing, at every longer length."""
         own = self.cache_len
-        writes = [(own, dst)]
-        if self._prefill_at_every_length:
-            dropped = self._put(np.full(dst.shape, self.rows, np.int32))  # out of range
-            writes += [(n, dropped) for n in self.cache_lengths if n > own]
         extended = known is not None
         try:
-            for length, rows in writes:
+            for length, rows in self._lengths_to_run(dst):
                 self._fit_cache(length)
                 fn = self._programs.get(
                     f"write_prompts{'_extended' if extended else ''}_{length}",
@@ -1106,6 +1099,17 @@ class Sampler:
                 self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
         finally:
             self._fit_cache(own)
+
+    def _lengths_to_run(self, dst: jax.Array) -> list[tuple[int, jax.Array]]:
+        """(cache length, destination rows) pairs that a prefill's programs which depend on
+        the cache's length run at: the cache's own, into `dst` [rows]; inside
+        `prefilling_at_every_length`, also every longer length, with every row out of range
+        (they write nothing there)."""
+        runs = [(self.cache_len, dst)]
+        if self._prefill_at_every_length:
+            dropped = self._put(np.full(dst.shape, self.rows, np.int32))
+            runs += [(n, dropped) for n in self.cache_lengths if n > self.cache_len]
+        return runs
 
     @contextlib.contextmanager
     def prefilling_at_every_length(self) -> Iterator[None]:
