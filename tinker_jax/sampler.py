@@ -1009,16 +1009,18 @@ class Sampler:
                 i += 1
 
     def _prefill_new(self, name: str, prefill: Callable, inputs: tuple, dst: np.ndarray) -> list:
-        """Runs a prefill that reads no cache row (`_prefill`'s `inputs`; `dst` [rows] the rows
-        it starts): its program is one whatever the cache's length, and its keys and values
-        are written into the rows by `_write_prompts`. Returns its outputs but the cache's."""
+        """Runs a prefill that reads no cache row: its program is one whatever the cache's
+        length, and its keys and values are written into the rows by `_write_prompts`.
+        `inputs` is `_prefill`'s (group slots, per-group arrays, the per-row arrays after
+        `dst` (src first), extras, prefix store); `dst` [rows] the rows it starts. Returns
+        its outputs but the cache's."""
         group_slots, args, per_row, part, store = inputs
         fn = self._programs.get(name, prefill, out_shardings=(None,) + (self._replicated,) * 5)
-        dst = self._put(dst)
+        dst, src = self._put(dst), per_row[0]
         written, *out = fn(
             self.lora, self.base, None, group_slots, *args, dst, *per_row, part, *store
         )
-        self._write_prompts(*written, dst, per_row[0])
+        self._write_prompts(*written, dst, src)
         return out
 
     def _continue_rows(self, name: str, prefill: Callable, inputs: tuple, dst: np.ndarray) -> list:
