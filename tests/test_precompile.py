@@ -237,9 +237,10 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
 ):
     """A prompt that arrives while rows reaching further run is prefilled into their longer
     cache: its keys and values written there (a whole prompt, or a long one's first chunk),
-    and a long prompt's later chunks read and write it. Warming its `Sample` key builds those
-    programs at every longer cache length, so the prompt admitted beside a running long
-    request traces no program: the same tokens, no compilation in front of it."""
+    a long prompt's later chunks read and write it, and its full blocks are copied from it
+    into the prefix cache. Warming its `Sample` key builds those programs at every longer
+    cache length, so the prompt admitted beside a running long request traces no program:
+    the same tokens, no compilation in front of it."""
     from flax import nnx
 
     from tests.engine_helpers import make_trainer
@@ -250,7 +251,13 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
     model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
     sampler = Sampler.sharing_base(
-        model, trainer.mesh, slots=1, rows=2, max_len=512, prefill_chunk=prefill_chunk
+        model,
+        trainer.mesh,
+        slots=1,
+        rows=2,
+        max_len=512,
+        prefill_chunk=prefill_chunk,
+        prefix_cache_share=0.25,
     )
     prompt = np.random.default_rng(1).integers(0, 100, prompt_len)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, stop=[])
@@ -259,6 +266,8 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     assert {f"write_prompts_{n}" for n in (128, 256, 512)} <= set(sampler.trace_counts)
     chunks_at = {name.rpartition(":cache")[2] for name in sampler.trace_counts if ":cache" in name}
     assert chunks_at == ({"128", "256", "512"} if prompt_len > prefill_chunk else set())
+    stores = {f"store_prefix_{n}" for n in (128, 256, 512)}
+    assert stores <= set(sampler.trace_counts) or prompt_len < sampler.prefix_block
     (alone,) = sampler.sample([SampleRequest(prompt, 1, greedy)])
     # A short prompt that decodes until its row reaches the longest cache.
     long_params = SamplingParams(max_tokens=400, temperature=0.0, stop=[])
@@ -266,10 +275,89 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     while sampler.cache_len < 512:
         assert not sampler.step()
     traced = dict(sampler.trace_counts)
-    short_id = sampler.submit(SampleRequest(prompt, 1, greedy))
+    # In a prefix-cache scope of its own: not a hit, its blocks copied into the cache.
+    short_id = sampler.submit(SampleRequest(prompt, 1, greedy, cache_namespace="beside"))
     done: dict = {}
     while short_id not in done:
         done.update(sampler.step())
     assert sampler.cache_len == 512 and long_id not in done  # prefilled beside the long row
     assert done[short_id].sequences[0].tokens == alone.sequences[0].tokens
     assert sampler.trace_counts == traced
+
+
+def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
+    """A prefix-cache hit is prefilled by programs of its own that no plan builds. With
+    `defer_hit_programs` the first hit of a shape is prefilled from position 0 by the programs
+    its `Sample` key built (no trace, nothing served from the cache), and its shape waits;
+    `PrefixHit` builds it at every cache length from its own up, after which hits of that shape
+    serve their cached blocks with no trace, beside longer rows too, with the tokens of a
+    prefill from position 0. A shape that is never built runs from position 0 HIT_FALLBACKS
+    times, then its next hit builds its programs itself."""
+    from flax import nnx
+
+    from tests.engine_helpers import make_trainer
+    from tinker_jax.sampler import HIT_FALLBACKS, Sampler, SampleRequest
+    from tinker_jax.sampling import SamplingParams
+
+    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
+    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
+    sampler = Sampler.sharing_base(
+        model,
+        trainer.mesh,
+        slots=1,
+        rows=2,
+        max_len=256,
+        prefix_cache_share=0.5,
+        defer_hit_programs=True,
+    )
+    rng = np.random.default_rng(2)
+    system = rng.integers(0, 100, 40)  # two full blocks of 16 that prompts share
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, stop=[])
+
+    def prompt(suffix: int) -> np.ndarray:
+        return np.concatenate([system, rng.integers(0, 100, suffix)])
+
+    def run(request: SampleRequest) -> tuple[list[int], int, dict]:
+        """Tokens, prompt tokens served from the cache, programs traced."""
+        traced, served = dict(sampler.trace_counts), sampler.cached_prefill_tokens
+        (result,) = sampler.sample([request])
+        new = {k: v for k, v in sampler.trace_counts.items() if traced.get(k) != v}
+        return result.sequences[0].tokens, sampler.cached_prefill_tokens - served, new
+
+    assert precompile.warm(trainer, sampler, precompile.Sample(64, 1, 1, 1))
+    first, second, third = prompt(12), prompt(12), prompt(12)
+    assert run(SampleRequest(first, 1, greedy))[1:] == (0, {})  # caches the system's blocks
+    # The first hit of its shape: from position 0, with the programs built ahead.
+    tokens, served, traced = run(SampleRequest(second, 1, greedy))
+    assert (served, traced) == (0, {}) and sampler.hit_programs_waiting() == 1
+    assert precompile.warm(trainer, sampler, precompile.PrefixHit())
+    assert sampler.hit_programs_waiting() == 0
+    assert {"write_prompts_extended_128", "write_prompts_extended_256"} <= set(sampler.trace_counts)
+    # The same prompt in a scope of its own is prefilled from position 0 (a miss); the hit
+    # gets its tokens, serves the system's two blocks and traces nothing.
+    alone = run(SampleRequest(third, 1, greedy, cache_namespace="alone"))[0]
+    assert run(SampleRequest(third, 1, greedy)) == (alone, 32, {})
+    # Beside a row that reaches the longer cache.
+    fourth = prompt(12)
+    alone = run(SampleRequest(fourth, 1, greedy, cache_namespace="alone"))[0]
+    long_params = SamplingParams(max_tokens=200, temperature=0.0, stop=[])
+    long_id = sampler.submit(SampleRequest(PROMPT, 1, long_params))
+    while sampler.cache_len < 256:
+        assert not sampler.step()
+    traced, served = dict(sampler.trace_counts), sampler.cached_prefill_tokens
+    short_id = sampler.submit(SampleRequest(fourth, 1, greedy))
+    done: dict = {}
+    while short_id not in done:
+        done.update(sampler.step())
+    assert sampler.cache_len == 256 and long_id not in done
+    assert done[short_id].sequences[0].tokens == alone
+    assert sampler.cached_prefill_tokens - served == 32 and sampler.trace_counts == traced
+    while long_id not in done:
+        done.update(sampler.step())
+    # A shape never built: HIT_FALLBACKS prefills from position 0, then the hit compiles.
+    fallbacks = sampler.hit_programs_waiting()
+    for _ in range(HIT_FALLBACKS):
+        assert run(SampleRequest(prompt(30), 1, greedy))[1] == 0
+    assert sampler.hit_programs_waiting() == fallbacks + 1
+    tokens, served, traced = run(SampleRequest(prompt(30), 1, greedy))
+    assert served == 32 and any(name.startswith("prefill_prefix") for name in traced)

@@ -16,8 +16,11 @@ What a program's shape depends on, and so what a plan enumerates (`buckets`):
   a program of its own), prompt logprobs; a decode's kv bucket (which follows from the prompt
   length) and distinct adapters; the cache's length, a kv bucket too (`CacheLengths`), and
   the programs of a prefill that depend on it (the write of its keys and values, a long
-  prompt's later chunks), at every length a prompt may meet (longer when rows that reach
-  further run beside it).
+  prompt's later chunks, the copy of its blocks into the prefix cache), at every length a
+  prompt may meet (longer when rows that reach further run beside it);
+- a prefix-cache hit: the cached blocks and the positions after them as well. Too many to
+  plan: a sampler that defers them prefills a hit from position 0 until its programs are
+  built, after it ran (`PrefixHit`, `tinker_jax.prefix_cache.HitPrograms`).
 
 State is left as it was. Training keys run in slots created for them and freed after (a
 slot's adapter, gradients and moments are reset when a run next takes it); sampling keys run
@@ -95,8 +98,9 @@ class Sample:
     under `adapters` distinct adapters, then a decode step of those rows (kv bucket from
     `prompt`, `adapters` groups; with 1, also the base model's decode); `prompt_logprobs`
     also computes those. The prefill's programs that depend on the cache's length (the write
-    of its keys and values, a long prompt's later chunks) are built at every cache length
-    from the prompt's own up (`Sampler.prefilling_at_every_length`)."""
+    of its keys and values, a long prompt's later chunks, the copy of its blocks into the
+    prefix cache) are built at every cache length from the prompt's own up
+    (`Sampler.prefilling_at_every_length`)."""
 
     prompt: int
     requests: int
@@ -105,7 +109,13 @@ class Sample:
     prompt_logprobs: bool = False
 
 
-Key = Slots | Optim | CacheLengths | Train | Split | Sample
+@dataclasses.dataclass(frozen=True)
+class PrefixHit:
+    """The programs of the oldest prefix-cache hit that ran without them
+    (`Sampler.build_hit_programs`). Not in a plan: a hit's shapes are known once it runs."""
+
+
+Key = Slots | Optim | CacheLengths | Train | Split | Sample | PrefixHit
 
 
 def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
@@ -167,6 +177,8 @@ def warm(trainer: Trainer, sampler: Sampler, key: Key) -> bool:
             return False
         sampler.warm_cache_lengths()
         return True
+    if isinstance(key, PrefixHit):
+        return sampler.build_hit_programs()
     return _warm_sample(trainer, sampler, key)
 
 

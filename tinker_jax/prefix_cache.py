@@ -14,14 +14,16 @@ leaf. Blocks used by the prefill being planned are never evicted for it (`Prefix
 opens such a use).
 
 The host keeps the index (`PrefixIndex`); the blocks live on the device (`gather_prefix`
-reads them, `store_blocks` writes them from the sampler's cache rows).
+reads them, `store_blocks` writes them from the sampler's cache rows). A hit whose programs
+are not built yet may wait for them (`HitPrograms`), prefilled from position 0 meanwhile.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,65 @@ class PrefixIndex:
         del self._child[self._key[block]], self._key[block], self._scope[block]
         del self._lru[block]
         self._free.append(block)
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A hit's shape whose programs are not built: the shortest cache length it ran at, what
+    building them runs, and how many of its hits were prefilled from position 0."""
+
+    length: int
+    calls: object
+    fallbacks: int = 0
+
+
+class HitPrograms:
+    """Which shapes of prefix-cache hits have their programs built, at which cache lengths,
+    and the hits that ran without them, oldest first, for a builder to build while no request
+    runs (`Sampler.build_hit_programs`).
+
+    A hit is prefilled by programs of its own: they continue the cached blocks, and write
+    them into the rows with the new positions. Their shapes (cached blocks, new positions,
+    prompts, rows, what they compute, the cache's length) are too many to build ahead, so a
+    hit whose shape is not built is prefilled from position 0 instead, by the programs a
+    precompile plan builds, and waits here. After `patience` such prefills of one shape, the
+    next hit builds its programs in front of itself: under a load that leaves the builder no
+    moment, that is cheaper than prefilling its blocks again and again."""
+
+    def __init__(self, lengths: Sequence[int], patience: int):
+        self.lengths, self.patience = lengths, patience
+        self.fallbacks = 0  # hits prefilled from position 0 so far
+        self._built: dict[Hashable, set[int]] = {}
+        self._waiting: collections.OrderedDict[Hashable, _Waiting] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        """Shapes waiting to be built."""
+        return len(self._waiting)
+
+    def ready(self, shape: Hashable, length: int, calls: Callable[[], object]) -> bool:
+        """Whether a hit of `shape` in a cache `length` long runs now (its programs are built,
+        or it has waited long enough). If not, it is counted as a fallback and its shape waits,
+        with `calls()` (what building its programs runs), from the shortest length it ran at."""
+        if length in self._built.get(shape, ()):
+            return True
+        waiting = self._waiting.get(shape)
+        if waiting is None:
+            waiting = self._waiting[shape] = _Waiting(length, calls())
+        waiting.length = min(waiting.length, length)
+        if waiting.fallbacks >= self.patience:
+            self._built.setdefault(shape, set()).add(length)
+            return True
+        waiting.fallbacks += 1
+        self.fallbacks += 1
+        return False
+
+    def pop(self) -> tuple[object, int]:
+        """The oldest waiting shape's calls and the shortest cache length it ran at, marked
+        built at that length and every longer one: the caller builds them there."""
+        shape, waiting = self._waiting.popitem(last=False)
+        built = self._built.setdefault(shape, set())
+        built.update(n for n in self.lengths if n >= waiting.length)
+        return waiting.calls, waiting.length
 
 
 def gather_prefix(store: KVCache, blocks: jax.Array) -> KVCache:

@@ -50,6 +50,7 @@ from tinker_jax.models.decoder import KVCache, Transformer, finite
 from tinker_jax.models.sequence_parallel import CACHE_AXES, KEY_CACHE_AXES
 from tinker_jax.prefix_cache import (
     PREFIX_BLOCK,
+    HitPrograms,
     PrefixIndex,
     Scope,
     gather_prefix,
@@ -87,6 +88,11 @@ STORE_AXES = ("act_batch", None, "act_kv_heads", "act_head_dim")
 # Prompt positions one prefill call computes at most: a longer prompt is prefilled a chunk at
 # a time (`Sampler._prefill`).
 PREFILL_CHUNK = 2048
+# Prefix-cache hits of one shape prefilled from position 0 while their programs wait to be
+# built (`defer_hit_programs`); the next one builds them in front of itself.
+HIT_FALLBACKS = 4
+# Blocks one call copies into the prefix store: its program is one per cache length.
+STORE_BLOCKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +178,38 @@ class _Pending:
     topk_prompt_logprobs: list | None = None
     target_prompt_logprobs: np.ndarray | None = None
     prompt_alt: tuple[np.ndarray, np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One program call of a prefill, on the host: the program's name and function, then its
+    inputs in the program's order but the cache and `dst` (group slots, per-group arrays, the
+    per-row arrays after `dst`, extras). `rows` when it continues what cache rows hold
+    (`Sampler._continue_rows`), `store` when it reads the prefix store."""
+
+    name: str
+    fn: Callable
+    group_slots: np.ndarray
+    args: tuple[np.ndarray, ...]
+    per_row: tuple[np.ndarray, ...]
+    part: dict[str, np.ndarray]
+    rows: bool
+    store: bool
+
+    def shape(self) -> Hashable:
+        """What its compiled programs depend on: its name and its inputs' shapes and dtypes."""
+        arrays = (self.group_slots, *self.args, *self.per_row, *self.part.values())
+        return self.name, tuple(self.part), tuple((a.shape, a.dtype.str) for a in arrays)
+
+    def zeros(self) -> _Chunk:
+        """The same call on zeros: what building its programs takes, and no user's data."""
+        return dataclasses.replace(
+            self,
+            group_slots=np.zeros_like(self.group_slots),
+            args=tuple(map(np.zeros_like, self.args)),
+            per_row=tuple(map(np.zeros_like, self.per_row)),
+            part={k: np.zeros_like(v) for k, v in self.part.items()},
+        )
 
 
 class _Rows:
@@ -409,6 +447,7 @@ class Sampler:
         prefix_cache_share: float = 0.0,
         prefix_block: int = PREFIX_BLOCK,
         prefill_chunk: int = PREFILL_CHUNK,
+        defer_hit_programs: bool = False,
     ):
         """`lora` holds the sampler's adapter slots (their count is its slot axis); `rows`
         and `max_len` size the KV cache (rows x at most max_len positions; `kv_cache_bytes`
@@ -418,9 +457,11 @@ class Sampler:
         more memory), and prefills a prompt that starts with cached blocks from the first
         position after them (see `tinker_jax.prefix_cache`). A prompt longer than
         `prefill_chunk` positions (a power of two >= MIN_SEQ_BUCKET) is prefilled that many at
-        a time. On a mesh with a `sequence` axis the cache's positions are split over it
-        (`KEY_CACHE_AXES`, `CACHE_AXES`; `kv_cache_bytes` is the whole cache, over all
-        devices)."""
+        a time. `defer_hit_programs` prefills a prefix-cache hit whose programs are not built
+        yet from position 0, until `build_hit_programs` builds them (`HitPrograms`): for a
+        server that runs that while it is idle. On a mesh with a `sequence` axis the cache's
+        positions are split over it (`KEY_CACHE_AXES`, `CACHE_AXES`; `kv_cache_bytes` is the
+        whole cache, over all devices)."""
         check_prefill_chunk(prefill_chunk)
         self.prefill_chunk = prefill_chunk
         self.graphdef, self.base, self.config, self.mesh = graphdef, base, config, mesh
@@ -468,6 +509,11 @@ class Sampler:
             )
             self.prefix_store = self._new_store()
             self.prefix_cache_bytes = 2 * config.num_layers * int(np.prod(store)) * dtype.itemsize
+        self._hits = (
+            HitPrograms(self.cache_lengths, HIT_FALLBACKS)
+            if self._prefix is not None and defer_hit_programs
+            else None
+        )
         # Prompt tokens prefilled so far: computed, and served from the prefix cache.
         self.prefill_tokens = 0
         self.cached_prefill_tokens = 0
@@ -862,14 +908,12 @@ class Sampler:
         on the host (`_join_chunks`) into what one prefill of the whole prompts returns."""
         prompts = [self._pending[rid].prompt for rid, _, _ in groups]
         starts = [len(chain) * self.prefix_block for chain in chains]
-        self.prefill_tokens += sum(p.size for p in prompts) - sum(starts)
-        self.cached_prefill_tokens += sum(starts)
         n_groups = batch_bucket(len(groups), self.batch_multiple)
         todo = max(p.size - start for p, start in zip(prompts, starts))
         # The cache holds the prompts and the decode call after them (`_decode`): that long
         # when no row runs (what `precompile` warms), never shorter than the running rows'.
         need = kv_bucket(max(p.size for p in prompts) + self.steps_per_call, self.max_len)
-        self._fit_cache(max(self.cache_len, need) if self._rows.active.any() else need)
+        length = max(self.cache_len, need) if self._rows.active.any() else need
         seq = seq_bucket(todo) if todo <= self.prefill_chunk else self.prefill_chunk
         n_chunks = -(-todo // seq)
         # One column more than the chunks: the next token of each chunk's last position.
@@ -915,8 +959,8 @@ class Sampler:
         prefix = batch_bucket(max(len(chain) for chain in chains)) if any(starts) else 0
         # Without the SDK 0.38 outputs the program and its name are the ones before them.
         name = "prefill" + "".join(f"{k}{v}" for k, v in widths.items() if v)
-        per_row = [dst, src, sample_idx, seeds, temperature, top_k, top_p]
-        outs = []
+        per_row = (src, sample_idx, seeds, temperature, top_k, top_p)  # after dst
+        chunks = []
         for c in range(n_chunks):
             offset = c * seq
             part = {k: v[:, offset : offset + seq] for k, v in extra.items() if k == "target_ids"}
@@ -925,14 +969,14 @@ class Sampler:
                 part["next_tokens"] = tokens[:, offset + 1 : offset + seq + 1]
                 if widths["a"]:
                     part["alt_offset"] = np.full(n_groups, offset, np.uint32)
-            store, mode, rows_width = (), "", 0
+            mode, rows_width = "", 0
             if c == 0 and prefix:
                 part["prefix_blocks"] = np.zeros((n_groups, prefix), np.int32)
                 part["prefix_len"] = np.zeros(n_groups, np.int32)
                 for g, (chain, start) in enumerate(zip(chains, starts)):
                     part["prefix_blocks"][g, : len(chain)] = chain
                     part["prefix_len"][g] = start
-                store, mode = (self.prefix_store,), f"_prefix{prefix}"
+                mode = f"_prefix{prefix}"
             elif c > 0:
                 part["prefix_len"] = np.zeros(n_groups, np.int32)
                 part["prefix_len"][: len(groups)] = starts
@@ -943,38 +987,40 @@ class Sampler:
             # A chunk that continues a prefix attends flash-style (its memory linear in the
             # prefix); a first chunk from position 0 is an ordinary prefill, its program shared.
             flash = n_chunks > 1 and bool(mode)
-            program = (
-                f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}",
-                self._prefill_fn(
-                    want_lp,
-                    min(topk, self.config.vocab_size),
-                    chunk,
-                    grouped,
-                    prefix > 0 and c == 0,
-                    rows_width,
-                    flash,
-                    **widths,
-                ),
+            chunks.append(
+                _Chunk(
+                    f"{name}{mode}{'_chunked' if flash else ''}:{want_lp}:{topk}:{chunk}:{grouped}",
+                    self._prefill_fn(
+                        want_lp,
+                        min(topk, self.config.vocab_size),
+                        chunk,
+                        grouped,
+                        prefix > 0 and c == 0,
+                        rows_width,
+                        flash,
+                        **widths,
+                    ),
+                    group_slots,
+                    (
+                        tokens[:, offset : offset + seq],
+                        np.clip(lengths - offset, 1, seq).astype(np.int32),
+                        slot,
+                        scale,
+                        row_group,
+                    ),
+                    per_row,
+                    part,
+                    rows=rows_width > 0,
+                    store=prefix > 0 and c == 0,
+                )
             )
-            args = [
-                tokens[:, offset : offset + seq],
-                np.clip(lengths - offset, 1, seq).astype(np.int32),
-                slot,
-                scale,
-                row_group,
-            ]
-            inputs = (
-                jax.device_put(group_slots, self._replicated),
-                [self._put(a) for a in args],
-                [self._put(a) for a in per_row[1:]],
-                {k: self._put(v) for k, v in part.items()},
-                store,
-            )
-            if rows_width:
-                out = self._continue_rows(*program, inputs, dst)
-            else:
-                out = self._prefill_new(*program, inputs, dst)
-            outs.append(jax.device_get(out))
+        if prefix and not self._hit_programs_ready(chunks, dst, length):
+            self._prefill(groups, [[] for _ in groups])  # from position 0, programs built
+            return
+        self.prefill_tokens += sum(p.size for p in prompts) - sum(starts)
+        self.cached_prefill_tokens += sum(starts)
+        self._fit_cache(length)
+        outs = self._run_chunks(chunks, dst)
         # The chunk that holds each row's last prompt position sampled its first token.
         last_chunk = ((lengths - 1) // seq)[src]
         first, first_lp, prompt_lp, topk_out, extra_out = _join_chunks(outs, last_chunk)
@@ -1008,6 +1054,54 @@ class Sampler:
                 self._start_row(r, rid, s, int(first[i]), float(first_lp[i]), top)
                 i += 1
 
+    def _run_chunks(self, chunks: list[_Chunk], dst: np.ndarray) -> list:
+        """Runs a prefill's chunks in order, starting rows `dst` [rows]; returns each chunk's
+        outputs (on the host) but the cache's."""
+        outs = []
+        for chunk in chunks:
+            inputs = (
+                jax.device_put(chunk.group_slots, self._replicated),
+                [self._put(a) for a in chunk.args],
+                [self._put(a) for a in chunk.per_row],
+                {k: self._put(v) for k, v in chunk.part.items()},
+                (self.prefix_store,) if chunk.store else (),
+            )
+            run = self._continue_rows if chunk.rows else self._prefill_new
+            outs.append(jax.device_get(run(chunk.name, chunk.fn, inputs, dst)))
+        return outs
+
+    def _hit_programs_ready(self, chunks: list[_Chunk], dst: np.ndarray, length: int) -> bool:
+        """Whether a prefill that starts from cached blocks runs as planned (`chunks`, starting
+        rows `dst`, the cache `length` long). Not when the sampler defers hits' programs
+        (`HitPrograms`) and this hit's are not built: it is then prefilled from position 0,
+        and its chunks, on zeros, wait for `build_hit_programs`."""
+        if self._hits is None:
+            return True
+        return self._hits.ready(
+            tuple(chunk.shape() for chunk in chunks),
+            length,
+            lambda: ([chunk.zeros() for chunk in chunks], np.full_like(dst, self.rows)),
+        )
+
+    def hit_programs_waiting(self) -> int:
+        """Prefix-cache hits whose programs wait to be built (`build_hit_programs`)."""
+        return len(self._hits) if self._hits is not None else 0
+
+    def build_hit_programs(self) -> bool:
+        """Builds the programs of the oldest prefix-cache hit that ran without them, at the
+        cache length it ran at and every longer one, by running its chunks on zeros with every
+        destination row out of range (they write nothing; the prefix store is only read).
+        False while the sampler holds requests: it runs only between them."""
+        if self.has_work():
+            return False
+        if not self._hits:
+            return True
+        (chunks, dst), length = self._hits.pop()
+        with jax.set_mesh(self.mesh), self.prefilling_at_every_length():
+            self._fit_cache(length)
+            self._run_chunks(chunks, dst)
+        return True
+
     def _prefill_new(self, name: str, prefill: Callable, inputs: tuple, dst: np.ndarray) -> list:
         """Runs a prefill that reads no cache row: its program is one whatever the cache's
         length, and its keys and values are written into the rows by `_write_prompts`.
@@ -1034,7 +1128,7 @@ class Sampler:
         own = self.cache_len
         kept: list = []
         try:
-            for length, rows in self._lengths_to_run(self._put(dst)):
+            for length, rows in self._lengths_to_run(self._put(dst), self.rows):
                 self._fit_cache(length)
                 fn = self._programs.get(
                     f"{name}:cache{length}",
@@ -1079,7 +1173,7 @@ class Sampler:
         own = self.cache_len
         extended = known is not None
         try:
-            for length, rows in self._lengths_to_run(dst):
+            for length, rows in self._lengths_to_run(dst, self.rows):
                 self._fit_cache(length)
                 fn = self._programs.get(
                     f"write_prompts{'_extended' if extended else ''}_{length}",
@@ -1102,14 +1196,14 @@ class Sampler:
         finally:
             self._fit_cache(own)
 
-    def _lengths_to_run(self, dst: jax.Array) -> list[tuple[int, jax.Array]]:
-        """(cache length, destination rows) pairs that a prefill's programs which depend on
-        the cache's length run at: the cache's own, into `dst` [rows]; inside
-        `prefilling_at_every_length`, also every longer length, with every row out of range
-        (they write nothing there)."""
+    def _lengths_to_run(self, dst: jax.Array, out_of_range: int) -> list[tuple[int, jax.Array]]:
+        """(cache length, destinations) pairs that a prefill's programs which depend on the
+        cache's length run at: the cache's own, into `dst` (rows, or prefix store blocks);
+        inside `prefilling_at_every_length`, also every longer length, with every destination
+        `out_of_range` (they write nothing there)."""
         runs = [(self.cache_len, dst)]
         if self._prefill_at_every_length:
-            dropped = self._put(np.full(dst.shape, self.rows, np.int32))
+            dropped = jax.device_put(np.full(dst.shape, out_of_range, np.int32), dst.sharding)
             runs += [(n, dropped) for n in self.cache_lengths if n > self.cache_len]
         return runs
 
@@ -1131,7 +1225,10 @@ class Sampler:
 
     def _cache_prompts(self, groups: list[tuple[int, list[int], list[int]]]) -> None:
         """Copies the full blocks of the prompts just prefilled that the prefix cache lacks
-        from each group's first row into the cache's blocks (as many as it has room for)."""
+        from each group's first row into the cache's blocks (as many as it has room for),
+        STORE_BLOCKS at a time: a program per cache length, which inside
+        `prefilling_at_every_length` is also built and run, storing nothing, at every longer
+        length."""
         if self._prefix is None:
             return
         entries = []
@@ -1141,23 +1238,26 @@ class Sampler:
             cached = self._prefix.match(scope, pending.prompt)
             for block, i in self._prefix.insert(scope, pending.prompt, cached):
                 entries.append((block, row_ids[0], i * self.prefix_block))
-        if not entries:
-            return
-        n = batch_bucket(len(entries))
-        block = np.full(n, self._prefix.num_blocks, np.int32)  # out of range: dropped
-        row, start = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        block[: len(entries)], row[: len(entries)], start[: len(entries)] = zip(*entries)
-        fn = self._programs.get(
-            f"store_prefix_{n}",
-            store_blocks,
-            donate_argnums=(0,),
-            out_shardings=self._store_sharding,
-        )
-        self.prefix_store = fn(
-            self.prefix_store,
-            self.cache,
-            *jax.device_put((block, row, start), self._replicated),
-        )
+        own = self.cache_len
+        try:
+            for first in range(0, len(entries), STORE_BLOCKS):
+                part = entries[first : first + STORE_BLOCKS]
+                block = np.full(STORE_BLOCKS, self._prefix.num_blocks, np.int32)  # dropped
+                row, start = np.zeros(STORE_BLOCKS, np.int32), np.zeros(STORE_BLOCKS, np.int32)
+                block[: len(part)], row[: len(part)], start[: len(part)] = zip(*part)
+                block, row, start = jax.device_put((block, row, start), self._replicated)
+                for length, blocks in self._lengths_to_run(block, self._prefix.num_blocks):
+                    self._fit_cache(length)
+                    fn = self._programs.get(
+                        f"store_prefix_{length}",
+                        store_blocks,
+                        donate_argnums=(0,),
+                        out_shardings=self._store_sharding,
+                    )
+                    self.prefix_store = fn(self.prefix_store, self.cache, blocks, row, start)
+                self._fit_cache(own)
+        finally:
+            self._fit_cache(own)
 
     def _prefill_extras(
         self, groups: list[tuple[int, list[int], list[int]]], n_groups: int, seq: int
