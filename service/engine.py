@@ -51,6 +51,9 @@ class EngineSettings:
     sampler_rows: int = 32
     prefix_cache_share: float = 0.0  # see ServerConfig
     prefill_chunk: int = PREFILL_CHUNK  # see ServerConfig
+    # A prefix-cache hit whose programs are not built is prefilled from position 0 until the
+    # precompiler builds them (`Sampler.build_hit_programs`): on with a precompile plan.
+    defer_hit_programs: bool = False
     max_seq_len: int | None = None
     mesh: dict[str, int] | None = None
     dtype: str = "float32"
@@ -97,6 +100,7 @@ class Engine:
             max_len=settings.max_seq_len,
             prefix_cache_share=settings.prefix_cache_share,
             prefill_chunk=settings.prefill_chunk,
+            defer_hit_programs=settings.defer_hit_programs,
             decode_text=self.tokenizer.decode if self.tokenizer is not None else None,
         )
         trainer, sampler = self.trainer, self.sampler

@@ -9,6 +9,10 @@ finds the engine free; and under steady load the plan waits (what that load need
 compiled on first use, as without a plan). Each program runs through the engine's call path
 (`engine_calls.Precompile`), so on a multi-host server every host builds the same programs in
 host 0's order, and each process writes or reads them in the persistent compilation cache.
+
+Once the plan is done, the thread goes on building, the same way, the programs of each
+prefix-cache hit that ran without them (the sampler prefilled it from position 0 meanwhile:
+`tinker_jax.prefix_cache.HitPrograms`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import threading
 import time
 
-from tinker_jax.precompile import Key, plan
+from tinker_jax.precompile import Key, PrefixHit, plan
 from tinker_jax.service import engine_calls as calls
 from tinker_jax.service.metrics import compilations
 from tinker_jax.service.worker import Callback, EngineWorker
@@ -36,13 +40,14 @@ class Precompiler:
     run when its turn comes (its slots taken by users' runs) is tried again after the others,
     once, and then skipped (`skipped_keys`). The counts (`built`, and the XLA programs
     `compiled` or loaded from the persistent cache, `cached`) grow as it goes; `seconds` is the
-    plan's wall time once done."""
+    plan's wall time once done. Then it builds prefix-cache hits' programs as they are wanted
+    (`hits_built`) until stopped."""
 
     def __init__(self, worker: EngineWorker, level: str):
         self.worker = worker
         self.keys: list[Key] = plan(worker.engine.trainer, worker.engine.sampler, level)
         self.done = threading.Event()
-        self.built = self.compiled = self.cached = 0
+        self.built = self.compiled = self.cached = self.hits_built = 0
         self.skipped_keys: list[Key] = []
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -73,13 +78,17 @@ class Precompiler:
             built = self._wait_idle() and self._build(key)
             if built is None:
                 return
-            if not built:
+            if built:
+                self.built += 1
+            else:
                 later.append(key)
         for key in later:
             built = self._wait_idle() and self._build(key)
             if built is None:
                 return
-            if not built:
+            if built:
+                self.built += 1
+            else:
                 self.skipped_keys.append(key)
         self.seconds = time.monotonic() - start
         if self.keys:
@@ -94,6 +103,30 @@ class Precompiler:
                 len(self.skipped_keys),
             )
         self.done.set()
+        self._build_hits()
+
+    def _build_hits(self) -> None:
+        """Builds the programs of each prefix-cache hit that ran without them, one hit's at a
+        time once the engine is idle, until stopped."""
+        sampler = self.worker.engine.sampler
+        while not self._stop.wait(POLL_SECONDS):
+            if not sampler.hit_programs_waiting():
+                continue
+            if self._wait_idle() is None:
+                return
+            start, compiled = time.monotonic(), self.compiled
+            built = self._build(PrefixHit())
+            if built is None:
+                return
+            if built:
+                self.hits_built += 1
+                log.info(
+                    "built the programs of a prefix-cache hit of %s in %.1f s (%d XLA "
+                    "compilations)",
+                    self.worker.base_model,
+                    time.monotonic() - start,
+                    self.compiled - compiled,
+                )
 
     def _wait_idle(self) -> bool | None:
         """Waits until no user operation has been queued or running for IDLE_SECONDS; None
@@ -132,7 +165,4 @@ class Precompiler:
         while not finished.wait(POLL_SECONDS):
             if self._stop.is_set():
                 return None
-        if outcome.get("built"):
-            self.built += 1
-            return True
-        return False
+        return bool(outcome.get("built"))

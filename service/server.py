@@ -81,6 +81,7 @@ def _engine_settings(config: ServerConfig) -> EngineSettings:
         sampler_rows=config.sampler_rows,
         prefix_cache_share=config.prefix_cache_share,
         prefill_chunk=config.prefill_chunk,
+        defer_hit_programs=config.precompile != "none",
         max_seq_len=config.max_seq_len,
         mesh=config.mesh,
         dtype=config.dtype,

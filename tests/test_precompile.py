@@ -11,6 +11,7 @@ held until a user's request is queued behind it, and one precompiling nothing.""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import threading
 
 import numpy as np
@@ -361,3 +362,52 @@ def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     assert sampler.hit_programs_waiting() == fallbacks + 1
     tokens, served, traced = run(SampleRequest(prompt(30), 1, greedy))
     assert served == 32 and any(name.startswith("prefill_prefix") for name in traced)
+
+
+def test_the_server_builds_a_prefix_hits_programs_once_idle(hf_model_dir, tmp_path):
+    """A server that precompiles defers prefix-cache hits' programs: a client's first hit is
+    prefilled from position 0, the precompiler builds its programs once the engine is idle
+    (its plan emptied here, so that only the hit's programs are built), and the next hit of
+    that shape serves its cached blocks, traces nothing and gets a fresh client's tokens."""
+    from tests.server_process import wait_until
+    from tinker_jax import ServiceClient
+    from tinker_jax import types as T
+    from tinker_jax.service import precompile as service_precompile
+
+    config = dataclasses.replace(
+        _config(hf_model_dir("qwen3"), tmp_path / "storage", "common"),
+        max_seq_len=64,
+        prefix_cache_share=1.0,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service_precompile, "plan", lambda trainer, sampler, level: [])
+        server = Server(config)
+    try:
+        ((worker,), (precompiler,)) = server.workers.values(), server.precompilers.values()
+        sampler = worker.engine.sampler
+        assert precompiler.done.wait(TIMEOUT)
+        key = server.store.create_user("hits")[1]
+        rng = np.random.default_rng(3)
+        system = [int(t) for t in rng.integers(0, 100, 40)]
+        prompts = [system + [int(t) for t in rng.integers(0, 100, 8)] for _ in range(3)]
+        greedy = T.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
+        with ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=key) as client:
+            warm = client.create_sampling_client(base_model=config.base_models[0])
+
+            def sample(client_sampler, prompt) -> list[int]:
+                future = client_sampler.sample(T.ModelInput.from_ints(prompt), 1, greedy)
+                return list(future.result(TIMEOUT).sequences[0].tokens)
+
+            sample(warm, prompts[0])
+            served = sampler.cached_prefill_tokens
+            sample(warm, prompts[1])  # a hit, prefilled from position 0
+            assert sampler.cached_prefill_tokens == served
+            wait_until(lambda: precompiler.hits_built == 1, 120, what="the hit's programs")
+            assert sampler.hit_programs_waiting() == 0
+            traced = dict(sampler.trace_counts)
+            fresh = client.create_sampling_client(base_model=config.base_models[0])
+            assert sample(warm, prompts[2]) == sample(fresh, prompts[2])
+        assert sampler.cached_prefill_tokens - served == 32
+        assert {k: v for k, v in sampler.trace_counts.items() if traced.get(k) != v} == {}
+    finally:
+        server.stop()
