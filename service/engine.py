@@ -222,16 +222,20 @@ def publish_settings(
 
 def check_settings(
     stream: MessageStream, base_models: tuple[str, ...], settings: EngineSettings
-) -> None:
+) -> EngineSettings:
     """Hosts > 0, before any engine is built: refuses to start with other base models or
-    settings than host 0's (different programs would leave the collectives waiting)."""
+    settings than host 0's (different programs would leave the collectives waiting). Returns
+    the settings to run: these, with host 0's `defer_hit_programs`, which follows from its
+    precompile level (host 0 alone precompiles; a follower's level is not used)."""
     theirs = pickle.loads(stream.receive())
+    settings = dataclasses.replace(settings, defer_hit_programs=theirs[1].defer_hit_programs)
     if theirs != (base_models, settings):
         raise ValidationError(
             "config",
             f"process 0 serves {theirs[0]} with {theirs[1]}; this process was started with "
             f"{base_models} and {settings}: every process needs the same flags",
         )
+    return settings
 
 
 def publish_stop(stream: MessageStream) -> None:

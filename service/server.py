@@ -98,7 +98,7 @@ def follow_host0(config: ServerConfig) -> None:
     engine calls until it stops."""
     settings = _engine_settings(config)
     stream = MessageStream()
-    check_settings(stream, config.base_models, settings)
+    settings = check_settings(stream, config.base_models, settings)
     _plan_memory(config)
     engines = {}
     for name in config.base_models:

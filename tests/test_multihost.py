@@ -253,3 +253,27 @@ def test_initialize_wants_all_three_flags():
         distributed.initialize("127.0.0.1:1234", None, 0)
     with pytest.raises(ValueError, match="outside"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
+
+
+def test_a_follower_takes_host_0s_deferral_of_prefix_hit_programs():
+    """Whether prefix-cache hits wait for their programs follows from host 0's precompile level
+    (a follower's is not used): a follower started with another level runs host 0's choice,
+    and any other setting that differs still refuses to start."""
+    import pickle
+
+    from tinker_jax.errors import ValidationError
+    from tinker_jax.service.engine import EngineSettings, check_settings
+
+    class Stream:
+        def __init__(self, message: object):
+            self.message = pickle.dumps(message)
+
+        def receive(self) -> bytes:
+            return self.message
+
+    models = ("m",)
+    host0 = EngineSettings(defer_hit_programs=True)
+    ours = check_settings(Stream((models, host0)), models, EngineSettings())
+    assert ours == host0
+    with pytest.raises(ValidationError, match="every process needs the same flags"):
+        check_settings(Stream((models, host0)), models, EngineSettings(sampler_rows=8))
