@@ -202,13 +202,18 @@ class _Chunk:
         return self.name, tuple(self.part), tuple((a.shape, a.dtype.str) for a in arrays)
 
     def zeros(self) -> _Chunk:
-        """The same call on zeros: what building its programs takes, and no user's data."""
+        """The same call on zeros: what building its programs takes. It keeps no user's data
+        and, while it waits (`HitPrograms`), no memory but a scalar per input."""
+
+        def zero(a: np.ndarray) -> np.ndarray:
+            return np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
         return dataclasses.replace(
             self,
-            group_slots=np.zeros_like(self.group_slots),
-            args=tuple(map(np.zeros_like, self.args)),
-            per_row=tuple(map(np.zeros_like, self.per_row)),
-            part={k: np.zeros_like(v) for k, v in self.part.items()},
+            group_slots=zero(self.group_slots),
+            args=tuple(map(zero, self.args)),
+            per_row=tuple(map(zero, self.per_row)),
+            part={k: zero(v) for k, v in self.part.items()},
         )
 
 
@@ -905,7 +910,11 @@ class Sampler:
         time, in lockstep: each chunk attends over the keys and values that the chunks before
         it wrote into the rows (read from each group's first row, one layer at a time), so
         the activations held are a chunk's, not the prompt's. The chunks' outputs are joined
-        on the host (`_join_chunks`) into what one prefill of the whole prompts returns."""
+        on the host (`_join_chunks`) into what one prefill of the whole prompts returns.
+
+        The chunks are planned (`_Chunk`) before they run: a prefill from cached blocks whose
+        programs the sampler defers and has not built runs from position 0 instead
+        (`_hit_programs_ready`)."""
         prompts = [self._pending[rid].prompt for rid, _, _ in groups]
         starts = [len(chain) * self.prefix_block for chain in chains]
         n_groups = batch_bucket(len(groups), self.batch_multiple)
