@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["none", "common", "all"],
         default=None,
         help="compile the engine's programs in the background from start-up, most likely "
-        "first (default common: the default loss, one or several runs per step, sampling "
-        "from one or several adapters; all: every loss, shape and mix)",
+        "first (default common: the default loss, one or several runs per step, a run's "
+        "step of the cookbook's RL losses, sampling from one or several adapters; all: every "
+        "loss, shape and mix)",
     )
     serve.add_argument(
         "--max-seq-len",

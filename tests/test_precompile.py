@@ -196,6 +196,14 @@ def test_the_plan_puts_the_likely_programs_first(precompiled):
     first_other = min(i for i, k in enumerate(trains) if k.loss_fn != "cross_entropy")
     assert all(k.loss_fn == "cross_entropy" for k in trains[:first_other])
     assert precompile.Split(2) in common and precompile.Optim("dimuon") in every
+    # A run's forward_backward of the cookbook's RL losses is common; other losses are not.
+    common_losses = {k.loss_fn for k in common if isinstance(k, precompile.Train)}
+    assert common_losses == {"cross_entropy", *precompile.RL_LOSSES}
+    rl = [k for k in common if isinstance(k, precompile.Train) and k.loss_fn != "cross_entropy"]
+    assert rl and all(k.runs == 1 and not k.forward_only for k in rl)
+    assert {(k.rows, k.seq) for k in rl} == {
+        (k.rows, k.seq) for k in trains if k.loss_fn == "cross_entropy" and k.runs == 1
+    }
     with pytest.raises(ValueError, match="precompile level 'some'"):
         precompile.plan(trainer, sampler, "some")
 

@@ -46,9 +46,13 @@ from tinker_jax.sampling import SamplingParams
 from tinker_jax.trainer import LoraConfig, Trainer
 
 # How much of the plan to build: nothing; what most requests need (the default loss, one or
-# several runs per step, sampling from one or several adapters); or every program.
+# several runs per step, a run's step of the cookbook's RL losses, sampling from one or several
+# adapters); or every program.
 LEVELS = ("none", "common", "all")
 DEFAULT_LOSS = "cross_entropy"
+# The losses tinker-cookbook's RL loops train with by default (`rl.train.Config.loss_fn`, and
+# `AsyncConfig.loss_fn` for async RL): a run's forward_backward of each is in `common` too.
+RL_LOSSES = ("stable_reinforce", "importance_sampling")
 _SEED = 0  # dummy adapters and samples: the same on every host
 
 
@@ -221,7 +225,9 @@ def _train_shapes(trainer: Trainer, budget: int) -> Iterator[tuple[int, int]]:
 def _train_tier(loss_fn: str, runs: int, forward_only: bool) -> int:
     if loss_fn == DEFAULT_LOSS:
         return 0 if runs == 1 else 1 if not forward_only else 2
-    return 2 if runs == 1 and not forward_only else 3
+    if runs == 1 and not forward_only:
+        return 1 if loss_fn in RL_LOSSES else 2
+    return 3
 
 
 def _sample_tier(rows: int, requests: int, adapters: int) -> int:
