@@ -1,8 +1,8 @@
 """Precompilation at start-up (`tinker_jax.precompile`, `service/precompile.py`): after the plan
-is built, a user's first training step, forward, optim_step and sample compile nothing (XLA
-compilations counted by `service/metrics.py`), where a server without it compiles; a request
-that arrives while a program is being built is served before the next one, with the same
-results as on a server that precompiles nothing.
+is built, a user's first training step, forward, optim_step and sample, and an RL user's first
+step, compile nothing (XLA compilations counted by `service/metrics.py`), where a server
+without it compiles; a request that arrives while a program is being built is served before
+the next one, with the same results as on a server that precompiles nothing.
 
 Two small in-process servers on the tiny qwen3 (one device, 16 positions, one sampler row, so
 that the plan is a handful of programs): one precompiling `common`, whose first program is
@@ -53,15 +53,17 @@ def _client(server: Server):
     return ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=key)
 
 
-def _first_steps(server: Server) -> dict:
-    """A new user's first calls: a run, forward_backward, forward, optim_step, a sampler of
-    the run and a sample. Returns their results."""
+def _first_steps(server: Server, rl: bool = False) -> dict:
+    """A new user's first calls: a run, forward_backward, forward (with `rl`, an RL step
+    too), optim_step, a sampler of the run and a sample. Returns their results."""
     from tinker_jax import types
 
     service = _client(server)
     training = service.create_lora_training_client(server.config.base_models[0], rank=4, seed=1)
     trained = training.forward_backward(sft_data(0, LENGTHS), "cross_entropy").result(TIMEOUT)
     forward = training.forward(sft_data(1, LENGTHS), "cross_entropy").result(TIMEOUT)
+    if rl:
+        training.forward_backward(_rl_data(), "importance_sampling").result(TIMEOUT)
     training.optim_step(types.AdamParams(learning_rate=1e-2)).result(TIMEOUT)
     sampler = training.save_weights_and_get_sampling_client()
     params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3)
@@ -73,6 +75,23 @@ def _first_steps(server: Server) -> dict:
         "forward_loss": forward.metrics["loss:sum"],
         "tokens": sample.sequences[0].tokens,
     }
+
+
+def _rl_data() -> list:
+    """Importance-sampling data (the cookbook's async RL loss): sampling logprobs, advantages."""
+    from tinker_jax import types
+
+    return [
+        types.Datum(
+            model_input=datum.model_input,
+            loss_fn_inputs={
+                "target_tokens": datum.loss_fn_inputs["target_tokens"],
+                "logprobs": [-4.0] * length,
+                "advantages": [0.5] * length,
+            },
+        )
+        for datum, length in zip(sft_data(2, LENGTHS), LENGTHS)
+    ]
 
 
 def _total() -> int:
@@ -174,7 +193,9 @@ def test_after_precompilation_first_steps_compile_nothing(precompiled, plain):
         sample = f'{{base_model="{model}",state="{state}"}} {count}.0'
         assert "tinker_jax_precompile_programs" + sample in text
     before = _total()
-    _first_steps(precompiled["server"])
+    # With an RL step, which no user ran before (the plan holds a run's step of the
+    # cookbook's RL losses).
+    _first_steps(precompiled["server"], rl=True)
     assert _total() - before == 0
     # Without the plan the same steps compile (so the assertion above can fail).
     assert plain["compilations"] > 0
