@@ -94,6 +94,19 @@ def _rl_data() -> list:
     ]
 
 
+def _trainer_and_sampler(hf_model_dir, **kwargs):
+    """A one-slot trainer on the tiny qwen3 and a sampler of one adapter slot sharing its base
+    model (`kwargs`: the sampler's)."""
+    from flax import nnx
+
+    from tests.engine_helpers import make_trainer
+    from tinker_jax.sampler import Sampler
+
+    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
+    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
+    return trainer, Sampler.sharing_base(model, trainer.mesh, slots=1, **kwargs)
+
+
 def _total() -> int:
     return sum(compilations().values())
 
@@ -238,15 +251,10 @@ def test_cache_lengths_are_planned_and_built_while_the_sampler_is_idle(hf_model_
     """A sampler whose cache has several lengths plans `CacheLengths` right after the first
     keys; warming it builds every resize step up and down and leaves the cache shortest, and
     it waits while a request is in the sampler."""
-    from flax import nnx
-
-    from tests.engine_helpers import make_trainer
-    from tinker_jax.sampler import Sampler, SampleRequest
+    from tinker_jax.sampler import SampleRequest
     from tinker_jax.sampling import SamplingParams
 
-    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
-    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
-    sampler = Sampler.sharing_base(model, trainer.mesh, slots=1, rows=1, max_len=512)
+    trainer, sampler = _trainer_and_sampler(hf_model_dir, rows=1, max_len=512)
     assert sampler.cache_lengths == [128, 256, 512]
     assert precompile.plan(trainer, sampler, "common")[2] == precompile.CacheLengths()
     sampler.submit(SampleRequest(PROMPT, 1, SamplingParams(max_tokens=2)))
@@ -271,23 +279,12 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     into the prefix cache. Warming its `Sample` key builds those programs at every longer
     cache length, so the prompt admitted beside a running long request traces no program:
     the same tokens, no compilation in front of it."""
-    from flax import nnx
-
-    from tests.engine_helpers import make_trainer
     from tinker_jax.buckets import seq_bucket
-    from tinker_jax.sampler import Sampler, SampleRequest
+    from tinker_jax.sampler import SampleRequest
     from tinker_jax.sampling import SamplingParams
 
-    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
-    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
-    sampler = Sampler.sharing_base(
-        model,
-        trainer.mesh,
-        slots=1,
-        rows=2,
-        max_len=512,
-        prefill_chunk=prefill_chunk,
-        prefix_cache_share=0.25,
+    trainer, sampler = _trainer_and_sampler(
+        hf_model_dir, rows=2, max_len=512, prefill_chunk=prefill_chunk, prefix_cache_share=0.25
     )
     prompt = np.random.default_rng(1).integers(0, 100, prompt_len)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, stop=[])
@@ -323,22 +320,11 @@ def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     serve their cached blocks with no trace, beside longer rows too, with the tokens of a
     prefill from position 0. A shape that is never built runs from position 0 HIT_FALLBACKS
     times, then its next hit builds its programs itself."""
-    from flax import nnx
-
-    from tests.engine_helpers import make_trainer
-    from tinker_jax.sampler import HIT_FALLBACKS, Sampler, SampleRequest
+    from tinker_jax.sampler import HIT_FALLBACKS, SampleRequest
     from tinker_jax.sampling import SamplingParams
 
-    trainer = make_trainer(hf_model_dir("qwen3"), slots=1, max_rank=4)
-    model = nnx.merge(trainer.graphdef, trainer.lora, trainer.base)
-    sampler = Sampler.sharing_base(
-        model,
-        trainer.mesh,
-        slots=1,
-        rows=2,
-        max_len=256,
-        prefix_cache_share=0.5,
-        defer_hit_programs=True,
+    trainer, sampler = _trainer_and_sampler(
+        hf_model_dir, rows=2, max_len=256, prefix_cache_share=0.5, defer_hit_programs=True
     )
     rng = np.random.default_rng(2)
     system = rng.integers(0, 100, 40)  # two full blocks of 16 that prompts share
