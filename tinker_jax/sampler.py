@@ -1134,9 +1134,8 @@ class Sampler:
         continues beside running rows that reach further. Returns its outputs but the
         cache's at the cache's own length."""
         group_slots, args, per_row, part, store = inputs
-        own = self.cache_len
         kept: list = []
-        try:
+        with self._keeping_length():
             for length, rows in self._lengths_to_run(self._put(dst), self.rows):
                 self._fit_cache(length)
                 fn = self._programs.get(
@@ -1162,8 +1161,6 @@ class Sampler:
                     self.cache = self._new_cache()  # a failed chunk drops its rows (`reset`)
                     raise
                 kept = kept or out
-        finally:
-            self._fit_cache(own)
         return kept
 
     def _write_prompts(
@@ -1179,9 +1176,8 @@ class Sampler:
         a small program per cache length, where the prefill's own program is one whatever
         the cache's length. Inside `prefilling_at_every_length`, that program is also built and
         run, writing nothing, at every longer length."""
-        own = self.cache_len
         extended = known is not None
-        try:
+        with self._keeping_length():
             for length, rows in self._lengths_to_run(dst, self.rows):
                 self._fit_cache(length)
                 fn = self._programs.get(
@@ -1202,6 +1198,14 @@ class Sampler:
                     self.cache = self._new_cache()  # a failed write drops its rows (`reset`)
                     raise
                 self.cache = KVCache(tuple(arrays[0]), tuple(arrays[1]))
+
+    @contextlib.contextmanager
+    def _keeping_length(self) -> Iterator[None]:
+        """Inside, the cache may be made longer (`_lengths_to_run`); on exit, even a failed
+        one, it is as long as it was."""
+        own = self.cache_len
+        try:
+            yield
         finally:
             self._fit_cache(own)
 
@@ -1247,14 +1251,13 @@ class Sampler:
             cached = self._prefix.match(scope, pending.prompt)
             for block, i in self._prefix.insert(scope, pending.prompt, cached):
                 entries.append((block, row_ids[0], i * self.prefix_block))
-        own = self.cache_len
-        try:
-            for first in range(0, len(entries), STORE_BLOCKS):
-                part = entries[first : first + STORE_BLOCKS]
-                block = np.full(STORE_BLOCKS, self._prefix.num_blocks, np.int32)  # dropped
-                row, start = np.zeros(STORE_BLOCKS, np.int32), np.zeros(STORE_BLOCKS, np.int32)
-                block[: len(part)], row[: len(part)], start[: len(part)] = zip(*part)
-                block, row, start = jax.device_put((block, row, start), self._replicated)
+        for first in range(0, len(entries), STORE_BLOCKS):
+            part = entries[first : first + STORE_BLOCKS]
+            block = np.full(STORE_BLOCKS, self._prefix.num_blocks, np.int32)  # dropped
+            row, start = np.zeros(STORE_BLOCKS, np.int32), np.zeros(STORE_BLOCKS, np.int32)
+            block[: len(part)], row[: len(part)], start[: len(part)] = zip(*part)
+            block, row, start = jax.device_put((block, row, start), self._replicated)
+            with self._keeping_length():
                 for length, blocks in self._lengths_to_run(block, self._prefix.num_blocks):
                     self._fit_cache(length)
                     fn = self._programs.get(
@@ -1264,9 +1267,6 @@ class Sampler:
                         out_shardings=self._store_sharding,
                     )
                     self.prefix_store = fn(self.prefix_store, self.cache, blocks, row, start)
-                self._fit_cache(own)
-        finally:
-            self._fit_cache(own)
 
     def _prefill_extras(
         self, groups: list[tuple[int, list[int], list[int]]], n_groups: int, seq: int
