@@ -1,6 +1,7 @@
 """Precompilation at start-up (`tinker_jax.precompile`, `service/precompile.py`): after the plan
 is built, a user's first training step, forward, optim_step and sample, and an RL user's first
-step, compile nothing (XLA compilations counted by `service/metrics.py`), where a server
+steps (importance_sampling; stable_reinforce on a sample recorded with stability info), compile
+nothing (XLA compilations counted by `service/metrics.py`), where a server
 without it compiles; a request that arrives while a program is being built is served before
 the next one, with the same results as on a server that precompiles nothing.
 
@@ -54,8 +55,10 @@ def _client(server: Server):
 
 
 def _first_steps(server: Server, rl: bool = False) -> dict:
-    """A new user's first calls: a run, forward_backward, forward (with `rl`, an RL step
-    too), optim_step, a sampler of the run and a sample. Returns their results."""
+    """A new user's first calls: a run, forward_backward, forward, optim_step, a sampler of
+    the run and a sample. With `rl`, an RL user's steps too: an importance_sampling step, and a
+    stable_reinforce step on the sample (recorded with stability info). Returns their
+    results."""
     from tinker_jax import types
 
     service = _client(server)
@@ -65,10 +68,13 @@ def _first_steps(server: Server, rl: bool = False) -> dict:
     if rl:
         training.forward_backward(_rl_data(), "importance_sampling").result(TIMEOUT)
     training.optim_step(types.AdamParams(learning_rate=1e-2)).result(TIMEOUT)
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client(record_stability_info=rl)
     params = types.SamplingParams(max_tokens=5, temperature=1.0, seed=3)
     prompt = types.ModelInput.from_ints(PROMPT)
     sample = sampler.sample(prompt, num_samples=1, sampling_params=params).result(TIMEOUT)
+    if rl:
+        datum = _stable_reinforce_datum(sample.sequences[0])
+        training.forward_backward([datum], "stable_reinforce").result(TIMEOUT)
     return {
         "loss": trained.metrics["loss:sum"],
         "logprobs": [np.asarray(out["logprobs"].data) for out in trained.loss_fn_outputs],
@@ -92,6 +98,33 @@ def _rl_data() -> list:
         )
         for datum, length in zip(sft_data(2, LENGTHS), LENGTHS)
     ]
+
+
+def _stable_reinforce_datum(sequence):
+    """The cookbook's RL datum of a sampled sequence (prompt + sampled[:-1] in, the sampled
+    tokens as targets), its positions named by provenance spans, as stable_reinforce needs."""
+    from tinker_jax import types
+
+    tokens, p = list(sequence.tokens), len(PROMPT)
+    sid, n = sequence.sequence_id, len(tokens)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(PROMPT + tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": [0] * (p - 1) + tokens,
+            "logprobs": [0.0] * (p - 1) + list(sequence.logprobs),
+            "advantages": [0.0] * (p - 1) + [1.0] * n,
+        },
+    )
+    return datum.with_provenance(
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sid, length=p),
+            types.SampledProvenanceSpan(sequence_id=sid, length=n - 1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
+            types.SampledProvenanceSpan(sequence_id=sid, length=n),
+        ],
+    )
 
 
 def _trainer_and_sampler(hf_model_dir, **kwargs):
