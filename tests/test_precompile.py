@@ -287,15 +287,15 @@ def test_cache_lengths_are_planned_and_built_while_the_sampler_is_idle(hf_model_
     from tinker_jax.sampler import SampleRequest
     from tinker_jax.sampling import SamplingParams
 
-    trainer, sampler = _trainer_and_sampler(hf_model_dir, rows=1, max_len=512)
-    assert sampler.cache_lengths == [128, 256, 512]
+    trainer, sampler = _trainer_and_sampler(hf_model_dir, rows=1, max_len=64)
+    assert sampler.cache_lengths == [32, 48, 64]
     assert precompile.plan(trainer, sampler, "common")[2] == precompile.CacheLengths()
     sampler.submit(SampleRequest(PROMPT, 1, SamplingParams(max_tokens=2)))
     assert not precompile.warm(trainer, sampler, precompile.CacheLengths())
     sampler.reset()
     assert precompile.warm(trainer, sampler, precompile.CacheLengths())
-    assert sampler.cache_len == 128
-    steps = ((128, 256), (256, 512), (512, 256), (256, 128))
+    assert sampler.cache_len == 32
+    steps = ((32, 48), (48, 64), (64, 48), (48, 32))
     built = {name for name in sampler.trace_counts if name.startswith("cache_")}
     assert built == {f"cache_{kv}_{a}_to_{b}" for kv in "kv" for a, b in steps}
 
@@ -312,27 +312,32 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     into the prefix cache. Warming its `Sample` key builds those programs at every longer
     cache length, so the prompt admitted beside a running long request traces no program:
     the same tokens, no compilation in front of it."""
-    from tinker_jax.buckets import seq_bucket
+    from tinker_jax.buckets import kv_bucket, seq_bucket
     from tinker_jax.sampler import SampleRequest
     from tinker_jax.sampling import SamplingParams
 
     trainer, sampler = _trainer_and_sampler(
-        hf_model_dir, rows=2, max_len=512, prefill_chunk=prefill_chunk, prefix_cache_share=0.25
+        hf_model_dir, rows=2, max_len=128, prefill_chunk=prefill_chunk, prefix_cache_share=1.0
     )
     prompt = np.random.default_rng(1).integers(0, 100, prompt_len)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, stop=[])
-    assert precompile.warm(trainer, sampler, precompile.Sample(seq_bucket(prompt_len), 1, 1, 1))
-    assert sampler.cache_len == 128
-    assert {f"write_prompts_{n}" for n in (128, 256, 512)} <= set(sampler.trace_counts)
+    key = precompile.Sample(seq_bucket(prompt_len), 1, 1, 1)
+    assert precompile.warm(trainer, sampler, key)
+    # The prompt's own cache (it and a decode call), and every longer one.
+    own = kv_bucket(key.prompt + sampler.steps_per_call, sampler.max_len)
+    assert sampler.cache_len == own
+    lengths = [n for n in sampler.cache_lengths if n >= own]
+    assert len(lengths) > 1
+    assert {f"write_prompts_{n}" for n in lengths} <= set(sampler.trace_counts)
     chunks_at = {name.rpartition(":cache")[2] for name in sampler.trace_counts if ":cache" in name}
-    assert chunks_at == ({"128", "256", "512"} if prompt_len > prefill_chunk else set())
-    stores = {f"store_prefix_{n}" for n in (128, 256, 512)}
+    assert chunks_at == ({str(n) for n in lengths} if prompt_len > prefill_chunk else set())
+    stores = {f"store_prefix_{n}" for n in lengths}
     assert stores <= set(sampler.trace_counts) or prompt_len < sampler.prefix_block
     (alone,) = sampler.sample([SampleRequest(prompt, 1, greedy)])
     # A short prompt that decodes until its row reaches the longest cache.
-    long_params = SamplingParams(max_tokens=400, temperature=0.0, stop=[])
+    long_params = SamplingParams(max_tokens=120, temperature=0.0, stop=[])
     long_id = sampler.submit(SampleRequest(PROMPT, 1, long_params))
-    while sampler.cache_len < 512:
+    while sampler.cache_len < 128:
         assert not sampler.step()
     traced = dict(sampler.trace_counts)
     # In a prefix-cache scope of its own: not a hit, its blocks copied into the cache.
@@ -340,7 +345,7 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     done: dict = {}
     while short_id not in done:
         done.update(sampler.step())
-    assert sampler.cache_len == 512 and long_id not in done  # prefilled beside the long row
+    assert sampler.cache_len == 128 and long_id not in done  # prefilled beside the long row
     assert done[short_id].sequences[0].tokens == alone.sequences[0].tokens
     assert sampler.trace_counts == traced
 
@@ -357,7 +362,7 @@ def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     from tinker_jax.sampling import SamplingParams
 
     trainer, sampler = _trainer_and_sampler(
-        hf_model_dir, rows=2, max_len=256, prefix_cache_share=0.5, defer_hit_programs=True
+        hf_model_dir, rows=2, max_len=128, prefix_cache_share=1.0, defer_hit_programs=True
     )
     rng = np.random.default_rng(2)
     system = rng.integers(0, 100, 40)  # two full blocks of 16 that prompts share
@@ -381,7 +386,7 @@ def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     assert (served, traced) == (0, {}) and sampler.hit_programs_waiting() == 1
     assert precompile.warm(trainer, sampler, precompile.PrefixHit())
     assert sampler.hit_programs_waiting() == 0
-    assert {"write_prompts_extended_128", "write_prompts_extended_256"} <= set(sampler.trace_counts)
+    assert {"write_prompts_extended_96", "write_prompts_extended_128"} <= set(sampler.trace_counts)
     # The same prompt in a scope of its own is prefilled from position 0 (a miss); the hit
     # gets its tokens, serves the system's two blocks and traces nothing.
     alone = run(SampleRequest(third, 1, greedy, cache_namespace="alone"))[0]
@@ -389,16 +394,16 @@ def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     # Beside a row that reaches the longer cache.
     fourth = prompt(12)
     alone = run(SampleRequest(fourth, 1, greedy, cache_namespace="alone"))[0]
-    long_params = SamplingParams(max_tokens=200, temperature=0.0, stop=[])
+    long_params = SamplingParams(max_tokens=120, temperature=0.0, stop=[])
     long_id = sampler.submit(SampleRequest(PROMPT, 1, long_params))
-    while sampler.cache_len < 256:
+    while sampler.cache_len < 128:
         assert not sampler.step()
     traced, served = dict(sampler.trace_counts), sampler.cached_prefill_tokens
     short_id = sampler.submit(SampleRequest(fourth, 1, greedy))
     done: dict = {}
     while short_id not in done:
         done.update(sampler.step())
-    assert sampler.cache_len == 256 and long_id not in done
+    assert sampler.cache_len == 128 and long_id not in done
     assert done[short_id].sequences[0].tokens == alone
     assert sampler.cached_prefill_tokens - served == 32 and sampler.trace_counts == traced
     while long_id not in done:

@@ -86,55 +86,58 @@ def test_greedy_equals_transformers_generate(hf_model_dir, name):
 
 
 def test_the_cache_is_as_long_as_its_rows_reach(hf_model_dir):
-    """The cache, and the decode attending over all of it, is a power-of-two bucket of
-    positions (kv_bucket) that covers every active row, not max_len: a request whose positions
-    cross 128 and 256 grows it mid-generation, beside a short request, and a short request
-    after it shrinks it back; every request still equals transformers token for token."""
+    """The cache, and the decode attending over all of it, is a bucket of positions
+    (kv_bucket: 32, 48, 64, 96, 128 here) that covers every active row, not max_len: a request
+    whose positions cross 64 and 96 grows it mid-generation, beside a short request, and a
+    short request after it shrinks it back; every request still equals transformers token for
+    token."""
     folder = hf_model_dir("qwen3")
     trainer = make_trainer(folder, slots=1, max_rank=8)
     sampler = Sampler.sharing_base(
-        _model_of(trainer), trainer.mesh, slots=1, rows=2, max_len=512, steps_per_call=16
+        _model_of(trainer), trainer.mesh, slots=1, rows=2, max_len=128, steps_per_call=16
     )
+    assert sampler.cache_lengths == [32, 48, 64, 96, 128]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     rng = np.random.default_rng(8)
-    long_prompt, short_prompt = rng.integers(0, VOCAB, 100), rng.integers(0, VOCAB, 6)
-    long_params = SamplingParams(max_tokens=170, temperature=0.0, stop=[])
+    long_prompt, short_prompt = rng.integers(0, VOCAB, 40), rng.integers(0, VOCAB, 6)
+    long_params = SamplingParams(max_tokens=80, temperature=0.0, stop=[])
     (first,) = sampler.sample([SampleRequest(short_prompt, 1, GREEDY)])
-    short_prefill = {n for n in sampler.trace_counts if n.startswith("prefill")}
+    assert sampler.cache_len == 32
     results = sampler.sample(
         [SampleRequest(long_prompt, 1, long_params), SampleRequest(short_prompt, 1, GREEDY)]
     )
-    assert results[0].sequences[0].tokens == _hf_greedy(hf, long_prompt, 170)
+    assert results[0].sequences[0].tokens == _hf_greedy(hf, long_prompt, 80)
     assert results[1].sequences[0].tokens == _hf_greedy(hf, short_prompt, 12)
     decoded = {name for name in sampler.trace_counts if name.startswith("decode_")}
-    # The base model's rows: no adapter group, so no adapter product (`decode_loop`).
-    assert decoded == {"decode_128_0", "decode_256_0", "decode_512_0"}
-    assert sampler.cache_len == 512
+    # The base model's rows: no adapter group, so no adapter product (`decode_loop`). The long
+    # row's calls start at positions 40, 56, ..., 104 and reach 16 further.
+    assert decoded == {"decode_32_0", "decode_64_0", "decode_96_0", "decode_128_0"}
+    assert sampler.cache_len == 128
     # A short request admitted beside a running long one is prefilled into the long row's
-    # cache by the prefill program it ran alone in a 128-position one (only the write of its
+    # cache by the prefill program it ran alone in a 32-position one (only the write of its
     # keys and values is a program per cache length).
     long_id = sampler.submit(SampleRequest(long_prompt, 1, long_params))
-    assert not sampler.step() and sampler.cache_len == 128  # prefilled alone, then decoded
-    while sampler.cache_len < 256:
+    assert not sampler.step() and sampler.cache_len == 64  # prefilled alone, then decoded
+    while sampler.cache_len < 96:
         assert not sampler.step()
+    prefills = {n: c for n, c in sampler.trace_counts.items() if n.startswith("prefill")}
     short_id = sampler.submit(SampleRequest(short_prompt, 1, GREEDY))
     done: dict = {}
     while len(done) < 2:
         done.update(sampler.step())
     assert done[short_id].sequences[0].tokens == first.sequences[0].tokens
     assert done[long_id].sequences[0].tokens == results[0].sequences[0].tokens
-    assert short_prefill and all(sampler.trace_counts[n] == 1 for n in short_prefill)
-    assert {"write_prompts_128", "write_prompts_256"} <= set(sampler.trace_counts)
+    assert prefills and all(sampler.trace_counts[n] == c for n, c in prefills.items())
+    assert {"write_prompts_32", "write_prompts_96"} <= set(sampler.trace_counts)
     # Alone again, a short request's prefill shrinks the cache back to its bucket.
     (again,) = sampler.sample([SampleRequest(short_prompt, 1, GREEDY)])
     assert again.sequences[0].tokens == first.sequences[0].tokens == results[1].sequences[0].tokens
-    assert sampler.cache_len == 128
-    assert sampler.cache.k[0].shape[3] == sampler.cache.v[0].shape[2] == 128
+    assert sampler.cache_len == 32
+    assert sampler.cache.k[0].shape[3] == sampler.cache.v[0].shape[2] == 32
     resized = {name for name in sampler.trace_counts if name.startswith("cache_")}
+    steps = list(zip(sampler.cache_lengths, sampler.cache_lengths[1:]))
     assert resized == {
-        f"cache_{kv}_{a}_to_{b}"
-        for kv in "kv"
-        for a, b in ((128, 256), (256, 512), (512, 256), (256, 128))
+        f"cache_{kv}_{a}_to_{b}" for kv in "kv" for step in steps for a, b in (step, step[::-1])
     }
 
 

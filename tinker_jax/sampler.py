@@ -1,7 +1,7 @@
 """The sampling engine: prefill + decode over a KV cache with continuous batching.
 
 The cache has a fixed number of rows (decode slots), each up to `max_len` positions long: as
-long as its rows reach, a power-of-two bucket (`Sampler._fit_cache`). A request
+long as its rows reach, a bucket of positions (`kv_bucket`, `Sampler._fit_cache`). A request
 waits in a queue until rows are free; its prompt is prefilled once and its keys and values are
 copied into one row per sample (`num_samples > 1` shares the prefill). Every call to `step`
 admits what fits, then runs up to `steps_per_call` decode steps for all rows in one jitted
