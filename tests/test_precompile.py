@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import pytest
 
+from tests.rl_data import rl_datum
 from tests.sft_data import sft_data
 from tinker_jax import precompile
 from tinker_jax.errors import ValidationError
@@ -73,7 +74,7 @@ def _first_steps(server: Server, rl: bool = False) -> dict:
     prompt = types.ModelInput.from_ints(PROMPT)
     sample = sampler.sample(prompt, num_samples=1, sampling_params=params).result(TIMEOUT)
     if rl:
-        datum = _stable_reinforce_datum(sample.sequences[0])
+        datum = rl_datum(PROMPT, sample.sequences[0], 1.0)
         training.forward_backward([datum], "stable_reinforce").result(TIMEOUT)
     return {
         "loss": trained.metrics["loss:sum"],
@@ -98,33 +99,6 @@ def _rl_data() -> list:
         )
         for datum, length in zip(sft_data(2, LENGTHS), LENGTHS)
     ]
-
-
-def _stable_reinforce_datum(sequence):
-    """The cookbook's RL datum of a sampled sequence (prompt + sampled[:-1] in, the sampled
-    tokens as targets), its positions named by provenance spans, as stable_reinforce needs."""
-    from tinker_jax import types
-
-    tokens, p = list(sequence.tokens), len(PROMPT)
-    sid, n = sequence.sequence_id, len(tokens)
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(PROMPT + tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": [0] * (p - 1) + tokens,
-            "logprobs": [0.0] * (p - 1) + list(sequence.logprobs),
-            "advantages": [0.0] * (p - 1) + [1.0] * n,
-        },
-    )
-    return datum.with_provenance(
-        model_input=[
-            types.PromptProvenanceSpan(sequence_id=sid, length=p),
-            types.SampledProvenanceSpan(sequence_id=sid, length=n - 1),
-        ],
-        loss_fn_inputs=[
-            types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
-            types.SampledProvenanceSpan(sequence_id=sid, length=n),
-        ],
-    )
 
 
 def _trainer_and_sampler(hf_model_dir, **kwargs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.rl_data import rl_datum
 from tests.server_process import ServerProcess
 from tinker_jax.service.store import Store
 
@@ -28,30 +29,10 @@ def _service(server, user="alice") -> tinker.ServiceClient:
 
 
 def _datum(sequence: T.SampledSequence, advantage: float, client_logprobs=None) -> T.Datum:
-    """As the cookbook's rl_loop builds it: input = prompt + sampled[:-1], targets 0 over the
-    prompt (from its second token), then the sampled tokens; provenance names the sequence."""
-    tokens = list(sequence.tokens)
-    n, p = len(tokens), len(PROMPT)
-    logprobs = list(sequence.logprobs) if client_logprobs is None else client_logprobs(n)
-    datum = T.Datum(
-        model_input=T.ModelInput.from_ints(PROMPT + tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": [0] * (p - 1) + tokens,
-            "logprobs": [0.0] * (p - 1) + logprobs,
-            "advantages": [0.0] * (p - 1) + [advantage] * n,
-        },
-    )
-    sid = sequence.sequence_id
-    return datum.with_provenance(
-        model_input=[
-            T.PromptProvenanceSpan(sequence_id=sid, length=p),
-            T.SampledProvenanceSpan(sequence_id=sid, length=n - 1),
-        ],
-        loss_fn_inputs=[
-            T.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
-            T.SampledProvenanceSpan(sequence_id=sid, length=n),
-        ],
-    )
+    """The cookbook's datum of `sequence` (`rl_datum`); `client_logprobs(n)`, when given, the
+    logprobs the client sends in place of the sampler's."""
+    logprobs = None if client_logprobs is None else client_logprobs(len(sequence.tokens))
+    return rl_datum(PROMPT, sequence, advantage, logprobs, types=T)
 
 
 @pytest.fixture(scope="module")
