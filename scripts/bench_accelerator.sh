@@ -14,8 +14,10 @@
 # Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
 #   bash scripts/bench_accelerator.sh
 # MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
-# Steps 1-4 take up to ~9 minutes and all of them ~17; STEPS="sample profile" runs only those
-# (a device call is limited to 10 minutes). Compiled programs are kept between the steps in
+# Steps 1-4 take up to ~11 minutes and all of them ~19; STEPS="sample profile" runs only those
+# (a device call is limited to 10 minutes: run "versions sample" in one call, then
+# "sample_server_rows sample_adapters profile" in the next). Each sampling step compiles a
+# decode program per KV-cache length its rows pass through (32, 48, 64, 96, 128, 160 here). Compiled programs are kept between the steps in
 # JAX's persistent cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/bench_accelerator_jax).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,13 +44,13 @@ step() {  # step NAME SECONDS COMMAND...: runs one measurement, logging to $out/
 step versions 45 "$py" -c "import jax, flax, optax, transformers, torch; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 'transformers', transformers.__version__, 'torch', torch.__version__); print(jax.devices())"
-step sample 150 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
+step sample 240 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" \
     --batches 1,64 --torch-device "$torch_device"
 # Batch 1 as a server runs it: one request in a sampler of 32 rows, every row decoded each step
 # (XLA's GPU backend turns the one-row q, k|v and o matmuls into a multiply and a reduction).
-step sample_server_rows 60 "$py" scripts/bench_sample.py "${model_args[@]}" \
+step sample_server_rows 90 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 1 --rows 32 --no-torch
-step sample_adapters 100 "$py" scripts/bench_sample.py "${model_args[@]}" \
+step sample_adapters 160 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 64 --adapters 4 --rank 32 --torch-device "$torch_device"
 step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
     --batch 1 --new-tokens 32 --top 25 --by-op
