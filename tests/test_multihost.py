@@ -3,7 +3,8 @@ x 4 CPU devices (gloo collectives between them) against 1 process x 8 devices, o
 global mesh shape. The same client loop must see the same losses, logprobs (before and after
 training: the same gradients were applied) and greedy tokens, and checkpoints written by both
 processes through Orbax must load back (a new run and a sampler from the saved paths). The
-two processes write their checkpoints to gs:// (a local emulator), as on a TPU pod slice."""
+two processes write their checkpoints to gs:// (a local emulator), as on a TPU pod slice.
+A two-process server that precompiles defers prefix-cache hits' programs on both hosts alike."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess
+from tests.server_process import MAX_ADAPTERS, MAX_LORA_RANK, ServerProcess, wait_until
 from tests.sft_data import sft_data
 from tests.xla_env import xla_flags
 from tinker_jax import ServiceClient, checkpoints, distributed
@@ -39,6 +40,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _follower(model: Path, storage: Path, log, *args: str) -> subprocess.Popen:
+    """Process 1 of a two-process server on 4 CPU devices (`args`: its flags beyond the model,
+    storage, LoRA limits and compilation cache; its process id is added), logging to `log`."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tinker_jax.service.cli",
+            "serve",
+            "--base-model",
+            str(model),
+            "--storage",
+            str(storage),
+            "--max-lora-rank",
+            str(MAX_LORA_RANK),
+            "--max-adapters",
+            str(MAX_ADAPTERS),
+            "--compilation-cache",
+            jax.config.jax_compilation_cache_dir,
+            *args,
+            "--process-id",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **_devices(4)},
+    )
 
 
 def _data() -> list[T.Datum]:
@@ -96,32 +126,8 @@ def results(hf_model_dir, tmp_path_factory, gcs):
     storage = tmp_path_factory.mktemp("two")
     join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
     follower_log = open(storage.parent / "follower.log", "w")
-    follower = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tinker_jax.service.cli",
-            "serve",
-            "--base-model",
-            str(model),
-            "--storage",
-            str(storage),
-            "--checkpoint-storage",
-            gcs.url("two"),
-            "--max-lora-rank",
-            str(MAX_LORA_RANK),
-            "--max-adapters",
-            str(MAX_ADAPTERS),
-            "--compilation-cache",
-            jax.config.jax_compilation_cache_dir,
-            *args,
-            *join,
-            "--process-id",
-            "1",
-        ],
-        stdout=follower_log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **_devices(4)},
+    follower = _follower(
+        model, storage, follower_log, *args, *join, "--checkpoint-storage", gcs.url("two")
     )
     try:
         leader = ServerProcess(
@@ -277,3 +283,73 @@ def test_a_follower_takes_host_0s_deferral_of_prefix_hit_programs():
     assert ours == host0
     with pytest.raises(ValidationError, match="every process needs the same flags"):
         check_settings(Stream((models, host0)), models, EngineSettings(sampler_rows=8))
+
+
+HIT_BUILT = "built the programs of a prefix-cache hit"
+
+
+def _prefix_hits(server: ServerProcess) -> None:
+    """Prompts that share a 40-token system prompt (two cached blocks of 16), sampled from one
+    sampling client: the first caches the blocks, the second is a hit whose programs wait
+    (prefilled from position 0), and the third, once host 0 has built them, is served from
+    the cache. Each gets the tokens of a fresh client (a cache scope of its own: no hit)."""
+    key = server.create_key("hits")
+    rng = np.random.default_rng(3)
+    system = [int(t) for t in rng.integers(0, 100, 40)]
+    prompts = [system + [int(t) for t in rng.integers(0, 100, 8)] for _ in range(3)]
+    greedy = T.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
+    with ServiceClient(base_url=server.address, api_key=key) as client:
+
+        def sample(sampling_client, prompt: list[int]) -> list[int]:
+            future = sampling_client.sample(T.ModelInput.from_ints(prompt), 1, greedy)
+            return list(future.result(timeout=600).sequences[0].tokens)
+
+        cached = client.create_sampling_client(base_model=server.model)
+        tokens = [sample(cached, prompts[0]), sample(cached, prompts[1])]
+        wait_until(lambda: HIT_BUILT in server.log.read_text(), 600, 0.5, "host 0's hit build")
+        tokens.append(sample(cached, prompts[2]))
+        fresh = client.create_sampling_client(base_model=server.model)
+        assert tokens == [sample(fresh, prompt) for prompt in prompts]
+
+
+@SLOW
+def test_two_processes_defer_a_prefix_hits_programs_alike(hf_model_dir, tmp_path):
+    """A two-process server that precompiles defers prefix-cache hits' programs on both hosts:
+    a follower started with `--precompile none` takes host 0's choice, host 0 alone runs the
+    plan and then builds the waiting hit's programs through the calls every host runs, and the
+    hits before and after that build get the tokens of prompts with nothing cached. A host
+    that deferred otherwise would run other programs, whose collectives never meet the other
+    host's: the requests would time out."""
+    model = hf_model_dir("qwen3")
+    storage = tmp_path / "server"
+    settings = tmp_path / "settings.toml"
+    # A small plan: one sampler row, 64 positions, two adapters; the prefix cache holds 4 blocks.
+    settings.write_text(
+        "max_seq_len = 64\nsampler_rows = 1\nsampler_slots = 2\nprefix_cache_share = 1.0\n"
+    )
+    flags = ("--mesh", MESH, "--max-adapters", "2", "--config", str(settings))
+    join = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2")
+    log = tmp_path / "follower.log"
+    with open(log, "w") as follower_log:
+        follower = _follower(model, storage, follower_log, *flags, *join, "--precompile", "none")
+        try:
+            leader = ServerProcess(
+                model,
+                storage,
+                *flags,
+                *join,
+                "--process-id",
+                "0",
+                "--precompile",
+                "common",
+                env=_devices(4),
+            )
+            try:
+                _prefix_hits(leader)
+                assert leader.log.read_text().count(HIT_BUILT) == 1
+            finally:
+                leader.stop()
+            assert follower.wait(timeout=60) == 0, log.read_text()
+        finally:
+            if follower.poll() is None:
+                follower.kill()
