@@ -2,7 +2,8 @@
 # The accelerator measurements of one short lease, in order of importance, each step bounded
 # by its own timeout so that one failure does not cost the others:
 #   1. decode tokens/s at batch 1 against the HBM roofline, and at batch 64, transformers on
-#      the same GPU as the peer; batch 1 again in a sampler of 32 rows, as a server runs it;
+#      the same GPU as the peer; batch 1 again in a sampler of 32 rows, as a server runs it,
+#      and with the decode loop recorded as CUDA graphs;
 #   2. batch-64 decode with its rows spread over 4 LoRA adapters of rank 32, PEFT's
 #      mixed-batch generate on the same GPU as the peer;
 #   3. where a batch-1 decode step's GPU time goes, per kernel and per JAX operation;
@@ -14,9 +15,9 @@
 # Logs go to $OUT (or /tmp/bench_accelerator). Runs from a checkout without installing it:
 #   bash scripts/bench_accelerator.sh
 # MODEL_ARGS replaces the preset (a CPU smoke run: MODEL_ARGS="--hidden 64 --layers 2 ...").
-# Steps 1-4 take up to ~11 minutes and all of them ~19; STEPS="sample profile" runs only those
-# (a device call is limited to 10 minutes: run "versions sample" in one call, then
-# "sample_server_rows sample_adapters profile" in the next). Each sampling step compiles a
+# Steps 1-4 take up to ~13 minutes and all of them ~21; STEPS="sample profile" runs only those
+# (a device call is limited to 10 minutes: run "versions sample sample_graphs" in one call,
+# then "sample_server_rows sample_adapters profile" in the next). Each sampling step compiles a
 # decode program per KV-cache length its rows pass through (32, 48, 64, 96, 128, 160 here). Compiled programs are kept between the steps in
 # JAX's persistent cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/bench_accelerator_jax).
 set -uo pipefail
@@ -50,6 +51,11 @@ step sample 240 "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$m
 # (XLA's GPU backend turns the one-row q, k|v and o matmuls into a multiply and a reduction).
 step sample_server_rows 90 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 1 --rows 32 --no-torch
+# Batch 1 again with the decode loop recorded as CUDA graphs: XLA records fusions and library
+# calls by default, not while loops or conditionals, so each of a step's ~900 kernels is
+# launched on its own. The engine does not set this flag: measure it first.
+step sample_graphs 120 env XLA_FLAGS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+    "$py" scripts/bench_sample.py "${model_args[@]}" --model-dir "$model_dir" --batches 1 --no-torch
 step sample_adapters 160 "$py" scripts/bench_sample.py "${model_args[@]}" \
     --model-dir "$model_dir" --batches 64 --adapters 4 --rank 32 --torch-device "$torch_device"
 step profile 90 "$py" scripts/profile_decode.py "${model_args[@]}" --model-dir "$model_dir" \
