@@ -8,10 +8,12 @@ A two-process server that precompiles defers prefix-cache hits' programs on both
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -71,6 +73,30 @@ def _follower(model: Path, storage: Path, log, *args: str) -> subprocess.Popen:
     )
 
 
+@contextlib.contextmanager
+def _two_processes(
+    model: Path, storage: Path, log: Path, *flags: str, leader=(), follower=()
+) -> Iterator[ServerProcess]:
+    """A server of two processes on 4 CPU devices each, sharing `storage`: process 1 (`flags`
+    and `follower`, logging to `log`), then process 0 (`flags` and `leader`), which is yielded.
+    On exit process 0 stops, and process 1 must then exit cleanly."""
+    join = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2")
+    with open(log, "w") as follower_log:
+        process1 = _follower(model, storage, follower_log, *flags, *join, *follower)
+        try:
+            process0 = ServerProcess(
+                model, storage, *flags, *join, "--process-id", "0", *leader, env=_devices(4)
+            )
+            try:
+                yield process0
+            finally:
+                process0.stop()
+            assert process1.wait(timeout=60) == 0, log.read_text()
+        finally:
+            if process1.poll() is None:
+                process1.kill()
+
+
 def _data() -> list[T.Datum]:
     return sft_data(0, (12, 20))
 
@@ -124,32 +150,9 @@ def results(hf_model_dir, tmp_path_factory, gcs):
         single.stop()
 
     storage = tmp_path_factory.mktemp("two")
-    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
-    follower_log = open(storage.parent / "follower.log", "w")
-    follower = _follower(
-        model, storage, follower_log, *args, *join, "--checkpoint-storage", gcs.url("two")
-    )
-    try:
-        leader = ServerProcess(
-            model,
-            storage,
-            *args,
-            *join,
-            "--process-id",
-            "0",
-            "--checkpoint-storage",
-            gcs.url("two"),
-            env=_devices(4),
-        )
-        try:
-            two = _workload(leader, str(model))
-        finally:
-            leader.stop()
-        assert follower.wait(timeout=60) == 0, (storage.parent / "follower.log").read_text()
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-        follower_log.close()
+    to_gcs = ("--checkpoint-storage", gcs.url("two"))
+    with _two_processes(model, storage, storage.parent / "follower.log", *args, *to_gcs) as leader:
+        two = _workload(leader, str(model))
     return one, two, single.storage / "checkpoints", resolve_location(gcs.url("two"))
 
 
@@ -321,35 +324,19 @@ def test_two_processes_defer_a_prefix_hits_programs_alike(hf_model_dir, tmp_path
     that deferred otherwise would run other programs, whose collectives never meet the other
     host's: the requests would time out."""
     model = hf_model_dir("qwen3")
-    storage = tmp_path / "server"
     settings = tmp_path / "settings.toml"
     # A small plan: one sampler row, 64 positions, two adapters; the prefix cache holds 4 blocks.
     settings.write_text(
         "max_seq_len = 64\nsampler_rows = 1\nsampler_slots = 2\nprefix_cache_share = 1.0\n"
     )
     flags = ("--mesh", MESH, "--max-adapters", "2", "--config", str(settings))
-    join = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2")
-    log = tmp_path / "follower.log"
-    with open(log, "w") as follower_log:
-        follower = _follower(model, storage, follower_log, *flags, *join, "--precompile", "none")
-        try:
-            leader = ServerProcess(
-                model,
-                storage,
-                *flags,
-                *join,
-                "--process-id",
-                "0",
-                "--precompile",
-                "common",
-                env=_devices(4),
-            )
-            try:
-                _prefix_hits(leader)
-                assert leader.log.read_text().count(HIT_BUILT) == 1
-            finally:
-                leader.stop()
-            assert follower.wait(timeout=60) == 0, log.read_text()
-        finally:
-            if follower.poll() is None:
-                follower.kill()
+    with _two_processes(
+        model,
+        tmp_path / "server",
+        tmp_path / "follower.log",
+        *flags,
+        leader=("--precompile", "common"),
+        follower=("--precompile", "none"),
+    ) as leader:
+        _prefix_hits(leader)
+        assert leader.log.read_text().count(HIT_BUILT) == 1
