@@ -216,6 +216,33 @@ def test_decode_step_reads_the_cache_where_it_lies(batch4):
     assert len(writes) == 2 * CONFIG.num_layers  # the previous step's keys and values
 
 
+def test_decode_step_evaluates_the_rotary_sines_once(batch4):
+    """A decode step evaluates its rows' rotary cosines and sines once, for every layer's
+    queries and keys (`rope_rotation`, which the decode loop carries): computed inside the
+    step, XLA fused them into each layer's rotation of q and of k, where they were evaluated
+    per element, every head of every layer."""
+    shape, _ = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
+
+    def trig(comp: str) -> list[str]:
+        """The cosines and sines computed in `comp` and the computations it calls."""
+        found = []
+        for instr in comps[comp]:
+            if instr.opcode in ("cosine", "sine"):
+                found.append(f"{instr.opcode} {instr.shape}")
+            for called in instr.called("calls") + instr.called("to_apply"):
+                found += trig(called)
+        return found
+
+    rotation = f"[2,{shape.batch},1,1,{CONFIG.head_dim}]"
+    evaluated = trig(body)
+    assert sorted(op.split()[0] for op in evaluated) == ["cosine", "sine"], evaluated
+    fusions = [i for i in comps[body] if i.opcode == "fusion" and trig(i.called("calls")[0])]
+    assert len(fusions) == 1 and rotation in fusions[0].shape.replace(" ", "")
+
+
 def test_decode_attention_asks_for_full_fp32_products(batch4):
     """Attention's two fp32 matmuls per layer ask for HIGHEST precision: a GPU's default for
     fp32 matmuls rounds their operands to TF32 (10 bits), the softmax weights among them."""

@@ -1604,7 +1604,10 @@ def decode_loop(
 
     A step's keys and values are written into the cache at the start of the next step (and
     after the loop), before anything reads it: that order lets XLA update the cache in place
-    (`Transformer.decode`).
+    (`Transformer.decode`). The loop also carries the next step's rotary cosines and sines
+    (`rope_rotation`), computed at the end of the step before: a buffer that every layer
+    reads. Computed within the step, they were fused into every layer's rotation of every
+    head, and evaluated there.
     """
     kv_len = cache.v[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
@@ -1615,9 +1618,13 @@ def decode_loop(
     n = rows["token"].shape[0]
 
     def body(carry):
-        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k, kv = carry
+        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k, kv, rot = (
+            carry
+        )
         cache = cache.write(*kv)
-        hidden, (k, v) = model.decode(token[:, None], position[:, None], adapter, cache, kv_len)
+        hidden, (k, v) = model.decode(
+            token[:, None], position[:, None], rot, adapter, cache, kv_len
+        )
         logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
         keys = step_keys(base_keys, generated)
         new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
@@ -1643,6 +1650,7 @@ def decode_loop(
             out_lp,
             out_k,
             (k, v, position),
+            model.rotation((position + step)[:, None]),
         )
 
     def cond(carry):
@@ -1668,6 +1676,7 @@ def decode_loop(
             *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.v),) * 2,
             jnp.full((n,), kv_len, jnp.int32),
         ),
+        model.rotation(rows["position"][:, None]),
     )
     out = jax.lax.while_loop(cond, body, init)
     return (out[1].write(*out[10]), out[7], out[8]) + ((out[9],) if topk else ())
