@@ -243,6 +243,21 @@ def test_decode_step_evaluates_the_rotary_sines_once(batch4):
     assert len(fusions) == 1 and rotation in fusions[0].shape.replace(" ", "")
 
 
+def test_decode_loop_copies_its_carried_keys_as_one_array(batch4):
+    """The loop carries a step's new keys and values to the next step's cache write as one
+    array each ([layers, rows, kv_heads, head_dim]): XLA copies carried arrays into the
+    loop's buffers every step, and a tuple of one array per layer was four small copies per
+    layer, each a kernel (108 per step for Qwen3-1.7B)."""
+    shape, _ = batch4
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
+    token = (shape.batch, CONFIG.num_kv_heads, CONFIG.head_dim)
+    copies = [i.dims for i in comps[body] if i.opcode == "copy"]
+    assert token not in copies
+    assert copies.count((CONFIG.num_layers,) + token) <= 2
+
+
 def test_decode_attention_asks_for_full_fp32_products(batch4):
     """Attention's two fp32 matmuls per layer ask for HIGHEST precision: a GPU's default for
     fp32 matmuls rounds their operands to TF32 (10 bits), the softmax weights among them."""

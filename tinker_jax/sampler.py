@@ -1604,10 +1604,14 @@ def decode_loop(
 
     A step's keys and values are written into the cache at the start of the next step (and
     after the loop), before anything reads it: that order lets XLA update the cache in place
-    (`Transformer.decode`). The loop also carries the next step's rotary cosines and sines
-    (`rope_rotation`), computed at the end of the step before: a buffer that every layer
-    reads. Computed within the step, they were fused into every layer's rotation of every
-    head, and evaluated there.
+    (`Transformer.decode`). They are carried as one array each, [layers, rows, kv_heads,
+    head_dim]: XLA copies carried arrays into the loop's buffers each step, and a tuple of
+    one array per layer took four copies per layer (Qwen3-1.7B at batch 1: 108 more kernels
+    per step, `scripts/inspect_decode.py`).
+
+    The loop also carries the next step's rotary cosines and sines (`rope_rotation`),
+    computed at the end of the step before: a buffer that every layer reads. Computed within
+    the step, they were fused into every layer's rotation of every head, and evaluated there.
     """
     kv_len = cache.v[0].shape[2]
     model = nnx.merge(graphdef, lora, base)
@@ -1649,7 +1653,7 @@ def decode_loop(
             out_t,
             out_lp,
             out_k,
-            (k, v, position),
+            (jnp.stack(k), jnp.stack(v), position),
             model.rotation((position + step)[:, None]),
         )
 
@@ -1673,7 +1677,7 @@ def decode_loop(
         else (),
         # Nothing to write before the first step: a position past the cache writes nothing.
         (
-            *(tuple(jnp.zeros((n, c.shape[1], c.shape[3]), c.dtype) for c in cache.v),) * 2,
+            *(jnp.zeros((len(cache.v), n) + cache.v[0].shape[1::2], cache.v[0].dtype),) * 2,
             jnp.full((n,), kv_len, jnp.int32),
         ),
         model.rotation(rows["position"][:, None]),

@@ -297,7 +297,8 @@ class KVCache:
         self, k: Sequence[jax.Array], v: Sequence[jax.Array], positions: jax.Array
     ) -> KVCache:
         """The cache with one token per row written: k, v: per layer [rows, kv_heads,
-        head_dim], at positions: [rows] (a position past max_len writes nothing).
+        head_dim] (a sequence, or an array [layers, ...]), at positions: [rows] (a position
+        past max_len writes nothing).
 
         Each (row, kv head) is an index of its own, so that one row's write is still a
         scatter of several: XLA turns a scatter of a single index into a dynamic-update-slice,
