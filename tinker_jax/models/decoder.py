@@ -188,13 +188,12 @@ class Attention(nnx.Module):
         """One new token per row against this layer's cache, which it only reads.
 
         x: [rows, 1, embed]; positions: [rows, 1] (`rotation`: theirs), each < kv_len;
-        cache_k: [rows, kv_heads,
-        head_dim, max_len], cache_v: [rows, kv_heads, max_len, head_dim] (`KVCache`), of which
-        attention reads the positions below each row's own (at most kv_len), then the new
-        token itself; a cache split over the `sequence` axis is read where it lies
-        (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the new token's (k, v):
-        [rows, kv_heads, head_dim] each), for the caller to write at `positions` before the
-        cache is read again (`KVCache.write`).
+        cache_k: [rows, kv_heads, head_dim, max_len], cache_v: [rows, kv_heads, max_len,
+        head_dim] (`KVCache`), of which attention reads the positions below each row's own
+        (at most kv_len), then the new token itself; a cache split over the `sequence` axis
+        is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the
+        new token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
+        `positions` before the cache is read again (`KVCache.write`).
         """
         q, k, v = self.project(x, rotation, adapter)
         k, v = k[:, 0].astype(cache_k.dtype), v[:, 0].astype(cache_v.dtype)
