@@ -9,8 +9,8 @@ local backend, then compares it with what a decode step must read at least:
                   values of every row over the attended prefix (`--context` positions)
   bytes_accessed  XLA's `cost_analysis()` bytes per decode step: those of one iteration of the
                   decode loop (the layers are unrolled in it, so every layer counts) plus those
-                  that run once per call (the adapters in use gathered out of their slots, the
-                  last step's cache write) shared by the call's `--steps-per-call` steps.
+                  that run once per call (the adapters in use gathered out of their slots)
+                  shared by the call's `--steps-per-call` steps.
                   XLA's figure for the whole program, which counts the loop's body once and
                   the per-call work whole, is `program_bytes`
   bytes_in_place  the same with two of XLA's fusion counts replaced by what the operation

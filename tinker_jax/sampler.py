@@ -1602,14 +1602,10 @@ def decode_loop(
     (`topk_sample_logprobs`).
     `scripts/inspect_decode.py` compiles this same function.
 
-    A step's keys and values are written into the cache at the start of the next step (and
-    after the loop), before anything reads it: that order lets XLA update the cache in place
-    (`Transformer.decode`). They are carried as one array each, [layers, rows, kv_heads,
-    head_dim]: XLA copies carried arrays into the loop's buffers each step, and a tuple of
-    one array per layer took four copies per layer (Qwen3-1.7B at batch 1: 108 more kernels
-    per step, `scripts/inspect_decode.py`).
+    Each layer writes a step's key and value into the cache before its attention reads it,
+    so that XLA updates the cache in place (`Attention.decode`).
 
-    The loop also carries the next step's rotary cosines and sines (`rope_rotation`),
+    The loop carries the next step's rotary cosines and sines (`rope_rotation`),
     computed at the end of the step before: a buffer that every layer reads. Computed within
     the step, they were fused into every layer's rotation of every head, and evaluated there.
     """
@@ -1622,13 +1618,8 @@ def decode_loop(
     n = rows["token"].shape[0]
 
     def body(carry):
-        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k, kv, rot = (
-            carry
-        )
-        cache = cache.write(*kv)
-        hidden, (k, v) = model.decode(
-            token[:, None], position[:, None], rot, adapter, cache, kv_len
-        )
+        i, cache, token, position, generated, remaining, active, out_t, out_lp, out_k, rot = carry
+        hidden, cache = model.decode(token[:, None], position[:, None], rot, adapter, cache, kv_len)
         logits = model.logits(hidden, adapter)[:, 0].astype(jnp.float32)
         keys = step_keys(base_keys, generated)
         new = sample_tokens(logits, keys, rows["temperature"], rows["top_k"], rows["top_p"])
@@ -1653,7 +1644,6 @@ def decode_loop(
             out_t,
             out_lp,
             out_k,
-            (jnp.stack(k), jnp.stack(v), position),
             model.rotation((position + step)[:, None]),
         )
 
@@ -1675,12 +1665,7 @@ def decode_loop(
         (jnp.zeros((n, steps, topk), jnp.int32), jnp.zeros((n, steps, topk), jnp.float32))
         if topk
         else (),
-        # Nothing to write before the first step: a position past the cache writes nothing.
-        (
-            *(jnp.zeros((len(cache.v), n) + cache.v[0].shape[1::2], cache.v[0].dtype),) * 2,
-            jnp.full((n,), kv_len, jnp.int32),
-        ),
         model.rotation(rows["position"][:, None]),
     )
     out = jax.lax.while_loop(cond, body, init)
-    return (out[1].write(*out[10]), out[7], out[8]) + ((out[9],) if topk else ())
+    return (out[1], out[7], out[8]) + ((out[9],) if topk else ())

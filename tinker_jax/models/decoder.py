@@ -8,9 +8,8 @@ own, while the adapter slots of all runs are stacked over layers (`Transformer`)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -185,20 +184,27 @@ class Attention(nnx.Module):
         cache_v: jax.Array,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """One new token per row against this layer's cache, which it only reads.
+        """One new token per row against this layer's cache, into which it first writes the
+        token's key and value.
 
         x: [rows, 1, embed]; positions: [rows, 1] (`rotation`: theirs), each < kv_len;
         cache_k: [rows, kv_heads, head_dim, max_len], cache_v: [rows, kv_heads, max_len,
-        head_dim] (`KVCache`), of which attention reads the positions below each row's own
-        (at most kv_len), then the new token itself; a cache split over the `sequence` axis
-        is read where it lies (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the
-        new token's (k, v): [rows, kv_heads, head_dim] each), for the caller to write at
-        `positions` before the cache is read again (`KVCache.write`).
+        head_dim] (`KVCache`). The new key and value are written at each row's position, then
+        attention reads the positions up to it (at most kv_len), the new token's among them;
+        a cache split over the `sequence` axis is written and read where it lies
+        (`sequence_sharded_decode`). Returns (out [rows, 1, embed], the layer's cache with the
+        token written: (cache_k, cache_v)).
+
+        Written before attention reads it, the cache is updated in place: every read of it
+        depends on the write. (Carried to the next step's write instead, a step's keys and values
+        needed a path of their own for the new token's score, and a copy every step: 202 more
+        kernels per step for Qwen3-1.7B at batch 1.)
         """
         q, k, v = self.project(x, rotation, adapter)
-        k, v = k[:, 0].astype(cache_k.dtype), v[:, 0].astype(cache_v.dtype)
-        out = DECODE_ATTENTION(q, cache_k, cache_v, positions, k, v, kv_len)
-        return self._out(out, adapter), (k, v)
+        out, cache_k, cache_v = DECODE_ATTENTION(
+            q, cache_k, cache_v, positions, k[:, 0], v[:, 0], kv_len
+        )
+        return self._out(out, adapter), (cache_k, cache_v)
 
     def extend(
         self,
@@ -292,25 +298,30 @@ class KVCache:
         rows, heads, positions = at
         return rows, heads, slice(None), positions
 
-    def write(
-        self, k: Sequence[jax.Array], v: Sequence[jax.Array], positions: jax.Array
-    ) -> KVCache:
-        """The cache with one token per row written: k, v: per layer [rows, kv_heads,
-        head_dim] (a sequence, or an array [layers, ...]), at positions: [rows] (a position
-        past max_len writes nothing).
+    @classmethod
+    def write_layer(
+        cls,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """One layer's keys and values with one token per row written: cache_k, cache_v laid
+        out as `layer_shapes`; k, v: [rows, kv_heads, head_dim] at positions: [rows] (a
+        position past the cache writes nothing). Stores `finite` values.
 
         Each (row, kv head) is an index of its own, so that one row's write is still a
         scatter of several: XLA turns a scatter of a single index into a dynamic-update-slice,
         whose dropped out-of-range write reads the cache before it updates it, and it copied
         the cache to keep that read."""
-        rows, heads = jnp.indices((positions.shape[0], self.v[0].shape[1]))
+        rows, heads = jnp.indices((positions.shape[0], cache_v.shape[1]))
         at = (rows, heads, positions[:, None])
 
         def one(at: tuple, cache: jax.Array, new: jax.Array) -> jax.Array:
             return cache.at[at].set(finite(new.astype(cache.dtype)), mode="drop")
 
-        write_k, write_v = functools.partial(one, self.key_index(at)), functools.partial(one, at)
-        return KVCache(tuple(map(write_k, self.k, k)), tuple(map(write_v, self.v, v)))
+        return one(cls.key_index(at), cache_k, k), one(at, cache_v, v)
 
 
 def attention(
@@ -338,17 +349,15 @@ def decode_attention(
     k: jax.Array,
     v: jax.Array,
     positions: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
     *,
     offset: jax.Array | int = 0,
     axis: str | None = None,
 ) -> jax.Array:
-    """One query per row against its cache row (positions below its own) and its own key.
+    """One query per row against its cache row, over the positions up to its own (whose key
+    and value the step has written there, `KVCache.write_layer`).
 
     q: [rows, 1, heads, head_dim]; k: [rows, kv_heads, head_dim, max_len], v: [rows,
-    kv_heads, max_len, head_dim] (one layer of the cache); positions: [rows, 1]; k_new, v_new:
-    [rows, kv_heads, head_dim], the key and value at the query's own position -> [rows, 1,
+    kv_heads, max_len, head_dim] (one layer of the cache); positions: [rows, 1] -> [rows, 1,
     heads, head_dim]. In fp32.
 
     Two batched matmuls per (row, kv head): the group's queries [group, head_dim] times the
@@ -362,7 +371,7 @@ def decode_attention(
     (pmax) before the weights, whose sums are then added up (psum), so each shard's weights
     equal the unsplit ones (`sequence_sharded_decode`).
 
-    Cache positions from a row's own on hold whatever an earlier request left there (a
+    Cache positions past a row's own hold whatever an earlier request left there (a
     request of another user), always finite (`KVCache`): their scores are replaced by the
     mask and their values weighted by exactly zero, so the cache is read by the products
     directly, with no select over it that a kernel would materialise first.
@@ -370,31 +379,28 @@ def decode_attention(
     b, _, h, d = q.shape
     kvh = k.shape[1]
     qg = q[:, 0].reshape(b, kvh, h // kvh, d).astype(jnp.float32)
-    visible = offset + jnp.arange(v.shape[2])[None, :] < positions  # [rows, max_len]
+    visible = offset + jnp.arange(v.shape[2])[None, :] <= positions  # [rows, max_len]
     # fp32 products at full precision: a GPU's default for fp32 matmuls rounds to TF32.
     exact = jax.lax.Precision.HIGHEST
     scores = jnp.einsum("bhgd,bhdk->bhgk", qg, k.astype(jnp.float32), precision=exact)
     scores = scores * (d**-0.5)
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    own = jnp.sum(qg * k_new[:, :, None, :].astype(jnp.float32), axis=-1) * (d**-0.5)
-    top = jnp.maximum(scores.max(axis=-1), own)  # [rows, kv_heads, group]
+    top = scores.max(axis=-1)  # [rows, kv_heads, group]
     if axis is not None:
         top = jax.lax.pmax(top, axis)
     weights = jnp.exp(scores - top[..., None])  # [rows, kv_heads, group, max_len]
-    own_weight = jnp.exp(own - top)
     total = weights.sum(axis=-1)
     out = jnp.einsum("bhgk,bhkd->bhgd", weights, v.astype(jnp.float32), precision=exact)
     if axis is not None:
         total, out = jax.lax.psum((total, out), axis)
-    total = total + own_weight
-    out = (out + own_weight[..., None] * v_new[:, :, None, :].astype(jnp.float32)) / total[
-        ..., None
-    ]
+    out = out / total[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
-# decode_attention over one layer of a cache split over `sequence` or not.
-DECODE_ATTENTION = sequence_sharded_decode(decode_attention)
+# A decode step's write into one layer of a cache split over `sequence` or not, then
+# decode_attention over it: (q, cache_k, cache_v, positions, k_new, v_new, kv_len) -> (out,
+# cache_k, cache_v).
+DECODE_ATTENTION = sequence_sharded_decode(decode_attention, KVCache.write_layer)
 
 
 def fused_causal_attention(implementation: str):
@@ -513,7 +519,8 @@ class DecoderLayer(nnx.Module):
         cache_v: jax.Array,
         kv_len: int,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x: [rows, 1, embed] -> (x, the new token's (k, v)); see `Attention.decode`."""
+        """x: [rows, 1, embed] -> (x, the layer's cache with the new token's key and value
+        written: (cache_k, cache_v)); see `Attention.decode`."""
         attn, kv = self.self_attn.decode(
             self.input_layernorm(x), positions, rotation, adapter, cache_k, cache_v, kv_len
         )
@@ -700,27 +707,24 @@ class Transformer(nnx.Module):
         adapter: AdapterBatch | None,
         cache: KVCache,
         kv_len: int,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    ) -> tuple[jax.Array, KVCache]:
         """One token per cache row: tokens, positions [rows, 1] (`rotation`: theirs, which the
         decode loop carries from the step before, `rope_rotation`) -> (hidden [rows, 1,
-        embed], the token's keys and values (k, v): per layer [rows, kv_heads, head_dim]).
+        embed], the cache with every layer's key and value of the token written at its
+        position, `Attention.decode`).
 
         Attention reads only the first `kv_len` cache positions; every position must be
         below it. Reading a short prefix of a long cache is what keeps a decode step's
-        memory traffic proportional to the context in use, not to max_len. The cache is only
-        read: the caller writes the new keys and values (`KVCache.write`) before it reads
-        the cache again, at the start of the next step. Written here, after the layers,
-        nothing would order the write after the last layer's reads, and XLA would copy the
-        whole cache to keep what they read; written before the layers, every read depends on
-        it, and the cache is updated in place."""
+        memory traffic proportional to the context in use, not to max_len."""
         x = self._embed(tokens)
         graphdef, states = self._layer_states()
-        new = []
+        written = []
         for i, (base, adapters) in enumerate(states):
             layer = nnx.merge(graphdef, base, adapters)
             x, kv = layer.decode(x, positions, rotation, adapter, cache.k[i], cache.v[i], kv_len)
-            new.append(kv)
-        return self.norm(x), tuple(zip(*new))
+            written.append(kv)
+        keys, values = zip(*written)
+        return self.norm(x), KVCache(keys, values)
 
     def extend(
         self,

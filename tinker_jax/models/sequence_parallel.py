@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from tinker_jax.sharding import logical_to_spec
@@ -40,9 +41,11 @@ KV_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
 CACHE_AXES = ("act_batch", "act_kv_heads", "cache_len", "act_head_dim")
 KEY_CACHE_AXES = ("act_batch", "act_kv_heads", "act_head_dim", "cache_len")
 # (q [rows, 1, heads, d], k [rows, kv_heads, d, len], v [rows, kv_heads, len, d] cache
-#  positions offset.., positions [rows, 1], k_new, v_new [rows, kv_heads, d], offset=, axis=)
-#  -> [rows, 1, heads, d]
+#  positions offset.., positions [rows, 1], offset=, axis=) -> [rows, 1, heads, d]
 DecodeKernel = Callable[..., jax.Array]
+# (cache_k, cache_v, k_new, v_new [rows, kv_heads, d], positions [rows]) -> (cache_k, cache_v)
+# with each row's new key and value at its position (none past the cache)
+CacheWrite = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def sequence_sharded(kernel: PositionalKernel, check_vma: bool = True) -> SelfKernel:
@@ -86,23 +89,27 @@ def sequence_sharded(kernel: PositionalKernel, check_vma: bool = True) -> SelfKe
     return self_attention
 
 
-def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
-    """One decode step's attention over one layer of a KV cache that may be split over the
-    `sequence` axis (`KEY_CACHE_AXES`, `CACHE_AXES`, the mesh set by `jax.set_mesh`).
+def sequence_sharded_decode(kernel: DecodeKernel, write: CacheWrite) -> Callable[..., tuple]:
+    """One decode step's cache write and attention over one layer of a KV cache that may be
+    split over the `sequence` axis (`KEY_CACHE_AXES`, `CACHE_AXES`, the mesh set by
+    `jax.set_mesh`).
 
-    Returns attend(q, cache_k, cache_v, positions, k_new, v_new, kv_len): one layer's cache,
-    keys [rows, kv_heads, head_dim, max_len] and values [rows, kv_heads, max_len, head_dim]
-    (`KVCache`), of which the first kv_len positions are read.
-    Unsplit, that is `kernel` on the slice. Split, every device attends its own block of
-    positions (max_len / shards of them, the first min(kv_len, block) read) and the blocks'
-    softmaxes are merged flash-decoding style inside `kernel` (`axis`): the global maximum of
-    the scores (pmax), then the sums of the weights and of the weighted values (psum) - the
-    log-sum-exp merge with the shared maximum applied before the sums. A `shard_map` rather than
-    sharding annotations: a slice of the first kv_len positions of a split axis makes GSPMD
-    move positions between devices (collective permutes every step), where each device
-    reading a prefix of its own block moves nothing; the collectives are three small arrays
-    ([rows, heads] and [rows, heads, head_dim]) per layer. The cache goes into the `shard_map`
-    whole and is sliced inside: a slice outside would be materialised at the boundary.
+    Returns attend(q, cache_k, cache_v, positions, k_new, v_new, kv_len) -> (out, cache_k,
+    cache_v): one layer's cache, keys [rows, kv_heads, head_dim, max_len] and values [rows,
+    kv_heads, max_len, head_dim] (`KVCache`), into which `write` puts each row's new key and
+    value [rows, kv_heads, head_dim] at its position before `kernel` reads the first kv_len
+    positions.
+    Unsplit, that is `kernel` on the slice. Split, every device writes the rows whose position
+    lies in its own block of positions (max_len / shards of them) and attends that block (the
+    first min(kv_len, block) read); the blocks' softmaxes are merged flash-decoding style
+    inside `kernel` (`axis`): the global maximum of the scores (pmax), then the sums of the
+    weights and of the weighted values (psum) - the log-sum-exp merge with the shared maximum
+    applied before the sums. A `shard_map` rather than sharding annotations: a slice of the
+    first kv_len positions of a split axis makes GSPMD move positions between devices
+    (collective permutes every step), where each device reading a prefix of its own block
+    moves nothing; the collectives are three small arrays ([rows, heads] and [rows, heads,
+    head_dim]) per layer. The cache goes into the `shard_map` whole and is sliced inside: a
+    slice outside would be materialised at the boundary.
     Blocks are contiguous: a context shorter than one block is read by every device at the
     cost of one block prefix (only the first device's is visible), never more than unsplit.
     """
@@ -111,8 +118,9 @@ def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
         mesh = jax.sharding.get_abstract_mesh()
         spec = None if mesh.empty else logical_to_spec(CACHE_AXES, cache_v.shape, mesh)
         if spec is None or spec[2] != "sequence":
-            cached = (cache_k[..., :kv_len], cache_v[:, :, :kv_len])
-            return kernel(q, *cached, positions, k_new, v_new)
+            cache_k, cache_v = write(cache_k, cache_v, k_new, v_new, positions[:, 0])
+            out = kernel(q, cache_k[..., :kv_len], cache_v[:, :, :kv_len], positions)
+            return out, cache_k, cache_v
         k_spec = logical_to_spec(KEY_CACHE_AXES, cache_k.shape, mesh)
         block = cache_v.shape[2] // mesh.shape["sequence"]
         width = min(kv_len, block)
@@ -122,13 +130,17 @@ def sequence_sharded_decode(kernel: DecodeKernel) -> Callable[..., jax.Array]:
 
         def local(q, cache_k, cache_v, positions, k_new, v_new):
             offset = jax.lax.axis_index("sequence") * block
+            at = positions[:, 0] - offset
+            at = jnp.where((at >= 0) & (at < block), at, block)  # another block's: dropped
+            cache_k, cache_v = write(cache_k, cache_v, k_new, v_new, at)
             cached = (cache_k[..., :width], cache_v[:, :, :width])
-            return kernel(q, *cached, positions, k_new, v_new, offset=offset, axis="sequence")
+            out = kernel(q, *cached, positions, offset=offset, axis="sequence")
+            return out, cache_k, cache_v
 
         return jax.shard_map(
             local,
             in_specs=(q_spec, k_spec, spec, PartitionSpec(rows, None), new_spec, new_spec),
-            out_specs=q_spec,
+            out_specs=(q_spec, k_spec, spec),
         )(q, cache_k, cache_v, positions, k_new, v_new)
 
     return attend
