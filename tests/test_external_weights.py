@@ -7,8 +7,6 @@ expired URLs and other users' requests are refused."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.sdk_process import run_cli
 from tests.server_process import ServerProcess
 from tests.sft_data import sft_data
 
@@ -194,10 +193,9 @@ def test_the_official_cli_downloads_a_training_checkpoint(server, trained, tmp_p
         TINKER_API_KEY=server.keys["alice"],
         TINKER_TELEMETRY="0",
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "tinker.cli", "checkpoint", "download", trained["state"],
-         "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env,
+    done = run_cli(
+        "checkpoint", "download", trained["state"], "--output", str(tmp_path),
+        env=env, timeout=TIMEOUT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     folder = tmp_path / trained["state"].replace("tinker://", "").replace("/", "_")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
+from tests.sdk_process import run_cli
 from tests.server_process import ServerProcess
 from tests.sft_data import sft_data
 
@@ -48,20 +46,7 @@ def trained(server):
 
 
 def _cli(server, user: str, *args: str, home, input: str | None = None):
-    """`tinker <args>` as `user`, with a HOME of its own (no stored credentials).
-
-    A CLI process that talked to the server sometimes aborts (SIGABRT, nothing on stderr)
-    while the interpreter shuts down, after printing its whole answer, on a loaded machine:
-    a daemon thread of the SDK's client still writing as the interpreter finalises. Such a
-    run is made once more; any other failure, or a second abort, stands."""
-    for _ in range(2):
-        done = _run_cli(server, user, *args, home=home, input=input)
-        if done.returncode != -signal.SIGABRT:
-            break
-    return done
-
-
-def _run_cli(server, user: str, *args: str, home, input: str | None):
+    """`tinker <args>` as `user`, with a HOME of its own (no stored credentials)."""
     env = dict(
         os.environ,
         TINKER_BASE_URL=server.http_url,
@@ -70,14 +55,7 @@ def _run_cli(server, user: str, *args: str, home, input: str | None):
         HOME=str(home),
         COLUMNS="250",  # tables as wide as their rows
     )
-    return subprocess.run(
-        [sys.executable, "-m", "tinker.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env,
-        input=input,
-    )
+    return run_cli(*args, env=env, timeout=TIMEOUT, input=input)
 
 
 def _json(server, user: str, *args: str, home) -> dict:
@@ -244,12 +222,13 @@ def test_auth_login_stores_a_key_the_server_confirms_and_logout_forgets_it(serve
     assert [k["key"] for k in stored["keys"].values()] == [key]
     # The stored key is used when TINKER_API_KEY is not set.
     env = {k: v for k, v in os.environ.items() if k != "TINKER_API_KEY"}
-    listed = subprocess.run(
-        [sys.executable, "-m", "tinker.cli", "-f", "json", "run", "list"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    listed = run_cli(
+        "-f",
+        "json",
+        "run",
+        "list",
         env=dict(env, TINKER_BASE_URL=server.http_url, TINKER_TELEMETRY="0", HOME=str(tmp_path)),
+        timeout=TIMEOUT,
     )
     assert listed.returncode == 0, listed.stderr
     done = _cli(server, "bob", "auth", "logout", home=tmp_path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.sdk_process import LEAVE
 from tests.server_process import SHARED_MAX_BODY, ServerProcess
 from tests.sft_data import VOCAB, sft_data
 
@@ -554,7 +555,7 @@ def test_a_sampling_client_works_pickled_and_by_handle_in_another_process(server
         "rebuilt = [pickle.loads(blob), tinker.SamplingClient.from_sampler_handle(handle, "
         "api_key=key)]\n"
         "print(json.dumps([s.compute_logprobs(T.ModelInput.from_ints(prompt)).result() "
-        "for s in rebuilt]))\n"
+        "for s in rebuilt]))\n" + LEAVE
     )
     payload = pickle.dumps(
         (pickle.dumps(sampler), sampler.get_sampler_handle(), server.keys["alice"], prompt)
@@ -565,8 +566,8 @@ def test_a_sampling_client_works_pickled_and_by_handle_in_another_process(server
         capture_output=True,
         timeout=TIMEOUT,
         env=dict(os.environ, TINKER_BASE_URL=server.http_url, TINKER_TELEMETRY="0"),
-        check=True,
     )
+    assert out.returncode == 0, out.stderr.decode()[-4000:]
     assert json.loads(out.stdout.decode().strip().splitlines()[-1]) == [here, here]
 
 
