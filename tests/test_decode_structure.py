@@ -45,10 +45,14 @@ def _smallest_layer_matrix_bytes(cfg) -> int:
 
 @pytest.fixture(scope="module")
 def batch4():
+    """(shape, the inspection's figures, the compiled program's HLO text) of a batch-4 decode
+    with 2 adapters: the program compiled once for the module's structural tests."""
     shape = inspect_decode.DecodeShape(
         batch=4, adapters=2, context=64, rank=8, slots=3, steps=4, dtype="float32"
     )
-    return shape, inspect_decode.inspect(CONFIG, shape, _smallest_layer_matrix_bytes(CONFIG))
+    out = inspect_decode.inspect(CONFIG, shape, _smallest_layer_matrix_bytes(CONFIG))
+    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    return shape, out, compiled.as_text()
 
 
 def test_the_copy_count_sees_a_scan_over_stacked_weights():
@@ -80,7 +84,7 @@ def test_the_copy_count_sees_a_scan_over_stacked_weights():
 def test_min_bytes_add_up(batch4):
     """The analytic minimum, term by term, from the config (untied lm head: the embedding
     contributes only the rows looked up)."""
-    shape, out = batch4
+    shape, out, _ = batch4
     c = CONFIG
     e, q, kv, f, v, layers = (
         c.hidden_size,
@@ -115,7 +119,7 @@ def test_decode_step_copies_no_kv_cache(batch4):
     last layer's reads, and XLA copied the whole cache twice per step; keys multiplied and
     summed unselected went to a YNNPACK kernel, which cannot take a slice, and XLA copied each
     layer's keys out for it.)"""
-    _, out = batch4
+    _, out, _ = batch4
     assert out["large_copies"] == 0, out["copies"]
 
 
@@ -175,7 +179,7 @@ def test_decode_step_copies_no_random_bits():
 def test_decode_step_copies_no_weight(batch4):
     """Each layer's base weights are arrays of their own, read in place by its matmuls; the
     adapters in use are gathered per layer from the stacked slots, never copied whole."""
-    _, out = batch4
+    _, out, _ = batch4
     assert out["weight_copies"] == 0, out["copies"]
 
 
@@ -184,7 +188,7 @@ def test_decode_step_reads_a_layer_in_five_matmuls(batch4):
     runs five matmuls on each layer's base weights (q, k+v, o, gate+up, down) and one on the
     lm head; the adapters' products read no base weight. One matmul per HF projection, seven
     per layer, read the same bytes in more kernels."""
-    _, out = batch4
+    _, out, _ = batch4
     assert out["weight_matmuls"] == 5 * CONFIG.num_layers + 1
 
 
@@ -194,9 +198,8 @@ def test_decode_step_reads_the_cache_where_it_lies(batch4):
     themselves. (Keys and values selected before the products were materialised by a select
     kernel each, a layer of the cache written and read again per layer and step; and a slice
     of a stacked cache was copied out.)"""
-    shape, _ = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
-    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    shape, _, text = batch4
+    comps, entry = inspect_decode.parse_hlo(text)
     loops = [i for i in comps[entry] if i.opcode == "while" and i.called("body")]
     body = max((loop.called("body")[0] for loop in loops), key=lambda c: len(comps[c]))
     layer = KVCache.layer_shapes(shape.batch, CONFIG.num_kv_heads, shape.context, CONFIG.head_dim)
@@ -219,9 +222,8 @@ def test_decode_step_evaluates_the_rotary_sines_once(batch4):
     queries and keys (`rope_rotation`, which the decode loop carries): computed inside the
     step, XLA fused them into each layer's rotation of q and of k, where they were evaluated
     per element, every head of every layer."""
-    shape, _ = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
-    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    shape, _, text = batch4
+    comps, entry = inspect_decode.parse_hlo(text)
     body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
 
     def trig(comp: str) -> list[str]:
@@ -247,9 +249,8 @@ def test_decode_step_carries_no_keys_or_values(batch4):
     copies none. Carried to the next step's write, they were copied into the loop's buffers
     every step, and the new token's score took a path of its own (202 more kernels per step
     for Qwen3-1.7B at batch 1)."""
-    shape, _ = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
-    comps, entry = inspect_decode.parse_hlo(compiled.as_text())
+    shape, _, text = batch4
+    comps, entry = inspect_decode.parse_hlo(text)
     loop = inspect_decode.decode_loop_of(comps, entry)
     body = loop.called("body")[0]
     token = (shape.batch, CONFIG.num_kv_heads, CONFIG.head_dim)
@@ -262,9 +263,8 @@ def test_decode_step_carries_no_keys_or_values(batch4):
 def test_decode_attention_asks_for_full_fp32_products(batch4):
     """Attention's two fp32 matmuls per layer ask for HIGHEST precision: a GPU's default for
     fp32 matmuls rounds their operands to TF32 (10 bits), the softmax weights among them."""
-    shape, _ = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
-    exact = compiled.as_text().count("operand_precision={highest,highest}")
+    _, _, text = batch4
+    exact = text.count("operand_precision={highest,highest}")
     assert exact >= 2 * CONFIG.num_layers
 
 
@@ -290,9 +290,7 @@ def test_a_table_lookup_counts_the_rows_it_reads():
 def test_per_call_work_is_shared_by_the_calls_steps(batch4):
     """`bytes_accessed` is a decode step's: the loop body's bytes (XLA's cost analysis of
     that computation alone) plus the rest of the program over the steps of a call."""
-    shape, out = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
-    text = compiled.as_text()
+    shape, out, text = batch4
     comps, entry = inspect_decode.parse_hlo(text)
     body = inspect_decode.decode_loop_of(comps, entry).called("body")[0]
     per_step = inspect_decode.computation_bytes(text, body)
@@ -325,8 +323,7 @@ def test_decode_step_copies_no_adapter_in_use(batch4):
     """The adapters in use are gathered and laid side by side ([in, groups * rank]) once per
     call, outside the decode loop: no copy inside a step as large as one module's A columns.
     (Folded into the matmul, their transposition was a copy per module, layer and step.)"""
-    shape, _ = batch4
-    compiled, _, _ = inspect_decode.compile_decode(CONFIG, shape)
+    shape, _, text = batch4
     columns = CONFIG.hidden_size * shape.adapters * shape.rank * 4  # bytes, the narrowest A's
-    stats = inspect_decode.hlo_stats(compiled.as_text(), columns)
+    stats = inspect_decode.hlo_stats(text, columns)
     assert stats["large_copies"] == 0, stats["copies"]
