@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="compile the engine's programs in the background from start-up, most likely "
         "first (default common: the default loss, one or several runs per step, a run's "
-        "step of the cookbook's RL losses, sampling from one or several adapters; all: every "
-        "loss, shape and mix)",
+        "step of the cookbook's RL losses, sampling from one or several adapters, one "
+        "request's prompt logprobs; all: every loss, shape and mix)",
     )
     serve.add_argument(
         "--max-seq-len",

@@ -1,8 +1,8 @@
 """Precompilation at start-up (`tinker_jax.precompile`, `service/precompile.py`): after the plan
 is built, a user's first training step, forward, optim_step and sample, and an RL user's first
-steps (importance_sampling; stable_reinforce on a sample recorded with stability info), compile
-nothing (XLA compilations counted by `service/metrics.py`), where a server
-without it compiles; a request that arrives while a program is being built is served before
+steps (importance_sampling; stable_reinforce on a sample recorded with stability info; a
+prompt's logprobs), compile nothing (XLA compilations counted by `service/metrics.py`), where a
+server without it compiles; a request that arrives while a program is being built is served before
 the next one, with the same results as on a server that precompiles nothing.
 
 Two small in-process servers on the tiny qwen3 (one device, 16 positions, one sampler row, so
@@ -57,9 +57,9 @@ def _client(server: Server):
 
 def _first_steps(server: Server, rl: bool = False) -> dict:
     """A new user's first calls: a run, forward_backward, forward, optim_step, a sampler of
-    the run and a sample. With `rl`, an RL user's steps too: an importance_sampling step, and a
-    stable_reinforce step on the sample (recorded with stability info). Returns their
-    results."""
+    the run and a sample. With `rl`, an RL user's steps too: an importance_sampling step, a
+    stable_reinforce step on the sample (recorded with stability info), and the prompt's
+    logprobs (`compute_logprobs`, a KL penalty's reference). Returns their results."""
     from tinker_jax import types
 
     service = _client(server)
@@ -76,6 +76,7 @@ def _first_steps(server: Server, rl: bool = False) -> dict:
     if rl:
         datum = rl_datum(PROMPT, sample.sequences[0], 1.0)
         training.forward_backward([datum], "stable_reinforce").result(TIMEOUT)
+        sampler.compute_logprobs(prompt).result(TIMEOUT)
     return {
         "loss": trained.metrics["loss:sum"],
         "logprobs": [np.asarray(out["logprobs"].data) for out in trained.loss_fn_outputs],
@@ -245,6 +246,9 @@ def test_the_plan_puts_the_likely_programs_first(precompiled):
     assert {(k.rows, k.seq) for k in rl} == {
         (k.rows, k.seq) for k in trains if k.loss_fn == "cross_entropy" and k.runs == 1
     }
+    # One request's prompt logprobs (the SDK's compute_logprobs) at every prompt length.
+    scored = {k.prompt for k in common if isinstance(k, precompile.Sample) and k.prompt_logprobs}
+    assert scored == {k.prompt for k in every if isinstance(k, precompile.Sample)}
     with pytest.raises(ValueError, match="precompile level 'some'"):
         precompile.plan(trainer, sampler, "some")
 

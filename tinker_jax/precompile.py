@@ -47,7 +47,7 @@ from tinker_jax.trainer import LoraConfig, Trainer
 
 # How much of the plan to build: nothing; what most requests need (the default loss, one or
 # several runs per step, a run's step of the cookbook's RL losses, sampling from one or several
-# adapters); or every program.
+# adapters, one request's prompt logprobs: the SDK's `compute_logprobs`); or every program.
 LEVELS = ("none", "common", "all")
 DEFAULT_LOSS = "cross_entropy"
 # The losses tinker-cookbook's RL loops train with by default (`rl.train.Config.loss_fn`, and
@@ -157,7 +157,7 @@ def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
                         (tier, requests * prompt, Sample(prompt, requests, rows, adapters))
                     )
         entries.append(
-            (2, prompt, Sample(prompt, 1, batch_bucket(1, sampler.batch_multiple), 1, True))
+            (1, prompt, Sample(prompt, 1, batch_bucket(1, sampler.batch_multiple), 1, True))
         )
     top = {"common": 1, "all": 3}[level]
     entries = [e for e in entries if e[0] <= top]
