@@ -328,6 +328,42 @@ def test_a_prompt_beside_longer_rows_is_prefilled_by_programs_built_ahead(
     assert sampler.trace_counts == traced
 
 
+def test_a_batch_of_prompt_logprob_requests_runs_programs_built_ahead(hf_model_dir):
+    """Prompt logprobs requested by several requests at once (a KL penalty's reference
+    logprobs of an RL batch: concurrent compute_logprobs calls) are one prefill of its own.
+    `all` plans it at every row bucket, base model and one adapter: warmed, the batch traces
+    no program. A sampler warmed with the same rows without prompt logprobs traces it."""
+    from tinker_jax.buckets import seq_bucket
+    from tinker_jax.sampler import SampleRequest
+    from tinker_jax.sampling import SamplingParams
+
+    def burst(sampler) -> list:
+        params = SamplingParams(max_tokens=1)
+        prompts = [PROMPT, PROMPT[::-1], PROMPT[1:] + PROMPT[:1]]
+        requests = [SampleRequest(p, 1, params, include_prompt_logprobs=True) for p in prompts]
+        return [result.prompt_logprobs for result in sampler.sample(requests)]
+
+    trainer, sampler = _trainer_and_sampler(hf_model_dir, rows=4, max_len=32)
+    prompt = seq_bucket(len(PROMPT))
+    scored = [
+        k
+        for k in precompile.plan(trainer, sampler, "all")
+        if isinstance(k, precompile.Sample) and k.prompt_logprobs and k.prompt == prompt
+    ]
+    assert [(k.requests, k.rows, k.adapters) for k in scored] == [(1, 1, 1), (2, 2, 1), (4, 4, 1)]
+    for key in scored:
+        assert precompile.warm(trainer, sampler, key)
+    traced = dict(sampler.trace_counts)
+    warmed = burst(sampler)
+    assert sampler.trace_counts == traced
+
+    trainer, unscored = _trainer_and_sampler(hf_model_dir, rows=4, max_len=32)
+    assert precompile.warm(trainer, unscored, precompile.Sample(prompt, 4, 4, 1))
+    traced = dict(unscored.trace_counts)
+    assert burst(unscored) == warmed
+    assert unscored.trace_counts != traced
+
+
 def test_a_prefix_hit_waits_for_its_programs_instead_of_compiling(hf_model_dir):
     """A prefix-cache hit is prefilled by programs of its own that no plan builds. With
     `defer_hit_programs` the first hit of a shape is prefilled from position 0 by the programs

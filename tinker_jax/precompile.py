@@ -148,6 +148,7 @@ def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
         tier = 0 if runs == 1 else 1 if runs <= 8 else 3
         entries.append((tier, trainer.max_length, Split(runs)))
     slots = sampler.layout.num_slots
+    single = batch_bucket(1, sampler.batch_multiple)
     for prompt in _prompts(sampler):
         for rows in _buckets(sampler.rows, sampler.batch_multiple):
             for requests in _buckets(min(rows, sampler.rows), sampler.batch_multiple):
@@ -156,9 +157,10 @@ def plan(trainer: Trainer, sampler: Sampler, level: str = "all") -> list[Key]:
                     entries.append(
                         (tier, requests * prompt, Sample(prompt, requests, rows, adapters))
                     )
-        entries.append(
-            (1, prompt, Sample(prompt, 1, batch_bucket(1, sampler.batch_multiple), 1, True))
-        )
+            # Prompt logprobs: of one request (compute_logprobs), or of a batch of them
+            # arriving together (a KL penalty's reference logprobs of a whole RL batch).
+            scored = Sample(prompt, 1 if rows == single else rows, rows, 1, True)
+            entries.append((1 if rows == single else 2, rows * prompt, scored))
     top = {"common": 1, "all": 3}[level]
     entries = [e for e in entries if e[0] <= top]
     return [key for _, _, key in sorted(entries, key=lambda e: (e[0], e[1]))]
