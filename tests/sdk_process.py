@@ -2,10 +2,10 @@
 `tinker` command line run it.
 
 Such a process sometimes aborts while its interpreter shuts down, after it has written its
-whole answer: SIGABRT in the main thread with no Python frame (about 1 run in 300 on this
-2-core machine, more under load). The SDK's client keeps an asyncio loop running in a daemon
-thread, and `import tinker` loads torch; the teardown of the two is not ours to fix. The
-pytest process itself ends with `os._exit` for the same reason (conftest.py)."""
+whole answer: SIGABRT in the main thread with no Python frame (2 runs in 620 on this 2-core
+machine). The SDK's client keeps an asyncio loop running in a daemon thread, and `import
+tinker` loads torch; the teardown of the two is not ours to fix. The pytest process itself ends
+with `os._exit` for the same reason (conftest.py)."""
 
 from __future__ import annotations
 
