@@ -25,11 +25,12 @@ training work sent through the real gRPC server with the client SDK.
     the service could reach on this machine.
 (c) First-request latency, only with `--only c` (it starts six server processes): from the
     server's being ready (listening) to a new user's first forward_backward result (run
-    created, `--batch` x `--seq` tokens) and first sample result (then optim_step, a sampler
-    of the run, `--seq` prompt tokens, 16 sampled), each in a fresh process: without
-    precompilation; with `--precompile common`, the user arriving once the plan is done (from
-    then on; the plan's own time printed beside); with it, the user arriving at once. Each
-    with a cold persistent compilation cache (a new folder), then warm (a restart on it).
+    created, `--batch` x `--seq` tokens), first sample result (then optim_step, a sampler of
+    the run, `--seq` prompt tokens, 16 sampled) and first compute_logprobs result (of the same
+    prompt), each in a fresh process: without precompilation; with `--precompile common`, the
+    user arriving once the plan is done (from then on; the plan's own time printed beside);
+    with it, the user arriving at once. Each with a cold persistent compilation cache (a new
+    folder), then warm (a restart on it).
 
 Measurement conventions:
 - Server and clients live in this one process (loopback gRPC, port 0, mesh 1x1x1): client
@@ -417,7 +418,7 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, bool]:
     print(f"    {'seconds from ready':<26}" + "".join(f"{h:>32}" for h in heads))
     for state in ("cold", "warm"):
         row = results[state]
-        for what in ("forward_backward", "sample"):
+        for what in ("forward_backward", "sample", "compute_logprobs"):
             cells = [f"{row[p][what]:.2f}" for p in PROBES]
             cells[1] += f" (+ plan {row[PROBES[1]]['plan_s']:.1f})"
             print(f"    {state + ' cache, first ' + what:<26}" + "".join(f"{c:>32}" for c in cells))
@@ -487,6 +488,8 @@ def first_request_probe(args: argparse.Namespace) -> dict:
             params = client_types.SamplingParams(max_tokens=16, seed=0)
             sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=3600)
             out["sample"] = time.perf_counter() - ready
+            sampler.compute_logprobs(prompt).result(timeout=3600)
+            out["compute_logprobs"] = time.perf_counter() - ready
         out["user_compilations"] = sum(compilations().values()) - before
     finally:
         server.stop()
