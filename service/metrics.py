@@ -20,7 +20,8 @@ Metric names (one place for them):
 - `tinker_jax_xla_compilations_total{source}`: XLA programs built by this process, `compiled`
   by XLA or loaded from the persistent compilation cache (`cache`).
 - `tinker_jax_precompile_programs{base_model, state}`: the start-up precompile plan's programs
-  (`service.precompile`): `planned`, `built`, `skipped` (they could not run when their turn came).
+  (`service.precompile`): `planned`, `built`, `skipped` (they could not run when their turn
+  came, or it came once the process held its share of memory maps).
 - `tinker_jax_device_memory_bytes_in_use{device}`, `tinker_jax_device_memory_bytes_limit{device}`:
   from each local device's `memory_stats()`; absent where the backend reports none (JAX's CPU
   backend), since host memory is not the devices' to report.

@@ -13,6 +13,11 @@ host 0's order, and each process writes or reads them in the persistent compilat
 Once the plan is done, the thread goes on building, the same way, the programs of each
 prefix-cache hit that ran without them (the sampler prefilled it from position 0 meanwhile:
 `tinker_jax.prefix_cache.HitPrograms`).
+
+Every compiled program holds memory maps, and a process that reaches the kernel's limit on
+them crashes (`service/memory_maps.py`). Before each program the thread checks the process's
+maps: once they reach MAP_SHARE of the limit it builds nothing more, skips the rest of the plan
+and logs why, leaving the remaining maps to what users' requests compile.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 
 from tinker_jax.precompile import Key, PrefixHit, plan
 from tinker_jax.service import engine_calls as calls
+from tinker_jax.service.memory_maps import map_usage
 from tinker_jax.service.metrics import compilations
 from tinker_jax.service.worker import Callback, EngineWorker
 
@@ -32,13 +38,16 @@ log = logging.getLogger("tinker_jax.precompile")
 # (a client's next call follows its last result within it), and how often that is checked.
 IDLE_SECONDS = 0.5
 POLL_SECONDS = 0.05
+# The share of vm.max_map_count past which no more programs are built ahead (module docstring).
+MAP_SHARE = 0.5
 
 
 class Precompiler:
     """Builds one worker's precompile plan of `level` (`tinker_jax.precompile.LEVELS`) once
     `start`ed; `done` is set when every program is built or skipped. A program that cannot
     run when its turn comes (its slots taken by users' runs) is tried again after the others,
-    once, and then skipped (`skipped_keys`). The counts (`built`, and the XLA programs
+    once, and then skipped (`skipped_keys`), as is every program left once the process holds
+    MAP_SHARE of its memory-map limit (`maps_full`). The counts (`built`, and the XLA programs
     `compiled` or loaded from the persistent cache, `cached`) grow as it goes; `seconds` is the
     plan's wall time once done. Then it builds prefix-cache hits' programs as they are wanted
     (`hits_built`) until stopped."""
@@ -49,6 +58,7 @@ class Precompiler:
         self.done = threading.Event()
         self.built = self.compiled = self.cached = self.hits_built = 0
         self.skipped_keys: list[Key] = []
+        self.maps_full = False
         self.seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -74,7 +84,10 @@ class Precompiler:
             log.info("precompiling %d programs of %s in the background", len(self.keys), name)
         start = time.monotonic()
         later = []
-        for key in self.keys:
+        for i, key in enumerate(self.keys):
+            if self._maps_full():
+                self.skipped_keys += self.keys[i:]
+                break
             built = self._wait_idle() and self._build(key)
             if built is None:
                 return
@@ -83,7 +96,7 @@ class Precompiler:
             else:
                 later.append(key)
         for key in later:
-            built = self._wait_idle() and self._build(key)
+            built = not self._maps_full() and self._wait_idle() and self._build(key)
             if built is None:
                 return
             if built:
@@ -110,7 +123,7 @@ class Precompiler:
         time once the engine is idle, until stopped."""
         sampler = self.worker.engine.sampler
         while not self._stop.wait(POLL_SECONDS):
-            if not sampler.hit_programs_waiting():
+            if not sampler.hit_programs_waiting() or self._maps_full():
                 continue
             if self._wait_idle() is None:
                 return
@@ -127,6 +140,25 @@ class Precompiler:
                     time.monotonic() - start,
                     self.compiled - compiled,
                 )
+
+    def _maps_full(self) -> bool:
+        """Whether the process holds MAP_SHARE of its memory-map limit (logged the first
+        time; from then on true: compiled programs keep their maps)."""
+        if self.maps_full:
+            return True
+        usage = map_usage()
+        if usage is None or usage[0] < MAP_SHARE * usage[1]:
+            return False
+        self.maps_full = True
+        log.warning(
+            "precompiling %s stopped after %d programs: the process holds %d memory maps of "
+            "vm.max_map_count %d (each compiled program keeps some); the rest compile on first "
+            "use. Raise the limit (sysctl -w vm.max_map_count=262144) to build more ahead",
+            self.worker.base_model,
+            self.built,
+            *usage,
+        )
+        return True
 
     def _wait_idle(self) -> bool | None:
         """Waits until no user operation has been queued or running for IDLE_SECONDS; None

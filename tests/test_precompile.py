@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import threading
 
 import numpy as np
@@ -25,6 +26,7 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.engine import Engine
+from tinker_jax.service.memory_maps import map_usage
 from tinker_jax.service.metrics import compilations
 from tinker_jax.service.server import Server
 
@@ -251,6 +253,51 @@ def test_the_plan_puts_the_likely_programs_first(precompiled):
     assert scored == {k.prompt for k in every if isinstance(k, precompile.Sample)}
     with pytest.raises(ValueError, match="precompile level 'some'"):
         precompile.plan(trainer, sampler, "some")
+
+
+def test_map_usage_counts_the_maps_a_compiled_program_keeps():
+    """`map_usage` reads this process's memory maps and the system's limit; a newly compiled
+    program adds maps, which it keeps while it lives (the premise of the precompiler's stop)."""
+    import jax
+    import jax.numpy as jnp
+
+    held, limit = map_usage()
+    assert 0 < held < limit
+    program = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0)).lower(jnp.ones((7, 13))).compile()
+    assert map_usage()[0] > held
+    del program
+
+
+def test_precompiling_stops_at_its_share_of_the_memory_map_limit(hf_model_dir, tmp_path, caplog):
+    """A process that holds MAP_SHARE of vm.max_map_count builds no more programs ahead (each
+    keeps maps, and at the limit the process crashes): the rest of the plan is skipped with a
+    warning saying why and what to raise, and the server goes on serving."""
+    from tinker_jax import ServiceClient
+    from tinker_jax.service import precompile as driver
+
+    readings = itertools.chain([(10, 100), (20, 100)], itertools.repeat((50, 100)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "map_usage", lambda: next(readings))
+        with caplog.at_level("WARNING", logger="tinker_jax.precompile"):
+            server = Server(_config(hf_model_dir("qwen3"), tmp_path / "storage", "common"))
+            try:
+                (precompiler,) = server.precompilers.values()
+                assert precompiler.done.wait(TIMEOUT)
+                assert precompiler.maps_full and precompiler.built == 2
+                assert precompiler.skipped_keys == precompiler.keys[2:]
+                assert precompiler.progress()["skipped"] == len(precompiler.keys) - 2
+                stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+                assert len(stopped) == 1
+                assert "after 2 programs" in stopped[0] and "50 memory maps" in stopped[0]
+                assert "vm.max_map_count 100" in stopped[0]
+                key = server.store.create_user("after-the-stop")[1]
+                client = ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=key)
+                model = server.config.base_models[0]
+                training = client.create_lora_training_client(model, rank=4, seed=1)
+                forward = training.forward(sft_data(1, LENGTHS), "cross_entropy").result(TIMEOUT)
+                assert np.isfinite(forward.metrics["loss:sum"])
+            finally:
+                server.stop()
 
 
 def test_config_refuses_an_unknown_level(tmp_path):
