@@ -3,8 +3,8 @@
 XLA's CPU compiler loads each kernel of a program as its own object, with its code, read-only
 data and data in three maps of their own, and a program keeps them while it is cached: about
 70 maps per program of the tiny test model, and more per kernel-rich program. At Linux's
-default limit of 65530 a CPU server that precompiled its `common` plan for the benchmark model
-(`scripts/bench_service.py --only c`) crashed after 7 minutes (SIGSEGV once mmap failed).
+default limit of 65530 the CPU server of `scripts/bench_service.py --only c` (hidden 256 x 4
+layers) crashed 7 minutes into its `common` plan (SIGSEGV once mmap failed).
 The precompiler stops its plan before the limit (`service/precompile.py`)."""
 
 from __future__ import annotations
