@@ -31,7 +31,7 @@ from tinker_jax.lora import LoRASpec
 from tinker_jax.models.decoder import auto_attention_kernel
 from tinker_jax.sampler import PREFILL_CHUNK, Sampler
 from tinker_jax.service import engine_calls as calls
-from tinker_jax.service import external_weights
+from tinker_jax.service import external_weights, memory_maps
 from tinker_jax.sharding import make_mesh, sequence_shards
 from tinker_jax.trainer import SlotState, Trainer
 from tinker_jax.weights import load_model, resolve_model_dir
@@ -124,13 +124,17 @@ class Engine:
         }
 
     def call(self, call: calls.EngineCall) -> Any:
-        """Runs `call` here and, on a multi-host server, on every host."""
-        if self.stream is None:
-            return self._handlers[type(call)](call)
-        call = call.pinned()
-        with _order:
-            self.stream.publish(pickle.dumps((self.base_model, call)))
-            return self._handlers[type(call)](call)
+        """Runs `call` here and, on a multi-host server, on every host; then lets the memory
+        map guard look at what it compiled (`memory_maps.MapGuard`)."""
+        try:
+            if self.stream is None:
+                return self._handlers[type(call)](call)
+            call = call.pinned()
+            with _order:
+                self.stream.publish(pickle.dumps((self.base_model, call)))
+                return self._handlers[type(call)](call)
+        finally:
+            memory_maps.GUARD.check()
 
     def replay(self, call: calls.EngineCall) -> None:
         """A follower's execution of host 0's call: its result is host 0's to deliver, and
@@ -142,6 +146,8 @@ class Engine:
             log.info("%s refused here as on host 0: %s", name, e)
         except Exception:  # noqa: BLE001 - as on host 0, a failed call must not stop the loop
             log.exception("engine call %s failed", name)
+        finally:
+            memory_maps.GUARD.check()
 
     # ---------------------------------------------------------------- calls with several steps
 

@@ -19,6 +19,9 @@ Metric names (one place for them):
 - `tinker_jax_requests_total{front_end, operation, code}`: requests answered, OK or failed.
 - `tinker_jax_xla_compilations_total{source}`: XLA programs built by this process, `compiled`
   by XLA or loaded from the persistent compilation cache (`cache`).
+- `tinker_jax_memory_maps{state}`: the memory maps this process `held` and its `limit`
+  (`vm.max_map_count`; absent off Linux), and `tinker_jax_programs_dropped_total`: compiled
+  programs the memory-map guard dropped to stay under it (`service.memory_maps`).
 - `tinker_jax_precompile_programs{base_model, state}`: the start-up precompile plan's programs
   (`service.precompile`): `planned`, `built`, `skipped` (they could not run when their turn
   came, or it came once the process held its share of memory maps).
@@ -37,6 +40,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tinker_jax.service import memory_maps
 from tinker_jax.service.observer import OK, Observer
 
 if TYPE_CHECKING:
@@ -179,7 +183,8 @@ class _DeviceMemoryCollector(Collector):
 
 
 class _CompilationCollector(Collector):
-    """This process's XLA compilations (`_compilations`)."""
+    """This process's XLA compilations (`_compilations`), the memory maps its programs hold
+    and the programs dropped to keep them under the limit (`memory_maps.GUARD`)."""
 
     def collect(self):
         family = CounterMetricFamily(
@@ -191,6 +196,23 @@ class _CompilationCollector(Collector):
         for source, count in _compilations.counts().items():
             family.add_metric([source], count)
         yield family
+        usage = memory_maps.map_usage()
+        if usage is not None:
+            maps = GaugeMetricFamily(
+                "tinker_jax_memory_maps",
+                "Memory maps this process holds (each compiled program keeps some on CPU), "
+                "and the kernel's limit on them.",
+                labels=["state"],
+            )
+            for state, count in zip(("held", "limit"), usage):
+                maps.add_metric([state], count)
+            yield maps
+        yield CounterMetricFamily(
+            "tinker_jax_programs_dropped",
+            "Compiled programs dropped, least recently used first, to keep the process under "
+            "its memory-map limit; each compiles again when next used.",
+            value=memory_maps.GUARD.dropped,
+        )
 
 
 class _PrecompileCollector(Collector):

@@ -17,7 +17,8 @@ prefix-cache hit that ran without them (the sampler prefilled it from position 0
 Every compiled program holds memory maps, and a process that reaches the kernel's limit on
 them crashes (`service/memory_maps.py`). Before each program the thread checks the process's
 maps: once they reach MAP_SHARE of the limit it builds nothing more, skips the rest of the plan
-and logs why, leaving the remaining maps to what users' requests compile.
+and logs why, leaving the remaining maps to what users' requests compile (kept under the
+limit by `memory_maps.MapGuard`, which drops least recently used programs).
 """
 
 from __future__ import annotations

@@ -137,6 +137,10 @@ def test_a_scrape_under_load_counts_what_two_users_did(server):
     assert requests("create_session") == 2
     # The server built XLA programs (compiled, or loaded from the persistent cache).
     assert _value(after, "tinker_jax_xla_compilations_total") >= 1
+    # It holds memory maps for them, under the limit, and has dropped none to stay there.
+    held, limit = (_value(after, "tinker_jax_memory_maps", state=s) for s in ("held", "limit"))
+    assert 0 < held < limit
+    assert _value(after, "tinker_jax_programs_dropped_total") == 0
     # JAX's CPU backend reports no device memory, so the metric has no samples here.
     assert _value(after, "tinker_jax_device_memory_bytes_in_use") == 0
 

@@ -26,7 +26,6 @@ from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
 from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.engine import Engine
-from tinker_jax.service.memory_maps import map_usage
 from tinker_jax.service.metrics import compilations
 from tinker_jax.service.server import Server
 
@@ -253,22 +252,6 @@ def test_the_plan_puts_the_likely_programs_first(precompiled):
     assert scored == {k.prompt for k in every if isinstance(k, precompile.Sample)}
     with pytest.raises(ValueError, match="precompile level 'some'"):
         precompile.plan(trainer, sampler, "some")
-
-
-def test_map_usage_counts_the_maps_a_compiled_program_keeps():
-    """`map_usage` reads this process's memory maps and the system's limit; a newly compiled
-    program adds maps, which it keeps while it lives (the premise of the precompiler's stop)."""
-    import gc
-
-    import jax
-    import jax.numpy as jnp
-
-    gc.collect()  # programs already unreachable unmap now, not while this one is measured
-    held, limit = map_usage()
-    assert 0 < held < limit
-    program = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0)).lower(jnp.ones((7, 13))).compile()
-    assert map_usage()[0] > held
-    del program
 
 
 def test_precompiling_stops_at_its_share_of_the_memory_map_limit(hf_model_dir, tmp_path, caplog):
