@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from tests.sft_data import sft_data
+from tests.small_server import small_server_config
 from tinker_jax import programs
 from tinker_jax.programs import Programs, Registry
 from tinker_jax.service import memory_maps
-from tinker_jax.service.config import ServerConfig
 from tinker_jax.service.memory_maps import MapGuard, map_usage
 from tinker_jax.service.server import Server
 
@@ -121,19 +121,7 @@ def test_a_server_past_its_map_limit_drops_programs_and_goes_on_serving(hf_model
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(programs, "PROCESS", registry)  # this server's programs only
         patch.setattr(memory_maps, "GUARD", guard)
-        server = Server(
-            ServerConfig(
-                base_models=(str(hf_model_dir("qwen3")),),
-                storage=tmp_path / "storage",
-                port=0,
-                max_adapters=2,
-                max_lora_rank=4,
-                sampler_slots=2,
-                sampler_rows=1,
-                max_seq_len=16,
-                mesh={"data": 1, "fsdp": 1, "tensor": 1},
-            )
-        )
+        server = Server(small_server_config(hf_model_dir("qwen3"), tmp_path / "storage"))
         try:
             key = server.store.create_user("maps")[1]
             service = ServiceClient(base_url=f"127.0.0.1:{server.port}", api_key=key)

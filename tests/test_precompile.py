@@ -21,6 +21,7 @@ import pytest
 
 from tests.rl_data import rl_datum
 from tests.sft_data import sft_data
+from tests.small_server import small_server_config
 from tinker_jax import precompile
 from tinker_jax.errors import ValidationError
 from tinker_jax.losses import LOSS_FNS
@@ -32,21 +33,6 @@ from tinker_jax.service.server import Server
 TIMEOUT = 600
 LENGTHS = [12, 9]  # 32 padded tokens: two steps of the 16-token budget
 PROMPT = [5, 17, 3, 99]
-
-
-def _config(model, storage, level: str) -> ServerConfig:
-    return ServerConfig(
-        base_models=(str(model),),
-        storage=storage,
-        port=0,
-        max_adapters=2,
-        max_lora_rank=4,
-        sampler_slots=2,
-        sampler_rows=1,
-        max_seq_len=16,
-        mesh={"data": 1, "fsdp": 1, "tensor": 1},
-        precompile=level,
-    )
 
 
 def _client(server: Server):
@@ -144,7 +130,7 @@ def precompiled(hf_model_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("precompiled") / "storage"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precompile, "warm", held)
-        server = Server(_config(hf_model_dir("qwen3"), storage, "common"))
+        server = Server(small_server_config(hf_model_dir("qwen3"), storage, "common"))
         (worker,) = server.workers.values()
         patch.setattr(worker.engine, "call", lambda call: recorded(worker.engine, call))
         (precompiler,) = server.precompilers.values()
@@ -175,7 +161,7 @@ def plain(hf_model_dir, tmp_path_factory, precompiled):
     """A server that precompiles nothing (started once the other is idle, so that only its own
     compilations are counted), and a user's first steps on it with the XLA compilations they
     caused."""
-    server = Server(_config(hf_model_dir("qwen3"), tmp_path_factory.mktemp("plain"), "none"))
+    server = Server(small_server_config(hf_model_dir("qwen3"), tmp_path_factory.mktemp("plain")))
     try:
         assert not server.precompilers
         before = _total()
@@ -265,7 +251,9 @@ def test_precompiling_stops_at_its_share_of_the_memory_map_limit(hf_model_dir, t
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(driver, "map_usage", lambda: next(readings))
         with caplog.at_level("WARNING", logger="tinker_jax.precompile"):
-            server = Server(_config(hf_model_dir("qwen3"), tmp_path / "storage", "common"))
+            server = Server(
+                small_server_config(hf_model_dir("qwen3"), tmp_path / "storage", "common")
+            )
             try:
                 (precompiler,) = server.precompilers.values()
                 assert precompiler.done.wait(TIMEOUT)
@@ -475,7 +463,7 @@ def test_the_server_builds_a_prefix_hits_programs_once_idle(hf_model_dir, tmp_pa
     from tinker_jax.service import precompile as service_precompile
 
     config = dataclasses.replace(
-        _config(hf_model_dir("qwen3"), tmp_path / "storage", "common"),
+        small_server_config(hf_model_dir("qwen3"), tmp_path / "storage", "common"),
         max_seq_len=64,
         prefix_cache_share=1.0,
     )
