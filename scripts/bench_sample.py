@@ -326,7 +326,12 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
     o, gate|up, down; a MoE token's experts_per_token experts each), then the lm head. At
     batch 1 that is the time to stream the weights once: the CPU's roofline. Printed as
     tokens/s and as a ratio to torch: when a CPU target asks for more than this ratio, no
-    formulation of the rest of the step can meet it. Returns the share of it that ours reached."""
+    formulation of the rest of the step can meet it. Returns the share of it that ours reached.
+
+    Also printed: the same step with attention's two products per layer over a KV cache of the
+    mean attended context (prompt_len + new_tokens / 2 positions, the sampler's cache layout),
+    and no softmax, norm or sampling: what a step must at least add to the ceiling here, and
+    what that leaves the rest of a step at the target."""
     import jax
     import jax.numpy as jnp
 
@@ -352,17 +357,40 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
     head = weight(args.hidden, args.vocab)
     x = jnp.asarray(rng.standard_normal((batch, args.hidden)), dtype)
 
+    context = args.prompt_len + args.new_tokens // 2
+    group, d = args.heads // args.kv_heads, args.head_dim
+    # Per layer: keys [batch, kv_heads, head_dim, context], values [batch, kv_heads, context,
+    # head_dim], as the sampler's cache holds them (`KVCache`).
+    caches = [
+        (
+            jnp.asarray(rng.standard_normal((batch, args.kv_heads, d, context)), dtype),
+            jnp.asarray(rng.standard_normal((batch, args.kv_heads, context, d)), dtype),
+        )
+        for _ in range(args.layers)
+    ]
+
     @jax.jit
-    def matmuls(x, layers, head):
-        for qkv, o, mlps in layers:
-            x = x + (x @ qkv)[:, :q] @ o
+    def matmuls(x, layers, head, caches=None):
+        for i, (qkv, o, mlps) in enumerate(layers):
+            a = (x @ qkv)[:, :q]
+            if caches is not None:
+                keys, values = caches[i]
+                scores = jnp.einsum("bhgd,bhdk->bhgk", a.reshape(batch, -1, group, d), keys)
+                a = jnp.einsum("bhgk,bhkd->bhgd", scores, values).reshape(batch, q)
+            x = x + a @ o
             for gate_up, down in mlps:
                 g = x @ gate_up
                 x = x + (g[:, :m] * g[:, m:]) @ down
         return x @ head
 
-    matmuls(x, layers, head).block_until_ready()
-    best = min(timed(lambda: matmuls(x, layers, head).block_until_ready())[0] for _ in range(10))
+    def step_time(*cache: list) -> float:
+        matmuls(x, layers, head, *cache).block_until_ready()
+        return min(
+            timed(lambda: matmuls(x, layers, head, *cache).block_until_ready())[0]
+            for _ in range(10)
+        )
+
+    best = step_time()
     tps = batch / best
     flops = 2 * batch * (sum(w.size for w in jax.tree.leaves(layers)) + head.size)
     line = (
@@ -382,13 +410,27 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
             line += f" (a {need:.1f}x target is above what the matmuls alone reach here)"
     print(line)
     # What the ceiling leaves out and a step must still read: the KV cache attention reads.
-    context = args.prompt_len + args.new_tokens / 2
-    cache = 2 * args.layers * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
+    cache = sum(k.nbytes + v.nbytes for k, v in caches)
     weights = sum(w.nbytes for w in jax.tree.leaves(layers)) + head.nbytes
     print(
         f"           beside its weights ({weights / 2**20:.0f} MiB), a step's attention reads "
-        f"{cache / 2**20:.0f} MiB of KV cache at the mean context ({context:.0f} positions), "
+        f"{cache / 2**20:.0f} MiB of KV cache at the mean context ({context} positions), "
         "which the ceiling leaves out"
+    )
+    need = CEILING_TARGETS.get(batch)
+    if need is None:
+        return share
+    with_attention = step_time(caches)
+    # The decode-step time at which `need` of the ceiling is reached end to end, the prefill
+    # and first token (`ours_prefill`) included.
+    step = (batch * args.new_tokens / (need * tps) - r["ours_prefill"]) / (args.new_tokens - 1)
+    print(
+        f"           with attention's two products over it: {with_attention * 1e3:.1f} ms per "
+        f"step (+{(with_attention - best) * 1e3:.1f} ms) = {best / with_attention:.0%} of the "
+        f"ceiling; ours reaches {r['ours_tps'] * with_attention / batch:.0%} of that end to end."
+        f" {need:.0%} of the ceiling end to end needs decode steps of {step * 1e3:.1f} ms: "
+        f"{(step - with_attention) * 1e3:.1f} ms per step for the rest (norms, rotary, softmax, "
+        "cache writes, sampling, the gaps between kernels and reads past the mean context)"
     )
     return share
 

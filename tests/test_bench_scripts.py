@@ -34,7 +34,7 @@ RUNS = {  # the profile first: its --by-op sets XLA_FLAGS (an HLO dump), read wh
     "train-moe": (
         "bench_train.py", *TINY, *MOE, "--seq", "32", "--batch", "2", "--steps", "1", "--no-torch"
     ),
-    "sample": ("bench_sample.py", *TINY, "--batches", "2", "--new-tokens", "8", "--repeats", "1"),
+    "sample": ("bench_sample.py", *TINY, "--batches", "32", "--new-tokens", "8", "--repeats", "1"),
     "sample-adapters": (
         "bench_sample.py", *TINY, "--batches", "3", "--new-tokens", "4", "--repeats", "1",
         "--adapters", "2", "--rank", "4", "--rows", "4",
@@ -116,8 +116,9 @@ def test_bench_train(outputs, name, expect):
 def test_bench_sample(outputs):
     out = run_output(outputs, "sample")
     assert "ratio ours/torch" in out and "greedy tokens equal in 100% of rows" in out
-    assert "ceiling batch 2:" in out and "peak bound:" in out
+    assert "ceiling batch 32:" in out and "peak bound:" in out
     assert "MiB of KV cache at the mean context" in out
+    assert "with attention's two products over it:" in out and "target batch 32:" in out
 
 
 def test_bench_sample_adapters(outputs):
