@@ -49,7 +49,13 @@ class MapGuard:
     it last looked, and past HIGH_SHARE drops the least recently used programs of every
     engine (`registry`'s: `tinker_jax.programs.Registry.forget_least_recent`) until under
     LOW_SHARE, with one log line. A dropped program compiles again when next used: a stall
-    for that user instead of a crash for all. `dropped` counts the programs dropped so far."""
+    for that user instead of a crash for all. `dropped` counts the programs dropped so far.
+
+    When dropping every program leaves the process at LOW_SHARE or more, the maps are mostly
+    not programs' (threads, libraries, files): dropping at every compile would then recompile
+    every request's programs while freeing almost nothing. So the guard drops again only once
+    the maps have grown past that floor by HIGH_SHARE - LOW_SHARE of the limit, the room
+    programs fill between two drops in the usual case."""
 
     def __init__(
         self,
@@ -61,6 +67,7 @@ class MapGuard:
         self._lock = threading.Lock()
         self._seen = -1
         self.dropped = 0
+        self._rearm = 0  # maps below which no drop starts, beside HIGH_SHARE of the limit
 
     def check(self) -> None:
         if not self._lock.acquire(blocking=False):
@@ -71,7 +78,7 @@ class MapGuard:
                 return
             self._seen = traced
             usage = self._usage()
-            if usage is None or usage[0] < HIGH_SHARE * usage[1]:
+            if usage is None or usage[0] < max(HIGH_SHARE * usage[1], self._rearm):
                 return
             held, limit = before = usage
             total, dropped = self.registry.count(), 0
@@ -86,15 +93,20 @@ class MapGuard:
                     break
                 held, limit = usage
             self.dropped += dropped
+            stuck = held >= LOW_SHARE * limit
+            self._rearm = held + (HIGH_SHARE - LOW_SHARE) * limit if stuck else 0
             log.warning(
                 "the process held %d memory maps of vm.max_map_count %d: dropped %d of its %d "
                 "compiled programs, those used least recently (they compile again when next "
-                "used), and now holds %d. Raise the limit (sysctl -w vm.max_map_count=262144) "
+                "used), and now holds %d%s. Raise the limit (sysctl -w vm.max_map_count=262144) "
                 "to keep more",
                 *before,
                 dropped,
                 total,
                 held,
+                f", mostly maps that are not programs': the next drop waits for {self._rearm:.0f}"
+                if stuck
+                else "",
             )
         finally:
             self._lock.release()

@@ -109,6 +109,37 @@ def test_the_guard_drops_programs_past_its_high_share_until_under_its_low_share(
     assert "sysctl -w vm.max_map_count=" in warning
 
 
+def test_the_guard_waits_for_programs_to_add_maps_when_others_hold_them(caplog):
+    """When dropping every program leaves the maps at LOW_SHARE or more (maps that are not
+    programs'), the next compiles do not drop the programs again until the maps have grown by
+    HIGH_SHARE - LOW_SHARE of the limit past that floor: no recompiling of every request for
+    nothing."""
+    registry = Registry()
+    owner = Programs(registry)
+    for k in range(4):
+        _built(owner, f"p{k}", k + 1)
+    readings = [(85, 100)] + [(75, 100)] * 4
+    guard = MapGuard(lambda: readings.pop(0), registry)
+    with caplog.at_level("WARNING", logger="tinker_jax.memory_maps"):
+        guard.check()
+    assert readings == [] and guard.dropped == 4 and registry.count() == 0
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "now holds 75, mostly maps that are not programs'" in warning
+    assert "the next drop waits for 95" in warning
+    _built(owner, "p4", 5)
+    readings[:] = [(94, 100)]  # past HIGH_SHARE, under the floor + 20
+    guard.check()
+    assert readings == [] and guard.dropped == 4 and registry.count() == 1
+    _built(owner, "p5", 6)
+    readings[:] = [(95, 100), (55, 100)]
+    guard.check()
+    assert readings == [] and guard.dropped == 5 and registry.count() == 1
+    _built(owner, "p6", 7)
+    readings[:] = [(85, 100), (55, 100)]  # back under LOW_SHARE: HIGH_SHARE rules again
+    guard.check()
+    assert readings == [] and guard.dropped == 6
+
+
 def test_a_server_past_its_map_limit_drops_programs_and_goes_on_serving(hf_model_dir, tmp_path):
     """Requests that compile while the process holds HIGH_SHARE of its maps make the server
     drop its programs, least recently used first, not crash: the sample is served, and the
