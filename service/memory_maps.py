@@ -94,7 +94,7 @@ class MapGuard:
                 held, limit = usage
             self.dropped += dropped
             stuck = held >= LOW_SHARE * limit
-            self._rearm = held + (HIGH_SHARE - LOW_SHARE) * limit if stuck else 0
+            self._rearm = held + round((HIGH_SHARE - LOW_SHARE) * limit) if stuck else 0
             log.warning(
                 "the process held %d memory maps of vm.max_map_count %d: dropped %d of its %d "
                 "compiled programs, those used least recently (they compile again when next "
@@ -104,7 +104,7 @@ class MapGuard:
                 dropped,
                 total,
                 held,
-                f", mostly maps that are not programs': the next drop waits for {self._rearm:.0f}"
+                f", mostly maps that are not programs': the next drop waits for {self._rearm}"
                 if stuck
                 else "",
             )
