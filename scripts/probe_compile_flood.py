@@ -15,12 +15,17 @@ the limit for the run and restore it afterwards (it is system-wide):
     python scripts/probe_compile_flood.py              # drops programs, survives
     python scripts/probe_compile_flood.py --no-guard   # the process dies once mmap fails
     sysctl -w vm.max_map_count=65530
+
+`--hold-maps N` holds N more maps for the whole run (one-page anonymous mappings), as threads,
+libraries and open files do: past 60% of the limit, the programs alone cannot bring the
+process under it, and the guard must not drop them again at every compile.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import mmap
 import tempfile
 import time
 from pathlib import Path
@@ -39,10 +44,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max-length", type=int, default=500, help="longest prompt / datum")
     p.add_argument("--no-guard", action="store_true", help="never drop programs (to see the crash)")
+    p.add_argument("--hold-maps", type=int, default=0, help="maps held besides the programs'")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.no_guard:
         memory_maps.HIGH_SHARE = float("inf")
+    held_maps = [mmap.mmap(-1, mmap.PAGESIZE) for _ in range(args.hold_maps)]
     work = Path(tempfile.mkdtemp(prefix="compile-flood-"))
     model = str(write_tiny_model(work / "tiny-qwen3"))
     server = Server(
@@ -83,7 +90,7 @@ def main() -> None:
             )
     finally:
         server.stop()
-    print("survived")
+    print(f"survived, holding {len(held_maps)} maps besides the programs'")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ class MapGuard:
 
     When dropping every program leaves the process at LOW_SHARE or more, the maps are mostly
     not programs' (threads, libraries, files): dropping at every compile would then recompile
-    every request's programs while freeing almost nothing. So the guard drops again only once
-    the maps have grown past that floor by HIGH_SHARE - LOW_SHARE of the limit, the room
-    programs fill between two drops in the usual case."""
+    every request's programs while freeing almost nothing. So the guard then drops again only
+    once the maps are halfway from that floor to the limit: programs get half the room left,
+    and the other half stays free for the compile that crosses it."""
 
     def __init__(
         self,
@@ -94,7 +94,7 @@ class MapGuard:
                 held, limit = usage
             self.dropped += dropped
             stuck = held >= LOW_SHARE * limit
-            self._rearm = held + round((HIGH_SHARE - LOW_SHARE) * limit) if stuck else 0
+            self._rearm = (held + limit) // 2 if stuck else 0
             log.warning(
                 "the process held %d memory maps of vm.max_map_count %d: dropped %d of its %d "
                 "compiled programs, those used least recently (they compile again when next "

@@ -111,9 +111,8 @@ def test_the_guard_drops_programs_past_its_high_share_until_under_its_low_share(
 
 def test_the_guard_waits_for_programs_to_add_maps_when_others_hold_them(caplog):
     """When dropping every program leaves the maps at LOW_SHARE or more (maps that are not
-    programs'), the next compiles do not drop the programs again until the maps have grown by
-    HIGH_SHARE - LOW_SHARE of the limit past that floor: no recompiling of every request for
-    nothing."""
+    programs'), the next compiles do not drop the programs again until the maps are halfway
+    from that floor to the limit: no recompiling of every request for nothing."""
     registry = Registry()
     owner = Programs(registry)
     for k in range(4):
@@ -125,13 +124,13 @@ def test_the_guard_waits_for_programs_to_add_maps_when_others_hold_them(caplog):
     assert readings == [] and guard.dropped == 4 and registry.count() == 0
     (warning,) = [r.getMessage() for r in caplog.records if r.name == memory_maps.log.name]
     assert "now holds 75, mostly maps that are not programs'" in warning
-    assert "the next drop waits for 95" in warning
+    assert "the next drop waits for 87" in warning
     _built(owner, "p4", 5)
-    readings[:] = [(94, 100)]  # past HIGH_SHARE, under the floor + 20
+    readings[:] = [(86, 100)]  # past HIGH_SHARE, under halfway from the floor to the limit
     guard.check()
     assert readings == [] and guard.dropped == 4 and registry.count() == 1
     _built(owner, "p5", 6)
-    readings[:] = [(95, 100), (55, 100)]
+    readings[:] = [(87, 100), (55, 100)]
     guard.check()
     assert readings == [] and guard.dropped == 5 and registry.count() == 1
     _built(owner, "p6", 7)
