@@ -359,15 +359,6 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
 
     context = args.prompt_len + args.new_tokens // 2
     group, d = args.heads // args.kv_heads, args.head_dim
-    # Per layer: keys [batch, kv_heads, head_dim, context], values [batch, kv_heads, context,
-    # head_dim], as the sampler's cache holds them (`KVCache`).
-    caches = [
-        (
-            jnp.asarray(rng.standard_normal((batch, args.kv_heads, d, context)), dtype),
-            jnp.asarray(rng.standard_normal((batch, args.kv_heads, context, d)), dtype),
-        )
-        for _ in range(args.layers)
-    ]
 
     @jax.jit
     def matmuls(x, layers, head, caches=None):
@@ -410,7 +401,7 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
             line += f" (a {need:.1f}x target is above what the matmuls alone reach here)"
     print(line)
     # What the ceiling leaves out and a step must still read: the KV cache attention reads.
-    cache = sum(k.nbytes + v.nbytes for k, v in caches)
+    cache = 2 * args.layers * batch * context * args.kv_heads * d * dtype.itemsize
     weights = sum(w.nbytes for w in jax.tree.leaves(layers)) + head.nbytes
     print(
         f"           beside its weights ({weights / 2**20:.0f} MiB), a step's attention reads "
@@ -420,6 +411,15 @@ def report_matmul_ceiling(args: argparse.Namespace, results: dict, batch: int) -
     need = CEILING_TARGETS.get(batch)
     if need is None:
         return share
+    # Per layer: keys [batch, kv_heads, head_dim, context], values [batch, kv_heads, context,
+    # head_dim], as the sampler's cache holds them (`KVCache`).
+    caches = [
+        (
+            jnp.asarray(rng.standard_normal((batch, args.kv_heads, d, context)), dtype),
+            jnp.asarray(rng.standard_normal((batch, args.kv_heads, context, d)), dtype),
+        )
+        for _ in range(args.layers)
+    ]
     with_attention = step_time(caches)
     # The decode-step time at which `need` of the ceiling is reached end to end, the prefill
     # and first token (`ours_prefill`) included.
